@@ -1,0 +1,134 @@
+// MLA forward. Naive: decompress kv_b(c) for every cached position into per-head keys and
+// values. Absorbed: fold W_UK into the query (q_lat_h = W_UK_h^T q_nope_h), score against
+// cached c directly, accumulate the output in latent space and apply W_UV once.
+#include "engine/model/mla.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "engine/model/ops.h"
+
+namespace moescope {
+
+MlaDims::MlaDims(const ModelConfig& c)
+    : D(c.hidden_size), H(c.num_attention_heads), d_nope(c.qk_nope_head_dim), d_rope(c.qk_rope_head_dim),
+      d_v(c.v_head_dim), d_c(c.kv_lora_rank), q_lora(c.q_lora_rank), scale(float(c.softmax_scale())),
+      eps(float(c.rms_norm_eps)) {}
+
+namespace {
+
+// q[T, H, d_nope + d_rope] with rope applied to each head's q_pe.
+void project_queries(std::vector<float>& q, const float* x, int T, int start, const AttentionWeights& w,
+                     const MlaDims& d, const Rope& rope) {
+    const int dq = d.d_nope + d.d_rope;
+    q.resize(size_t(T) * d.H * dq);
+    if (d.q_lora > 0) {
+        std::vector<float> qa(size_t(T) * d.q_lora);
+        linear_forward(qa.data(), x, w.q_a_proj, T);
+        rmsnorm_forward(qa.data(), qa.data(), w.q_a_layernorm.ptr(), T, d.q_lora, 1e-6f);
+        linear_forward(q.data(), qa.data(), w.q_b_proj, T);
+    } else {
+        linear_forward(q.data(), x, w.q_proj, T);
+    }
+    for (int t = 0; t < T; ++t) rope.apply(q.data() + size_t(t) * d.H * dq + d.d_nope, d.H, dq, start + t);
+}
+
+// Appends the T new latents (kv_a_layernorm(c)) and rope'd k_pe to the cache.
+void append_latents(LatentCache& cache, const float* x, int T, int start, const AttentionWeights& w, const MlaDims& d,
+                    const Rope& rope) {
+    const int dkv = d.d_c + d.d_rope;
+    std::vector<float> kv(size_t(T) * dkv);
+    linear_forward(kv.data(), x, w.kv_a_proj_with_mqa, T);
+    cache.c.resize(size_t(start + T) * d.d_c);
+    cache.k_pe.resize(size_t(start + T) * d.d_rope);
+    for (int t = 0; t < T; ++t) {
+        const float* row = kv.data() + size_t(t) * dkv;
+        rmsnorm_forward(cache.c.data() + size_t(start + t) * d.d_c, row, w.kv_a_layernorm.ptr(), 1, d.d_c, 1e-6f);
+        float* kp = cache.k_pe.data() + size_t(start + t) * d.d_rope;
+        std::memcpy(kp, row + d.d_c, sizeof(float) * size_t(d.d_rope));
+        rope.apply(kp, 1, d.d_rope, start + t);
+    }
+}
+
+}  // namespace
+
+void mla_forward(float* out, const float* x, int T, int start, const AttentionWeights& w, const MlaDims& d,
+                 const Rope& rope, LatentCache& cache, bool absorbed) {
+    const int H = d.H, dq = d.d_nope + d.d_rope, S = start + T;
+    std::vector<float> q;
+    project_queries(q, x, T, start, w, d, rope);
+    append_latents(cache, x, T, start, w, d, rope);
+    const float* C = cache.c.data();     // [S, d_c]
+    const float* KP = cache.k_pe.data(); // [S, d_rope]
+    std::vector<float> o(size_t(T) * H * d.d_v);  // [T, H, d_v]
+    std::vector<float> p(static_cast<size_t>(S));
+    const int dkvb = d.d_nope + d.d_v;
+    if (!absorbed) {
+        std::vector<float> kv(size_t(S) * H * dkvb);  // [S, H, d_nope + d_v]
+        linear_forward(kv.data(), C, w.kv_b_proj, S);
+        for (int t = 0; t < T; ++t) {
+            const int n = start + t + 1;
+            for (int h = 0; h < H; ++h) {
+                const float* qh = q.data() + (size_t(t) * H + h) * dq;
+                for (int j = 0; j < n; ++j) {
+                    const float* kh = kv.data() + (size_t(j) * H + h) * dkvb;
+                    const float* kp = KP + size_t(j) * d.d_rope;
+                    float s = 0;
+                    for (int i = 0; i < d.d_nope; ++i) s += qh[i] * kh[i];
+                    for (int i = 0; i < d.d_rope; ++i) s += qh[d.d_nope + i] * kp[i];
+                    p[size_t(j)] = s * d.scale;
+                }
+                softmax_inplace(p.data(), n);
+                float* oh = o.data() + (size_t(t) * H + h) * d.d_v;
+                std::fill(oh, oh + d.d_v, 0.0f);
+                for (int j = 0; j < n; ++j) {
+                    const float* vh = kv.data() + (size_t(j) * H + h) * dkvb + d.d_nope;
+                    for (int i = 0; i < d.d_v; ++i) oh[i] += p[size_t(j)] * vh[i];
+                }
+            }
+        }
+    } else {
+        const float* Wkvb = w.kv_b_proj.ptr();  // [H*(d_nope+d_v), d_c]
+        std::vector<float> qlat(size_t(d.d_c)), olat(size_t(d.d_c));
+        for (int t = 0; t < T; ++t) {
+            const int n = start + t + 1;
+            for (int h = 0; h < H; ++h) {
+                const float* qh = q.data() + (size_t(t) * H + h) * dq;
+                const float* Wuk = Wkvb + size_t(h) * dkvb * d.d_c;          // [d_nope, d_c]
+                const float* Wuv = Wuk + size_t(d.d_nope) * d.d_c;            // [d_v, d_c]
+                std::fill(qlat.begin(), qlat.end(), 0.0f);
+                for (int i = 0; i < d.d_nope; ++i) {
+                    const float a = qh[i];
+                    const float* row = Wuk + size_t(i) * d.d_c;
+                    for (int c = 0; c < d.d_c; ++c) qlat[size_t(c)] += a * row[c];
+                }
+                for (int j = 0; j < n; ++j) {
+                    const float* cj = C + size_t(j) * d.d_c;
+                    const float* kp = KP + size_t(j) * d.d_rope;
+                    float s = 0;
+                    for (int c = 0; c < d.d_c; ++c) s += qlat[size_t(c)] * cj[c];
+                    for (int i = 0; i < d.d_rope; ++i) s += qh[d.d_nope + i] * kp[i];
+                    p[size_t(j)] = s * d.scale;
+                }
+                softmax_inplace(p.data(), n);
+                std::fill(olat.begin(), olat.end(), 0.0f);
+                for (int j = 0; j < n; ++j) {
+                    const float* cj = C + size_t(j) * d.d_c;
+                    const float pj = p[size_t(j)];
+                    for (int c = 0; c < d.d_c; ++c) olat[size_t(c)] += pj * cj[c];
+                }
+                float* oh = o.data() + (size_t(t) * H + h) * d.d_v;
+                for (int i = 0; i < d.d_v; ++i) {
+                    const float* row = Wuv + size_t(i) * d.d_c;
+                    float s = 0;
+                    for (int c = 0; c < d.d_c; ++c) s += row[c] * olat[size_t(c)];
+                    oh[i] = s;
+                }
+            }
+        }
+    }
+    linear_forward(out, o.data(), w.o_proj, T);
+}
+
+}  // namespace moescope
