@@ -1,0 +1,63 @@
+// Backend: where the model runs. The CPU backend wraps the reference Model; the CUDA backend
+// (kernels/, a shared library loaded with dlopen only when a device is present) keeps
+// weights, the latent cache and routing on the GPU. Both compute the same numbers.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/model/model.h"
+
+namespace moescope {
+
+// A latent cache owned by a backend (host memory for the CPU, device memory for CUDA).
+class BackendCache {
+public:
+    virtual ~BackendCache() = default;
+    virtual int length() const = 0;          // positions held
+    virtual int capacity() const = 0;        // positions it can hold
+    virtual void truncate(int n) = 0;        // keep the first n positions
+    // Copies the cached latent c [n, d_c] and k_pe [n, d_rope] of positions [begin, end) of
+    // layer `layer` (0 for an MTP module's cache) into host buffers.
+    virtual void read_latent(int layer, int begin, int end, float* c, float* k_pe) const = 0;
+};
+
+class Backend {
+public:
+    virtual ~Backend() = default;
+    virtual std::string name() const = 0;    // "cpu", "cuda (NVIDIA H200)"
+    virtual const ModelConfig& config() const = 0;
+    // mtp_module 0: the main model's cache; k >= 1: MTP module k's. capacity in positions.
+    virtual std::unique_ptr<BackendCache> new_cache(int mtp_module, int capacity) = 0;
+    // Same contracts as Model::forward / Model::forward_mtp.
+    virtual void forward(const int* tokens, int T, BackendCache& cache, const ForwardOptions& opt,
+                         ForwardResult& out) = 0;
+    virtual void forward_mtp(int k, const float* h_prev, const int* next_tokens, int T, BackendCache& cache,
+                             const ForwardOptions& opt, ForwardResult& out) = 0;
+    // Router bias of decoder layer l (MTP module k: num_hidden_layers + k - 1).
+    virtual std::vector<float> bias(int layer) const = 0;
+    virtual void set_bias(int layer, const std::vector<float>& b) = 0;
+    virtual void reset_bias() = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<Model> model);
+
+struct BackendSelection {
+    std::unique_ptr<Backend> backend;
+    std::string notice;  // why this backend (e.g. "no CUDA device: running on the CPU")
+};
+
+// request: "cpu", "cuda" or "auto". "cuda" throws DeviceError when it cannot run; "auto"
+// falls back to the CPU and says why in `notice`.
+BackendSelection select_backend(const std::string& request, std::shared_ptr<Model> model, int capacity);
+
+// What the CUDA library reports about the machine, without creating a backend.
+struct CudaProbe {
+    bool library_found = false;  // libmoescope_cuda.so could be loaded
+    int device_count = 0;
+    std::string device_name;
+    std::string error;           // why no device can be used
+};
+CudaProbe probe_cuda();
+
+}  // namespace moescope
