@@ -58,9 +58,9 @@ struct MoeActs {
     int T = 0;
     std::vector<float> x;                  // [T, D] input (post-attention-normed hidden)
     Routing r;                             // ids, mixing weights, scores [T, E] (kept)
-    std::vector<std::vector<int>> slots;   // per expert: the (t * k + i) slots routed to it
-    std::vector<MlpActs> experts;          // per expert, over its slots
-    std::vector<std::vector<float>> y;     // per expert [n_e, D]: E_e(x) of its slots
+    std::vector<std::vector<int>> rows;   // per expert: the (t * k + i) rows routed to it
+    std::vector<MlpActs> experts;          // per expert, over its rows
+    std::vector<std::vector<float>> y;     // per expert [n_e, D]: E_e(x) of its rows
     MlpActs shared;                        // shared experts (T rows; unused when absent)
     std::vector<float> dscores_extra;      // [T, E] gradient of extra losses w.r.t. scores (aux losses), or empty
 };

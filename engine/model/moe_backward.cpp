@@ -53,14 +53,14 @@ void moe_backward(float* dx, MoeWeights& dw, const float* dout, const MoeWeights
     std::vector<float> dweights(size_t(T) * k, 0.0f);  // [T, k]
     std::vector<float> dy, dxin;
     for (int e = 0; e < E; ++e) {
-        const auto& slots = a.slots[size_t(e)];
-        if (slots.empty()) continue;
-        const int n = int(slots.size());
+        const auto& rows = a.rows[size_t(e)];
+        if (rows.empty()) continue;
+        const int n = int(rows.size());
         const float* y = a.y[size_t(e)].data();  // [n, D]
         dy.resize(size_t(n) * D);
         dxin.resize(size_t(n) * D);
         for (int i = 0; i < n; ++i) {
-            const int slot = slots[size_t(i)], t = slot / k;
+            const int slot = rows[size_t(i)], t = slot / k;
             const float wt = a.r.weights[size_t(slot)];
             const float* g = dout + size_t(t) * D;
             const float* yi = y + size_t(i) * D;
@@ -73,7 +73,7 @@ void moe_backward(float* dx, MoeWeights& dw, const float* dout, const MoeWeights
         }
         mlp_backward(dxin.data(), dw.experts[size_t(e)], dy.data(), w.experts[size_t(e)], a.experts[size_t(e)]);
         for (int i = 0; i < n; ++i) {
-            float* o = dx + size_t(slots[size_t(i)] / k) * D;
+            float* o = dx + size_t(rows[size_t(i)] / k) * D;
             const float* gi = dxin.data() + size_t(i) * D;
             for (int j = 0; j < D; ++j) o[j] += gi[j];
         }

@@ -111,27 +111,27 @@ void moe_forward_train(float* out, const float* x, int T, const MoeWeights& w, c
     std::vector<float> logits(size_t(T) * E);  // [T, E]
     linear_forward(logits.data(), x, w.gate, T);
     route(a.r, logits.data(), T, bias, rd);
-    a.slots.assign(size_t(E), {});
-    for (int s = 0; s < T * k; ++s) a.slots[size_t(a.r.ids[size_t(s)])].push_back(s);
+    a.rows.assign(size_t(E), {});
+    for (int s = 0; s < T * k; ++s) a.rows[size_t(a.r.ids[size_t(s)])].push_back(s);
     if (!w.shared.gate_proj.empty()) mlp_forward_train(out, x, T, w.shared, a.shared);
     else std::fill(out, out + size_t(T) * D, 0.0f);
     a.experts.resize(size_t(E));
     a.y.resize(size_t(E));
     std::vector<float> xin;
     for (int e = 0; e < E; ++e) {
-        const auto& slots = a.slots[size_t(e)];
-        const int n = int(slots.size());
+        const auto& rows = a.rows[size_t(e)];
+        const int n = int(rows.size());
         auto& y = a.y[size_t(e)];
         y.resize(size_t(n) * D);
         a.experts[size_t(e)].T = 0;
         if (n == 0) continue;
         xin.resize(size_t(n) * D);
         for (int i = 0; i < n; ++i)
-            std::copy(x + size_t(slots[size_t(i)] / k) * D, x + size_t(slots[size_t(i)] / k + 1) * D,
+            std::copy(x + size_t(rows[size_t(i)] / k) * D, x + size_t(rows[size_t(i)] / k + 1) * D,
                       xin.begin() + size_t(i) * D);
         mlp_forward_train(y.data(), xin.data(), n, w.experts[size_t(e)], a.experts[size_t(e)]);
         for (int i = 0; i < n; ++i) {
-            const int slot = slots[size_t(i)];
+            const int slot = rows[size_t(i)];
             const float wt = a.r.weights[size_t(slot)];
             float* o = out + size_t(slot / k) * D;
             const float* yi = y.data() + size_t(i) * D;

@@ -1,7 +1,7 @@
 // Finite-difference check of every parameter tensor's gradient of the full training loss
 // (main CE + MTP CE + balance loss) on tiny configs, entries whose perturbation flips a routing
 // decision skipped. The engine is f32, so: large-ish init (big gradients), central differences
-// with eps = 1e-2 and a relative tolerance.
+// with eps = 3e-3 and a relative tolerance of 3% (5e-3 absolute floor: f32 rounding of the loss).
 #include <QtTest>
 
 #include <cmath>
@@ -52,13 +52,14 @@ void TestGradCheck::every_tensor() {
     const LossResult base = graph.run(w, tokens.data(), B, T, opt, &g);
     QVERIFY(std::isfinite(base.loss));
     auto tw = tensor_table(w, cfg), tg = tensor_table(g, cfg);
-    const float eps = 1e-2f;
+    const float eps = qEnvironmentVariableIsSet("GRADCHECK_EPS") ? qEnvironmentVariable("GRADCHECK_EPS").toFloat() : 3e-3f;
     int checked = 0, skipped = 0;
+    std::string failures;
     for (size_t i = 0; i < tw.size(); ++i) {
         Tensor& p = *tw[i].tensor;
         if (p.empty()) continue;
         const bool is_bias = tw[i].name.find("e_score_correction_bias") != std::string::npos;
-        const int samples = std::min<int64_t>(p.numel(), 6);
+        const int samples = std::min<int64_t>(p.numel(), 10);
         double worst = 0;
         std::string worst_msg;
         for (int s = 0; s < samples; ++s) {
@@ -81,7 +82,7 @@ void TestGradCheck::every_tensor() {
                 QVERIFY2(std::fabs(fd) < 1e-4, tw[i].name.c_str());
                 continue;
             }
-            const double err = std::fabs(fd - an) / std::max(2e-3, std::max(std::fabs(fd), std::fabs(an)));
+            const double err = std::fabs(fd - an) / std::max(5e-3, std::max(std::fabs(fd), std::fabs(an)));
             if (err > worst) {
                 worst = err;
                 worst_msg = tw[i].name + "[" + std::to_string(j) + "]: analytic " + std::to_string(an) +
@@ -89,8 +90,10 @@ void TestGradCheck::every_tensor() {
             }
             ++checked;
         }
-        QVERIFY2(worst < 2e-2, worst_msg.c_str());
+        if (worst >= 3e-2) failures += worst_msg + "\n";
+        if (qEnvironmentVariableIsSet("GRADCHECK_VERBOSE")) qInfo("%s %.4g %s", tw[i].name.c_str(), worst, worst_msg.c_str());
     }
+    QVERIFY2(failures.empty(), failures.c_str());
     qInfo("checked %d entries, skipped %d (routing flips)", checked, skipped);
     QVERIFY(checked > 100);
 }
