@@ -357,7 +357,6 @@ double bench_train_tokens_per_s(const ModelConfig& cfg, int batch, int seq, int 
     opt.val_fraction = 0;
     if (!cfg.has_bias()) opt.loss.balance = BalanceMode::None;
     Trainer t(cfg, opt, std::move(tokens));
-    opt.steps = steps + 1;
     t.step();  // warm-up: allocations, BLAS threads
     const auto t0 = std::chrono::steady_clock::now();
     for (int i = 0; i < steps; ++i) {
