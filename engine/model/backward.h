@@ -4,7 +4,10 @@
 // backward needs are kept by the training forward (engine/train/train_forward.h) in the *Acts
 // structs declared here, so forward and backward agree on one layout.
 #pragma once
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <thread>
 #include <vector>
 
 #include "engine/config.h"
@@ -14,6 +17,26 @@
 #include "engine/weights.h"
 
 namespace moescope {
+
+// Runs fn(0..n-1) on up to `threads` threads (the calling one included). For loops whose
+// iterations write disjoint outputs (attention of different sequences / heads), so results do
+// not depend on the thread count. fn must not throw.
+template <class F>
+void parallel_for(int n, int threads, F&& fn) {
+    const int nt = std::min(n, std::max(1, threads));
+    if (nt <= 1) {
+        for (int i = 0; i < n; ++i) fn(i);
+        return;
+    }
+    std::atomic<int> next{0};
+    auto work = [&] {
+        for (int i; (i = next.fetch_add(1)) < n;) fn(i);
+    };
+    std::vector<std::thread> pool;
+    for (int t = 1; t < nt; ++t) pool.emplace_back(work);
+    work();
+    for (auto& t : pool) t.join();
+}
 
 // ---- elementary ops (ops_backward.cpp) ----
 

@@ -18,8 +18,9 @@ void mla_backward(float* dx, AttentionWeights& dw, const float* dout, const Atte
     std::vector<float> dQ(size_t(N) * H * dq, 0.0f);     // [N, H, dq] (after rope)
     std::vector<float> dKV(size_t(N) * H * dkvb, 0.0f);  // [N, H, d_nope + d_v]
     std::vector<float> dKP(size_t(N) * d.d_rope, 0.0f);  // [N, d_rope] (after rope)
-    std::vector<float> dp(static_cast<size_t>(T));
-    for (int b = 0; b < B; ++b) {
+    // Sequences are independent; heads of one sequence share dKP, so split by sequence.
+    parallel_for(B, int64_t(B) * H * T * T * dq > (1 << 17) ? num_threads() : 1, [&](int b) {
+        std::vector<float> dp(static_cast<size_t>(T));
         for (int h = 0; h < H; ++h) {
             const float* P = a.p.data() + (size_t(b) * H + h) * T * T;  // [T, T]
             for (int i = 0; i < T; ++i) {
@@ -60,7 +61,7 @@ void mla_backward(float* dx, AttentionWeights& dw, const float* dout, const Atte
                 }
             }
         }
-    }
+    });
     // kv = kv_b(c); c = RMSNorm_kva(kva[:, :d_c]); kpe = rope(kva[:, d_c:])
     std::vector<float> dC(size_t(N) * d.d_c);  // [N, d_c]
     linear_backward(dC.data(), &dw.kv_b_proj, dKV.data(), a.c.data(), w.kv_b_proj, N);

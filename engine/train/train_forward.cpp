@@ -74,8 +74,9 @@ void mla_forward_train(float* out, const float* x, int B, int T, const Attention
     linear_forward(a.kv.data(), a.c.data(), w.kv_b_proj, N);
     a.p.assign(size_t(B) * H * T * T, 0.0f);
     a.o.resize(size_t(N) * H * d.d_v);
-    for (int b = 0; b < B; ++b) {
-        for (int h = 0; h < H; ++h) {
+    parallel_for(B * H, int64_t(B) * H * T * T * dq > (1 << 17) ? num_threads() : 1, [&](int bh) {  // each (sequence, head) writes its own P and o
+        const int b = bh / H, h = bh % H;
+        {
             float* P = a.p.data() + (size_t(b) * H + h) * T * T;  // [T, T]
             for (int i = 0; i < T; ++i) {
                 const size_t ni = size_t(b) * T + i;
@@ -99,7 +100,7 @@ void mla_forward_train(float* out, const float* x, int B, int T, const Attention
                 }
             }
         }
-    }
+    });
     linear_forward(out, a.o.data(), w.o_proj, N);
 }
 
