@@ -3,6 +3,7 @@
 // aux-free bias moves against load, resume equals an uninterrupted run bit for bit, an
 // interrupted save keeps the previous checkpoint, saved checkpoints reproduce their logits,
 // divergence stops the run.
+#include <QProcess>
 #include <QtTest>
 
 #include <cmath>
@@ -13,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/loader.h"
+#include "engine/safetensors.h"
 #include "engine/train/trainer.h"
 #include "test_train_util.h"
 
@@ -80,6 +82,7 @@ private slots:
     void checkpoint_reproduces_logits();
     void divergence_stops();
     void bench_runs();
+    void grad_cli();
 };
 
 void TestTrain::forward_matches_model() {
@@ -302,6 +305,53 @@ void TestTrain::divergence_stops() {
 void TestTrain::bench_runs() {
     const double tps = bench_train_tokens_per_s(train_test::tiny_config("v3", 64), 2, 16, 2);
     QVERIFY(tps > 0 && std::isfinite(tps));
+}
+
+void TestTrain::grad_cli() {
+    // `moescope-cli grad` on the tiny-v3 fixture: every tensor under its checkpoint name, equal to
+    // the in-process gradient, and a central difference of the loss agrees on a few entries.
+    const QString cli = QStringLiteral(MOESCOPE_BINARY_DIR "/engine/moescope-cli");
+    if (!QFile::exists(cli)) QSKIP("moescope-cli is not built");
+    const fs::path dir = fs::path(MOESCOPE_FIXTURES) / "tiny-v3";
+    const fs::path out = scratch("grad") / "grads.safetensors";
+    QProcess p;
+    p.start(cli, {"grad", QString::fromStdString(dir.string()), "--tokens", "3,14,15,92,65,35,89,79", "--out",
+                  QString::fromStdString(out.string()), "--mtp-weight", "0.3"});
+    QVERIFY(p.waitForFinished(60000));
+    QVERIFY2(p.exitCode() == 0, p.readAllStandardError().constData());
+    ModelConfig cfg = ModelConfig::load(dir);
+    Checkpoint ck = Checkpoint::open(dir);
+    Weights w = load_weights(cfg, ck);
+    Weights g = zeros_like(w, cfg);
+    std::vector<int> tokens = {3, 14, 15, 92, 65, 35, 89, 79};
+    LossOptions lo;
+    lo.mtp_weight = 0.3;
+    lo.balance = BalanceMode::None;
+    TrainGraph graph(cfg);
+    graph.run(w, tokens.data(), 1, 8, lo, &g);
+    Checkpoint gc = Checkpoint::open(out);
+    int n = 0;
+    for (auto& nt : tensor_table(g, cfg)) {
+        if (nt.tensor->empty()) continue;
+        QCOMPARE(gc.read_f32(nt.name), nt.tensor->data);
+        ++n;
+    }
+    QCOMPARE(int(gc.names().size()), n);
+    auto tw = tensor_table(w, cfg), tg = tensor_table(g, cfg);
+    for (size_t i : {size_t(0), tw.size() / 2, tw.size() - 3}) {
+        const size_t j = i == 0 ? size_t(3 * cfg.hidden_size + 7) : 7;  // embedding: a row in use (token 3)
+        float& x = tw[i].tensor->data[j];
+        const float o = x, eps = 3e-3f;
+        x = o + eps;
+        const double up = graph.run(w, tokens.data(), 1, 8, lo, nullptr).loss;
+        x = o - eps;
+        const double dn = graph.run(w, tokens.data(), 1, 8, lo, nullptr).loss;
+        x = o;
+        const double fd = (up - dn) / (2 * eps), an = tg[i].tensor->data[j];
+        QVERIFY(an != 0.0);
+        QVERIFY2(std::fabs(fd - an) <= 0.03 * std::max(0.02, std::fabs(an)),
+                 qPrintable(QString("%1: %2 vs %3").arg(QString::fromStdString(tw[i].name)).arg(an).arg(fd)));
+    }
 }
 
 QTEST_GUILESS_MAIN(TestTrain)
