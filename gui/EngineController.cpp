@@ -147,16 +147,15 @@ void EngineController::generate(const std::vector<int>& context, const SamplingP
             const std::vector<int>& have = s.tokens();
             size_t common = 0;
             while (common < have.size() && common < context.size() && have[common] == context[common]) ++common;
-            // Re-run at least the last token so the session has fresh logits to sample from.
-            size_t keep = std::min(common, context.size() - 1);
-            if (keep < size_t(s.length())) {
-                s.truncate(int(keep));
-                m_store->sink()->truncate(int(keep));
+            // Keep the common prefix of the cache (the session recomputes the logits after it).
+            if (common < have.size()) {
+                s.truncate(int(common));
+                m_store->sink()->truncate(int(common));
             }
-            std::vector<int> rest(context.begin() + std::ptrdiff_t(keep), context.end());
+            std::vector<int> rest(context.begin() + std::ptrdiff_t(common), context.end());
             reply([this, n = int(rest.size())] { emit generationStarted(n); });
             if (m_cancelUpTo >= job) throw CancelledError("cancelled before prefill");
-            s.append(rest);
+            if (!rest.empty()) s.append(rest);
             auto onToken = [this, job](const TokenEvent& ev) {
                 GeneratedToken t;
                 t.id = ev.id;
@@ -178,6 +177,8 @@ void EngineController::generate(const std::vector<int>& context, const SamplingP
             sum.acceptedTokens = st.mtp.accepted_tokens;
             sum.acceptance = st.mtp.acceptance_rate();
             sum.stopReason = QString::fromStdString(st.stop_reason);
+            // Positions past the final context (drafts verified beyond a stop) were recorded: drop them.
+            m_store->sink()->truncate(s.length());
         } catch (const CancelledError&) {
             sum.stopReason = QStringLiteral("cancelled");
         } catch (const std::exception& e) {
@@ -203,6 +204,7 @@ void EngineController::generate(const std::vector<int>& context, const SamplingP
 
 void EngineController::cancel() {
     m_cancelUpTo = m_jobId.load();
+    if (!m_busy) return;
     std::lock_guard<std::mutex> lk(m_sessionMu);
     if (m_session) m_session->cancel();
 }

@@ -5,6 +5,8 @@
 #include <QLabel>
 #include <QTextStream>
 
+#include <deque>
+
 #include <qcustomplot.h>
 
 #include "TelemetryStore.h"

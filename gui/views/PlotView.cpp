@@ -38,7 +38,7 @@ QCPColorGradient PlotView::viridis() {
     g.setColorStopAt(0.75, QColor(94, 201, 98));
     g.setColorStopAt(1.00, QColor(253, 231, 37));
     g.setNanHandling(QCPColorGradient::nhNanColor);
-    g.setNanColor(QColor(128, 128, 128, 90));
+    g.setNanColor(QColor(205, 205, 205));
     return g;
 }
 
