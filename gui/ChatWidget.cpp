@@ -119,6 +119,9 @@ ChatWidget::ChatWidget(EngineController* engine, TelemetryStore* store, QWidget*
     m_maxTokens->setValue(128);
     m_mtp = new QCheckBox(tr("MTP speculative decoding"));
     m_mtp->setChecked(true);
+    m_stopEos = new QCheckBox(tr("Stop at end-of-sequence token"));
+    m_stopEos->setObjectName(QStringLiteral("stopAtEos"));
+    m_stopEos->setChecked(true);
     form->addRow(tr("Temperature"), m_temp);
     form->addRow(tr("Top-k"), m_topK);
     form->addRow(tr("Top-p"), m_topP);
@@ -129,6 +132,7 @@ ChatWidget::ChatWidget(EngineController* engine, TelemetryStore* store, QWidget*
     form->addRow(tr("Seed"), m_seed);
     form->addRow(tr("Max tokens"), m_maxTokens);
     form->addRow(m_mtp);
+    form->addRow(m_stopEos);
     auto* scroll = new QScrollArea;
     scroll->setWidget(box);
     scroll->setWidgetResizable(true);
@@ -228,7 +232,7 @@ SamplingParams ChatWidget::sampling() const {
     p.seed = uint64_t(m_seed->value());
     p.max_tokens = m_maxTokens->value();
     p.mtp = m_mtp->isChecked();
-    if (m_engine->info().eosId >= 0) p.stop_tokens = {m_engine->info().eosId};
+    if (m_stopEos->isChecked() && m_engine->info().eosId >= 0) p.stop_tokens = {m_engine->info().eosId};
     return p;
 }
 
@@ -251,7 +255,7 @@ QJsonObject ChatWidget::settingsJson() const {
                        {"top_p", p.top_p}, {"min_p", p.min_p},
                        {"repetition_penalty", p.repetition_penalty}, {"frequency_penalty", p.frequency_penalty},
                        {"presence_penalty", p.presence_penalty}, {"seed", double(p.seed)},
-                       {"max_tokens", p.max_tokens}, {"mtp", p.mtp},
+                       {"max_tokens", p.max_tokens}, {"mtp", p.mtp}, {"stop_at_eos", m_stopEos->isChecked()},
                        {"colouring", m_colouring->currentIndex()}, {"colour_layer", m_colourLayer->value()}};
 }
 
@@ -268,6 +272,7 @@ void ChatWidget::applySettingsJson(const QJsonObject& o) {
     p.max_tokens = o.value("max_tokens").toInt(p.max_tokens);
     p.mtp = o.value("mtp").toBool(p.mtp);
     setSampling(p);
+    m_stopEos->setChecked(o.value("stop_at_eos").toBool(m_stopEos->isChecked()));
     m_colouring->setCurrentIndex(o.value("colouring").toInt(m_colouring->currentIndex()));
     m_colourLayer->setValue(o.value("colour_layer").toInt(m_colourLayer->value()));
 }
@@ -279,6 +284,8 @@ void ChatWidget::setColouring(Colouring c, int layer) {
 }
 
 void ChatWidget::setSystemPrompt(const QString& s) { m_system->setPlainText(s); }
+
+void ChatWidget::setStopAtEos(bool on) { m_stopEos->setChecked(on); }
 
 QString ChatWidget::statusText() const { return m_status->text(); }
 

@@ -52,6 +52,7 @@ public:
     QPlainTextEdit* input() const { return m_input; }
     void setColouring(Colouring c, int layer = -1);
     void setSystemPrompt(const QString& s);
+    void setStopAtEos(bool on);
     moescope::SamplingParams sampling() const;
     void setSampling(const moescope::SamplingParams& p);
     QJsonObject settingsJson() const;
@@ -81,7 +82,7 @@ private:
     QSpinBox* m_colourLayer;
     QDoubleSpinBox *m_temp, *m_topP, *m_minP, *m_rep, *m_freq, *m_pres;
     QSpinBox *m_topK, *m_maxTokens, *m_seed;
-    QCheckBox* m_mtp;
+    QCheckBox *m_mtp, *m_stopEos;
     QProgressBar* m_context;
     QLabel* m_status;
     QTimer m_renderTimer;

@@ -21,7 +21,7 @@ constexpr int kMaxContext = 8192;  // positions the GUI session allocates at mos
 }
 
 EngineController::EngineController(TelemetryStore* store, QObject* parent)
-    : QObject(parent), m_store(store), m_worker(new QObject) {
+    : QObject(parent), m_store(store), m_posSink(std::make_unique<PositionSink>(store->sink())), m_worker(new QObject) {
     qRegisterMetaType<ModelInfo>();
     qRegisterMetaType<GeneratedToken>();
     qRegisterMetaType<GenerationSummary>();
@@ -103,7 +103,7 @@ void EngineController::loadModel(const QString& dir, const QString& backendReque
                 m_model = model;
                 m_tokenizer = tok;
             }
-            m_session->set_sink(m_store->sink());
+            m_session->set_sink(m_posSink.get());
             if (m_latentLayer >= 0) m_session->set_latent_layer(m_latentLayer);
             m_store->sink()->reset();
             MetaRecord meta;
@@ -156,17 +156,27 @@ void EngineController::generate(const std::vector<int>& context, const SamplingP
             reply([this, n = int(rest.size())] { emit generationStarted(n); });
             if (m_cancelUpTo >= job) throw CancelledError("cancelled before prefill");
             if (!rest.empty()) s.append(rest);
-            auto onToken = [this, job](const TokenEvent& ev) {
+            const int base = s.length();
+            m_posSink->begin(base);
+            int emitted = 0;
+            auto onToken = [this, job, base, &emitted](const TokenEvent& ev) {
                 GeneratedToken t;
                 t.id = ev.id;
-                t.position = ev.position;
+                t.position = base + emitted++;
                 t.text = QString::fromStdString(ev.text);
                 t.drafted = ev.drafted;
                 t.surprisal = ev.surprisal;
                 reply([this, t] { emit tokenGenerated(t); });
                 return m_cancelUpTo < job;
             };
-            GenerationResult res = s.generate(params, onToken);
+            GenerationResult res;
+            try {
+                res = s.generate(params, onToken);
+            } catch (...) {
+                m_posSink->end();
+                throw;
+            }
+            m_posSink->end();
             const GenerationStats& st = res.stats;
             sum.promptTokens = st.prompt_tokens;
             sum.tokens = st.generated_tokens;
@@ -200,6 +210,18 @@ void EngineController::generate(const std::vector<int>& context, const SamplingP
             emit busyChanged(false);
         });
     });
+}
+
+void EngineController::PositionSink::record(const Record& r) {
+    if (m_base >= 0) {
+        if (const auto* t = std::get_if<TokenRecord>(&r); t && !t->prompt) {
+            TokenRecord fixed = *t;
+            fixed.position = m_base + m_recCount++;
+            m_next->record(fixed);
+            return;
+        }
+    }
+    m_next->record(r);
 }
 
 void EngineController::cancel() {

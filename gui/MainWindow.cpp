@@ -36,7 +36,11 @@
 
 using namespace moescope;
 
+// The .qrc is compiled into the static moescope_gui library: register it explicitly.
+static void initResources() { Q_INIT_RESOURCE(resources); }
+
 MainWindow::MainWindow(bool persistent, QWidget* parent) : QMainWindow(parent), m_persistent(persistent) {
+    initResources();
     setWindowTitle(QStringLiteral("moescope"));
     setWindowIcon(QIcon(QStringLiteral(":/icons/moescope.svg")));
     setAcceptDrops(true);

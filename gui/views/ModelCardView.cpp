@@ -15,8 +15,6 @@ using namespace moescope;
 
 ModelCardView::ModelCardView(TelemetryStore* store, QWidget* parent)
     : PlotView(store, QStringLiteral("card"), tr("Model card"), parent) {
-    auto* lay = new QVBoxLayout(plotArea());
-    lay->setContentsMargins(0, 0, 0, 0);
     m_text = new QPlainTextEdit;
     m_text->setReadOnly(true);
     QFont mono(QStringLiteral("DejaVu Sans Mono"));
@@ -31,8 +29,10 @@ ModelCardView::ModelCardView(TelemetryStore* store, QWidget* parent)
     m_table->horizontalHeader()->setStretchLastSection(true);
     m_table->verticalHeader()->setVisible(false);
     m_table->setEditTriggers(QAbstractItemView::NoEditTriggers);
-    lay->addWidget(m_text, 3);
-    lay->addWidget(m_table, 2);
+    plotGrid()->addWidget(m_text, 0, 0);
+    plotGrid()->addWidget(m_table, 1, 0);
+    plotGrid()->setRowStretch(0, 3);
+    plotGrid()->setRowStretch(1, 2);
 }
 
 void ModelCardView::refresh() {

@@ -49,6 +49,7 @@ protected:
     // A colour map with a colour scale on the right; the plot's axes are key (x) and value (y).
     QCPColorMap* addColorMap(QCustomPlot* plot, const QString& scaleLabel, QCPColorScale** scale = nullptr);
     QWidget* plotArea() const { return m_area; }
+    QGridLayout* plotGrid() const { return m_grid; }
     void showEvent(QShowEvent* e) override;
     void onStoreChanged();
     bool dark() const { return m_darkTheme; }

@@ -1,0 +1,216 @@
+// The explorer end to end on the tiny-v3 fixture (no tokenizer: prompts are token ids): a chat
+// round-trip feeds the routing, latent and MTP views; clicking a token selects it everywhere;
+// stop mid-generation leaves a consistent conversation; a broken model folder reports the
+// engine's error and keeps the previous model working.
+#include <QDir>
+#include <QFile>
+#include <QTemporaryDir>
+#include <QTextBlock>
+#include <QTextBrowser>
+
+#include "gui_test_util.h"
+#include "views/LatentView.h"
+#include "views/MtpView.h"
+#include "views/RoutingView.h"
+
+using namespace moescope;
+
+class TestGuiChat : public QObject {
+    Q_OBJECT
+    MainWindow* w = nullptr;
+    RoutingView* routing() { return qobject_cast<RoutingView*>(w->view("routing")); }
+    LatentView* latent() { return qobject_cast<LatentView*>(w->view("latent")); }
+    MtpView* mtp() { return qobject_cast<MtpView*>(w->view("mtp")); }
+
+    // The widget point of the generated token at `position` in the conversation.
+    bool tokenPoint(int position, QPoint* at) {
+        QTextBrowser* b = w->chat()->browser();
+        const QString href = QStringLiteral("t:%1").arg(position);
+        for (QTextBlock blk = b->document()->begin(); blk.isValid(); blk = blk.next())
+            for (auto it = blk.begin(); !it.atEnd(); ++it) {
+                const QTextFragment f = it.fragment();
+                if (f.charFormat().anchorHref() != href) continue;
+                QTextCursor c(b->document());
+                c.setPosition(f.position() + std::max(1, f.length() / 2));
+                *at = b->cursorRect(c).center() - QPoint(2, 0);
+                return true;
+            }
+        return false;
+    }
+
+private slots:
+    void initTestCase() {
+        w = new MainWindow(false);
+        w->resize(1400, 900);
+        w->show();
+        QVERIFY(QTest::qWaitForWindowExposed(w));
+        QVERIFY(loadFixture(*w));
+        QCOMPARE(w->engine()->info().config.value("n_routed_experts", 0), 16);
+        QVERIFY2(w->backendText().contains(QStringLiteral("cpu")), qPrintable(w->backendText()));
+        QVERIFY(!w->bannerText().isEmpty());  // CPU-only build: the notice says why
+        w->chat()->setStopAtEos(false);
+    }
+    void cleanupTestCase() { delete w; }
+
+    void roundTripFeedsViews() {
+        QSignalSpy routingRefreshed(routing(), &PlotView::refreshed);
+        GenerationSummary sum;
+        QVERIFY(generateOnce(*w, QStringLiteral("5, 17, 42, 100, 7, 300, 12"), 10, &sum));
+        QCOMPARE(sum.tokens, 10);
+        QVERIFY(sum.mtp);
+        QVERIFY(sum.draftTokens > 0);
+        const std::vector<int>& ctx = w->engine()->contextTokens();
+        QCOMPARE(int(ctx.size()), 7 + 10);
+        const auto& entries = w->chat()->entries();
+        QCOMPARE(int(entries.size()), 2);
+        QCOMPARE(int(entries.back().tokens.size()), 10);
+        for (size_t i = 0; i < 10; ++i) QCOMPARE(entries.back().tokens[i].id, ctx[7 + i]);
+
+        // The store holds one token, route and latent record per position.
+        TelemetryStore* st = w->store();
+        QCOMPARE(int(st->tokens().size()), int(ctx.size()));
+        QCOMPARE(int(st->routes().size()), int(ctx.size()));
+        QCOMPARE(int(st->latents().size()), int(ctx.size()));
+        for (const auto& [pos, t] : st->tokens()) QCOMPARE(t.id, ctx[size_t(pos)]);
+
+        w->showView("routing");
+        QTest::qWait(50);
+        QVERIFY(routingRefreshed.count() > 0);
+        routing()->refreshNow();
+        QCOMPARE(routing()->tokenMapSize(), QSize(16, 3));           // experts x MoE layers 1..3
+        QCOMPARE(routing()->sequenceMapSize(), QSize(int(ctx.size()), 16));
+        QCOMPARE(routing()->loadBarCount(), 16);
+        QCOMPARE(routing()->coactivationSize(), QSize(16, 16));
+
+        w->showView("latent");
+        latent()->refreshNow();
+        QCOMPARE(latent()->latentMapSize(), QSize(int(ctx.size()), 32));  // kv_lora_rank
+        QCOMPARE(latent()->kpeMapSize(), QSize(int(ctx.size()), 16));     // qk_rope_head_dim
+        QCOMPARE(latent()->normMapSize(), QSize(int(ctx.size()), 4));     // layers
+        QCOMPARE(latent()->memoryPoints(), 65);
+
+        w->showView("mtp");
+        mtp()->refreshNow();
+        QCOMPARE(mtp()->ratePoints(), int(st->mtp().size()));
+        QVERIFY(mtp()->ratePoints() > 0);
+        QCOMPARE(mtp()->histogramBins(), 2);  // 0 or 1 accepted (one MTP module)
+        QCOMPARE(mtp()->positionBars(), 1);
+        QCOMPARE(mtp()->speedBars(), 2);
+    }
+
+    void clickingTokenSelectsEverywhere() {
+        const auto& toks = w->chat()->entries().back().tokens;
+        QVERIFY(toks.size() >= 4);
+        w->showView("routing");
+        for (int pick : {1, 3}) {
+            const int pos = toks[size_t(pick)].position;
+            QPoint at;
+            QVERIFY(tokenPoint(pos, &at));
+            QSignalSpy sel(w->store(), &TelemetryStore::selectionChanged);
+            QTest::mouseClick(w->chat()->browser()->viewport(), Qt::LeftButton, {}, at);
+            QCOMPARE(sel.count(), 1);
+            QCOMPARE(w->store()->selected(), pos);
+            // The routing heatmap now shows exactly that token's weights.
+            routing()->refreshNow();
+            const RouteRecord& r = w->store()->routes().at(pos);
+            for (size_t li = 0; li < r.layers.size(); ++li)
+                for (int j = 0; j < r.k; ++j)
+                    QCOMPARE(routing()->tokenMapValue(r.ids[li * size_t(r.k) + size_t(j)], int(li)),
+                             double(r.weights[li * size_t(r.k) + size_t(j)]));
+            // The chat marks it too.
+            QTest::qWait(60);
+            QVERIFY(w->chat()->browser()->toHtml().contains(QStringLiteral("t:%1").arg(pos)));
+        }
+    }
+
+    void regenerateIsDeterministicWhenGreedy() {
+        std::vector<int> before;
+        for (const auto& t : w->chat()->entries().back().tokens) before.push_back(t.id);
+        QSignalSpy done(w->engine(), &EngineController::generationFinished);
+        w->chat()->regenerate();
+        QVERIFY(done.wait(60000));
+        std::vector<int> after;
+        for (const auto& t : w->chat()->entries().back().tokens) after.push_back(t.id);
+        QCOMPARE(after, before);
+        QCOMPARE(int(w->chat()->entries().size()), 2);
+    }
+
+    void stopMidGenerationIsConsistent() {
+        auto p = w->chat()->sampling();
+        p.temperature = 1.0;
+        p.max_tokens = 200;
+        w->chat()->setSampling(p);
+        int seen = 0;
+        auto c = connect(w->engine(), &EngineController::tokenGenerated, this, [&] {
+            if (++seen == 3) w->chat()->stop();
+        });
+        QSignalSpy done(w->engine(), &EngineController::generationFinished);
+        QVERIFY(w->chat()->send(QStringLiteral("9, 8, 7")));
+        QVERIFY(done.wait(60000));
+        disconnect(c);
+        w->store()->flush();
+        const auto sum = done.first().first().value<GenerationSummary>();
+        QCOMPARE(sum.stopReason, QStringLiteral("cancelled"));
+        const auto& entries = w->chat()->entries();
+        QCOMPARE(entries.back().role, QStringLiteral("assistant"));
+        const auto& answer = entries.back().tokens;
+        QVERIFY(answer.size() >= 3 && answer.size() < 200);
+        // Conversation, session context and telemetry agree position by position.
+        const std::vector<int>& ctx = w->engine()->contextTokens();
+        QVERIFY(ctx.size() >= answer.size());
+        for (size_t i = 0; i < answer.size(); ++i) {
+            QCOMPARE(answer[i].position, int(ctx.size() - answer.size() + i));
+            QCOMPARE(answer[i].id, ctx[ctx.size() - answer.size() + i]);
+        }
+        QCOMPARE(int(w->store()->tokens().size()), int(ctx.size()));
+        QCOMPARE(int(w->store()->routes().size()), int(ctx.size()));
+        // And the next turn works from there.
+        GenerationSummary next;
+        QVERIFY(generateOnce(*w, QStringLiteral("4, 4"), 4, &next));
+        QCOMPARE(next.tokens, 4);
+        QCOMPARE(int(w->store()->tokens().size()), int(w->engine()->contextTokens().size()));
+    }
+
+    void conversationSavesAndReopens() {
+        QTemporaryDir dir;
+        const QString f = dir.filePath("chat.json");
+        QString err;
+        QVERIFY2(w->chat()->saveConversation(f, &err), qPrintable(err));
+        const auto before = w->chat()->entries();
+        w->chat()->newConversation();
+        QCOMPARE(int(w->chat()->entries().size()), 0);
+        QVERIFY2(w->chat()->openConversation(f, &err), qPrintable(err));
+        const auto& after = w->chat()->entries();
+        QCOMPARE(after.size(), before.size());
+        for (size_t i = 0; i < after.size(); ++i) {
+            QCOMPARE(after[i].role, before[i].role);
+            QCOMPARE(after[i].text, before[i].text);
+            QCOMPARE(after[i].tokens.size(), before[i].tokens.size());
+            for (size_t j = 0; j < after[i].tokens.size(); ++j) QCOMPARE(after[i].tokens[j].id, before[i].tokens[j].id);
+        }
+    }
+
+    void brokenModelKeepsPrevious() {
+        QTemporaryDir dir;
+        QVERIFY(QFile::copy(fixtureModel() + "/config.json", dir.filePath("config.json")));
+        QFile src(fixtureModel() + "/model.safetensors");
+        QVERIFY(src.open(QIODevice::ReadOnly));
+        QFile dst(dir.filePath("model.safetensors"));
+        QVERIFY(dst.open(QIODevice::WriteOnly));
+        dst.write(src.read(4096));  // header intact, tensor data cut off
+        dst.close();
+        QSignalSpy failed(w->engine(), &EngineController::loadFailed);
+        w->openModel(dir.path());
+        QVERIFY(failed.wait(30000));
+        const QString msg = failed.first().at(1).toString();
+        QVERIFY(!msg.isEmpty());
+        QVERIFY2(w->bannerText().contains(msg.toHtmlEscaped().left(40)) || w->bannerText().contains(msg.left(40)), qPrintable(w->bannerText()));
+        QCOMPARE(w->engine()->info().dir, fixtureModel());
+        GenerationSummary s;
+        QVERIFY(generateOnce(*w, QStringLiteral("1, 2, 3"), 3, &s));
+        QCOMPARE(s.tokens, 3);
+    }
+};
+
+QTEST_MAIN(TestGuiChat)
+#include "test_gui_chat.moc"
