@@ -6,6 +6,7 @@
 #include <QMetaObject>
 
 #include <algorithm>
+#include <chrono>
 #include <exception>
 
 #include "engine/backend.h"
@@ -155,7 +156,9 @@ void EngineController::generate(const std::vector<int>& context, const SamplingP
             std::vector<int> rest(context.begin() + std::ptrdiff_t(common), context.end());
             reply([this, n = int(rest.size())] { emit generationStarted(n); });
             if (m_cancelUpTo >= job) throw CancelledError("cancelled before prefill");
+            const auto t0 = std::chrono::steady_clock::now();
             if (!rest.empty()) s.append(rest);
+            const double prefill = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             const int base = s.length();
             m_posSink->begin(base);
             int emitted = 0;
@@ -181,7 +184,7 @@ void EngineController::generate(const std::vector<int>& context, const SamplingP
             sum.promptTokens = st.prompt_tokens;
             sum.tokens = st.generated_tokens;
             sum.tokensPerS = st.tokens_per_s();
-            sum.ttft = st.time_to_first_token;
+            sum.ttft = prefill + st.time_to_first_token;  // generate() after append() starts its clock after prefill
             sum.mtp = params.mtp && m_model->config().num_nextn_predict_layers > 0;
             sum.draftTokens = st.mtp.draft_tokens;
             sum.acceptedTokens = st.mtp.accepted_tokens;

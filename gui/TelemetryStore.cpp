@@ -200,7 +200,9 @@ void TelemetryStore::ingest(const Record& rec) {
                 add(m_loadMessage);
                 add(m_loadStep);
                 if (m_shape.numExperts == 0) m_shape.numExperts = int(r.counts.size());
-                double v = max_violation(r.counts);
+                // MaxVio of the running totals: a decode step routes a handful of tokens, whose own
+                // MaxVio says little; the cumulative load shows whether balancing is converging.
+                double v = max_violation(m_loadTotal[r.layer]);
                 auto it = m_maxVio.find(r.step);
                 if (it == m_maxVio.end()) m_maxVio[r.step] = v;
                 else it->second = std::max(it->second, v);

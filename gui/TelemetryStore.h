@@ -93,7 +93,7 @@ public:
     const std::map<int, moescope::LatentRecord>& latents() const { return m_latent; }
     enum class LoadScope { Total, Message, Step };
     const std::vector<int64_t>* load(int layer, LoadScope scope) const;
-    const std::map<int64_t, double>& maxVioByStep() const { return m_maxVio; }
+    const std::map<int64_t, double>& maxVioByStep() const { return m_maxVio; }  // of the running load, max over layers
     const std::map<int, std::vector<moescope::BiasRecord>>& bias() const { return m_bias; }
     const std::vector<moescope::MtpRecord>& mtp() const { return m_mtp; }
     const std::vector<moescope::TimingRecord>& timing() const { return m_timing; }

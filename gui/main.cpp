@@ -1,6 +1,7 @@
 // moescope: the desktop explorer. Command line:
 //   moescope [--model DIR] [--trace FILE.jsonl]
-//            [--screenshot FILE.png [--view NAME] [--prompt TEXT] [--max-tokens N] [--dark]]
+//            [--screenshot FILE.png [--view NAME] [--prompt TEXT] [--max-tokens N] [--dark]
+//             [--colour expert|mtp|surprisal] [--online-balancing GAMMA]]
 // --screenshot renders the window (works under QT_QPA_PLATFORM=offscreen) after loading and,
 // with --prompt, after generating, then exits (0 on success).
 #include <QApplication>
@@ -14,6 +15,7 @@
 #include "EngineController.h"
 #include "MainWindow.h"
 #include "TelemetryStore.h"
+#include "views/BiasView.h"
 #include "views/PlotView.h"
 
 int main(int argc, char** argv) {
@@ -35,8 +37,9 @@ int main(int argc, char** argv) {
     QCommandLineOption prompt(QStringLiteral("prompt"), QStringLiteral("Prompt to send before the screenshot (token ids without a tokenizer)."), QStringLiteral("TEXT"));
     QCommandLineOption maxTokens(QStringLiteral("max-tokens"), QStringLiteral("Tokens to generate for --prompt."), QStringLiteral("N"));
     QCommandLineOption dark(QStringLiteral("dark"), QStringLiteral("Dark palette."));
+    QCommandLineOption balance(QStringLiteral("online-balancing"), QStringLiteral("Turn on aux-loss-free online balancing with this gamma."), QStringLiteral("GAMMA"));
     QCommandLineOption colour(QStringLiteral("colour"), QStringLiteral("Token colouring: expert, mtp, surprisal."), QStringLiteral("MODE"));
-    cli.addOptions({model, trace, shot, view, prompt, maxTokens, dark, colour});
+    cli.addOptions({model, trace, shot, view, prompt, maxTokens, dark, colour, balance});
     cli.process(app);
 
     const bool screenshot = cli.isSet(shot);
@@ -81,6 +84,8 @@ int main(int argc, char** argv) {
                                    : c == QLatin1String("surprisal") ? ChatWidget::Colouring::Surprisal
                                                                      : ChatWidget::Colouring::TopExpert);
         }
+        if (cli.isSet(balance))
+            if (auto* b = qobject_cast<BiasView*>(w.view(QStringLiteral("bias")))) b->setOnlineBalancing(true, cli.value(balance).toDouble());
         if (cli.isSet(prompt)) {
             auto s = w.chat()->sampling();
             if (cli.isSet(maxTokens)) s.max_tokens = cli.value(maxTokens).toInt();

@@ -58,7 +58,7 @@ BiasView::BiasView(TelemetryStore* store, QWidget* parent)
     for (int i = 0; i < 3; ++i) {
         auto* g = m_vioPlot->addGraph();
         g->setPen(QPen(i == 0 ? QColor(33, 145, 140) : i == 1 ? QColor(230, 120, 30) : QColor(120, 60, 160), 1.5));
-        g->setName(i == 0 ? tr("generation (per step, max over layers)") : i == 1 ? tr("training batch") : tr("validation (global)"));
+        g->setName(i == 0 ? tr("generation (running load, max over layers)") : i == 1 ? tr("training batch") : tr("validation (global)"));
     }
 
     auto emitBalancing = [this] { emit onlineBalancingRequested(m_online->isChecked(), m_gamma->value()); };
@@ -163,6 +163,15 @@ void BiasView::refresh() {
     m_vioPlot->graph(2)->setData(x2, y2, true);
     m_vioPlot->rescaleAxes();
     m_vioPlot->yAxis->setRangeLower(0);
+}
+
+void BiasView::setOnlineBalancing(bool enabled, double gamma) {
+    {
+        QSignalBlocker b(m_gamma);
+        m_gamma->setValue(gamma);
+    }
+    if (m_online->isChecked() == enabled) emit onlineBalancingRequested(enabled, m_gamma->value());
+    else m_online->setChecked(enabled);
 }
 
 QSize BiasView::heatmapSize() const { return QSize(m_heat->data()->keySize(), m_heat->data()->valueSize()); }

@@ -20,6 +20,7 @@ public:
     QSize heatmapSize() const;               // (steps, experts)
     int lineCount() const;
     int maxVioPoints() const;
+    void setOnlineBalancing(bool enabled, double gamma);  // as if the user set the controls
 
 signals:
     void onlineBalancingRequested(bool enabled, double gamma);

@@ -126,7 +126,7 @@ void LatentView::refresh() {
     }
     m_cMap->setDataRange(QCPRange(-cmax, cmax));
     m_kMap->setDataRange(QCPRange(-kmax, kmax));
-    m_normMap->rescaleDataRange(true);
+    setFiniteDataRange(m_normMap);
     for (auto* p : {m_cPlot, m_kPlot, m_normPlot}) p->xAxis->setRange(first - 0.5, first + P - 0.5);
     m_cPlot->yAxis->setRange(-0.5, dC - 0.5);
     m_kPlot->yAxis->setRange(-0.5, dR - 0.5);

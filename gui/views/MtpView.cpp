@@ -49,6 +49,12 @@ MtpView::MtpView(TelemetryStore* store, QWidget* parent) : PlotView(store, QStri
     m_histPlot->yAxis->setLabel(tr("steps"));
     title(m_histPlot, tr("accepted-length histogram"));
     m_histBars = makeBars(m_histPlot, QColor(94, 201, 98));
+    for (auto* a : {m_posPlot->xAxis, m_histPlot->xAxis}) {
+        QSharedPointer<QCPAxisTickerFixed> fx(new QCPAxisTickerFixed);
+        fx->setTickStep(1);
+        fx->setScaleStrategy(QCPAxisTickerFixed::ssMultiples);
+        a->setTicker(fx);
+    }
     m_speedPlot = addPlot(1, 1);
     m_speedPlot->yAxis->setLabel(tr("decode tokens/s (mean)"));
     title(m_speedPlot, tr("speed with and without MTP"));

@@ -2,7 +2,12 @@
 #include "views/PlotView.h"
 
 #include <QGridLayout>
+
+#include <cmath>
+#include <QFileDialog>
 #include <QHBoxLayout>
+#include <QMessageBox>
+#include <QToolButton>
 #include <QPainter>
 #include <QPdfWriter>
 #include <QSaveFile>
@@ -17,8 +22,25 @@ PlotView::PlotView(TelemetryStore* store, const QString& name, const QString& ti
     setObjectName(name + QStringLiteral("View"));
     auto* v = new QVBoxLayout(this);
     v->setContentsMargins(4, 4, 4, 4);
+    auto* row = new QHBoxLayout;
     m_controls = new QHBoxLayout;
-    v->addLayout(m_controls);
+    row->addLayout(m_controls, 1);
+    auto* exportButton = new QToolButton;
+    exportButton->setObjectName(QStringLiteral("exportButton"));
+    exportButton->setIcon(QIcon(QStringLiteral(":/icons/export.svg")));
+    exportButton->setToolTip(tr("Export this view: PNG, PDF and the CSV of its data"));
+    exportButton->setAutoRaise(true);
+    row->addWidget(exportButton);
+    v->addLayout(row);
+    connect(exportButton, &QToolButton::clicked, this, [this] {
+        const QString f = QFileDialog::getSaveFileName(this, tr("Export %1 (PNG, PDF, CSV)").arg(m_title), m_name + QStringLiteral(".png"),
+                                                       tr("PNG + PDF + CSV (*.png)"));
+        if (f.isEmpty()) return;
+        QString base = f;
+        if (base.endsWith(QStringLiteral(".png"), Qt::CaseInsensitive)) base.chop(4);
+        QString err;
+        if (!exportTo(base, &err)) QMessageBox::warning(this, tr("Export failed"), err);
+    });
     m_area = new QWidget(this);
     m_grid = new QGridLayout(m_area);
     m_grid->setContentsMargins(0, 0, 0, 0);
@@ -205,4 +227,19 @@ QString csvEscape(const QString& s) {
     QString e = s;
     e.replace(QLatin1Char('"'), QStringLiteral("\"\""));
     return QLatin1Char('"') + e + QLatin1Char('"');
+}
+
+void setFiniteDataRange(QCPColorMap* map, bool fromZero) {
+    QCPColorMapData* d = map->data();
+    double lo = fromZero ? 0.0 : qInf(), hi = -qInf();
+    for (int x = 0; x < d->keySize(); ++x)
+        for (int y = 0; y < d->valueSize(); ++y) {
+            const double v = d->cell(x, y);
+            if (!std::isfinite(v)) continue;
+            lo = std::min(lo, v);
+            hi = std::max(hi, v);
+        }
+    if (!(hi >= lo)) lo = 0, hi = 1;
+    if (hi - lo < 1e-12) hi = lo + 1e-6;
+    map->setDataRange(QCPRange(lo, hi));
 }

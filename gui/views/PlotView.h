@@ -70,3 +70,6 @@ private:
 
 // Helpers shared by the views.
 QString csvEscape(const QString& s);
+// Sets the colour range to the finite cells' [min, max] (QCPColorMap::rescaleDataRange
+// fails when the first cell is NaN, and NaN marks "no data" / "group dropped" here).
+void setFiniteDataRange(QCPColorMap* map, bool fromZero = false);

@@ -140,7 +140,7 @@ void RoutingView::refresh() {
         QString text = tk != m_store->tokens().end() ? QString::fromStdString(tk->second.text) : QString();
         m_info->setText(tr("token at position %1: id %2 %3").arg(r.position).arg(r.token).arg(text.isEmpty() ? QString() : QStringLiteral("'%1'").arg(text.toHtmlEscaped())));
     }
-    m_tokenMap->rescaleDataRange(true);
+    setFiniteDataRange(m_tokenMap, true);
     m_tokenPlot->xAxis->setRange(-0.5, E - 0.5);
     m_tokenPlot->yAxis->setRange(-0.5, R - 0.5);
     setIntTicks(m_tokenPlot->xAxis, E);
@@ -166,7 +166,7 @@ void RoutingView::refresh() {
             }
         }
     }
-    m_seqMap->rescaleDataRange(true);
+    setFiniteDataRange(m_seqMap, true);
     m_seqPlot->xAxis->setRange(first - 0.5, first + P - 0.5);
     m_seqPlot->yAxis->setRange(-0.5, E - 0.5);
     setIntTicks(m_seqPlot->yAxis, E);
@@ -183,7 +183,7 @@ void RoutingView::refresh() {
     m_coMap->data()->setRange(QCPRange(0, E - 1), QCPRange(0, E - 1));
     for (int a = 0; a < E; ++a)
         for (int b = 0; b < E; ++b) m_coMap->data()->setCell(a, b, double(co[size_t(a) * size_t(E) + size_t(b)]));
-    m_coMap->rescaleDataRange(true);
+    setFiniteDataRange(m_coMap, true);
     m_coPlot->xAxis->setRange(-0.5, E - 0.5);
     m_coPlot->yAxis->setRange(-0.5, E - 0.5);
     setIntTicks(m_coPlot->xAxis, E);
