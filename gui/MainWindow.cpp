@@ -26,6 +26,7 @@
 #include "ChatWidget.h"
 #include "EngineController.h"
 #include "TelemetryStore.h"
+#include "EngineTrainer.h"
 #include "TrainerRunner.h"
 #include "views/BiasView.h"
 #include "views/LatentView.h"
@@ -69,7 +70,11 @@ MainWindow::MainWindow(bool persistent, QWidget* parent) : QMainWindow(parent), 
     auto* mtp = new MtpView(m_store);
     auto* training = new TrainingView(m_store);
     auto* card = new ModelCardView(m_store);
-    training->setRunner(m_trainer);
+    training->setReplayRunner(m_trainer);
+#ifdef MOESCOPE_HAVE_TRAINER
+    m_engineTrainer = new EngineTrainer(m_store->sink(), this);
+    training->setRunner(m_engineTrainer);
+#endif
     QDockWidget* dRouting = addView(routing, Qt::RightDockWidgetArea, QKeySequence(Qt::ALT | Qt::Key_1));
     QDockWidget* dLatent = addView(latent, Qt::RightDockWidgetArea, QKeySequence(Qt::ALT | Qt::Key_2));
     QDockWidget* dMtp = addView(mtp, Qt::RightDockWidgetArea, QKeySequence(Qt::ALT | Qt::Key_3));

@@ -13,6 +13,7 @@ class EngineController;
 class PlotView;
 class TelemetryStore;
 class TraceReplayTrainer;
+class TrainerRunner;
 struct ModelInfo;
 
 class MainWindow : public QMainWindow {
@@ -37,6 +38,7 @@ public:
     EngineController* engine() const { return m_engine; }
     TelemetryStore* store() const { return m_store; }
     TraceReplayTrainer* trainer() const { return m_trainer; }
+    TrainerRunner* engineTrainer() const { return m_engineTrainer; }
     QString bannerText() const;
     QString backendText() const;
     void setDark(bool dark);
@@ -62,6 +64,7 @@ private:
     TelemetryStore* m_store;
     EngineController* m_engine;
     TraceReplayTrainer* m_trainer;
+    TrainerRunner* m_engineTrainer = nullptr;  // the engine's trainer, when built with engine/train
     ChatWidget* m_chat;
     QList<PlotView*> m_views;
     QMap<QString, QDockWidget*> m_docks;

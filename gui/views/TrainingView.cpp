@@ -114,12 +114,12 @@ TrainingView::TrainingView(TelemetryStore* store, QWidget* parent)
     });
     connect(m_start, &QPushButton::clicked, this, &TrainingView::start);
     connect(m_pause, &QPushButton::clicked, this, [this] {
-        if (!m_runner) return;
-        if (m_runner->state() == TrainerRunner::State::Paused) m_runner->resume();
-        else m_runner->pause();
+        if (!m_active) return;
+        if (m_active->state() == TrainerRunner::State::Paused) m_active->resume();
+        else m_active->pause();
     });
     connect(m_stop, &QPushButton::clicked, this, [this] {
-        if (m_runner) m_runner->stop();
+        if (m_active) m_active->stop();
     });
     connect(m_replay, &QPushButton::clicked, this, [this] {
         QString f = QFileDialog::getOpenFileName(this, tr("Training trace"), QString(), tr("Telemetry (*.jsonl)"));
@@ -133,29 +133,45 @@ TrainingView::TrainingView(TelemetryStore* store, QWidget* parent)
     setDark(false);
 }
 
-void TrainingView::setRunner(TrainerRunner* runner) {
-    m_runner = runner;
+void TrainingView::attach(TrainerRunner* runner) {
     connect(runner, &TrainerRunner::stateChanged, this, &TrainingView::updateButtons);
-    connect(runner, &TrainerRunner::progress, this, [this](qint64 step, qint64 total) {
-        m_status->setText(tr("%1: step %2 of %3").arg(m_runner->name()).arg(step).arg(total));
+    connect(runner, &TrainerRunner::progress, this, [this, runner](qint64 step, qint64 total) {
+        m_status->setText(tr("%1: step %2 of %3").arg(runner->name()).arg(step).arg(total));
     });
-    connect(runner, &TrainerRunner::finished, this, [this](const QString& dir) {
-        m_trainedDir = dir;
-        m_status->setText(dir.isEmpty() ? tr("%1 finished").arg(m_runner->name()) : tr("finished: %1").arg(dir));
+    connect(runner, &TrainerRunner::finished, this, [this, runner](const QString& dir) {
+        if (!dir.isEmpty()) m_trainedDir = dir;
+        m_status->setText(dir.isEmpty() ? tr("%1 finished").arg(runner->name()) : tr("finished: the model is in %1").arg(dir));
         updateButtons();
     });
-    connect(runner, &TrainerRunner::failed, this, [this](const QString& msg) { m_status->setText(msg); });
+    connect(runner, &TrainerRunner::failed, this, [this](const QString& msg) {
+        m_status->setText(msg);
+        updateButtons();
+    });
+}
+
+void TrainingView::setRunner(TrainerRunner* runner) {
+    m_runner = runner;
+    attach(runner);
+    m_status->setText(tr("Choose a model preset or config.json, corpus files and a balancing mode, then Start."));
+    updateButtons();
+}
+
+void TrainingView::setReplayRunner(TrainerRunner* runner) {
+    m_replayRunner = runner;
+    attach(runner);
     updateButtons();
 }
 
 void TrainingView::updateButtons() {
-    const auto st = m_runner ? m_runner->state() : TrainerRunner::State::Idle;
-    const bool active = st == TrainerRunner::State::Running || st == TrainerRunner::State::Paused;
+    auto activeState = [](TrainerRunner* r) { return r && (r->state() == TrainerRunner::State::Running || r->state() == TrainerRunner::State::Paused); };
+    const bool active = activeState(m_runner) || activeState(m_replayRunner);
+    const auto st = m_active ? m_active->state() : TrainerRunner::State::Idle;
     m_start->setEnabled(m_runner && !active);
+    m_start->setToolTip(m_runner ? tr("Train from scratch on the corpus") : tr("This build has no trainer: replay a training trace instead"));
     m_pause->setEnabled(active);
     m_pause->setText(st == TrainerRunner::State::Paused ? tr("Resume") : tr("Pause"));
     m_stop->setEnabled(active);
-    m_replay->setEnabled(m_runner && !active);
+    m_replay->setEnabled(m_replayRunner && !active);
     m_open->setEnabled(!m_trainedDir.isEmpty());
 }
 
@@ -163,23 +179,38 @@ void TrainingView::start() {
     if (!m_runner) return;
     TrainSettings s;
     s.preset = m_preset->currentData().toString();
-    s.configPath = m_configPath;
+    s.configPath = s.preset.isEmpty() ? m_configPath : QString();
     s.corpus = m_corpus->text().split(QLatin1Char(';'), Qt::SkipEmptyParts);
     s.balance = m_balance->currentText();
     s.gamma = m_gamma->value();
     s.steps = m_steps->value();
     QString err;
+    m_active = m_runner;
     if (!m_runner->start(s, &err)) m_status->setText(err);
+    updateButtons();
+}
+
+bool TrainingView::startTraining(const QString& preset, const QStringList& corpus, int steps, QString* error) {
+    const int i = m_preset->findData(preset);
+    if (i >= 0) m_preset->setCurrentIndex(i);
+    m_corpus->setText(corpus.join(QLatin1Char(';')));
+    m_steps->setValue(steps);
+    start();
+    const bool ok = m_runner && (m_runner->state() == TrainerRunner::State::Running);
+    if (!ok && error) *error = m_status->text();
+    return ok;
 }
 
 bool TrainingView::replayTrace(const QString& path, QString* error) {
-    if (!m_runner) return false;
+    if (!m_replayRunner) return false;
     TrainSettings s;
     s.tracePath = path;
     QString err;
-    const bool ok = m_runner->start(s, &err);
+    m_active = m_replayRunner;
+    const bool ok = m_replayRunner->start(s, &err);
     if (!ok) m_status->setText(err);
     if (error) *error = err;
+    updateButtons();
     return ok;
 }
 

@@ -17,8 +17,11 @@ class TrainingView : public PlotView {
 public:
     explicit TrainingView(TelemetryStore* store, QWidget* parent = nullptr);
     QString csv() const override;
-    void setRunner(TrainerRunner* runner);
+    void setRunner(TrainerRunner* runner);        // what Start runs (the engine's trainer)
+    void setReplayRunner(TrainerRunner* runner);  // what "Replay trace" runs
     TrainerRunner* runner() const { return m_runner; }
+    TrainerRunner* activeRunner() const { return m_active; }
+    bool startTraining(const QString& preset, const QStringList& corpus, int steps, QString* error = nullptr);
     bool replayTrace(const QString& path, QString* error = nullptr);  // start the runner on a trace
     int lossPoints() const;
     int valPoints() const;
@@ -32,7 +35,10 @@ protected:
 private:
     void start();
     void updateButtons();
+    void attach(TrainerRunner* runner);
     TrainerRunner* m_runner = nullptr;
+    TrainerRunner* m_replayRunner = nullptr;
+    TrainerRunner* m_active = nullptr;
     QComboBox *m_preset, *m_balance;
     QLineEdit* m_corpus;
     QDoubleSpinBox* m_gamma;
