@@ -1,7 +1,8 @@
 // moescope: the desktop explorer. Command line:
 //   moescope [--model DIR] [--trace FILE.jsonl]
 //            [--screenshot FILE.png [--view NAME] [--prompt TEXT] [--max-tokens N] [--dark]
-//             [--colour expert|mtp|surprisal] [--online-balancing GAMMA]]
+//             [--colour expert|mtp|surprisal] [--online-balancing GAMMA]] [--export DIR]
+// --export writes every view's PNG, PDF and CSV and the session's telemetry.jsonl into DIR.
 // --screenshot renders the window (works under QT_QPA_PLATFORM=offscreen) after loading and,
 // with --prompt, after generating, then exits (0 on success).
 #include <QApplication>
@@ -37,12 +38,13 @@ int main(int argc, char** argv) {
     QCommandLineOption prompt(QStringLiteral("prompt"), QStringLiteral("Prompt to send before the screenshot (token ids without a tokenizer)."), QStringLiteral("TEXT"));
     QCommandLineOption maxTokens(QStringLiteral("max-tokens"), QStringLiteral("Tokens to generate for --prompt."), QStringLiteral("N"));
     QCommandLineOption dark(QStringLiteral("dark"), QStringLiteral("Dark palette."));
+    QCommandLineOption exportDir(QStringLiteral("export"), QStringLiteral("Export every view (PNG, PDF, CSV) and the telemetry (JSONL) into DIR and exit."), QStringLiteral("DIR"));
     QCommandLineOption balance(QStringLiteral("online-balancing"), QStringLiteral("Turn on aux-loss-free online balancing with this gamma."), QStringLiteral("GAMMA"));
     QCommandLineOption colour(QStringLiteral("colour"), QStringLiteral("Token colouring: expert, mtp, surprisal."), QStringLiteral("MODE"));
-    cli.addOptions({model, trace, shot, view, prompt, maxTokens, dark, colour, balance});
+    cli.addOptions({model, trace, shot, view, prompt, maxTokens, dark, colour, balance, exportDir});
     cli.process(app);
 
-    const bool screenshot = cli.isSet(shot);
+    const bool screenshot = cli.isSet(shot) || cli.isSet(exportDir);
     MainWindow w(!screenshot);
     if (cli.isSet(dark)) w.setDark(true);
     if (cli.isSet(view) && !w.showView(cli.value(view))) {
@@ -62,7 +64,21 @@ int main(int argc, char** argv) {
             w.store()->flush();
             for (auto* v : w.views()) v->refreshNow();
             QApplication::processEvents();
+            if (cli.isSet(exportDir)) {
+                QString err;
+                const QString dir = cli.value(exportDir);
+                if (!w.exportAllViews(dir, &err) || !w.saveTelemetry(QDir(dir).filePath(QStringLiteral("telemetry.jsonl")), &err)) {
+                    std::fprintf(stderr, "moescope: %s\n", qPrintable(err));
+                    exitCode = 1;
+                } else {
+                    std::printf("exported every view into %s\n", qPrintable(dir));
+                }
+            }
             const QString path = cli.value(shot);
+            if (path.isEmpty()) {
+                app.exit(exitCode);
+                return;
+            }
             if (!w.grab().save(path)) {
                 std::fprintf(stderr, "moescope: could not write %s\n", qPrintable(path));
                 exitCode = 1;

@@ -6,6 +6,7 @@
 #include <QTemporaryDir>
 #include <QTextStream>
 
+#include "EngineTrainer.h"
 #include "TrainerRunner.h"
 #include "gui_test_util.h"
 #include "views/BiasView.h"
@@ -158,6 +159,42 @@ private slots:
         QCOMPARE(bv->heatmapSize(), QSize(40, 16));
         QCOMPARE(bv->lineCount(), 6);
         QVERIFY(bv->maxVioPoints() >= 44);
+    }
+
+    void trainerTrainsAndOpensModel() {
+#ifndef MOESCOPE_HAVE_TRAINER
+        QSKIP("built without engine/train");
+#else
+        const QString corpus = tmp.filePath("corpus.txt");
+        {
+            QFile f(corpus);
+            QVERIFY(f.open(QIODevice::WriteOnly));
+            for (int i = 0; i < 200; ++i) f.write(QStringLiteral("the router sends token %1 to expert %2. ").arg(i).arg(i % 16).toUtf8());
+        }
+        auto* tv = qobject_cast<TrainingView*>(w->view("training"));
+        QVERIFY(w->engineTrainer());
+        const size_t before = w->store()->train().size();
+        QSignalSpy done(w->engineTrainer(), &TrainerRunner::finished);
+        QString err;
+        QVERIFY2(tv->startTraining("tiny", {corpus}, 6, &err), qPrintable(err));
+        w->engineTrainer()->pause();
+        QCOMPARE(w->engineTrainer()->state(), TrainerRunner::State::Paused);
+        w->engineTrainer()->resume();
+        QVERIFY(done.wait(120000));
+        const QString modelDir = done.first().first().toString();
+        QVERIFY2(QFileInfo::exists(modelDir + "/config.json"), qPrintable(modelDir));
+        w->store()->flush();
+        QCOMPARE(int(w->store()->train().size() - before), 6);
+        tv->refreshNow();
+        QVERIFY(tv->lossPoints() >= 6);
+        // The trained model opens in the chat and generates.
+        QSignalSpy loaded(w->engine(), &EngineController::modelLoaded);
+        w->openModel(modelDir);
+        QVERIFY(loaded.wait(60000));
+        GenerationSummary s;
+        QVERIFY(generateOnce(*w, QStringLiteral("116, 104, 101"), 4, &s));
+        QCOMPARE(s.tokens, 4);
+#endif
     }
 };
 
