@@ -1,6 +1,5 @@
 // EngineTrainer: Trainer::step() in a loop on a worker thread.
 #include "EngineTrainer.h"
-#ifdef MOESCOPE_HAVE_TRAINER
 
 #include <QDateTime>
 #include <QDir>
@@ -167,5 +166,3 @@ void EngineTrainer::stop() {
 }
 
 bool EngineTrainer::wait(int ms) { return !m_thread || m_thread->wait(ms); }
-
-#endif

@@ -1,10 +1,9 @@
 // EngineTrainer: the training dashboard's runner on the engine's Trainer (engine/train/), on its
 // own thread: one optimizer step at a time, pausable between steps, stopped through the
 // trainer's cancel flag; telemetry goes into the same store the views read; when done, the
-// weights are saved as a model folder the chat can open. Built only when engine/train exists.
+// weights are saved as a model folder the chat can open. Built only when engine/train exists
+// (gui/CMakeLists.txt then defines MOESCOPE_HAVE_TRAINER).
 #pragma once
-#if __has_include("engine/train/trainer.h")
-#define MOESCOPE_HAVE_TRAINER 1
 #include <QThread>
 
 #include <atomic>
@@ -36,4 +35,3 @@ private:
     std::atomic<bool> m_stop{false};
     std::atomic<bool>* m_cancel = nullptr;   // the running Trainer's flag (guarded by m_mu)
 };
-#endif

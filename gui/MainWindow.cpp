@@ -26,7 +26,9 @@
 #include "ChatWidget.h"
 #include "EngineController.h"
 #include "TelemetryStore.h"
+#ifdef MOESCOPE_HAVE_TRAINER
 #include "EngineTrainer.h"
+#endif
 #include "TrainerRunner.h"
 #include "views/BiasView.h"
 #include "views/LatentView.h"

@@ -93,8 +93,8 @@ TrainingView::TrainingView(TelemetryStore* store, QWidget* parent)
     title(m_speedPlot, tr("tokens/s"));
     line(m_speedPlot, QColor(94, 160, 60), tr("tokens/s"));
     m_biasPlot = addPlot(0, 2, 2, 1);
-    title(m_biasPlot, tr("bias now (layer x expert)"));
     m_biasMap = addColorMap(m_biasPlot, tr("bias"));
+    title(m_biasPlot, tr("bias now (layer x expert)"));  // after the colour scale took column 1 of row 0
     m_biasMap->setGradient(QCPColorGradient(QCPColorGradient::gpPolar));
     m_biasPlot->xAxis->setLabel(tr("expert"));
     m_biasPlot->yAxis->setLabel(tr("layer"));

@@ -3,10 +3,13 @@
 // views, and a training trace drives the training dashboard.
 #include <QFile>
 #include <QImage>
+#include <QStandardPaths>
 #include <QTemporaryDir>
 #include <QTextStream>
 
+#ifdef MOESCOPE_HAVE_TRAINER
 #include "EngineTrainer.h"
+#endif
 #include "TrainerRunner.h"
 #include "gui_test_util.h"
 #include "views/BiasView.h"
@@ -31,6 +34,7 @@ class TestGuiExport : public QObject {
 
 private slots:
     void initTestCase() {
+        QStandardPaths::setTestModeEnabled(true);  // trained models go to a test location
         w = new MainWindow(false);
         w->resize(1400, 900);
         w->show();
