@@ -151,9 +151,11 @@ inline int64_t activation_bytes(const ModelConfig& c, const ActivationDims& a) {
     add(T * k * 2);                                 // perm, row_of_slot
     add(T * k * D);                                 // gathered expert inputs
     add(T * k * 2 * I);                             // expert gate|up
+    add(T * k * I);                                 // expert SwiGLU output
     add(T * k * D);                                 // expert outputs
     add(T * D);                                     // shared expert output
     add(T * 2 * std::max(Is, Id));                  // shared / dense gate|up
+    add(T * std::max(Is, Id));                      // shared / dense SwiGLU output
     add(T * V);                                     // logits
     // BF16 copies of GEMM inputs for cuBLAS (half-size elements).
     const int64_t cast = std::max({T * 2 * D, T * std::max<int64_t>(1, c.q_lora_rank), T * H * dv, T * k * I,
@@ -191,6 +193,12 @@ inline int64_t cache_bytes(const ModelConfig& c, int layers, int capacity) {
 inline MemoryPlan plan_memory(const ModelConfig& c, const ModelPresence& p, WeightDtype dtype, int capacity) {
     MemoryPlan m;
     for (const TensorSpec& t : device_tensors(c, p)) m.weights += align_up(t.bytes(dtype));
+    // Per MoE layer: two device tables of expert pointers and the router bias; the rope frequencies.
+    const int64_t E = c.n_routed_experts;
+    for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l)
+        if (E > 0 && l >= c.first_k_dense_replace && l % c.moe_layer_freq == 0)
+            m.weights += 2 * align_up(E * 8) + align_up(E * 4);
+    m.weights += align_up(int64_t(c.qk_rope_head_dim / 2) * 4);
     m.cache_per_position = int64_t(c.num_hidden_layers + c.num_nextn_predict_layers) *
                            (c.kv_lora_rank + c.qk_rope_head_dim) * 4;
     m.cache = cache_bytes(c, c.num_hidden_layers, capacity) +
