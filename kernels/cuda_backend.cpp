@@ -219,6 +219,14 @@ struct CudaBackend::Impl {
     int64_t tele_bytes = 0;
     Pinned pin_tele, pin_out, pin_ids, pin_offsets;
 
+    ~Impl() {
+        if (stream) {
+            cudaStreamSynchronize(stream);
+            gemm.reset();
+            cudaStreamDestroy(stream);
+        }
+    }
+
     int n_moe(int first, int count) const {
         int n = 0;
         for (int l = first; l < first + count; ++l) n += layers[size_t(l)].moe;
@@ -697,6 +705,8 @@ CudaBackend::CudaBackend(std::shared_ptr<Model> model, int capacity, const CudaO
         }
     });
     I.build_activations();
+    // Pageable uploads may still be in flight on the legacy stream when cudaMemcpy returns.
+    check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (upload)");
 }
 
 CudaBackend::CudaBackend(const ModelConfig& cfg, int capacity, const CudaOptions& o, uint64_t seed)
@@ -711,17 +721,11 @@ CudaBackend::CudaBackend(const ModelConfig& cfg, int capacity, const CudaOptions
         if (t.rows == 1) fill_constant(static_cast<float*>(dst), t.cols, 1.0f, I.stream);  // norm weights
         else fill_uniform(dst, bf16, t.rows * t.cols, 1.0f / std::sqrt(float(t.cols)), seed + 977 * (++n), I.stream);
     });
-    check(cudaStreamSynchronize(I.stream), "cudaStreamSynchronize (random weights)");
     I.build_activations();
+    check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (random weights)");
 }
 
-CudaBackend::~CudaBackend() {
-    if (impl_ && impl_->stream) {
-        cudaStreamSynchronize(impl_->stream);
-        impl_->gemm.reset();
-        cudaStreamDestroy(impl_->stream);
-    }
-}
+CudaBackend::~CudaBackend() = default;
 
 std::string CudaBackend::name() const { return "cuda (" + impl_->device + ")"; }
 const ModelConfig& CudaBackend::config() const { return impl_->cfg; }
@@ -799,8 +803,10 @@ void CudaBackend::set_bias(int layer, const std::vector<float>& b) {
     if (int(b.size()) != I.cfg.n_routed_experts)
         throw ShapeError("set_bias: layer " + std::to_string(layer) + " expects " +
                          std::to_string(I.cfg.n_routed_experts) + " values, got " + std::to_string(b.size()));
+    // Stream-ordered, then waited for: the next forward sees the new bias, `b` may go away.
+    check(cudaMemcpyAsync(d.bias, b.data(), sizeof(float) * b.size(), cudaMemcpyHostToDevice, I.stream),
+          "upload router bias");
     check(cudaStreamSynchronize(I.stream), "cudaStreamSynchronize (bias)");
-    check(cudaMemcpy(d.bias, b.data(), sizeof(float) * b.size(), cudaMemcpyHostToDevice), "upload router bias");
     I.bias_host[size_t(layer)] = b;
 }
 

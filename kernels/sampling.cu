@@ -38,11 +38,9 @@ __global__ void sample_kernel(int* ids, const float* logits, const float* u, int
         float bv = -FLT_MAX;
         int bi = V;
         for (int i = threadIdx.x; i < V; i += blockDim.x)
-            if (lg[i] > bv || bi == V) {
-                if (bi == V || lg[i] > bv) {
-                    bv = lg[i];
-                    bi = i;
-                }
+            if (bi == V || lg[i] > bv) {  // ascending i: strict > keeps the lower id on ties
+                bv = lg[i];
+                bi = i;
             }
         best_v[threadIdx.x] = bv;
         best_i[threadIdx.x] = bi;
