@@ -214,6 +214,9 @@ struct CudaBackend::Impl {
     int *counts, *offsets, *perm, *row_of_slot, *row_expert;  // [E], [E+1], [Tc*k] x3
     float *xin, *gu, *act, *ye, *sh_out, *sh_gu, *sh_act;  // experts and shared / dense MLP
     float* logits;                 // [Tc, V]
+    float* sample_u = nullptr;     // [Tc]
+    int* sample_ids = nullptr;     // [Tc]
+    int last_rows = 0;             // rows of `logits` the last forward produced
     void* cast = nullptr;          // bf16 staging for cuBLAS
     char* tele = nullptr;          // telemetry block of a chunk (layout in TeleLayout)
     int64_t tele_bytes = 0;
@@ -365,6 +368,8 @@ struct CudaBackend::Impl {
         sh_gu = act_arena.carve<float>(T * 2 * std::max(Is, Id));
         sh_act = act_arena.carve<float>(T * std::max(Is, Id));
         logits = act_arena.carve<float>(T * V);
+        sample_u = act_arena.carve<float>(T);
+        sample_ids = act_arena.carve<int>(T);
         const int64_t cast_elems = std::max({T * 2 * D, T * std::max<int64_t>(1, cfg.q_lora_rank), T * H * dv,
                                              T * k * I, T * k * D, T * std::max(Is, Id), Sn * dc, T * D});
         cast = act_arena.carve<uint16_t>(cast_elems);
@@ -549,6 +554,7 @@ struct CudaBackend::Impl {
             const bool last_chunk = c0 + n == T;
             int head_rows = o.all_logits ? n : (last_chunk ? 1 : 0);
             if (head_rows) gemm->linear(logits, hidden + int64_t(n - head_rows) * D, out_head, head_rows);
+            if (head_rows) last_rows = head_rows;
             // Results into pinned memory (async), one wait per chunk.
             float* po = static_cast<float*>(pin_out.p);
             check(cudaMemcpyAsync(po, h, sizeof(float) * size_t(n) * D, cudaMemcpyDeviceToHost, stream), "copy raw");
@@ -734,6 +740,23 @@ void CudaBackend::set_telemetry(bool on) { impl_->telemetry = on; }
 const MemoryPlan& CudaBackend::plan() const { return impl_->plan; }
 std::string CudaBackend::device_name() const { return impl_->device; }
 void CudaBackend::synchronize() { check(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize"); }
+
+std::vector<int> CudaBackend::sample_last(const SampleParams& p, const std::vector<float>& u) {
+    Impl& I = *impl_;
+    const int R = I.last_rows;
+    if (R <= 0) throw Error("sample_last: no forward has produced logits yet");
+    if (p.temperature > 0 && int(u.size()) < R)
+        throw Error("sample_last: " + std::to_string(R) + " uniforms needed, " + std::to_string(u.size()) + " given");
+    if (p.temperature > 0)
+        check(cudaMemcpyAsync(I.sample_u, u.data(), sizeof(float) * size_t(R), cudaMemcpyHostToDevice, I.stream),
+              "upload uniforms");
+    sample(I.sample_ids, I.logits, I.sample_u, R, I.cfg.vocab_size, p, I.stream);
+    std::vector<int> ids(static_cast<size_t>(R));
+    check(cudaMemcpyAsync(ids.data(), I.sample_ids, sizeof(int) * size_t(R), cudaMemcpyDeviceToHost, I.stream),
+          "copy sampled ids");
+    check(cudaStreamSynchronize(I.stream), "cudaStreamSynchronize (sample)");
+    return ids;
+}
 
 std::unique_ptr<BackendCache> CudaBackend::new_cache(int mtp_module, int capacity) {
     const ModelConfig& c = impl_->cfg;

@@ -13,6 +13,7 @@
 
 #include "engine/backend.h"
 #include "kernels/memory_plan.h"
+#include "kernels/sampling.h"
 
 namespace moescope::cuda {
 
@@ -57,6 +58,9 @@ public:
     std::string device_name() const;
     // Waits for the device (benchmark timing).
     void synchronize();
+    // Samples every row of logits the last forward / forward_mtp returned, on the device: only
+    // the ids cross to the host. u: one uniform in [0, 1) per row (unused when greedy).
+    std::vector<int> sample_last(const SampleParams& p, const std::vector<float>& u);
     struct Impl;
 
 private:

@@ -703,6 +703,24 @@ void check_fixture() {
         }
         expect(ok, "tiny-v3 expert loads = histogram of routing ids");
     }
+    // Sampling on the device from the logits the last forward left there.
+    {
+        auto cache = gpu.new_cache(0, 64);
+        ForwardResult r;
+        gpu.forward(toks.data(), int(toks.size()), *cache, ForwardOptions{}, r);
+        auto ids = gpu.sample_last(SampleParams{}, {});
+        bool ok = int(ids.size()) == int(toks.size());
+        for (size_t t = 0; ok && t < ids.size(); ++t)
+            ok &= ids[t] == int(std::max_element(r.logits.begin() + t * V, r.logits.begin() + (t + 1) * V) -
+                                (r.logits.begin() + t * V));
+        expect(ok, "tiny-v3 sample_last greedy = argmax of the returned logits, every row");
+        std::vector<float> u(toks.size(), 0.5f);
+        auto s = gpu.sample_last(SampleParams{0.8f, 20, 0.9f}, u);
+        std::vector<float> row(r.logits.end() - V, r.logits.end());
+        SampleRef ref = sample_ref(row, 0.8f, 20, 0.9f);
+        expect(std::find(ref.ids.begin(), ref.ids.end(), s.back()) != ref.ids.end(),
+               "tiny-v3 sample_last top-k/top-p draws a kept token");
+    }
     // Greedy generation: identical tokens.
     auto a = greedy(gpu, toks, 24), b = greedy(*cpu, toks, 24);
     expect(a == b, "tiny-v3 f32 greedy generation of 24 tokens identical to the CPU");
