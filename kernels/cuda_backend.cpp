@@ -217,12 +217,24 @@ struct CudaBackend::Impl {
     float* sample_u = nullptr;     // [Tc]
     int* sample_ids = nullptr;     // [Tc]
     int last_rows = 0;             // rows of `logits` the last forward produced
+    int* d_start = nullptr;        // [1] decode position for graph replays
+    const int* dyn_start = nullptr;  // set while enqueuing a graph body: kernels read the position here
+    Pinned pin_start;
+    bool use_graphs = false;
+    struct GraphEntry {
+        const float *c0, *kpe0;    // the cache's first buffers: same pointers = same layout
+        int layers, cap;
+        bool telemetry, want_scores;
+        cudaGraphExec_t exec;
+    };
+    std::vector<GraphEntry> graphs;
     void* cast = nullptr;          // bf16 staging for cuBLAS
     char* tele = nullptr;          // telemetry block of a chunk (layout in TeleLayout)
     int64_t tele_bytes = 0;
     Pinned pin_tele, pin_out, pin_ids, pin_offsets;
 
     ~Impl() {
+        for (auto& g : graphs) cudaGraphExecDestroy(g.exec);
         if (stream) {
             cudaStreamSynchronize(stream);
             gemm.reset();
@@ -370,6 +382,9 @@ struct CudaBackend::Impl {
         logits = act_arena.carve<float>(T * V);
         sample_u = act_arena.carve<float>(T);
         sample_ids = act_arena.carve<int>(T);
+        d_start = act_arena.carve<int>(1);
+        pin_start.reserve(sizeof(int));
+        if (const char* g = std::getenv("MOESCOPE_CUDA_GRAPH")) use_graphs = std::string(g) == "1";
         const int64_t cast_elems = std::max({T * 2 * D, T * std::max<int64_t>(1, cfg.q_lora_rank), T * H * dv,
                                              T * k * I, T * k * D, T * std::max(Is, Id), Sn * dc, T * D});
         cast = act_arena.carve<uint16_t>(cast_elems);
@@ -424,8 +439,8 @@ struct CudaBackend::Impl {
         }
         rope_apply_q(n, start);
         gemm->linear(kv, xn, L.kv_a, n);
-        latent_append(cache_c, cache_kpe, kv, L.kv_a_norm, n, start, mla, inv_freq, rope.mscale, s);
-        if (!o.absorbed && S <= plan.dims.naive_positions) {
+        latent_append(cache_c, cache_kpe, kv, L.kv_a_norm, n, start, mla, inv_freq, rope.mscale, s, dyn_start);
+        if (!dyn_start && !o.absorbed && S <= plan.dims.naive_positions) {
             const int dkvb = mla.d_nope + mla.d_v;
             gemm->linear(kvb_full, cache_c, L.kv_b, S);  // [S, H*(dn+dv)]
             // scores_h[n, S] = q_nope_h k_nope_h^T + q_pe_h k_pe^T
@@ -439,14 +454,16 @@ struct CudaBackend::Impl {
                                    int64_t(n) * S, dkvb, mla.d_v, H, false, 1.0f, 0.0f);
         } else {
             absorb_query(q_lat, q, L.kv_b, n, mla, s);
-            const int splits = attention_splits(n, S, plan.dims.max_splits);
-            attention_absorbed(o_lat, partial, q_lat, q, cache_c, cache_kpe, n, start, splits, mla, s);
+            // A graph replays one launch for every length: the most splits (empty ones are skipped).
+            const int splits = dyn_start ? plan.dims.max_splits : attention_splits(n, S, plan.dims.max_splits);
+            attention_absorbed(o_lat, partial, q_lat, q, cache_c, cache_kpe, n, start, splits, mla, s, dyn_start);
             project_values(attn_out, o_lat, L.kv_b, n, mla, s);
         }
         gemm->linear(h, attn_out, L.o_proj, n, /*accumulate=*/true);
         // Telemetry: the norms of the new cached latents.
-        if (telemetry) row_norms(reinterpret_cast<float*>(tele + tl.norms) + int64_t(norm_slot) * n,
-                                 cache_c + int64_t(start) * mla.d_c, n, mla.d_c, s);
+        if (telemetry)
+            row_norms(reinterpret_cast<float*>(tele + tl.norms) + int64_t(norm_slot) * n,
+                      dyn_start ? cache_c : cache_c + int64_t(start) * mla.d_c, n, mla.d_c, s, dyn_start);
         // out = h + FFN(RMSNorm_post(h))
         rmsnorm(xn, h, L.post_norm, n, D, eps, s);
         if (!L.moe) {
@@ -461,7 +478,8 @@ struct CudaBackend::Impl {
 
     void rope_apply_q(int n, int start) {
         const int H = mla.H, dq = mla.d_nope + mla.d_rope;
-        rope_apply(q + mla.d_nope, n, H, int64_t(H) * dq, dq, start, inv_freq, rope.mscale, mla.d_rope, stream);
+        rope_apply(q + mla.d_nope, n, H, int64_t(H) * dq, dq, start, inv_freq, rope.mscale, mla.d_rope, stream,
+                   dyn_start);
     }
 
     void moe_forward(const DLayer& L, int n, const TeleLayout& tl, int slot) {
@@ -516,9 +534,43 @@ struct CudaBackend::Impl {
     }
 
     // Runs chunks of the stack [first, first + count) of layers; `prepare(c0, n)` fills h.
+    // The graph replaying one decode step of the main model over `cache`, captured on first use.
+    cudaGraphExec_t decode_graph(CudaCache& cache, const ForwardOptions& o, const std::function<void()>& enqueue) {
+        for (const auto& g : graphs)
+            if (g.c0 == cache.c_[0] && g.kpe0 == cache.kpe_[0] && g.layers == int(cache.c_.size()) &&
+                g.cap == cache.cap_ && g.telemetry == telemetry && g.want_scores == o.want_scores)
+                return g.exec;
+        if (graphs.size() >= 8) {  // a bounded set: drop the oldest
+            cudaGraphExecDestroy(graphs.front().exec);
+            graphs.erase(graphs.begin());
+        }
+        cudaGraph_t graph = nullptr;
+        check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+        dyn_start = d_start;
+        try {
+            enqueue();
+        } catch (...) {
+            dyn_start = nullptr;
+            cudaStreamEndCapture(stream, &graph);
+            if (graph) cudaGraphDestroy(graph);
+            cudaGetLastError();
+            throw;
+        }
+        dyn_start = nullptr;
+        check(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
+        cudaGraphExec_t exec = nullptr;
+        const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+        cudaGraphDestroy(graph);
+        check(e, "cudaGraphInstantiate");
+        graphs.push_back({cache.c_[0], cache.kpe_[0], int(cache.c_.size()), cache.cap_, telemetry, o.want_scores, exec});
+        return exec;
+    }
+
+    // upload(c0, n): host -> device inputs of a chunk (may wait); body(n): the device-only start
+    // of the stack (embedding, MTP concat) that a CUDA graph can capture.
     void run_stack(int T, int start, CudaCache& cache, int first, int count, const ForwardOptions& o,
-                   const std::function<void(int, int)>& prepare, const float* out_norm, const WRef& out_head,
-                   ForwardResult& out) {
+                   const std::function<void(int, int)>& upload, const std::function<void(int)>& body,
+                   const float* out_norm, const WRef& out_head, ForwardResult& out) {
         const int D = cfg.hidden_size, V = cfg.vocab_size, k = router.k, E = router.E;
         const int G = router.method != 0 ? router.n_group : 1;
         const int nm = n_moe(first, count);
@@ -542,32 +594,45 @@ struct CudaBackend::Impl {
         for (int c0 = 0; c0 < T; c0 += Tc) {
             const int n = std::min(Tc, T - c0), pos = start + c0;
             const TeleLayout tl = tele_layout(n, nm, count, o.want_scores);
-            prepare(c0, n);
-            int mslot = 0;
-            for (int l = first; l < first + count; ++l) {
-                const int cl = l - first;
-                layer_forward(layers[size_t(l)], n, pos, cache.c_[size_t(cl)], cache.kpe_[size_t(cl)], o, tl, mslot,
-                              cl);
-                mslot += layers[size_t(l)].moe;
-            }
-            rmsnorm(hidden, h, out_norm, n, D, float(cfg.rms_norm_eps), stream);
             const bool last_chunk = c0 + n == T;
-            int head_rows = o.all_logits ? n : (last_chunk ? 1 : 0);
-            if (head_rows) gemm->linear(logits, hidden + int64_t(n - head_rows) * D, out_head, head_rows);
-            if (head_rows) last_rows = head_rows;
-            // Results into pinned memory (async), one wait per chunk.
+            const int head_rows = o.all_logits ? n : (last_chunk ? 1 : 0);
             float* po = static_cast<float*>(pin_out.p);
-            check(cudaMemcpyAsync(po, h, sizeof(float) * size_t(n) * D, cudaMemcpyDeviceToHost, stream), "copy raw");
-            check(cudaMemcpyAsync(po + size_t(n) * D, hidden, sizeof(float) * size_t(n) * D, cudaMemcpyDeviceToHost,
-                                  stream),
-                  "copy hidden");
-            if (head_rows)
-                check(cudaMemcpyAsync(po + size_t(2 * n) * D, logits, sizeof(float) * size_t(head_rows) * V,
+            upload(c0, n);
+            auto enqueue = [&] {
+                body(n);
+                int mslot = 0;
+                for (int l = first; l < first + count; ++l) {
+                    const int cl = l - first;
+                    layer_forward(layers[size_t(l)], n, pos, cache.c_[size_t(cl)], cache.kpe_[size_t(cl)], o, tl,
+                                  mslot, cl);
+                    mslot += layers[size_t(l)].moe;
+                }
+                rmsnorm(hidden, h, out_norm, n, D, float(cfg.rms_norm_eps), stream);
+                if (head_rows) gemm->linear(logits, hidden + int64_t(n - head_rows) * D, out_head, head_rows);
+                // Results into pinned memory (async), one wait per chunk.
+                check(cudaMemcpyAsync(po, h, sizeof(float) * size_t(n) * D, cudaMemcpyDeviceToHost, stream),
+                      "copy raw");
+                check(cudaMemcpyAsync(po + size_t(n) * D, hidden, sizeof(float) * size_t(n) * D,
                                       cudaMemcpyDeviceToHost, stream),
-                      "copy logits");
-            if (telemetry)
-                check(cudaMemcpyAsync(pin_tele.p, tele, size_t(tl.end), cudaMemcpyDeviceToHost, stream),
-                      "copy telemetry");
+                      "copy hidden");
+                if (head_rows)
+                    check(cudaMemcpyAsync(po + size_t(2 * n) * D, logits, sizeof(float) * size_t(head_rows) * V,
+                                          cudaMemcpyDeviceToHost, stream),
+                          "copy logits");
+                if (telemetry)
+                    check(cudaMemcpyAsync(pin_tele.p, tele, size_t(tl.end), cudaMemcpyDeviceToHost, stream),
+                          "copy telemetry");
+            };
+            // A decode step of the main model (one token, absorbed attention) may replay a graph.
+            if (use_graphs && T == 1 && first == 0 && o.absorbed) {
+                *static_cast<int*>(pin_start.p) = pos;
+                check(cudaMemcpyAsync(d_start, pin_start.p, sizeof(int), cudaMemcpyHostToDevice, stream),
+                      "upload position");
+                check(cudaGraphLaunch(decode_graph(cache, o, enqueue), stream), "cudaGraphLaunch");
+            } else {
+                enqueue();
+            }
+            if (head_rows) last_rows = head_rows;
             check(cudaStreamSynchronize(stream), "cudaStreamSynchronize (forward)");
             std::memcpy(out.raw_hidden.data() + size_t(c0) * D, po, sizeof(float) * size_t(n) * D);
             std::memcpy(out.hidden.data() + size_t(c0) * D, po + size_t(n) * D, sizeof(float) * size_t(n) * D);
@@ -739,6 +804,8 @@ const std::vector<std::vector<int>>& CudaBackend::last_loads() const { return im
 void CudaBackend::set_telemetry(bool on) { impl_->telemetry = on; }
 const MemoryPlan& CudaBackend::plan() const { return impl_->plan; }
 std::string CudaBackend::device_name() const { return impl_->device; }
+void CudaBackend::set_graphs(bool on) { impl_->use_graphs = on; }
+bool CudaBackend::graphs() const { return impl_->use_graphs; }
 void CudaBackend::synchronize() { check(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize"); }
 
 std::vector<int> CudaBackend::sample_last(const SampleParams& p, const std::vector<float>& u) {
@@ -776,11 +843,8 @@ void CudaBackend::forward(const int* tokens, int T, BackendCache& cache, const F
     out.T = T;
     out.start = c.length_;
     I.run_stack(T, c.length_, c, 0, I.cfg.num_hidden_layers, opt,
-                [&](int c0, int n) {
-                    I.upload_ids(tokens + c0, n);
-                    embed(I.h, I.embed, I.ids, n, I.stream);
-                },
-                I.final_norm, I.head, out);
+                [&](int c0, int n) { I.upload_ids(tokens + c0, n); },
+                [&](int n) { embed(I.h, I.embed, I.ids, n, I.stream); }, I.final_norm, I.head, out);
 }
 
 void CudaBackend::forward_mtp(int k, const float* h_prev, const int* next_tokens, int T, BackendCache& cache,
@@ -807,12 +871,14 @@ void CudaBackend::forward_mtp(int k, const float* h_prev, const int* next_tokens
                     std::memcpy(ph, h_prev + size_t(c0) * D, sizeof(float) * size_t(n) * D);
                     check(cudaMemcpyAsync(I.y, ph, sizeof(float) * size_t(n) * D, cudaMemcpyHostToDevice, I.stream),
                           "upload h_prev");
+                    check(cudaStreamSynchronize(I.stream), "cudaStreamSynchronize (h_prev)");
+                },
+                [&](int n) {
                     // concat(enorm(embed[t_{i+k}]), hnorm(h_i)): the embedding half first.
                     embed(I.xn, m.embed, I.ids, n, I.stream);
                     rmsnorm(I.cat, I.xn, m.enorm, n, D, eps, I.stream, 2 * D, D);
                     rmsnorm(I.cat + D, I.y, m.hnorm, n, D, eps, I.stream, 2 * D, D);
                     I.gemm->linear(I.h, I.cat, m.eh, n);
-                    check(cudaStreamSynchronize(I.stream), "cudaStreamSynchronize (h_prev)");
                 },
                 m.head_norm, m.head, out);
 }

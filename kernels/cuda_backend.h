@@ -56,6 +56,10 @@ public:
     void set_telemetry(bool on);
     const MemoryPlan& plan() const;
     std::string device_name() const;
+    // Decode steps (one token, absorbed attention) replayed from a captured CUDA graph, one per
+    // cache; off by default, or MOESCOPE_CUDA_GRAPH=1 in the environment.
+    void set_graphs(bool on);
+    bool graphs() const;
     // Waits for the device (benchmark timing).
     void synchronize();
     // Samples every row of logits the last forward / forward_mtp returned, on the device: only

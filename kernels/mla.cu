@@ -9,7 +9,8 @@ namespace {
 
 // One block per new token: RMSNorm of the latent (f64 sum like the CPU), then rope of k_pe.
 __global__ void latent_append_kernel(float* cache_c, float* cache_kpe, const float* kv, const float* w, int start,
-                                     int d_c, int d_rope, const float* inv_freq, float mscale) {
+                                     int d_c, int d_rope, const float* inv_freq, float mscale, const int* d_start) {
+    if (d_start) start = *d_start;
     const int t = blockIdx.x;
     const float* row = kv + int64_t(t) * (d_c + d_rope);
     double ss = 0;
@@ -54,7 +55,8 @@ constexpr int kMaxC = 4;       // d_c <= kThreads * kMaxC = 1024
 // and its sum l: partial[((t*H + h)*splits + split) * (d_c + 2) + {0..d_c-1, d_c: m, d_c+1: l}].
 __global__ void attention_kernel(float* partial, const float* q_lat, const float* q, const float* cache_c,
                                  const float* cache_kpe, int T, int H, int start, int splits, int d_nope, int d_rope,
-                                 int d_c, float scale) {
+                                 int d_c, float scale, const int* d_start) {
+    if (d_start) start = *d_start;
     extern __shared__ float smem[];
     float* sq = smem;               // [d_c] q_lat
     float* sqp = sq + d_c;          // [d_rope] q_pe
@@ -182,9 +184,10 @@ __global__ void causal_softmax_kernel(float* scores, int T, int S, int start, fl
 }  // namespace
 
 void latent_append(float* cache_c, float* cache_kpe, const float* kv, const float* norm_w, int T, int start,
-                   const MlaShape& m, const float* inv_freq, float mscale, cudaStream_t s) {
+                   const MlaShape& m, const float* inv_freq, float mscale, cudaStream_t s, const int* d_start) {
     if (T <= 0) return;
-    latent_append_kernel<<<T, 128, 0, s>>>(cache_c, cache_kpe, kv, norm_w, start, m.d_c, m.d_rope, inv_freq, mscale);
+    latent_append_kernel<<<T, 128, 0, s>>>(cache_c, cache_kpe, kv, norm_w, start, m.d_c, m.d_rope, inv_freq, mscale,
+                                           d_start);
     check_launch("latent_append_kernel");
 }
 
@@ -210,13 +213,14 @@ int attention_splits(int T, int n_max, int max_splits) {
 }
 
 void attention_absorbed(float* o_lat, float* partial, const float* q_lat, const float* q, const float* cache_c,
-                        const float* cache_kpe, int T, int start, int splits, const MlaShape& m, cudaStream_t s) {
+                        const float* cache_kpe, int T, int start, int splits, const MlaShape& m, cudaStream_t s,
+                        const int* d_start) {
     if (T <= 0) return;
     if (m.d_c > kThreads * kMaxC) throw DeviceError("attention: kv_lora_rank above 1024 is not supported");
     dim3 grid(unsigned(splits), unsigned(m.H), unsigned(T));
     const size_t smem = sizeof(float) * size_t(m.d_c + m.d_rope + kTile);
     attention_kernel<<<grid, kThreads, smem, s>>>(partial, q_lat, q, cache_c, cache_kpe, T, m.H, start, splits,
-                                                   m.d_nope, m.d_rope, m.d_c, m.scale);
+                                                   m.d_nope, m.d_rope, m.d_c, m.scale, d_start);
     check_launch("attention_kernel");
     combine_kernel<<<unsigned(int64_t(T) * m.H), 128, 0, s>>>(o_lat, partial, m.H, splits, m.d_c);
     check_launch("combine_kernel");

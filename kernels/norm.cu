@@ -30,8 +30,8 @@ __global__ void swiglu_kernel(float* out, const float* gu, int R, int I) {
     out[i] = g / (1.0f + expf(-g)) * u;
 }
 
-__global__ void row_norms_kernel(float* norms, const float* c, int d) {
-    const float* row = c + int64_t(blockIdx.x) * d;
+__global__ void row_norms_kernel(float* norms, const float* c, int d, const int* d_row0) {
+    const float* row = c + (int64_t(blockIdx.x) + (d_row0 ? *d_row0 : 0)) * d;
     double s = 0;
     for (int i = threadIdx.x; i < d; i += blockDim.x) s += double(row[i]) * double(row[i]);
     s = block_sum(s);
@@ -59,9 +59,9 @@ void swiglu(float* out, const float* gu, int R, int I, cudaStream_t s) {
     check_launch("swiglu_kernel");
 }
 
-void row_norms(float* norms, const float* c, int T, int d, cudaStream_t s) {
+void row_norms(float* norms, const float* c, int T, int d, cudaStream_t s, const int* d_row0) {
     if (T <= 0) return;
-    row_norms_kernel<<<T, 128, 0, s>>>(norms, c, d);
+    row_norms_kernel<<<T, 128, 0, s>>>(norms, c, d, d_row0);
     check_launch("row_norms_kernel");
 }
 

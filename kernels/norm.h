@@ -16,6 +16,7 @@ void add_inplace(float* h, const float* y, int64_t n, cudaStream_t s);
 void swiglu(float* out, const float* gu, int R, int I, cudaStream_t s);
 
 // norms[T] = |c[t]| for the T rows c[T, d] (the telemetry of the cached latents).
-void row_norms(float* norms, const float* c, int T, int d, cudaStream_t s);
+// d_row0: when non-null, rows start at c + (*d_row0) * d (CUDA graph replays).
+void row_norms(float* norms, const float* c, int T, int d, cudaStream_t s, const int* d_row0 = nullptr);
 
 }  // namespace moescope::cuda

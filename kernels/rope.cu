@@ -6,7 +6,8 @@ namespace moescope::cuda {
 namespace {
 
 __global__ void rope_kernel(float* x, int T, int n_vec, int64_t ld_t, int64_t ld_v, int pos0,
-                            const float* inv_freq, float mscale, int half) {
+                            const float* inv_freq, float mscale, int half, const int* d_pos0) {
+    if (d_pos0) pos0 = *d_pos0;
     int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= int64_t(T) * n_vec * half) return;
     const int p = int(i % half);
@@ -24,10 +25,10 @@ __global__ void rope_kernel(float* x, int T, int n_vec, int64_t ld_t, int64_t ld
 }  // namespace
 
 void rope_apply(float* x, int T, int n_vec, int64_t ld_t, int64_t ld_v, int pos0, const float* inv_freq,
-                float mscale, int dim, cudaStream_t s) {
+                float mscale, int dim, cudaStream_t s, const int* d_pos0) {
     const int64_t n = int64_t(T) * n_vec * (dim / 2);
     if (n <= 0) return;
-    rope_kernel<<<blocks_for(n, 256), 256, 0, s>>>(x, T, n_vec, ld_t, ld_v, pos0, inv_freq, mscale, dim / 2);
+    rope_kernel<<<blocks_for(n, 256), 256, 0, s>>>(x, T, n_vec, ld_t, ld_v, pos0, inv_freq, mscale, dim / 2, d_pos0);
     check_launch("rope_kernel");
 }
 

@@ -51,6 +51,7 @@ int cmd_gpu_bench(const std::vector<std::string>& argv) {
               << "decode            " << r.value("decode_tokens_per_s", 0.0) << " tokens/s, "
               << r.value("decode_bandwidth_GBps", 0.0) << " GB/s = "
               << 100.0 * r.value("decode_fraction_of_copy_bandwidth", 0.0) << "% of copy bandwidth\n"
+              << "decode (graph)    " << r.value("decode_tokens_per_s_cuda_graph", 0.0) << " tokens/s\n"
               << "telemetry         " << r.value("telemetry_overhead_percent", 0.0) << "% of decode time\n";
     if (r.contains("mtp"))
         std::cout << "mtp               draft " << r["mtp"].value("draft_ms", 0.0) << " ms, projected speed-up "

@@ -724,6 +724,16 @@ void check_fixture() {
     // Greedy generation: identical tokens.
     auto a = greedy(gpu, toks, 24), b = greedy(*cpu, toks, 24);
     expect(a == b, "tiny-v3 f32 greedy generation of 24 tokens identical to the CPU");
+    // Decode steps replayed from a CUDA graph: the same numbers as launched one by one.
+    {
+        gpu.set_graphs(true);
+        Run gr = run_prompt(gpu, toks, ForwardOptions{}, true);
+        auto ag = greedy(gpu, toks, 24, true);
+        gpu.set_graphs(false);
+        Run nr = run_prompt(gpu, toks, ForwardOptions{}, true);
+        compare_runs("tiny-v3 f32 CUDA-graph decode vs launches", gr, nr, 1e-5, true);
+        expect(ag == a, "tiny-v3 f32 greedy generation with CUDA graphs identical");
+    }
     // The bias: set on both, routing follows; reset restores the checkpoint's.
     const int l = model->config().first_k_dense_replace;
     auto bias = gpu.bias(l);
