@@ -150,8 +150,8 @@ inline int argmax(const float* x, int n) {
     } while (0)
 
 // QVERIFY that `stmt` throws `Type` whose message contains every one of `needles`
-// (a std::vector<std::string>); prints the message when it does not.
-#define MOESCOPE_VERIFY_THROWS_WITH(stmt, Type, needles)                                                        \
+// (a std::vector<std::string>, braces allowed); prints the message when it does not.
+#define MOESCOPE_VERIFY_THROWS_WITH(stmt, Type, ...)                                                        \
     do {                                                                                                        \
         bool moescope_thrown_ = false;                                                                          \
         std::string moescope_msg_;                                                                              \
@@ -164,7 +164,7 @@ inline int argmax(const float* x, int n) {
             QFAIL(qPrintable(QStringLiteral("expected " #Type ", got another exception: ") + e.what()));       \
         }                                                                                                       \
         QVERIFY2(moescope_thrown_, "expected " #Type ", nothing was thrown");                                   \
-        for (const std::string& moescope_n_ : (needles))                                                        \
+        for (const std::string& moescope_n_ : std::vector<std::string>(__VA_ARGS__))                                                        \
             QVERIFY2(moescope_msg_.find(moescope_n_) != std::string::npos,                                      \
                      qPrintable(QStringLiteral("message '%1' lacks '%2'")                                       \
                                     .arg(QString::fromStdString(moescope_msg_), QString::fromStdString(moescope_n_)))); \
