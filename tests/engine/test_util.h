@@ -17,14 +17,16 @@
 namespace moescope::test {
 
 inline std::string shape_string(const std::vector<int64_t>& shape) {
-    std::string s = "[";
-    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-    return s + "]";
+    std::ostringstream o;
+    o << "[";
+    for (size_t i = 0; i < shape.size(); ++i) o << (i ? ", " : "") << shape[i];
+    o << "]";
+    return o.str();
 }
 
 // The flat index i of an array of `shape` as a multi-index "[a, b, c]".
 inline std::string index_string(int64_t i, const std::vector<int64_t>& shape) {
-    if (shape.empty()) return "[" + std::to_string(i) + "]";
+    if (shape.empty()) return shape_string({i});
     std::vector<int64_t> idx(shape.size());
     for (size_t d = shape.size(); d-- > 0;) {
         const int64_t n = shape[d] > 0 ? shape[d] : 1;
