@@ -431,7 +431,7 @@ void TestSession::onlineBalancingLowersMaxVio() {
         s.set_online_balancing({false, 0});
         sink.take();
         std::map<int, std::vector<int64_t>> total;
-        for (int step = 0; step < 16; ++step) run_window(1000 + step);
+        for (int step = 0; step < 64; ++step) run_window(1000 + step);
         for (const auto& r : sink.take())
             if (auto* l = std::get_if<LoadRecord>(&r)) {
                 auto& t = total[l->layer];
@@ -448,7 +448,7 @@ void TestSession::onlineBalancingLowersMaxVio() {
     sink.take();
     const double after = global_maxvio();
     qInfo("global MaxVio before %.3f, after %.3f", before, after);
-    QVERIFY2(after < before * 0.75, qPrintable(QString("global MaxVio before %1, after %2").arg(before).arg(after)));
+    QVERIFY2(after < before * 0.6, qPrintable(QString("global MaxVio before %1, after %2").arg(before).arg(after)));
     // Reset restores the checkpoint's bias.
     s.reset_bias();
     QCOMPARE(backend->bias(1), tiny()->weights().layers[1].moe.e_score_correction_bias.data);
