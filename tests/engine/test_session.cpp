@@ -65,6 +65,7 @@ private slots:
     void contextOverflowIsAnError();
     void truncateAndRegenerate();
     void telemetryRoundTrip();
+    void sessionsShareOneModel();
     void maxVioArithmetic_data();
     void maxVioArithmetic();
     void onlineBalancingLowersMaxVio();
@@ -391,6 +392,28 @@ void TestSession::telemetryRoundTrip() {
         bad = QString(e.what()).contains("line 1");
     }
     QVERIFY(bad);
+}
+
+// Two sessions generating at once on one loaded model give what each gives alone.
+void TestSession::sessionsShareOneModel() {
+    auto backend = cpu(tiny());
+    SamplingParams p;
+    p.temperature = 0.8;
+    p.max_tokens = 24;
+    auto alone = [&](std::vector<int> prompt, uint64_t seed) {
+        Session s(backend);
+        SamplingParams q = p;
+        q.seed = seed;
+        return s.generate(prompt, q).tokens;
+    };
+    auto a1 = alone({1, 2, 3}, 11), b1 = alone({7, 8, 9, 10}, 12);
+    std::vector<int> a2, b2;
+    std::thread ta([&] { a2 = alone({1, 2, 3}, 11); });
+    std::thread tb([&] { b2 = alone({7, 8, 9, 10}, 12); });
+    ta.join();
+    tb.join();
+    QCOMPARE(a2, a1);
+    QCOMPARE(b2, b1);
 }
 
 void TestSession::maxVioArithmetic_data() {
