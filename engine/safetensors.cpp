@@ -115,12 +115,15 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path
         std::vector<size_t> order(ranges.size());
         for (size_t i = 0; i < order.size(); ++i) order[i] = i;
         std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ranges[a] < ranges[b]; });
-        for (size_t i = 1; i < order.size(); ++i) {
-            const auto& prev = ranges[order[i - 1]];
-            const auto& cur = ranges[order[i]];
-            if (cur.first < prev.second && cur.second > cur.first && prev.second > prev.first)
-                fail("tensors '" + range_names[order[i - 1]] + "' and '" + range_names[order[i]] +
-                     "' overlap in the data section");
+        // Compare each non-empty range with the one reaching furthest so far, not only with
+        // its sorted neighbour: an empty tensor between two overlapping ones must not hide them.
+        size_t reach = order.size();  // index into ranges of the furthest-reaching non-empty range
+        for (size_t i : order) {
+            const auto& cur = ranges[i];
+            if (cur.second == cur.first) continue;
+            if (reach != order.size() && cur.first < ranges[reach].second)
+                fail("tensors '" + range_names[reach] + "' and '" + range_names[i] + "' overlap in the data section");
+            if (reach == order.size() || cur.second > ranges[reach].second) reach = i;
         }
     } catch (...) {
         ::munmap(map_, size_);
