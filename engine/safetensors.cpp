@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -140,6 +141,8 @@ Checkpoint Checkpoint::open(const std::filesystem::path& path) {
     namespace fs = std::filesystem;
     Checkpoint ck;
     std::vector<fs::path> files;
+    std::map<std::string, std::string> weight_map;  // from the index, when there is one
+    fs::path index_path;
     if (fs::is_regular_file(path)) {
         files.push_back(path);
     } else if (fs::is_directory(path)) {
@@ -163,7 +166,9 @@ Checkpoint Checkpoint::open(const std::filesystem::path& path) {
                 if (f.find('/') != std::string::npos || f.find("..") != std::string::npos)
                     throw FormatError(index.string() + ": shard name '" + f + "' leaves the model folder");
                 shard_names.insert(f);
+                weight_map[it.key()] = f;
             }
+            index_path = index;
             for (const auto& f : shard_names) {
                 if (!fs::exists(path / f))
                     throw FormatError(index.string() + ": shard '" + f + "' does not exist");
@@ -188,6 +193,16 @@ Checkpoint Checkpoint::open(const std::filesystem::path& path) {
             ck.index_[name] = &info;
         }
         ck.files_.push_back(std::move(sf));
+    }
+    // The index must describe the shards as they are: every tensor where it says.
+    for (const auto& [name, shard] : weight_map) {
+        auto it = ck.index_.find(name);
+        if (it == ck.index_.end())
+            throw FormatError(index_path.string() + ": tensor '" + name + "' is listed in shard '" + shard +
+                              "' but no shard holds it");
+        if (fs::path(it->second->file).filename() != shard)
+            throw FormatError(index_path.string() + ": tensor '" + name + "' is listed in shard '" + shard +
+                              "' but is stored in '" + fs::path(it->second->file).filename().string() + "'");
     }
     return ck;
 }

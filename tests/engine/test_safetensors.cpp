@@ -240,6 +240,17 @@ private slots:
                      {"model.safetensors.index.json",
                       R"({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})"}}
             << QStringList{"model-00002-of-00002.safetensors", "'b'"};
+        QTest::newRow("index puts a tensor in the wrong shard")
+            << Files{{"model-00001-of-00002.safetensors", a},
+                     {"model-00002-of-00002.safetensors", b},
+                     {"model.safetensors.index.json",
+                      R"({"weight_map": {"a": "model-00002-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})"}}
+            << QStringList{"model.safetensors.index.json", "'a'", "is stored in 'model-00001-of-00002.safetensors'"};
+        QTest::newRow("index lists a tensor no shard holds")
+            << Files{{"model-00001-of-00001.safetensors", a},
+                     {"model.safetensors.index.json",
+                      R"({"weight_map": {"a": "model-00001-of-00001.safetensors", "c": "model-00001-of-00001.safetensors"}})"}}
+            << QStringList{"model.safetensors.index.json", "'c'", "no shard holds it"};
         QTest::newRow("folder without safetensors") << Files{{"config.json", "{}"}}
                                                     << QStringList{"no .safetensors"};
     }
