@@ -244,7 +244,7 @@ private slots:
             << Files{{"model-00001-of-00002.safetensors", a},
                      {"model-00002-of-00002.safetensors", b},
                      {"model.safetensors.index.json",
-                      R"({"weight_map": {"a": "model-00002-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})"}}
+                      R"({"weight_map": {"a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors"}})"}}
             << QStringList{"model.safetensors.index.json", "'a'", "is stored in 'model-00001-of-00002.safetensors'"};
         QTest::newRow("index lists a tensor no shard holds")
             << Files{{"model-00001-of-00001.safetensors", a},
