@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "engine/errors.h"
+#include "engine/json_file.h"
 
 namespace moescope {
 namespace {
@@ -148,16 +149,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
 ModelConfig ModelConfig::load(const std::filesystem::path& path) {
     std::filesystem::path file = path;
     if (std::filesystem::is_directory(path)) file = path / "config.json";
-    std::ifstream in(file, std::ios::binary);
-    if (!in) throw ConfigError(file.string() + ": cannot open");
-    std::stringstream ss;
-    ss << in.rdbuf();
-    json j;
-    try {
-        j = json::parse(ss.str());
-    } catch (const json::parse_error& e) {
-        throw ConfigError(file.string() + ": invalid JSON: " + e.what());
-    }
+    json j = read_json_file<ConfigError>(file);
     return from_json(j, file.string());
 }
 

@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/errors.h"
+#include "engine/json_file.h"
 
 namespace moescope {
 
@@ -148,15 +149,7 @@ Checkpoint Checkpoint::open(const std::filesystem::path& path) {
     } else if (fs::is_directory(path)) {
         fs::path index = path / "model.safetensors.index.json";
         if (fs::exists(index)) {
-            std::ifstream in(index);
-            std::stringstream ss;
-            ss << in.rdbuf();
-            json j;
-            try {
-                j = json::parse(ss.str());
-            } catch (const json::parse_error& e) {
-                throw FormatError(index.string() + ": invalid JSON: " + e.what());
-            }
+            json j = read_json_file<FormatError>(index);
             if (!j.contains("weight_map") || !j["weight_map"].is_object())
                 throw FormatError(index.string() + ": missing 'weight_map'");
             std::set<std::string> shard_names;
@@ -303,19 +296,23 @@ TensorToWrite make_tensor(const std::string& name, DType dtype, std::vector<int6
     return t;
 }
 
-void write_file_atomic(const std::filesystem::path& path, const std::string& text) {
+void write_file_atomic(const std::filesystem::path& path, const std::function<void(std::ostream&)>& write) {
     std::filesystem::path tmp = path;
     tmp += ".tmp";
     {
         std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
         if (!out) throw FormatError(tmp.string() + ": cannot create");
-        out.write(text.data(), std::streamsize(text.size()));
+        write(out);
         out.flush();
         if (!out) throw FormatError(tmp.string() + ": write failed (disk full?)");
     }
     std::error_code ec;
     std::filesystem::rename(tmp, path, ec);
     if (ec) throw FormatError(path.string() + ": cannot rename the temporary file: " + ec.message());
+}
+
+void write_file_atomic(const std::filesystem::path& path, const std::string& text) {
+    write_file_atomic(path, [&](std::ostream& out) { out.write(text.data(), std::streamsize(text.size())); });
 }
 
 void write_safetensors(const std::filesystem::path& path, const std::vector<TensorToWrite>& tensors,
@@ -331,23 +328,14 @@ void write_safetensors(const std::filesystem::path& path, const std::vector<Tens
     }
     std::string h = header.dump();
     while ((h.size() + 8) % 8) h.push_back(' ');  // align the data section to 8 bytes
-    std::filesystem::path tmp = path;
-    tmp += ".tmp";
-    {
-        std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-        if (!out) throw FormatError(tmp.string() + ": cannot create");
+    write_file_atomic(path, [&](std::ostream& out) {
         uint64_t n = h.size();
         char len[8];
         for (int i = 0; i < 8; ++i) len[i] = char((n >> (8 * i)) & 0xff);
         out.write(len, 8);
         out.write(h.data(), std::streamsize(h.size()));
         for (const auto& t : tensors) out.write(reinterpret_cast<const char*>(t.bytes.data()), std::streamsize(t.bytes.size()));
-        out.flush();
-        if (!out) throw FormatError(tmp.string() + ": write failed (disk full?)");
-    }
-    std::error_code ec;
-    std::filesystem::rename(tmp, path, ec);
-    if (ec) throw FormatError(path.string() + ": cannot rename the temporary file: " + ec.message());
+    });
 }
 
 }  // namespace moescope
