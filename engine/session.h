@@ -106,6 +106,7 @@ public:
     int64_t step() const { return step_; }
 
 private:
+    void append_impl(const std::vector<int>& tokens, bool prompt);
     struct Impl;
     std::unique_ptr<Impl> impl_;
     std::shared_ptr<Backend> backend_;

@@ -10,8 +10,13 @@
 namespace moescope {
 
 void matmul_nt(float* y, const float* x, const float* W, int T, int out, int in, bool accumulate) {
-    if (T == 1) {
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, W, in, x, 1, accumulate ? 1.0f : 0.0f, y, 1);
+    // Up to 4 rows go through one matrix-vector product each, so a row's result does not
+    // depend on how many rows share the call: MTP verification (2 positions) then gives the
+    // same logits as decoding one token at a time, and greedy output is identical either way.
+    if (T <= 4) {
+        for (int t = 0; t < T; ++t)
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, W, in, x + size_t(t) * in, 1,
+                        accumulate ? 1.0f : 0.0f, y + size_t(t) * out, 1);
         return;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, out, in, 1.0f, x, in, W, in, accumulate ? 1.0f : 0.0f, y,

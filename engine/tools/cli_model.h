@@ -1,0 +1,32 @@
+// Shared helpers of the model-running subcommands: open a folder with its tokenizer and a
+// backend, sampling flags, prompt tokens.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "engine/backend.h"
+#include "engine/session.h"
+#include "engine/tools/cli.h"
+
+namespace moescope {
+class Tokenizer;
+}
+
+namespace moescope::cli {
+
+struct LoadedModel {
+    std::shared_ptr<Model> model;
+    std::shared_ptr<Tokenizer> tokenizer;  // null without tokenizer.json
+    std::shared_ptr<Backend> backend;
+    std::string notice;                    // which backend and why
+};
+
+LoadedModel open_model(const std::string& dir, const std::string& backend, int context);
+SamplingParams sampling_from_args(const Args& a, const ModelConfig& cfg);
+std::vector<int> prompt_tokens(const Args& a, const LoadedModel& m);
+nlohmann::json meta_settings(const LoadedModel& m, const std::string& dir, const SamplingParams& p);
+
+}  // namespace moescope::cli

@@ -1,0 +1,227 @@
+// moescope-cli generate / balance: text generation with MTP speculative decoding and
+// telemetry, and the online aux-loss-free balancing demonstration over a corpus.
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "engine/errors.h"
+#include "engine/loader.h"
+#include "engine/session.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "engine/tools/cli.h"
+#include "engine/tools/cli_model.h"
+
+namespace moescope::cli {
+
+LoadedModel open_model(const std::string& dir, const std::string& backend, int context) {
+    LoadedModel m;
+    m.model = load_model(dir);
+    namespace fs = std::filesystem;
+    if (fs::exists(fs::path(dir) / "tokenizer.json"))
+        m.tokenizer = std::make_shared<Tokenizer>(Tokenizer::load(dir));
+    BackendSelection sel = select_backend(backend, m.model, context > 0 ? context : m.model->config().max_position_embeddings);
+    m.backend = std::shared_ptr<Backend>(std::move(sel.backend));
+    m.notice = sel.notice;
+    return m;
+}
+
+SamplingParams sampling_from_args(const Args& a, const ModelConfig& cfg) {
+    SamplingParams p;
+    p.temperature = a.number("temperature", 0.7);
+    p.top_k = int(a.integer("top-k", 0));
+    p.top_p = a.number("top-p", 1.0);
+    p.min_p = a.number("min-p", 0.0);
+    p.repetition_penalty = a.number("repetition-penalty", 1.0);
+    p.frequency_penalty = a.number("frequency-penalty", 0.0);
+    p.presence_penalty = a.number("presence-penalty", 0.0);
+    p.seed = uint64_t(a.integer("seed", 0));
+    p.max_tokens = int(a.integer("max-tokens", 128));
+    p.mtp = !a.has("no-mtp");
+    p.mtp_depth = int(a.integer("mtp-depth", 0));
+    for (const auto& s : a.get_all("stop")) p.stop_strings.push_back(s);
+    if (!a.has("no-eos") && cfg.eos_token_id) p.stop_tokens.push_back(*cfg.eos_token_id);
+    if (p.temperature < 0) throw UsageError("--temperature must be >= 0");
+    if (p.top_p <= 0 || p.top_p > 1) throw UsageError("--top-p must be in (0, 1]");
+    return p;
+}
+
+std::vector<int> prompt_tokens(const Args& a, const LoadedModel& m) {
+    if (auto ids = a.int_list("prompt-tokens"); !ids.empty()) return ids;
+    auto text = a.get("prompt");
+    if (!text) throw UsageError("give --prompt TEXT or --prompt-tokens 1,2,3");
+    if (!m.tokenizer)
+        throw UsageError("this model folder has no tokenizer.json: use --prompt-tokens 1,2,3");
+    if (a.has("chat")) {
+        std::vector<ChatMessage> msgs;
+        if (auto sys = a.get("system")) msgs.push_back({"system", *sys});
+        msgs.push_back({"user", *text});
+        const ChatTemplate& ct = m.tokenizer->chat_template();
+        std::string rendered = ct.apply_chat_template(msgs, true);
+        if (!ct.warning().empty()) std::fprintf(stderr, "warning: %s\n", ct.warning().c_str());
+        return m.tokenizer->encode(rendered, false, true);
+    }
+    return m.tokenizer->encode(*text, true, true);
+}
+
+nlohmann::json meta_settings(const LoadedModel& m, const std::string& dir, const SamplingParams& p) {
+    return {{"model", dir},
+            {"backend", m.backend->name()},
+            {"notice", m.notice},
+            {"temperature", p.temperature},
+            {"top_k", p.top_k},
+            {"top_p", p.top_p},
+            {"min_p", p.min_p},
+            {"seed", p.seed},
+            {"max_tokens", p.max_tokens},
+            {"mtp", p.mtp}};
+}
+
+namespace {
+
+int cmd_generate(const std::vector<std::string>& argv) {
+    Args a(argv, {"json", "chat", "mtp", "no-mtp", "no-eos", "quiet"});
+    a.check_known({"prompt", "prompt-tokens", "system", "max-tokens", "temperature", "top-k", "top-p", "min-p",
+                   "repetition-penalty", "frequency-penalty", "presence-penalty", "seed", "telemetry", "backend",
+                   "context", "stop", "mtp-depth", "latent-layer"});
+    if (a.positional().size() != 1) throw UsageError("expected one MODEL_DIR");
+    const std::string dir = a.positional()[0];
+    LoadedModel m = open_model(dir, a.get_or("backend", "auto"), int(a.integer("context", 0)));
+    const ModelConfig& cfg = m.backend->config();
+    SamplingParams p = sampling_from_args(a, cfg);
+    std::vector<int> prompt = prompt_tokens(a, m);
+    if (!a.has("json")) std::fprintf(stderr, "[%s]\n", m.notice.c_str());
+    std::unique_ptr<JsonlWriter> trace;
+    Session s(m.backend, m.tokenizer, int(a.integer("context", 0)));
+    if (auto path = a.get("telemetry")) {
+        trace = std::make_unique<JsonlWriter>(*path);
+        trace->record(MetaRecord{model_card(cfg).to_json(cfg), cfg.to_json(), meta_settings(m, dir, p)});
+        s.set_sink(trace.get());
+        s.set_latent_layer(int(a.integer("latent-layer", 0)));
+    }
+    const bool stream_out = !a.has("json") && !a.has("quiet");
+    if (stream_out && m.tokenizer && !a.has("chat")) {
+        std::cout << m.tokenizer->decode(prompt, true);
+        std::cout.flush();
+    }
+    GenerationResult r = s.generate(prompt, p, [&](const TokenEvent& ev) {
+        if (stream_out) {
+            if (m.tokenizer) std::cout << ev.text;
+            else std::cout << ev.id << ' ';
+            std::cout.flush();
+        }
+        return true;
+    });
+    if (trace) trace->flush();
+    const auto& st = r.stats;
+    if (a.has("json")) {
+        nlohmann::json j;
+        j["tokens"] = r.tokens;
+        j["text"] = r.text;
+        j["prompt_tokens"] = prompt;
+        j["stats"] = {{"tokens_per_s", st.tokens_per_s()},
+                      {"prefill_tokens_per_s", st.prefill_tokens_per_s()},
+                      {"time_to_first_token_s", st.time_to_first_token},
+                      {"generated_tokens", st.generated_tokens},
+                      {"stop_reason", st.stop_reason},
+                      {"backend", m.backend->name()},
+                      {"mtp",
+                       {{"drafts", st.mtp.drafts},
+                        {"draft_tokens", st.mtp.draft_tokens},
+                        {"accepted_tokens", st.mtp.accepted_tokens},
+                        {"acceptance_rate", st.mtp.acceptance_rate()},
+                        {"mean_acceptance_length", st.mtp.mean_acceptance_length()}}}};
+        std::cout << j.dump() << "\n";
+    } else {
+        std::cout << "\n";
+        std::fprintf(stderr,
+                     "-- %d tokens, %.1f tokens/s (prefill %d tokens at %.1f tokens/s), first token after %.3f s, "
+                     "stop: %s; MTP %s: %lld drafts, acceptance rate %.1f%%, mean acceptance length %.2f\n",
+                     st.generated_tokens, st.tokens_per_s(), st.prompt_tokens, st.prefill_tokens_per_s(),
+                     st.time_to_first_token, st.stop_reason.c_str(), p.mtp && cfg.num_nextn_predict_layers ? "on" : "off",
+                     static_cast<long long>(st.mtp.drafts), 100.0 * st.mtp.acceptance_rate(),
+                     st.mtp.mean_acceptance_length());
+    }
+    return 0;
+}
+
+int cmd_balance(const std::vector<std::string>& argv) {
+    Args a(argv, {"json"});
+    a.check_known({"corpus", "gamma", "steps", "telemetry", "backend", "chunk", "reset-bias"});
+    if (a.positional().size() != 1) throw UsageError("expected one MODEL_DIR");
+    const std::string dir = a.positional()[0];
+    auto corpus = a.get("corpus");
+    if (!corpus) throw UsageError("--corpus FILE is required");
+    LoadedModel m = open_model(dir, a.get_or("backend", "auto"), 0);
+    const ModelConfig& cfg = m.backend->config();
+    if (cfg.n_routed_experts == 0) throw Error(dir + ": the model has no MoE layers to balance");
+    std::ifstream in(*corpus);
+    if (!in) throw Error(*corpus + ": cannot open the corpus");
+    std::stringstream ss;
+    ss << in.rdbuf();
+    std::vector<int> ids;
+    if (m.tokenizer) ids = m.tokenizer->encode(ss.str(), false, false);
+    else
+        for (unsigned char ch : ss.str()) ids.push_back(int(ch) % cfg.vocab_size);
+    const int chunk = int(std::min<long long>(a.integer("chunk", 64), cfg.max_position_embeddings));
+    const int steps = int(a.integer("steps", 100));
+    const double gamma = a.number("gamma", 0.001);
+    if (ids.size() < size_t(chunk)) throw Error(*corpus + ": the corpus is shorter than one chunk");
+    std::unique_ptr<JsonlWriter> trace;
+    MemorySink mem;
+    TeeSink tee;
+    tee.add(&mem);
+    Session s(m.backend, m.tokenizer, chunk);
+    if (auto path = a.get("telemetry")) {
+        trace = std::make_unique<JsonlWriter>(*path);
+        trace->record(MetaRecord{model_card(cfg).to_json(cfg), cfg.to_json(),
+                                 {{"model", dir}, {"mode", "balance"}, {"gamma", gamma}, {"corpus", *corpus}}});
+        tee.add(trace.get());
+    }
+    s.set_sink(&tee);
+    s.set_online_balancing({true, gamma});
+    std::vector<double> maxvio;
+    for (int step = 0; step < steps; ++step) {
+        size_t off = (size_t(step) * size_t(chunk)) % (ids.size() - size_t(chunk) + 1);
+        s.reset();
+        s.append(std::vector<int>(ids.begin() + long(off), ids.begin() + long(off) + chunk));
+        double worst = 0, mean = 0;
+        int n = 0;
+        for (const auto& r : mem.take())
+            if (auto* l = std::get_if<LoadRecord>(&r)) {
+                double v = max_violation(l->counts);
+                worst = std::max(worst, v);
+                mean += v;
+                ++n;
+            }
+        maxvio.push_back(n ? mean / n : 0.0);
+        if (!a.has("json"))
+            std::fprintf(stderr, "\rstep %d/%d  MaxVio mean over layers %.3f  worst layer %.3f", step + 1, steps,
+                         maxvio.back(), worst);
+    }
+    if (trace) trace->flush();
+    if (a.has("json")) {
+        std::cout << nlohmann::json{{"steps", steps}, {"gamma", gamma}, {"maxvio", maxvio}}.dump() << "\n";
+    } else {
+        std::fprintf(stderr, "\n");
+        std::printf("MaxVio (mean over MoE layers): first step %.3f, last step %.3f\n", maxvio.front(), maxvio.back());
+    }
+    return 0;
+}
+
+CliCommand generate_cmd(
+    "generate",
+    "generate MODEL_DIR (--prompt T [--chat] [--system S] | --prompt-tokens 1,2,3) [--max-tokens N --temperature T "
+    "--top-k K --top-p P --min-p P --repetition-penalty R --frequency-penalty F --presence-penalty P --seed S "
+    "--mtp|--no-mtp --stop STR --telemetry OUT.jsonl --latent-layer L --backend cpu|cuda|auto --context N --json]",
+    cmd_generate);
+CliCommand balance_cmd("balance",
+                       "balance MODEL_DIR --corpus FILE [--gamma G --steps N --chunk TOKENS --telemetry OUT.jsonl "
+                       "--json]   online aux-loss-free balancing",
+                       cmd_balance);
+
+}  // namespace
+}  // namespace moescope::cli
