@@ -28,6 +28,7 @@
 #include "engine/model/moe.h"
 #include "engine/model/ops.h"
 #include "engine/model/rope.h"
+#include "engine/session.h"
 #include "engine/weights.h"
 #include "kernels/cuda_backend.h"
 #include "kernels/dispatch.h"
@@ -798,6 +799,34 @@ void check_checkpoint(SaveFormat fmt, const std::string& name) {
     fs::remove_all(dir);
 }
 
+// The Session (prefill decompressed, decode absorbed, MTP speculative decoding) over both
+// backends: the same greedy tokens and the same MTP acceptance.
+void check_session() {
+    auto model = load_model(kFixtures + "/tiny-v3");
+    nlohmann::json ex = nlohmann::json::parse(std::ifstream(kFixtures + "/tiny-v3/expected.json"));
+    std::vector<int> toks = ex["prompt_tokens"].get<std::vector<int>>();
+    CudaOptions f32;
+    f32.dtype = WeightDtype::F32;
+    for (bool mtp : {false, true}) {
+        SamplingParams p;
+        p.temperature = 0;
+        p.max_tokens = 40;
+        p.mtp = mtp;
+        Session sc(std::shared_ptr<Backend>(make_cpu_backend(model)), nullptr, 128);
+        Session sg(std::make_shared<CudaBackend>(model, 128, f32), nullptr, 128);
+        GenerationResult rc = sc.generate(toks, p), rg = sg.generate(toks, p);
+        const std::string what = std::string("Session greedy, 40 tokens, mtp ") + (mtp ? "on" : "off");
+        expect(rg.tokens == rc.tokens, what + ": tokens identical to the CPU backend");
+        if (mtp)
+            expect(rg.stats.mtp.draft_tokens == rc.stats.mtp.draft_tokens &&
+                       rg.stats.mtp.accepted_tokens == rc.stats.mtp.accepted_tokens,
+                   what + ": same MTP drafts and acceptances",
+                   std::to_string(rg.stats.mtp.accepted_tokens) + "/" + std::to_string(rg.stats.mtp.draft_tokens) +
+                       " vs " + std::to_string(rc.stats.mtp.accepted_tokens) + "/" +
+                       std::to_string(rc.stats.mtp.draft_tokens));
+    }
+}
+
 void check_selection_and_refusal() {
     auto model = load_model(kFixtures + "/tiny-v3");
     BackendSelection s = select_backend("auto", model, 64);
@@ -840,6 +869,7 @@ int main() {
         {"tiny-v3 fixture", check_fixture},
         {"bf16 checkpoint", [] { check_checkpoint(SaveFormat::BF16, "bf16"); }},
         {"fp8 checkpoint", [] { check_checkpoint(SaveFormat::FP8, "fp8"); }},
+        {"session", check_session},
         {"selection and refusal", check_selection_and_refusal},
     };
     for (const auto& [gname, fn] : groups) {
