@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # device-check.sh: everything the GPU machine should run, in one call, within ~8 minutes.
+# Time caps: build 200 s, checks 100 s, bench 80 s, peer 100 s (about 8 minutes at worst).
 # Configures without Qt, builds the CUDA backend, the CLI and moescope-gpu-checks for sm_90,
 # runs the parity checks, gpu-bench and the PyTorch/transformers peer, and prints a short
 # table last. The full log goes to $OUT/device-check.log when $OUT is set.
@@ -41,7 +42,7 @@ if cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOESCOPE_GUI=OFF
      -DMOESCOPE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 > "$OUTDIR/configure.log" 2>&1; then
   tail -3 "$OUTDIR/configure.log"
   step "build -j16"
-  if timeout 300 cmake --build "$BUILD" -j16 --target moescope_cuda moescope-cli moescope-gpu-checks \
+  if timeout 200 cmake --build "$BUILD" -j16 --target moescope_cuda moescope-cli moescope-gpu-checks \
        > "$OUTDIR/build.log" 2>&1; then
     RESULT[build]="ok ($(elapsed) s)"
   else
@@ -55,14 +56,14 @@ fi
 
 if [ "${RESULT[build]}" != "FAILED" ] && [ -x "$BUILD/tests/gpu/moescope-gpu-checks" ]; then
   step "moescope-gpu-checks"
-  timeout 240 "$BUILD/tests/gpu/moescope-gpu-checks" > "$OUTDIR/gpu-checks.log" 2>&1
+  timeout 100 "$BUILD/tests/gpu/moescope-gpu-checks" > "$OUTDIR/gpu-checks.log" 2>&1
   rc=$?
   grep -E "^(FAIL|SKIP)" "$OUTDIR/gpu-checks.log" | head -60
   RESULT[checks]="$(tail -1 "$OUTDIR/gpu-checks.log") (rc $rc)"
   echo "${RESULT[checks]}"
 
   step "gpu-bench"
-  if timeout 180 "$BUILD/engine/moescope-cli" gpu-bench --json > "$OUTDIR/gpu-bench.json" 2> "$OUTDIR/gpu-bench.err"; then
+  if timeout 80 "$BUILD/engine/moescope-cli" gpu-bench --json > "$OUTDIR/gpu-bench.json" 2> "$OUTDIR/gpu-bench.err"; then
     cat "$OUTDIR/gpu-bench.json"
     RESULT[bench]=$(python3 - "$OUTDIR/gpu-bench.json" <<'EOF'
 import json, sys
@@ -80,7 +81,7 @@ EOF
   fi
 
   step "PyTorch / transformers peer"
-  if timeout 200 python3 tests/gpu/hf_peer.py --model tests/fixtures/tiny-v3 --cli "$BUILD/engine/moescope-cli" \
+  if timeout 100 python3 tests/gpu/hf_peer.py --model tests/fixtures/tiny-v3 --cli "$BUILD/engine/moescope-cli" \
        --speed > "$OUTDIR/hf-peer.log" 2>&1; then
     peer_ok=1
   else

@@ -63,8 +63,13 @@ def speed(args, torch, transformers):
         num_experts_per_tok=6, first_k_dense_replace=1, norm_topk_prob=False,
         max_position_embeddings=4096, rope_scaling=None)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.DeepseekV3ForCausalLM(cfg).to(torch.bfloat16).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # initialise directly in BF16 on the device (32 GB, not 64)
+    try:
+        with torch.device("cuda"):
+            model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt), device="cuda")
     with torch.no_grad():
         model(prompt[:, :64])
