@@ -16,6 +16,7 @@
 #include "engine/model/ops.h"
 #include "engine/session.h"
 #include "engine/tokenizer/tokenizer.h"
+#include "engine/train/trainer.h"
 #include "engine/tools/cli.h"
 #include "engine/tools/cli_model.h"
 
@@ -65,7 +66,7 @@ DecodeRun decode_run(const LoadedModel& m, const std::vector<int>& prompt, int n
 }
 
 int cmd_bench(const std::vector<std::string>& argv) {
-    Args a(argv, {"json", "quick"});
+    Args a(argv, {"json", "quick", "no-train"});
     a.check_known({"backend", "contexts", "tokens", "repeats", "threads", "prompt"});
     if (a.positional().size() != 1) throw UsageError("expected one MODEL_DIR");
     const std::string dir = a.positional()[0];
@@ -138,6 +139,12 @@ int cmd_bench(const std::vector<std::string>& argv) {
         text = ss.str();
         if (!text.empty()) out["tokenizer_mb_per_s"] = tokenizer_bench_mb_per_s(*m.tokenizer, text);
     }
+    if (!a.has("no-train")) {
+        const int seq = std::min(64, cfg.max_position_embeddings);
+        out["train_tokens_per_s"] = bench_train_tokens_per_s(cfg, quick ? 2 : 4, seq, quick ? 2 : 3);
+        out["train_batch"] = quick ? 2 : 4;
+        out["train_seq_len"] = seq;
+    }
     out["peak_rss_mb"] = peak_rss_mb();
     std::cout << out.dump(a.has("json") ? -1 : 2) << "\n";
     return 0;
@@ -145,7 +152,7 @@ int cmd_bench(const std::vector<std::string>& argv) {
 
 CliCommand bench_cmd("bench",
                      "bench MODEL_DIR [--json] [--quick] [--contexts 16,128,512] [--tokens N] [--repeats R] "
-                     "[--threads T] [--backend cpu|cuda|auto]   throughput benchmark (JSON)",
+                     "[--threads T] [--no-train] [--backend cpu|cuda|auto]   throughput benchmark (JSON)",
                      cmd_bench);
 
 }  // namespace
