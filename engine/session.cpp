@@ -222,9 +222,12 @@ static void record_forward(TelemetrySink* sink, Backend& be, const ForwardResult
                 if (rr.n_group > 1)
                     rr.kept_groups.insert(rr.kept_groups.end(), lr->r.kept_groups.begin() + t * rr.n_group,
                                           lr->r.kept_groups.begin() + (t + 1) * rr.n_group);
-                if (!lr->r.scores.empty())
+                if (!lr->r.scores.empty()) {
                     rr.scores.insert(rr.scores.end(), lr->r.scores.begin() + size_t(t) * rr.E,
                                      lr->r.scores.begin() + size_t(t + 1) * rr.E);
+                    std::vector<float> b = be.bias(lr->layer);
+                    rr.bias.insert(rr.bias.end(), b.begin(), b.end());
+                }
             }
             sink->record(rr);
         }
