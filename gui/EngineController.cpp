@@ -106,6 +106,7 @@ void EngineController::loadModel(const QString& dir, const QString& backendReque
             }
             m_session->set_sink(m_posSink.get());
             if (m_latentLayer >= 0) m_session->set_latent_layer(m_latentLayer);
+            m_session->set_want_scores(m_wantScores);
             m_store->sink()->reset();
             MetaRecord meta;
             meta.card = info.card;
@@ -250,5 +251,12 @@ void EngineController::setOnlineBalancing(bool enabled, double gamma) {
 void EngineController::resetBias() {
     post([this] {
         if (m_session) m_session->reset_bias();
+    });
+}
+
+void EngineController::setWantScores(bool on) {
+    post([this, on] {
+        m_wantScores = on;
+        if (m_session) m_session->set_want_scores(on);
     });
 }

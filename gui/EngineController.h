@@ -58,6 +58,7 @@ public:
     void setLatentLayer(int layer);
     void setOnlineBalancing(bool enabled, double gamma);
     void resetBias();
+    void setWantScores(bool on);     // full router score vectors in the route records
 
     bool isLoaded() const { return m_loaded; }
     bool isBusy() const { return m_busy; }
@@ -106,6 +107,7 @@ private:
     std::shared_ptr<const moescope::Tokenizer> m_tokenizer;
     std::unique_ptr<moescope::Session> m_session;
     int m_latentLayer = 0;  // the latent view starts on layer 0
+    bool m_wantScores = false;
 
     // Shared between threads.
     std::mutex m_sessionMu;                     // guards m_session for cancel()

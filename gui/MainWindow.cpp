@@ -92,6 +92,7 @@ MainWindow::MainWindow(bool persistent, QWidget* parent) : QMainWindow(parent), 
 
     connect(bias, &BiasView::onlineBalancingRequested, m_engine, &EngineController::setOnlineBalancing);
     connect(bias, &BiasView::resetBiasRequested, m_engine, &EngineController::resetBias);
+    connect(routing, &RoutingView::wantScoresRequested, m_engine, &EngineController::setWantScores);
     connect(latent, &LatentView::latentLayerRequested, m_engine, &EngineController::setLatentLayer);
     connect(training, &TrainingView::openModelRequested, this, &MainWindow::openModel);
 

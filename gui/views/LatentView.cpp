@@ -43,6 +43,12 @@ LatentView::LatentView(TelemetryStore* store, QWidget* parent)
     m_normPlot->xAxis->setLabel(tr("position"));
     m_normPlot->yAxis->setLabel(tr("layer"));
     title(m_normPlot, tr("|c| per layer and position"));
+    for (auto* p : {m_cPlot, m_kPlot, m_normPlot}) {
+        auto* m = new QCPItemStraightLine(p);
+        m->setPen(QPen(QColor(255, 255, 255), 1.5, Qt::DashLine));
+        m->setVisible(false);
+        m_markers << m;
+    }
     m_memPlot = addPlot(1, 1);
     m_memPlot->xAxis->setLabel(tr("context length (tokens)"));
     m_memPlot->yAxis->setLabel(tr("cache (MiB, BF16)"));
@@ -131,6 +137,13 @@ void LatentView::refresh() {
     m_cPlot->yAxis->setRange(-0.5, dC - 0.5);
     m_kPlot->yAxis->setRange(-0.5, dR - 0.5);
     m_normPlot->yAxis->setRange(-0.5, L - 0.5);
+
+    const int sel = m_store->selected();
+    for (auto* m : m_markers) {
+        m->point1->setCoords(sel, 0);
+        m->point2->setCoords(sel, 1);
+        m->setVisible(sel >= first && sel < first + P && !lat.empty());
+    }
 
     // Memory against context length, from the card's bytes per token (BF16).
     const int maxCtx = std::max(sh.maxPositions, 1024);

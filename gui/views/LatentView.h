@@ -30,5 +30,6 @@ private:
     QLabel* m_info;
     QCustomPlot *m_cPlot, *m_kPlot, *m_normPlot, *m_memPlot;
     QCPColorMap *m_cMap, *m_kMap, *m_normMap;
+    QList<class QCPItemStraightLine*> m_markers;  // the selected position in each heatmap
     int m_layerCount = -1;
 };

@@ -1,6 +1,7 @@
 // RoutingView: draws the routing records of the store; the only arithmetic is counting.
 #include "views/RoutingView.h"
 
+#include <QCheckBox>
 #include <QComboBox>
 #include <QHBoxLayout>
 #include <QLabel>
@@ -23,6 +24,11 @@ RoutingView::RoutingView(TelemetryStore* store, QWidget* parent)
     m_scope = new QComboBox;
     m_scope->addItems({tr("running total"), tr("this message"), tr("this step")});
     controls()->addWidget(m_scope);
+    m_scores = new QCheckBox(tr("All scores"));
+    m_scores->setObjectName(QStringLiteral("routingScores"));
+    m_scores->setToolTip(tr("Record and show every expert's router score (sigmoid / softmax) for the selected token, "
+                            "not only the top-k mixing weights (applies to tokens generated from now on)"));
+    controls()->addWidget(m_scores);
     m_info = new QLabel;
     controls()->addWidget(m_info, 1);
 
@@ -63,6 +69,10 @@ RoutingView::RoutingView(TelemetryStore* store, QWidget* parent)
 
     connect(m_layer, &QComboBox::currentIndexChanged, this, &RoutingView::onStoreChanged);
     connect(m_scope, &QComboBox::currentIndexChanged, this, &RoutingView::onStoreChanged);
+    connect(m_scores, &QCheckBox::toggled, this, [this](bool on) {
+        emit wantScoresRequested(on);
+        onStoreChanged();
+    });
     setDark(false);
 }
 
@@ -119,9 +129,11 @@ void RoutingView::refresh() {
     m_tokenMap->data()->setSize(E, R);
     m_tokenMap->data()->setRange(QCPRange(0, E - 1), QCPRange(0, R - 1));
     m_tokenMap->data()->fill(0);
+    bool showScores = false;
     if (it != routes.end()) {
         const RouteRecord& r = it->second;
         const int G = r.n_group > 0 ? r.n_group : 1;
+        showScores = m_scores->isChecked() && r.E == E && r.scores.size() == r.layers.size() * size_t(E);
         for (size_t li = 0; li < r.layers.size(); ++li) {
             const int row = sh.rowOf(r.layers[li]);
             if (row < 0) continue;
@@ -130,6 +142,11 @@ void RoutingView::refresh() {
                 for (int g = 0; g < G; ++g)
                     if (!r.kept_groups[li * size_t(G) + size_t(g)])
                         for (int e = g * per; e < (g + 1) * per; ++e) m_tokenMap->data()->setCell(e, row, qQNaN());
+            }
+            if (showScores) {
+                for (int e = 0; e < E; ++e)
+                    if (!std::isnan(m_tokenMap->data()->cell(e, row))) m_tokenMap->data()->setCell(e, row, r.scores[li * size_t(E) + size_t(e)]);
+                continue;
             }
             for (int j = 0; j < r.k; ++j) {
                 const int e = r.ids[li * size_t(r.k) + size_t(j)];
@@ -141,6 +158,10 @@ void RoutingView::refresh() {
         m_info->setText(tr("token at position %1: id %2 %3").arg(r.position).arg(r.token).arg(text.isEmpty() ? QString() : QStringLiteral("'%1'").arg(text.toHtmlEscaped())));
     }
     setFiniteDataRange(m_tokenMap, true);
+    if (auto* t = qobject_cast<QCPTextElement*>(m_tokenPlot->plotLayout()->element(0, 0)))
+        t->setText(showScores ? tr("selected token: router score of every expert (grey: group dropped)")
+                              : tr("selected token: weight per layer (grey: group dropped)"));
+    m_tokenMap->colorScale()->axis()->setLabel(showScores ? tr("score") : tr("weight"));
     m_tokenPlot->xAxis->setRange(-0.5, E - 0.5);
     m_tokenPlot->yAxis->setRange(-0.5, R - 0.5);
     setIntTicks(m_tokenPlot->xAxis, E);

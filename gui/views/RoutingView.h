@@ -25,11 +25,15 @@ public:
     QSize coactivationSize() const;
     double tokenMapValue(int expert, int row) const;
 
+signals:
+    void wantScoresRequested(bool on);       // ask the engine to record full router score vectors
+
 protected:
     void refresh() override;
 
 private:
     void rebuildLayerChoices();
+    class QCheckBox* m_scores;
     QComboBox* m_layer;
     QComboBox* m_scope;
     QLabel* m_info;

@@ -2,12 +2,14 @@
 // round-trip feeds the routing, latent and MTP views; clicking a token selects it everywhere;
 // stop mid-generation leaves a consistent conversation; a broken model folder reports the
 // engine's error and keeps the previous model working.
+#include <QCheckBox>
 #include <QDir>
 #include <QFile>
 #include <QTemporaryDir>
 #include <QTextBlock>
 #include <QTextBrowser>
 
+#include "engine/tokenizer/tokenizer.h"
 #include "gui_test_util.h"
 #include "views/LatentView.h"
 #include "views/MtpView.h"
@@ -123,16 +125,39 @@ private slots:
         }
     }
 
+    void routerScoresOnRequest() {
+        auto* scores = routing()->findChild<QCheckBox*>("routingScores");
+        QVERIFY(scores);
+        scores->setChecked(true);
+        QVERIFY(generateOnce(*w, QStringLiteral("11, 12"), 3));
+        const int pos = w->chat()->entries().back().tokens.back().position;
+        w->store()->select(pos);
+        routing()->refreshNow();
+        const RouteRecord& r = w->store()->routes().at(pos);
+        QCOMPARE(int(r.scores.size()), int(r.layers.size()) * 16);
+        int shown = 0;
+        for (size_t li = 0; li < r.layers.size(); ++li)
+            for (int e = 0; e < 16; ++e) {
+                const double v = routing()->tokenMapValue(e, int(li));
+                if (std::isnan(v)) continue;  // a dropped group
+                QCOMPARE(v, double(r.scores[li * 16 + size_t(e)]));
+                ++shown;
+            }
+        QCOMPARE(shown, int(r.layers.size()) * 8);  // topk_group 2 of 4 groups of 4 experts kept
+        scores->setChecked(false);
+    }
+
     void regenerateIsDeterministicWhenGreedy() {
         std::vector<int> before;
         for (const auto& t : w->chat()->entries().back().tokens) before.push_back(t.id);
+        const size_t turns = w->chat()->entries().size();
         QSignalSpy done(w->engine(), &EngineController::generationFinished);
         w->chat()->regenerate();
         QVERIFY(done.wait(60000));
         std::vector<int> after;
         for (const auto& t : w->chat()->entries().back().tokens) after.push_back(t.id);
         QCOMPARE(after, before);
-        QCOMPARE(int(w->chat()->entries().size()), 2);
+        QCOMPARE(w->chat()->entries().size(), turns);
     }
 
     void stopMidGenerationIsConsistent() {
@@ -209,6 +234,32 @@ private slots:
         GenerationSummary s;
         QVERIFY(generateOnce(*w, QStringLiteral("1, 2, 3"), 3, &s));
         QCOMPARE(s.tokens, 3);
+    }
+
+    void tokenizerFolderChatsInText() {
+        // tiny-v3's weights with a 261-token byte-level tokenizer (ids fit its 512-token vocabulary).
+        QTemporaryDir dir;
+        QVERIFY(QFile::copy(fixtureModel() + "/config.json", dir.filePath("config.json")));
+        QVERIFY(QFile::link(fixtureModel() + "/model.safetensors", dir.filePath("model.safetensors")));
+        QVERIFY(QFile::copy(QStringLiteral(MOESCOPE_FIXTURES "/tokenizers/byte_level/tokenizer.json"), dir.filePath("tokenizer.json")));
+        QSignalSpy loaded(w->engine(), &EngineController::modelLoaded);
+        w->openModel(dir.path());
+        QVERIFY(loaded.wait(60000));
+        QVERIFY(w->engine()->info().hasTokenizer);
+        auto tok = w->engine()->tokenizer();
+        QVERIFY(tok);
+        GenerationSummary s;
+        QVERIFY(generateOnce(*w, QStringLiteral("Which expert?"), 5, &s));
+        QCOMPARE(s.tokens, 5);
+        // The prompt is the chat template applied to the conversation, encoded by the tokenizer.
+        const std::string text = tok->chat_template().apply_chat_template({{"user", "Which expert?"}}, true);
+        const std::vector<int> ids = tok->encode(text, false, true);
+        std::vector<int> prompt;
+        for (const auto& [pos, t] : w->store()->tokens())
+            if (t.prompt) prompt.push_back(t.id);
+        QCOMPARE(prompt, ids);
+        QCOMPARE(w->chat()->entries().front().text, QStringLiteral("Which expert?"));
+        QVERIFY(!w->bannerText().contains(QStringLiteral("prompts are token ids")));
     }
 };
 
