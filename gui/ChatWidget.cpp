@@ -201,6 +201,15 @@ ChatWidget::ChatWidget(EngineController* engine, TelemetryStore* store, QWidget*
     });
     connect(m_engine, &EngineController::generationFailed, this, [this](const QString& msg) {
         m_generating = false;
+        // A turn that produced nothing (e.g. the prompt does not fit the context) leaves no empty answer.
+        if (!m_entries.empty() && m_entries.back().role == QLatin1String("assistant") && m_entries.back().tokens.empty()) {
+            m_entries.pop_back();
+            // A new message that could not run goes back into the input, to be edited.
+            if (m_sentNew && !m_entries.empty() && m_entries.back().role == QLatin1String("user")) {
+                m_input->setPlainText(m_entries.back().text);
+                m_entries.pop_back();
+            }
+        }
         m_status->setText(tr("error: %1").arg(msg));
         emit statusMessage(msg);
         updateContextMeter();
@@ -330,6 +339,7 @@ std::vector<int> ChatWidget::buildContext(QString* error) const {
 
 void ChatWidget::startGeneration(const std::vector<int>& context) {
     m_generating = true;
+    m_sentNew = false;
     m_store->beginMessage();
     m_status->setText(tr("generating..."));
     updateButtons();
@@ -360,6 +370,7 @@ bool ChatWidget::send(const QString& text) {
     }
     m_entries.push_back({QStringLiteral("assistant"), {}, {}, {}});
     startGeneration(ctx);
+    m_sentNew = true;
     return true;
 }
 

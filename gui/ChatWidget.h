@@ -87,4 +87,5 @@ private:
     QLabel* m_status;
     QTimer m_renderTimer;
     bool m_generating = false;
+    bool m_sentNew = false;            // the running generation answers a new user message
 };

@@ -131,7 +131,15 @@ MainWindow::MainWindow(bool persistent, QWidget* parent) : QMainWindow(parent), 
     if (m_persistent) loadSettings();
 }
 
-MainWindow::~MainWindow() = default;
+MainWindow::~MainWindow() {
+    // The engine and trainer threads write into the store's sink: stop them before the store goes.
+    delete m_engine;
+    m_engine = nullptr;
+    delete m_engineTrainer;
+    m_engineTrainer = nullptr;
+    delete m_trainer;
+    m_trainer = nullptr;
+}
 
 QDockWidget* MainWindow::addView(PlotView* v, Qt::DockWidgetArea area, const QKeySequence& key) {
     auto* d = new QDockWidget(v->title(), this);

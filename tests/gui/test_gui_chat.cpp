@@ -4,6 +4,7 @@
 // engine's error and keeps the previous model working.
 #include <QCheckBox>
 #include <QDir>
+#include <QPlainTextEdit>
 #include <QFile>
 #include <QTemporaryDir>
 #include <QTextBlock>
@@ -194,6 +195,22 @@ private slots:
         QVERIFY(generateOnce(*w, QStringLiteral("4, 4"), 4, &next));
         QCOMPARE(next.tokens, 4);
         QCOMPARE(int(w->store()->tokens().size()), int(w->engine()->contextTokens().size()));
+    }
+
+    void promptPastContextIsReported() {
+        const size_t turns = w->chat()->entries().size();
+        QStringList ids;
+        for (int i = 0; i < 300; ++i) ids << QString::number(i % 500);  // the context holds 256
+        QSignalSpy failed(w->engine(), &EngineController::generationFailed);
+        QVERIFY(w->chat()->send(ids.join(", ")));
+        QVERIFY(failed.wait(30000));
+        QVERIFY2(failed.first().first().toString().contains(QStringLiteral("context")), qPrintable(failed.first().first().toString()));
+        QCOMPARE(w->chat()->entries().size(), turns);               // nothing half-done in the conversation
+        QCOMPARE(w->chat()->input()->toPlainText(), ids.join(", "));  // the message is back for editing
+        w->chat()->input()->clear();
+        GenerationSummary s;
+        QVERIFY(generateOnce(*w, QStringLiteral("2, 3"), 2, &s));
+        QCOMPARE(s.tokens, 2);
     }
 
     void conversationSavesAndReopens() {
