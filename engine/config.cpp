@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "engine/errors.h"
+#include "engine/json_file.h"
 
 namespace moescope {
 namespace {
@@ -14,10 +15,12 @@ using nlohmann::json;
 
 class FieldReader {
 public:
-    FieldReader(const json& j, const std::string& source) : j_(j), source_(source) {}
+    // prefix names the enclosing object ("rope_scaling.") so nested fields are reported in full.
+    FieldReader(const json& j, const std::string& source, std::string prefix = "")
+        : j_(j), source_(source), prefix_(std::move(prefix)) {}
 
     [[noreturn]] void fail(const std::string& field, const std::string& what) const {
-        throw ConfigError(source_ + ": field '" + field + "' " + what);
+        throw ConfigError(source_ + ": field '" + prefix_ + field + "' " + what);
     }
     bool present(const char* f) const { return j_.contains(f) && !j_[f].is_null(); }
 
@@ -50,6 +53,7 @@ public:
 private:
     const json& j_;
     const std::string& source_;
+    std::string prefix_;
 };
 
 }  // namespace
@@ -106,7 +110,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
     if (r.present("rope_scaling")) {
         const json& rs = j["rope_scaling"];
         if (!rs.is_object()) r.fail("rope_scaling", "must be an object or null");
-        FieldReader s(rs, source);
+        FieldReader s(rs, source, "rope_scaling.");
         RopeScaling y;
         y.type = s.string("type", s.string("rope_type", ""));
         if (y.type != "yarn")
@@ -122,7 +126,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
     if (r.present("quantization_config")) {
         const json& q = j["quantization_config"];
         if (!q.is_object()) r.fail("quantization_config", "must be an object");
-        FieldReader s(q, source);
+        FieldReader s(q, source, "quantization_config.");
         Fp8Quantization f;
         f.quant_method = s.string("quant_method", "");
         f.fmt = s.string("fmt", "e4m3");
@@ -145,16 +149,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& source) {
 ModelConfig ModelConfig::load(const std::filesystem::path& path) {
     std::filesystem::path file = path;
     if (std::filesystem::is_directory(path)) file = path / "config.json";
-    std::ifstream in(file, std::ios::binary);
-    if (!in) throw ConfigError(file.string() + ": cannot open");
-    std::stringstream ss;
-    ss << in.rdbuf();
-    json j;
-    try {
-        j = json::parse(ss.str());
-    } catch (const json::parse_error& e) {
-        throw ConfigError(file.string() + ": invalid JSON: " + e.what());
-    }
+    json j = read_json_file<ConfigError>(file);
     return from_json(j, file.string());
 }
 

@@ -11,12 +11,14 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "engine/errors.h"
+#include "engine/json_file.h"
 
 namespace moescope {
 
@@ -115,12 +117,15 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path
         std::vector<size_t> order(ranges.size());
         for (size_t i = 0; i < order.size(); ++i) order[i] = i;
         std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ranges[a] < ranges[b]; });
-        for (size_t i = 1; i < order.size(); ++i) {
-            const auto& prev = ranges[order[i - 1]];
-            const auto& cur = ranges[order[i]];
-            if (cur.first < prev.second && cur.second > cur.first && prev.second > prev.first)
-                fail("tensors '" + range_names[order[i - 1]] + "' and '" + range_names[order[i]] +
-                     "' overlap in the data section");
+        // Compare each non-empty range with the one reaching furthest so far, not only with
+        // its sorted neighbour: an empty tensor between two overlapping ones must not hide them.
+        size_t reach = order.size();  // index into ranges of the furthest-reaching non-empty range
+        for (size_t i : order) {
+            const auto& cur = ranges[i];
+            if (cur.second == cur.first) continue;
+            if (reach != order.size() && cur.first < ranges[reach].second)
+                fail("tensors '" + range_names[reach] + "' and '" + range_names[i] + "' overlap in the data section");
+            if (reach == order.size() || cur.second > ranges[reach].second) reach = i;
         }
     } catch (...) {
         ::munmap(map_, size_);
@@ -137,20 +142,14 @@ Checkpoint Checkpoint::open(const std::filesystem::path& path) {
     namespace fs = std::filesystem;
     Checkpoint ck;
     std::vector<fs::path> files;
+    std::map<std::string, std::string> weight_map;  // from the index, when there is one
+    fs::path index_path;
     if (fs::is_regular_file(path)) {
         files.push_back(path);
     } else if (fs::is_directory(path)) {
         fs::path index = path / "model.safetensors.index.json";
         if (fs::exists(index)) {
-            std::ifstream in(index);
-            std::stringstream ss;
-            ss << in.rdbuf();
-            json j;
-            try {
-                j = json::parse(ss.str());
-            } catch (const json::parse_error& e) {
-                throw FormatError(index.string() + ": invalid JSON: " + e.what());
-            }
+            json j = read_json_file<FormatError>(index);
             if (!j.contains("weight_map") || !j["weight_map"].is_object())
                 throw FormatError(index.string() + ": missing 'weight_map'");
             std::set<std::string> shard_names;
@@ -160,7 +159,9 @@ Checkpoint Checkpoint::open(const std::filesystem::path& path) {
                 if (f.find('/') != std::string::npos || f.find("..") != std::string::npos)
                     throw FormatError(index.string() + ": shard name '" + f + "' leaves the model folder");
                 shard_names.insert(f);
+                weight_map[it.key()] = f;
             }
+            index_path = index;
             for (const auto& f : shard_names) {
                 if (!fs::exists(path / f))
                     throw FormatError(index.string() + ": shard '" + f + "' does not exist");
@@ -185,6 +186,16 @@ Checkpoint Checkpoint::open(const std::filesystem::path& path) {
             ck.index_[name] = &info;
         }
         ck.files_.push_back(std::move(sf));
+    }
+    // The index must describe the shards as they are: every tensor where it says.
+    for (const auto& [name, shard] : weight_map) {
+        auto it = ck.index_.find(name);
+        if (it == ck.index_.end())
+            throw FormatError(index_path.string() + ": tensor '" + name + "' is listed in shard '" + shard +
+                              "' but no shard holds it");
+        if (fs::path(it->second->file).filename() != shard)
+            throw FormatError(index_path.string() + ": tensor '" + name + "' is listed in shard '" + shard +
+                              "' but is stored in '" + fs::path(it->second->file).filename().string() + "'");
     }
     return ck;
 }
@@ -285,19 +296,23 @@ TensorToWrite make_tensor(const std::string& name, DType dtype, std::vector<int6
     return t;
 }
 
-void write_file_atomic(const std::filesystem::path& path, const std::string& text) {
+void write_file_atomic(const std::filesystem::path& path, const std::function<void(std::ostream&)>& write) {
     std::filesystem::path tmp = path;
     tmp += ".tmp";
     {
         std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
         if (!out) throw FormatError(tmp.string() + ": cannot create");
-        out.write(text.data(), std::streamsize(text.size()));
+        write(out);
         out.flush();
         if (!out) throw FormatError(tmp.string() + ": write failed (disk full?)");
     }
     std::error_code ec;
     std::filesystem::rename(tmp, path, ec);
     if (ec) throw FormatError(path.string() + ": cannot rename the temporary file: " + ec.message());
+}
+
+void write_file_atomic(const std::filesystem::path& path, const std::string& text) {
+    write_file_atomic(path, [&](std::ostream& out) { out.write(text.data(), std::streamsize(text.size())); });
 }
 
 void write_safetensors(const std::filesystem::path& path, const std::vector<TensorToWrite>& tensors,
@@ -313,23 +328,14 @@ void write_safetensors(const std::filesystem::path& path, const std::vector<Tens
     }
     std::string h = header.dump();
     while ((h.size() + 8) % 8) h.push_back(' ');  // align the data section to 8 bytes
-    std::filesystem::path tmp = path;
-    tmp += ".tmp";
-    {
-        std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-        if (!out) throw FormatError(tmp.string() + ": cannot create");
+    write_file_atomic(path, [&](std::ostream& out) {
         uint64_t n = h.size();
         char len[8];
         for (int i = 0; i < 8; ++i) len[i] = char((n >> (8 * i)) & 0xff);
         out.write(len, 8);
         out.write(h.data(), std::streamsize(h.size()));
         for (const auto& t : tensors) out.write(reinterpret_cast<const char*>(t.bytes.data()), std::streamsize(t.bytes.size()));
-        out.flush();
-        if (!out) throw FormatError(tmp.string() + ": write failed (disk full?)");
-    }
-    std::error_code ec;
-    std::filesystem::rename(tmp, path, ec);
-    if (ec) throw FormatError(path.string() + ": cannot rename the temporary file: " + ec.message());
+    });
 }
 
 }  // namespace moescope

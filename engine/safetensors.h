@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 #include <filesystem>
+#include <functional>
+#include <ostream>
 #include <map>
 #include <memory>
 #include <string>
@@ -81,5 +83,7 @@ void write_safetensors(const std::filesystem::path& path, const std::vector<Tens
 
 // Writes `text` to `path` via a temporary file and rename.
 void write_file_atomic(const std::filesystem::path& path, const std::string& text);
+// The same, with the content produced by `write` into the temporary file's stream.
+void write_file_atomic(const std::filesystem::path& path, const std::function<void(std::ostream&)>& write);
 
 }  // namespace moescope

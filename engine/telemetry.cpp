@@ -69,6 +69,7 @@ json to_json(const Record& rec) {
                     j["kept_groups"] = nested(kg, size_t(r.n_group));
                 }
                 if (!r.scores.empty()) j["scores"] = nested(r.scores, size_t(r.E));
+                if (!r.bias.empty()) j["bias"] = nested(r.bias, size_t(r.E));
                 return j;
             },
             [](const LoadRecord& r) {
@@ -150,6 +151,7 @@ Record record_from_json(const json& j) {
                 r.scores = flat<float>(j["scores"], cols);
                 r.E = int(cols);
             }
+            if (j.contains("bias")) r.bias = flat<float>(j["bias"], cols);
             if (r.ids.size() != r.layers.size() * size_t(r.k))
                 throw FormatError("route record: ids do not match layers x k");
             return r;

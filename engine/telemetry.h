@@ -43,6 +43,7 @@ struct RouteRecord {          // routing of one token in every MoE layer
     std::vector<uint8_t> kept_groups;   // [layers, n_group] (empty when not grouped)
     int n_group = 0;
     std::vector<float> scores;          // [layers, E] on request, else empty
+    std::vector<float> bias;            // [layers, E] the bias used, with the scores
     int E = 0;
 };
 

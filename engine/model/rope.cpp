@@ -34,12 +34,14 @@ Rope::Rope(const ModelConfig& cfg) : dim(cfg.qk_rope_head_dim) {
     }
 }
 
-void Rope::apply(float* x, int n_vec, int stride, int pos) const {
-    const int half = dim / 2;
+// Rotates each pair by +theta (forward) or -theta (the transpose, for the backward pass),
+// scaled by mscale either way.
+static void rotate(const Rope& r, float* x, int n_vec, int stride, int pos, float sign) {
+    const int half = r.dim / 2;
     for (int i = 0; i < half; ++i) {
         // The angle in f32, as the reference frameworks compute pos * inv_freq.
-        float theta = float(pos) * inv_freq[size_t(i)];
-        float c = std::cos(theta) * mscale, s = std::sin(theta) * mscale;
+        float theta = float(pos) * r.inv_freq[size_t(i)];
+        float c = std::cos(theta) * r.mscale, s = sign * std::sin(theta) * r.mscale;
         for (int v = 0; v < n_vec; ++v) {
             float* p = x + int64_t(v) * stride + 2 * i;
             float a = p[0], b = p[1];
@@ -49,18 +51,10 @@ void Rope::apply(float* x, int n_vec, int stride, int pos) const {
     }
 }
 
+void Rope::apply(float* x, int n_vec, int stride, int pos) const { rotate(*this, x, n_vec, stride, pos, 1.0f); }
+
 void Rope::apply_transpose(float* x, int n_vec, int stride, int pos) const {
-    const int half = dim / 2;
-    for (int i = 0; i < half; ++i) {
-        float theta = float(pos) * inv_freq[size_t(i)];
-        float c = std::cos(theta) * mscale, s = std::sin(theta) * mscale;
-        for (int v = 0; v < n_vec; ++v) {
-            float* p = x + int64_t(v) * stride + 2 * i;
-            float a = p[0], b = p[1];
-            p[0] = a * c + b * s;
-            p[1] = -a * s + b * c;
-        }
-    }
+    rotate(*this, x, n_vec, stride, pos, -1.0f);
 }
 
 }  // namespace moescope

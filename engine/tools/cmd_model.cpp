@@ -4,6 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "engine/backend.h"
 #include "engine/config.h"
 #include "engine/loader.h"
 #include "engine/tools/cli.h"
@@ -32,23 +33,26 @@ int cmd_forward(const std::vector<std::string>& argv) {
     std::vector<int> tokens = a.int_list("tokens");
     if (tokens.empty()) throw UsageError("--tokens 1,2,3 is required");
     std::string backend = a.get_or("backend", "cpu");
-    if (backend != "cpu" && backend != "auto")
-        throw UsageError("forward runs on --backend cpu (the reference); got '" + backend + "'");
+    if (backend != "cpu" && backend != "cuda" && backend != "auto")
+        throw UsageError("--backend cpu|cuda|auto; got '" + backend + "'");
     auto model = load_model(a.positional()[0]);
     const ModelConfig& cfg = model->config();
-    KvCache cache = model->new_cache();
+    const int T = int(tokens.size()), V = cfg.vocab_size;
+    BackendSelection sel = select_backend(backend, model, T);
+    if (!a.has("json")) std::fprintf(stderr, "%s\n", sel.notice.c_str());
+    Backend& be = *sel.backend;
+    auto cache = be.new_cache(0, T);
     ForwardOptions opt;
     opt.absorbed = !a.has("naive");
     ForwardResult res;
-    model->forward(tokens.data(), int(tokens.size()), cache, opt, res);
-    const int T = int(tokens.size()), V = cfg.vocab_size;
+    be.forward(tokens.data(), T, *cache, opt, res);
     // MTP depth d at position i needs token i + d.
     std::vector<ForwardResult> mtp;
     std::vector<float> h_prev = res.hidden;
     for (int d = 1; d <= cfg.num_nextn_predict_layers && T - d > 0; ++d) {
-        KvCache mc = model->new_mtp_cache();
+        auto mc = be.new_cache(d, T);
         ForwardResult mr;
-        model->forward_mtp(d, h_prev.data(), tokens.data() + d, T - d, mc, opt, mr);
+        be.forward_mtp(d, h_prev.data(), tokens.data() + d, T - d, *mc, opt, mr);
         h_prev = mr.raw_hidden;
         mtp.push_back(std::move(mr));
     }
@@ -97,7 +101,7 @@ int cmd_forward(const std::vector<std::string>& argv) {
 }
 
 CliCommand inspect_cmd("inspect", "inspect MODEL_DIR|config.json [--json]   the model card", cmd_inspect);
-CliCommand forward_cmd("forward", "forward MODEL_DIR --tokens 1,2,3 [--json] [--naive]   one full-sequence forward",
+CliCommand forward_cmd("forward", "forward MODEL_DIR --tokens 1,2,3 [--json] [--naive] [--backend cpu|cuda|auto]   one full-sequence forward",
                        cmd_forward);
 
 }  // namespace

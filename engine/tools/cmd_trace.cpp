@@ -1,0 +1,69 @@
+// moescope-cli trace: summarize a JSONL telemetry trace and export it in the shapes serving
+// engines use (routed experts [tokens, moe_layers, k], expert load [steps, layers, experts]).
+#include <cstdio>
+#include <iostream>
+#include <map>
+
+#include <nlohmann/json.hpp>
+
+#include "engine/telemetry.h"
+#include "engine/tools/cli.h"
+
+namespace moescope::cli {
+namespace {
+
+int cmd_trace(const std::vector<std::string>& argv) {
+    Args a(argv, {"json"});
+    a.check_known({"routes-npy", "routes-csv", "load-npy", "load-csv"});
+    if (a.positional().size() != 1) throw UsageError("expected one TRACE.jsonl");
+    auto recs = read_trace(a.positional()[0]);
+    std::vector<RouteRecord> routes;
+    std::vector<LoadRecord> loads;
+    std::map<std::string, int> count;
+    std::map<int, std::vector<int64_t>> total;
+    int64_t drafted = 0, accepted = 0;
+    for (const auto& r : recs) {
+        count[record_type(r)]++;
+        if (auto* x = std::get_if<RouteRecord>(&r)) routes.push_back(*x);
+        if (auto* x = std::get_if<LoadRecord>(&r)) {
+            loads.push_back(*x);
+            auto& t = total[x->layer];
+            t.resize(std::max(t.size(), x->counts.size()));
+            for (size_t e = 0; e < x->counts.size(); ++e) t[e] += x->counts[e];
+        }
+        if (auto* x = std::get_if<MtpRecord>(&r)) {
+            drafted += int64_t(x->draft.size());
+            accepted += x->accepted;
+        }
+    }
+    if (auto f = a.get("routes-npy")) export_routed_experts_npy(*f, routes);
+    if (auto f = a.get("routes-csv")) export_routed_experts_csv(*f, routes);
+    if (auto f = a.get("load-npy")) export_load_npy(*f, loads);
+    if (auto f = a.get("load-csv")) export_load_csv(*f, loads);
+    nlohmann::json j;
+    j["records"] = count;
+    nlohmann::json mv = nlohmann::json::object();
+    for (const auto& [layer, t] : total) mv[std::to_string(layer)] = max_violation(t);
+    j["maxvio_global_per_layer"] = mv;
+    j["mtp"] = {{"draft_tokens", drafted},
+                {"accepted_tokens", accepted},
+                {"acceptance_rate", drafted ? double(accepted) / double(drafted) : 0.0}};
+    if (a.has("json")) {
+        std::cout << j.dump() << "\n";
+    } else {
+        std::printf("%s: %zu records\n", a.positional()[0].c_str(), recs.size());
+        for (const auto& [t, n] : count) std::printf("  %-7s %d\n", t.c_str(), n);
+        for (const auto& [layer, t] : total) std::printf("  layer %d: MaxVio over the trace %.3f\n", layer, max_violation(t));
+        if (drafted) std::printf("  MTP acceptance %.1f%% of %lld drafted tokens\n", 100.0 * accepted / drafted,
+                                 static_cast<long long>(drafted));
+    }
+    return 0;
+}
+
+CliCommand trace_cmd("trace",
+                     "trace TRACE.jsonl [--json] [--routes-npy F] [--routes-csv F] [--load-npy F] [--load-csv F]   "
+                     "summarize / export a telemetry trace",
+                     cmd_trace);
+
+}  // namespace
+}  // namespace moescope::cli

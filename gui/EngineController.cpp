@@ -1,0 +1,262 @@
+// EngineController: jobs posted to the worker thread; results posted back as queued calls.
+#include "EngineController.h"
+
+#include <QDir>
+#include <QFileInfo>
+#include <QMetaObject>
+
+#include <algorithm>
+#include <chrono>
+#include <exception>
+
+#include "engine/backend.h"
+#include "engine/config.h"
+#include "engine/errors.h"
+#include "engine/loader.h"
+#include "engine/tokenizer/tokenizer.h"
+
+using namespace moescope;
+
+namespace {
+constexpr int kMaxContext = 8192;  // positions the GUI session allocates at most
+}
+
+EngineController::EngineController(TelemetryStore* store, QObject* parent)
+    : QObject(parent), m_store(store), m_posSink(std::make_unique<PositionSink>(store->sink())), m_worker(new QObject) {
+    qRegisterMetaType<ModelInfo>();
+    qRegisterMetaType<GeneratedToken>();
+    qRegisterMetaType<GenerationSummary>();
+    m_thread.setObjectName(QStringLiteral("moescope-engine"));
+    m_worker->moveToThread(&m_thread);
+    connect(&m_thread, &QThread::finished, m_worker, &QObject::deleteLater);
+    m_thread.start();
+}
+
+EngineController::~EngineController() {
+    cancel();
+    // Release engine objects on the worker thread, then stop it.
+    post([this] {
+        std::lock_guard<std::mutex> lk(m_sessionMu);
+        m_session.reset();
+        m_backend.reset();
+        m_model.reset();
+        m_tokenizer.reset();
+    });
+    m_thread.quit();
+    m_thread.wait();
+}
+
+template <class F> void EngineController::post(F&& f) {
+    QMetaObject::invokeMethod(m_worker, std::forward<F>(f), Qt::QueuedConnection);
+}
+
+template <class F> void EngineController::reply(F&& f) {
+    QMetaObject::invokeMethod(this, std::forward<F>(f), Qt::QueuedConnection);
+}
+
+void EngineController::loadModel(const QString& dir, const QString& backendRequest) {
+    m_busy = true;
+    emit busyChanged(true);
+    emit loadStarted(dir);
+    const int64_t job = ++m_jobId;
+    post([this, dir, backendRequest, job] {
+        (void)job;
+        try {
+            auto progress = [this](double f, const std::string& what) {
+                QString w = QString::fromStdString(what);
+                reply([this, f, w] { emit loadProgress(f, w); });
+            };
+            std::shared_ptr<Model> model = load_model(dir.toStdString(), progress);
+            const ModelConfig& cfg = model->config();
+            ModelInfo info;
+            info.dir = dir;
+            info.config = cfg.to_json();
+            info.card = model_card(cfg).to_json(cfg);
+            info.vocabSize = cfg.vocab_size;
+            info.eosId = cfg.eos_token_id.value_or(-1);
+            info.mtpDepth = cfg.num_nextn_predict_layers;
+            std::shared_ptr<const Tokenizer> tok;
+            if (QFileInfo::exists(QDir(dir).filePath(QStringLiteral("tokenizer.json")))) {
+                try {
+                    tok = std::make_shared<const Tokenizer>(Tokenizer::load(dir.toStdString()));
+                    info.hasTokenizer = true;
+                    info.tokenizerNotice = QString::fromStdString(tok->chat_template().warning());
+                } catch (const std::exception& e) {
+                    info.tokenizerNotice = QStringLiteral("tokenizer.json could not be loaded (%1); prompts are token ids")
+                                               .arg(QString::fromUtf8(e.what()));
+                }
+            } else {
+                info.tokenizerNotice = QStringLiteral("no tokenizer.json in this folder: prompts are token ids");
+            }
+            const int cap = std::min(cfg.max_position_embeddings > 0 ? cfg.max_position_embeddings : kMaxContext,
+                                     kMaxContext);
+            BackendSelection sel = select_backend(backendRequest.toStdString(), model, cap);
+            std::shared_ptr<Backend> backend(std::move(sel.backend));
+            auto session = std::make_unique<Session>(backend, tok, cap);
+            info.backendName = QString::fromStdString(backend->name());
+            info.backendNotice = QString::fromStdString(sel.notice);
+            info.contextCap = session->context_cap();
+            // Everything succeeded: only now replace the previous model (a broken folder keeps it).
+            {
+                std::lock_guard<std::mutex> lk(m_sessionMu);
+                m_session = std::move(session);
+                m_backend = backend;
+                m_model = model;
+                m_tokenizer = tok;
+            }
+            m_session->set_sink(m_posSink.get());
+            if (m_latentLayer >= 0) m_session->set_latent_layer(m_latentLayer);
+            m_session->set_want_scores(m_wantScores);
+            m_store->sink()->reset();
+            MetaRecord meta;
+            meta.card = info.card;
+            meta.config = info.config;
+            meta.settings = {{"backend", backend->name()}, {"backend_notice", sel.notice},
+                             {"source", dir.toStdString()}};
+            m_store->sink()->record(meta);
+            reply([this, info, tok] {
+                m_info = info;
+                m_tokenizerGui = tok;
+                m_context.clear();
+                m_loaded = true;
+                m_busy = false;
+                emit modelLoaded(info);
+                emit busyChanged(false);
+            });
+        } catch (const std::exception& e) {
+            QString msg = QString::fromUtf8(e.what());
+            reply([this, dir, msg] {
+                m_busy = false;
+                emit loadFailed(dir, msg);
+                emit busyChanged(false);
+            });
+        }
+    });
+}
+
+void EngineController::generate(const std::vector<int>& context, const SamplingParams& params) {
+    if (!m_loaded || context.empty()) {
+        emit generationFailed(m_loaded ? tr("empty prompt") : tr("no model loaded"));
+        return;
+    }
+    m_busy = true;
+    emit busyChanged(true);
+    const int64_t job = ++m_jobId;
+    post([this, context, params, job] {
+        GenerationSummary sum;
+        try {
+            Session& s = *m_session;
+            const std::vector<int>& have = s.tokens();
+            size_t common = 0;
+            while (common < have.size() && common < context.size() && have[common] == context[common]) ++common;
+            // Keep the common prefix of the cache (the session recomputes the logits after it).
+            if (common < have.size()) {
+                s.truncate(int(common));
+                m_store->sink()->truncate(int(common));
+            }
+            std::vector<int> rest(context.begin() + std::ptrdiff_t(common), context.end());
+            reply([this, n = int(rest.size())] { emit generationStarted(n); });
+            if (m_cancelUpTo >= job) throw CancelledError("cancelled before prefill");
+            const auto t0 = std::chrono::steady_clock::now();
+            if (!rest.empty()) s.append(rest);
+            const double prefill = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            const int base = s.length();
+            m_posSink->begin(base);
+            int emitted = 0;
+            auto onToken = [this, job, base, &emitted](const TokenEvent& ev) {
+                GeneratedToken t;
+                t.id = ev.id;
+                t.position = base + emitted++;
+                t.text = QString::fromStdString(ev.text);
+                t.drafted = ev.drafted;
+                t.surprisal = ev.surprisal;
+                reply([this, t] { emit tokenGenerated(t); });
+                return m_cancelUpTo < job;
+            };
+            GenerationResult res;
+            try {
+                res = s.generate(params, onToken);
+            } catch (...) {
+                m_posSink->end();
+                throw;
+            }
+            m_posSink->end();
+            const GenerationStats& st = res.stats;
+            sum.promptTokens = st.prompt_tokens;
+            sum.tokens = st.generated_tokens;
+            sum.tokensPerS = st.tokens_per_s();
+            sum.ttft = prefill + st.time_to_first_token;  // generate() after append() starts its clock after prefill
+            sum.mtp = params.mtp && m_model->config().num_nextn_predict_layers > 0;
+            sum.draftTokens = st.mtp.draft_tokens;
+            sum.acceptedTokens = st.mtp.accepted_tokens;
+            sum.acceptance = st.mtp.acceptance_rate();
+            sum.stopReason = QString::fromStdString(st.stop_reason);
+            // Positions past the final context (drafts verified beyond a stop) were recorded: drop them.
+            m_store->sink()->truncate(s.length());
+        } catch (const CancelledError&) {
+            sum.stopReason = QStringLiteral("cancelled");
+        } catch (const std::exception& e) {
+            QString msg = QString::fromUtf8(e.what());
+            std::vector<int> ctx = m_session ? m_session->tokens() : std::vector<int>{};
+            reply([this, msg, ctx] {
+                m_context = ctx;
+                m_busy = false;
+                emit generationFailed(msg);
+                emit busyChanged(false);
+            });
+            return;
+        }
+        std::vector<int> ctx = m_session->tokens();
+        reply([this, sum, ctx] {
+            m_context = ctx;
+            m_busy = false;
+            emit generationFinished(sum);
+            emit busyChanged(false);
+        });
+    });
+}
+
+void EngineController::PositionSink::record(const Record& r) {
+    if (m_base >= 0) {
+        if (const auto* t = std::get_if<TokenRecord>(&r); t && !t->prompt) {
+            TokenRecord fixed = *t;
+            fixed.position = m_base + m_recCount++;
+            m_next->record(fixed);
+            return;
+        }
+    }
+    m_next->record(r);
+}
+
+void EngineController::cancel() {
+    m_cancelUpTo = m_jobId.load();
+    if (!m_busy) return;
+    std::lock_guard<std::mutex> lk(m_sessionMu);
+    if (m_session) m_session->cancel();
+}
+
+void EngineController::setLatentLayer(int layer) {
+    post([this, layer] {
+        m_latentLayer = layer;
+        if (m_session) m_session->set_latent_layer(layer);
+    });
+}
+
+void EngineController::setOnlineBalancing(bool enabled, double gamma) {
+    post([this, enabled, gamma] {
+        if (m_session) m_session->set_online_balancing(OnlineBalancing{enabled, gamma});
+    });
+}
+
+void EngineController::resetBias() {
+    post([this] {
+        if (m_session) m_session->reset_bias();
+    });
+}
+
+void EngineController::setWantScores(bool on) {
+    post([this, on] {
+        m_wantScores = on;
+        if (m_session) m_session->set_want_scores(on);
+    });
+}

@@ -1,0 +1,126 @@
+// EngineController: the engine (model, backend, tokenizer, Session) on its own worker QThread.
+// The GUI thread only posts jobs and receives queued signals; it never waits on the engine.
+// Errors are caught at the thread boundary and reported as signals with the engine's message.
+#pragma once
+#include <QObject>
+#include <QString>
+#include <QThread>
+#include <QVector>
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "TelemetryStore.h"
+#include "engine/session.h"
+
+namespace moescope {
+class Tokenizer;
+class Model;
+}
+
+struct ModelInfo {
+    QString dir;
+    QString backendName;
+    QString backendNotice;           // why this backend (e.g. no CUDA device)
+    bool hasTokenizer = false;
+    QString tokenizerNotice;         // no tokenizer.json, or a template warning
+    int contextCap = 0;
+    int vocabSize = 0;
+    int eosId = -1;
+    int mtpDepth = 0;
+    nlohmann::json config, card;
+};
+
+struct GeneratedToken {
+    int id = 0;
+    int position = 0;
+    QString text;
+    bool drafted = false;
+    float surprisal = 0;
+};
+
+class EngineController : public QObject {
+    Q_OBJECT
+public:
+    explicit EngineController(TelemetryStore* store, QObject* parent = nullptr);
+    ~EngineController() override;
+
+    // All asynchronous; results come back as signals.
+    void loadModel(const QString& dir, const QString& backendRequest = QStringLiteral("auto"));
+    // Generates after `context` (the whole token context wanted: previous turns + new prompt).
+    // The session keeps the common prefix of its cache and re-prefills the rest.
+    void generate(const std::vector<int>& context, const moescope::SamplingParams& params);
+    void cancel();                   // thread-safe, immediate: stops within one step
+    void setLatentLayer(int layer);
+    void setOnlineBalancing(bool enabled, double gamma);
+    void resetBias();
+    void setWantScores(bool on);     // full router score vectors in the route records
+
+    bool isLoaded() const { return m_loaded; }
+    bool isBusy() const { return m_busy; }
+    const ModelInfo& info() const { return m_info; }
+    // The loaded tokenizer (null without tokenizer.json). Encode on the GUI thread only while idle.
+    std::shared_ptr<const moescope::Tokenizer> tokenizer() const { return m_tokenizerGui; }
+    const std::vector<int>& contextTokens() const { return m_context; }
+
+signals:
+    void loadStarted(const QString& dir);
+    void loadProgress(double fraction, const QString& what);
+    void modelLoaded(const ModelInfo& info);
+    void loadFailed(const QString& dir, const QString& message);
+    void generationStarted(int promptTokens);
+    void tokenGenerated(const GeneratedToken& token);
+    void generationFinished(const GenerationSummary& summary);
+    void generationFailed(const QString& message);
+    void busyChanged(bool busy);
+
+private:
+    template <class F> void post(F&& f);      // run on the worker thread
+    template <class F> void reply(F&& f);     // run on the GUI thread
+
+    // Numbers generated tokens by emission order from the context length at the start of a
+    // generation. Works around the engine reporting an accepted MTP draft at the position after
+    // the verified block (see docs/gui.md); a no-op once the engine's positions are right.
+    class PositionSink : public moescope::TelemetrySink {
+    public:
+        explicit PositionSink(moescope::TelemetrySink* next) : m_next(next) {}
+        void begin(int base) { m_base = base, m_recCount = 0; }
+        void end() { m_base = -1; }
+        void record(const moescope::Record& r) override;
+    private:
+        moescope::TelemetrySink* m_next;
+        int m_base = -1, m_recCount = 0;
+    };
+
+    TelemetryStore* m_store;
+    std::unique_ptr<PositionSink> m_posSink;
+    QThread m_thread;
+    QObject* m_worker;                          // lives on m_thread; jobs run in its context
+
+    // Worker-thread state.
+    std::shared_ptr<moescope::Model> m_model;
+    std::shared_ptr<moescope::Backend> m_backend;
+    std::shared_ptr<const moescope::Tokenizer> m_tokenizer;
+    std::unique_ptr<moescope::Session> m_session;
+    int m_latentLayer = 0;  // the latent view starts on layer 0
+    bool m_wantScores = false;
+
+    // Shared between threads.
+    std::mutex m_sessionMu;                     // guards m_session for cancel()
+    std::atomic<int64_t> m_jobId{0}, m_cancelUpTo{-1};
+
+    // GUI-thread state.
+    ModelInfo m_info;
+    std::shared_ptr<const moescope::Tokenizer> m_tokenizerGui;
+    std::vector<int> m_context;
+    bool m_loaded = false;
+    bool m_busy = false;
+};
+
+Q_DECLARE_METATYPE(ModelInfo)
+Q_DECLARE_METATYPE(GeneratedToken)
+Q_DECLARE_METATYPE(GenerationSummary)

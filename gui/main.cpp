@@ -1,0 +1,145 @@
+// moescope: the desktop explorer. Command line:
+//   moescope [--model DIR] [--trace FILE.jsonl]
+//            [--screenshot FILE.png [--view NAME] [--prompt TEXT] [--max-tokens N] [--dark]
+//             [--colour expert|mtp|surprisal] [--online-balancing GAMMA]] [--export DIR]
+// --export writes every view's PNG, PDF and CSV and the session's telemetry.jsonl into DIR.
+// --screenshot renders the window (works under QT_QPA_PLATFORM=offscreen) after loading and,
+// with --prompt, after generating, then exits (0 on success).
+#include <QApplication>
+#include <QCommandLineParser>
+#include <QDir>
+#include <QTimer>
+
+#include <cstdio>
+
+#include "ChatWidget.h"
+#include "EngineController.h"
+#include "MainWindow.h"
+#include "TelemetryStore.h"
+#include "views/BiasView.h"
+#include "views/PlotView.h"
+
+int main(int argc, char** argv) {
+    QApplication::setHighDpiScaleFactorRoundingPolicy(Qt::HighDpiScaleFactorRoundingPolicy::PassThrough);
+    QApplication app(argc, argv);
+    QApplication::setOrganizationName(QStringLiteral("moescope"));
+    QApplication::setApplicationName(QStringLiteral("moescope"));
+    QApplication::setApplicationVersion(QStringLiteral(MOESCOPE_VERSION_STRING));
+    QApplication::setStyle(QStringLiteral("Fusion"));
+
+    QCommandLineParser cli;
+    cli.setApplicationDescription(QStringLiteral("moescope: an explorer for DeepSeek-V3-family MoE models"));
+    cli.addHelpOption();
+    cli.addVersionOption();
+    QCommandLineOption model({QStringLiteral("m"), QStringLiteral("model")}, QStringLiteral("Model folder to open."), QStringLiteral("DIR"));
+    QCommandLineOption trace(QStringLiteral("trace"), QStringLiteral("Telemetry trace (JSONL) to replay at start."), QStringLiteral("FILE"));
+    QCommandLineOption shot(QStringLiteral("screenshot"), QStringLiteral("Render the window to FILE.png and exit."), QStringLiteral("FILE"));
+    QCommandLineOption view(QStringLiteral("view"), QStringLiteral("View to raise: routing, latent, mtp, bias, training, card."), QStringLiteral("NAME"));
+    QCommandLineOption prompt(QStringLiteral("prompt"), QStringLiteral("Prompt to send before the screenshot (token ids without a tokenizer)."), QStringLiteral("TEXT"));
+    QCommandLineOption maxTokens(QStringLiteral("max-tokens"), QStringLiteral("Tokens to generate for --prompt."), QStringLiteral("N"));
+    QCommandLineOption dark(QStringLiteral("dark"), QStringLiteral("Dark palette."));
+    QCommandLineOption exportDir(QStringLiteral("export"), QStringLiteral("Export every view (PNG, PDF, CSV) and the telemetry (JSONL) into DIR and exit."), QStringLiteral("DIR"));
+    QCommandLineOption balance(QStringLiteral("online-balancing"), QStringLiteral("Turn on aux-loss-free online balancing with this gamma."), QStringLiteral("GAMMA"));
+    QCommandLineOption colour(QStringLiteral("colour"), QStringLiteral("Token colouring: expert, mtp, surprisal."), QStringLiteral("MODE"));
+    cli.addOptions({model, trace, shot, view, prompt, maxTokens, dark, colour, balance, exportDir});
+    cli.process(app);
+
+    const bool screenshot = cli.isSet(shot) || cli.isSet(exportDir);
+    MainWindow w(!screenshot);
+    if (cli.isSet(dark)) w.setDark(true);
+    if (cli.isSet(view) && !w.showView(cli.value(view))) {
+        std::fprintf(stderr, "moescope: unknown view '%s'\n", qPrintable(cli.value(view)));
+        return 2;
+    }
+    w.show();
+
+    int exitCode = 0;
+    auto finish = [&](const QString& why) {
+        if (!why.isEmpty()) {
+            std::fprintf(stderr, "moescope: %s\n", qPrintable(why));
+            exitCode = 1;
+        }
+        if (!screenshot) return;
+        QTimer::singleShot(150, &app, [&] {
+            w.store()->flush();
+            for (auto* v : w.views()) v->refreshNow();
+            QApplication::processEvents();
+            if (cli.isSet(exportDir)) {
+                QString err;
+                const QString dir = cli.value(exportDir);
+                if (!w.exportAllViews(dir, &err) || !w.saveTelemetry(QDir(dir).filePath(QStringLiteral("telemetry.jsonl")), &err)) {
+                    std::fprintf(stderr, "moescope: %s\n", qPrintable(err));
+                    exitCode = 1;
+                } else {
+                    std::printf("exported every view into %s\n", qPrintable(dir));
+                }
+            }
+            const QString path = cli.value(shot);
+            if (path.isEmpty()) {
+                app.exit(exitCode);
+                return;
+            }
+            if (!w.grab().save(path)) {
+                std::fprintf(stderr, "moescope: could not write %s\n", qPrintable(path));
+                exitCode = 1;
+            } else {
+                std::printf("wrote %s\n", qPrintable(path));
+            }
+            app.exit(exitCode);
+        });
+    };
+
+    if (screenshot) {
+        w.resize(1600, 1000);
+        QTimer::singleShot(600000, &app, [&] { finish(QStringLiteral("timed out")); });
+    }
+    auto afterLoad = [&] {
+        if (cli.isSet(colour)) {
+            const QString c = cli.value(colour);
+            w.chat()->setColouring(c == QLatin1String("mtp") ? ChatWidget::Colouring::Mtp
+                                   : c == QLatin1String("surprisal") ? ChatWidget::Colouring::Surprisal
+                                                                     : ChatWidget::Colouring::TopExpert);
+        }
+        if (cli.isSet(balance))
+            if (auto* b = qobject_cast<BiasView*>(w.view(QStringLiteral("bias")))) b->setOnlineBalancing(true, cli.value(balance).toDouble());
+        if (cli.isSet(prompt)) {
+            auto s = w.chat()->sampling();
+            if (cli.isSet(maxTokens)) s.max_tokens = cli.value(maxTokens).toInt();
+            w.chat()->setSampling(s);
+            if (!w.chat()->send(cli.value(prompt))) finish(QStringLiteral("could not send the prompt: ") + w.chat()->statusText());
+        } else {
+            finish(QString());
+        }
+    };
+    QObject::connect(w.engine(), &EngineController::generationFinished, &app, [&] {
+        // Select a token in the middle of the answer so the routing view shows one.
+        const auto& es = w.chat()->entries();
+        if (!es.empty() && !es.back().tokens.empty()) w.store()->select(es.back().tokens[es.back().tokens.size() / 2].position);
+        finish(QString());
+    });
+    QObject::connect(w.engine(), &EngineController::generationFailed, &app, [&](const QString& m) { finish(m); });
+
+    if (cli.isSet(trace)) {
+        QString err;
+        if (!w.openTrace(cli.value(trace), &err)) {
+            std::fprintf(stderr, "moescope: %s\n", qPrintable(err));
+            if (screenshot) return 1;
+        }
+        if (screenshot && !cli.isSet(model)) {
+            finish(QString());
+            return app.exec() ? 1 : exitCode;
+        }
+    }
+    QObject::connect(w.engine(), &EngineController::modelLoaded, &app, [&] {
+        if (screenshot || cli.isSet(prompt)) afterLoad();
+    });
+    QObject::connect(w.engine(), &EngineController::loadFailed, &app, [&](const QString&, const QString& m) {
+        if (screenshot) finish(m);
+    });
+    if (!cli.isSet(trace) || cli.isSet(model)) {
+        if (cli.isSet(model)) w.openModel(cli.value(model));
+        else w.openDefaultModel();
+    }
+    const int rc = app.exec();
+    return rc ? rc : exitCode;
+}

@@ -1,0 +1,197 @@
+// BiasView: bias records of one layer as lines and a heatmap; MaxVio from load/train/eval records.
+#include "views/BiasView.h"
+
+#include <QCheckBox>
+#include <QComboBox>
+#include <QDoubleSpinBox>
+#include <QHBoxLayout>
+#include <QLabel>
+#include <QLineEdit>
+#include <QPushButton>
+#include <QTextStream>
+
+#include <qcustomplot.h>
+
+#include "TelemetryStore.h"
+
+using namespace moescope;
+
+BiasView::BiasView(TelemetryStore* store, QWidget* parent)
+    : PlotView(store, QStringLiteral("bias"), tr("Bias drift"), parent) {
+    controls()->addWidget(new QLabel(tr("Layer:")));
+    m_layer = new QComboBox;
+    controls()->addWidget(m_layer);
+    controls()->addWidget(new QLabel(tr("Experts:")));
+    m_experts = new QLineEdit;
+    m_experts->setPlaceholderText(tr("e.g. 0,3,7 (empty: the 6 that drift most)"));
+    m_experts->setMaximumWidth(220);
+    controls()->addWidget(m_experts);
+    m_online = new QCheckBox(tr("Online balancing"));
+    m_online->setObjectName(QStringLiteral("onlineBalancing"));
+    m_online->setToolTip(tr("Aux-loss-free bias updates during generation: b_e += gamma * sign(mean load - load_e)"));
+    controls()->addWidget(m_online);
+    controls()->addWidget(new QLabel(tr("gamma")));
+    m_gamma = new QDoubleSpinBox;
+    m_gamma->setDecimals(4);
+    m_gamma->setRange(0.0001, 1.0);
+    m_gamma->setSingleStep(0.001);
+    m_gamma->setValue(0.001);
+    controls()->addWidget(m_gamma);
+    auto* reset = new QPushButton(tr("Reset bias"));
+    controls()->addWidget(reset);
+    controls()->addStretch(1);
+
+    m_linePlot = addPlot(0, 0);
+    m_linePlot->xAxis->setLabel(tr("step"));
+    m_linePlot->yAxis->setLabel(tr("bias"));
+    m_linePlot->legend->setVisible(true);
+    m_linePlot->legend->setFont(QFont(font().family(), 7));
+    m_heatPlot = addPlot(0, 1);
+    m_heat = addColorMap(m_heatPlot, tr("bias"));
+    m_heat->setGradient(QCPColorGradient(QCPColorGradient::gpPolar));
+    m_heatPlot->xAxis->setLabel(tr("bias update"));
+    m_heatPlot->yAxis->setLabel(tr("expert"));
+    m_vioPlot = addPlot(1, 0, 1, 2);
+    m_vioPlot->xAxis->setLabel(tr("step"));
+    m_vioPlot->yAxis->setLabel(tr("MaxVio"));
+    m_vioPlot->legend->setVisible(true);
+    for (int i = 0; i < 3; ++i) {
+        auto* g = m_vioPlot->addGraph();
+        g->setPen(QPen(i == 0 ? QColor(33, 145, 140) : i == 1 ? QColor(230, 120, 30) : QColor(120, 60, 160), 1.5));
+        g->setName(i == 0 ? tr("generation (running load, max over layers)") : i == 1 ? tr("training batch") : tr("validation (global)"));
+    }
+
+    auto emitBalancing = [this] { emit onlineBalancingRequested(m_online->isChecked(), m_gamma->value()); };
+    connect(m_online, &QCheckBox::toggled, this, emitBalancing);
+    connect(m_gamma, &QDoubleSpinBox::valueChanged, this, [this, emitBalancing] {
+        if (m_online->isChecked()) emitBalancing();
+    });
+    connect(reset, &QPushButton::clicked, this, &BiasView::resetBiasRequested);
+    connect(m_layer, &QComboBox::currentIndexChanged, this, &BiasView::onStoreChanged);
+    connect(m_experts, &QLineEdit::editingFinished, this, &BiasView::onStoreChanged);
+    setDark(false);
+}
+
+int BiasView::layer() const { return m_layer->currentIndex() >= 0 ? m_layer->currentData().toInt() : -1; }
+
+void BiasView::setLayer(int layer) {
+    int i = m_layer->findData(layer);
+    if (i >= 0) m_layer->setCurrentIndex(i);
+}
+
+void BiasView::refresh() {
+    // Layers: the model's MoE layers, plus any layer that has bias records (a training trace).
+    std::vector<int> layers = m_store->shape().moeLayers;
+    for (const auto& [l, v] : m_store->bias())
+        if (std::find(layers.begin(), layers.end(), l) == layers.end()) layers.push_back(l);
+    std::sort(layers.begin(), layers.end());
+    if (int(layers.size()) != m_layerCount) {
+        m_layerCount = int(layers.size());
+        const int keep = layer();
+        QSignalBlocker b(m_layer);
+        m_layer->clear();
+        for (int l : layers) m_layer->addItem(tr("layer %1").arg(l), l);
+        setLayer(keep);
+    }
+    const int lay = layer();
+    m_linePlot->clearGraphs();
+    auto bit = m_store->bias().find(lay);
+    const std::vector<BiasRecord> empty;
+    const auto& hist = bit == m_store->bias().end() ? empty : bit->second;
+    const int S = int(hist.size());
+    const int E = S ? int(hist.front().bias.size()) : 0;
+
+    // Heatmap experts x updates.
+    m_heat->data()->setSize(std::max(S, 1), std::max(E, 1));
+    m_heat->data()->setRange(QCPRange(0, std::max(S - 1, 0)), QCPRange(0, std::max(E - 1, 0)));
+    m_heat->data()->fill(0);
+    double amax = 1e-9;
+    for (int s = 0; s < S; ++s)
+        for (int e = 0; e < E && e < int(hist[size_t(s)].bias.size()); ++e) {
+            const double b = hist[size_t(s)].bias[size_t(e)];
+            m_heat->data()->setCell(s, e, b);
+            amax = std::max(amax, std::abs(b));
+        }
+    m_heat->setDataRange(QCPRange(-amax, amax));  // symmetric: white-free polar map, 0 in the middle
+    m_heatPlot->xAxis->setRange(-0.5, std::max(S, 1) - 0.5);
+    m_heatPlot->yAxis->setRange(-0.5, std::max(E, 1) - 0.5);
+
+    // Lines: chosen experts, or the ones whose bias moved most.
+    std::vector<int> chosen;
+    for (const QString& part : m_experts->text().split(QLatin1Char(','), Qt::SkipEmptyParts)) {
+        bool ok = false;
+        int e = part.trimmed().toInt(&ok);
+        if (ok && e >= 0 && e < E) chosen.push_back(e);
+    }
+    if (chosen.empty() && S > 0) {
+        std::vector<std::pair<double, int>> drift;
+        for (int e = 0; e < E; ++e) drift.push_back({-std::abs(double(hist.back().bias[size_t(e)]) - double(hist.front().bias[size_t(e)])), e});
+        std::sort(drift.begin(), drift.end());
+        for (int i = 0; i < std::min(6, E); ++i) chosen.push_back(drift[size_t(i)].second);
+    }
+    for (size_t c = 0; c < chosen.size(); ++c) {
+        auto* g = m_linePlot->addGraph();
+        g->setPen(QPen(QColor::fromHsv(int(c * 360 / std::max<size_t>(chosen.size(), 1)), 200, 210), 1.5));
+        g->setName(tr("expert %1").arg(chosen[c]));
+        QVector<double> x, y;
+        for (const auto& r : hist) {
+            x << double(r.step);
+            y << double(r.bias[size_t(chosen[c])]);
+        }
+        g->setData(x, y, true);
+    }
+    m_linePlot->rescaleAxes();
+
+    // MaxVio: generation steps (from load records), training batches, validation.
+    QVector<double> x0, y0, x1, y1, x2, y2;
+    for (const auto& [s, v] : m_store->maxVioByStep()) {
+        x0 << double(s);
+        y0 << v;
+    }
+    for (const auto& t : m_store->train()) {
+        x1 << double(t.step);
+        y1 << t.maxvio_batch;
+    }
+    for (const auto& e : m_store->evals()) {
+        x2 << double(e.step);
+        y2 << e.maxvio_global;
+    }
+    // Training traces carry their own MaxVio; then the per-step load curve would duplicate it.
+    if (!x1.isEmpty()) x0.clear(), y0.clear();
+    m_vioPlot->graph(0)->setData(x0, y0, true);
+    m_vioPlot->graph(1)->setData(x1, y1, true);
+    m_vioPlot->graph(2)->setData(x2, y2, true);
+    m_vioPlot->rescaleAxes();
+    m_vioPlot->yAxis->setRangeLower(0);
+}
+
+void BiasView::setOnlineBalancing(bool enabled, double gamma) {
+    {
+        QSignalBlocker b(m_gamma);
+        m_gamma->setValue(gamma);
+    }
+    if (m_online->isChecked() == enabled) emit onlineBalancingRequested(enabled, m_gamma->value());
+    else m_online->setChecked(enabled);
+}
+
+QSize BiasView::heatmapSize() const { return QSize(m_heat->data()->keySize(), m_heat->data()->valueSize()); }
+int BiasView::lineCount() const { return m_linePlot->graphCount(); }
+int BiasView::maxVioPoints() const {
+    int n = 0;
+    for (int i = 0; i < m_vioPlot->graphCount(); ++i) n += m_vioPlot->graph(i)->data()->size();
+    return n;
+}
+
+QString BiasView::csv() const {
+    QString out;
+    QTextStream s(&out);
+    s << "kind,step,layer,expert,value\n";
+    for (const auto& [l, hist] : m_store->bias())
+        for (const auto& r : hist)
+            for (size_t e = 0; e < r.bias.size(); ++e)
+                s << "bias," << r.step << ',' << l << ',' << e << ',' << QString::number(double(r.bias[e]), 'g', 9) << '\n';
+    for (const auto& [st, v] : m_store->maxVioByStep()) s << "maxvio_step," << st << ",,," << QString::number(v, 'g', 9) << '\n';
+    for (const auto& t : m_store->train()) s << "maxvio_batch," << t.step << ",,," << QString::number(t.maxvio_batch, 'g', 9) << '\n';
+    for (const auto& e : m_store->evals()) s << "maxvio_global," << e.step << ",,," << QString::number(e.maxvio_global, 'g', 9) << '\n';
+    return out;
+}

@@ -1,0 +1,40 @@
+// BiasView: the aux-loss-free router bias over steps for one layer (lines for chosen experts,
+// a heatmap experts x steps for all) and MaxVio over steps; live during online balancing
+// (controls here) and during training.
+#pragma once
+#include "views/PlotView.h"
+
+class QCheckBox;
+class QComboBox;
+class QDoubleSpinBox;
+class QLabel;
+class QLineEdit;
+
+class BiasView : public PlotView {
+    Q_OBJECT
+public:
+    explicit BiasView(TelemetryStore* store, QWidget* parent = nullptr);
+    QString csv() const override;
+    int layer() const;
+    void setLayer(int layer);
+    QSize heatmapSize() const;               // (steps, experts)
+    int lineCount() const;
+    int maxVioPoints() const;
+    void setOnlineBalancing(bool enabled, double gamma);  // as if the user set the controls
+
+signals:
+    void onlineBalancingRequested(bool enabled, double gamma);
+    void resetBiasRequested();
+
+protected:
+    void refresh() override;
+
+private:
+    QComboBox* m_layer;
+    QLineEdit* m_experts;
+    QCheckBox* m_online;
+    QDoubleSpinBox* m_gamma;
+    QCustomPlot *m_linePlot, *m_heatPlot, *m_vioPlot;
+    QCPColorMap* m_heat;
+    int m_layerCount = -1;
+};

@@ -1,0 +1,75 @@
+// PlotView: the base of every view: a row of controls, a grid of QCustomPlots fed from the
+// TelemetryStore, export (PNG, PDF and a CSV of the data behind the charts) and the light/dark
+// theme. Views redraw when the store signals (at most every ~40 ms) and only while visible;
+// a hidden view is marked dirty and catches up when shown.
+#pragma once
+#include <QElapsedTimer>
+#include <QString>
+#include <QWidget>
+
+class QCustomPlot;
+class QCPColorMap;
+class QCPColorScale;
+class QCPColorGradient;
+class QGridLayout;
+class QHBoxLayout;
+class TelemetryStore;
+
+class PlotView : public QWidget {
+    Q_OBJECT
+public:
+    PlotView(TelemetryStore* store, const QString& name, const QString& title, QWidget* parent = nullptr);
+
+    QString viewName() const { return m_name; }   // "routing", used by --view and export file names
+    QString title() const { return m_title; }
+    QList<QCustomPlot*> plots() const { return m_plots; }
+
+    virtual QString csv() const = 0;             // the data behind the charts
+    // Writes base.png, base.pdf and base.csv (each through a temporary file and a rename).
+    bool exportTo(const QString& basePath, QString* error = nullptr);
+    bool exportPng(const QString& path, QString* error = nullptr);
+    bool exportPdf(const QString& path, QString* error = nullptr);
+    bool exportCsv(const QString& path, QString* error = nullptr);
+
+    void setDark(bool dark);
+    void refreshNow();                           // rebuild and draw synchronously (tests, screenshots)
+    double lastRefreshMs() const { return m_lastMs; }  // rebuild + draw time of the last refreshNow
+    bool isDirty() const { return m_dirty; }
+
+    static QCPColorGradient viridis();
+
+signals:
+    void refreshed();
+
+protected:
+    virtual void refresh() = 0;                  // rebuild plot data from the store
+    virtual void themeChanged() {}
+    QHBoxLayout* controls() { return m_controls; }
+    QCustomPlot* addPlot(int row, int col, int rowSpan = 1, int colSpan = 1);
+    // A colour map with a colour scale on the right; the plot's axes are key (x) and value (y).
+    QCPColorMap* addColorMap(QCustomPlot* plot, const QString& scaleLabel, QCPColorScale** scale = nullptr);
+    QWidget* plotArea() const { return m_area; }
+    QGridLayout* plotGrid() const { return m_grid; }
+    void showEvent(QShowEvent* e) override;
+    void onStoreChanged();
+    bool dark() const { return m_darkTheme; }
+
+    TelemetryStore* m_store;
+
+private:
+    void styleAll();
+    QString m_name, m_title;
+    QHBoxLayout* m_controls;
+    QWidget* m_area;
+    QGridLayout* m_grid;
+    QList<QCustomPlot*> m_plots;
+    bool m_dirty = true;
+    bool m_darkTheme = false;
+    double m_lastMs = 0;
+};
+
+// Helpers shared by the views.
+QString csvEscape(const QString& s);
+// Sets the colour range to the finite cells' [min, max] (QCPColorMap::rescaleDataRange
+// fails when the first cell is NaN, and NaN marks "no data" / "group dropped" here).
+void setFiniteDataRange(QCPColorMap* map, bool fromZero = false);

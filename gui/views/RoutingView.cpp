@@ -1,0 +1,252 @@
+// RoutingView: draws the routing records of the store; the only arithmetic is counting.
+#include "views/RoutingView.h"
+
+#include <QCheckBox>
+#include <QComboBox>
+#include <QHBoxLayout>
+#include <QLabel>
+#include <QTextStream>
+
+#include <qcustomplot.h>
+
+#include "TelemetryStore.h"
+
+using namespace moescope;
+
+RoutingView::RoutingView(TelemetryStore* store, QWidget* parent)
+    : PlotView(store, QStringLiteral("routing"), tr("Routing"), parent) {
+    controls()->addWidget(new QLabel(tr("Layer:")));
+    m_layer = new QComboBox;
+    m_layer->setObjectName(QStringLiteral("routingLayer"));
+    m_layer->setToolTip(tr("Layer of the sequence, load and co-activation plots"));
+    controls()->addWidget(m_layer);
+    controls()->addWidget(new QLabel(tr("Load:")));
+    m_scope = new QComboBox;
+    m_scope->addItems({tr("running total"), tr("this message"), tr("this step")});
+    controls()->addWidget(m_scope);
+    m_scores = new QCheckBox(tr("All scores"));
+    m_scores->setObjectName(QStringLiteral("routingScores"));
+    m_scores->setToolTip(tr("Record and show every expert's router score (sigmoid / softmax) for the selected token, "
+                            "not only the top-k mixing weights (applies to tokens generated from now on)"));
+    controls()->addWidget(m_scores);
+    m_info = new QLabel;
+    controls()->addWidget(m_info, 1);
+
+    m_tokenPlot = addPlot(0, 0);
+    m_tokenMap = addColorMap(m_tokenPlot, tr("weight"));
+    m_tokenPlot->xAxis->setLabel(tr("expert"));
+    m_tokenPlot->yAxis->setLabel(tr("MoE layer"));
+    m_tokenPlot->plotLayout()->insertRow(0);
+    m_tokenPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_tokenPlot, tr("selected token: weight per layer (grey: group dropped)")));
+
+    m_seqPlot = addPlot(0, 1);
+    m_seqMap = addColorMap(m_seqPlot, tr("weight"));
+    m_seqPlot->xAxis->setLabel(tr("position"));
+    m_seqPlot->yAxis->setLabel(tr("expert"));
+    m_seqMarker = new QCPItemStraightLine(m_seqPlot);
+    m_seqMarker->setPen(QPen(QColor(255, 80, 80), 1.5));
+    m_seqMarker->setVisible(false);
+    m_seqPlot->plotLayout()->insertRow(0);
+    m_seqPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_seqPlot, tr("sequence: positions x experts")));
+
+    m_loadPlot = addPlot(1, 0);
+    m_loadBars = new QCPBars(m_loadPlot->xAxis, m_loadPlot->yAxis);
+    m_loadBars->setWidthType(QCPBars::wtPlotCoords);
+    m_loadBars->setWidth(0.8);
+    m_loadBars->setPen(Qt::NoPen);
+    m_loadBars->setBrush(QColor(33, 145, 140));
+    m_loadPlot->xAxis->setLabel(tr("expert"));
+    m_loadPlot->yAxis->setLabel(tr("tokens"));
+    m_loadPlot->plotLayout()->insertRow(0);
+    m_loadPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_loadPlot, tr("expert load")));
+
+    m_coPlot = addPlot(1, 1);
+    m_coMap = addColorMap(m_coPlot, tr("tokens"));
+    m_coPlot->xAxis->setLabel(tr("expert"));
+    m_coPlot->yAxis->setLabel(tr("expert"));
+    m_coPlot->plotLayout()->insertRow(0);
+    m_coPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_coPlot, tr("co-activation (both in top-k)")));
+
+    connect(m_layer, &QComboBox::currentIndexChanged, this, &RoutingView::onStoreChanged);
+    connect(m_scope, &QComboBox::currentIndexChanged, this, &RoutingView::onStoreChanged);
+    connect(m_scores, &QCheckBox::toggled, this, [this](bool on) {
+        emit wantScoresRequested(on);
+        onStoreChanged();
+    });
+    setDark(false);
+}
+
+int RoutingView::layer() const {
+    return m_layer->currentIndex() >= 0 ? m_layer->currentData().toInt() : -1;
+}
+
+void RoutingView::setLayer(int layer) {
+    int i = m_layer->findData(layer);
+    if (i >= 0) m_layer->setCurrentIndex(i);
+}
+
+void RoutingView::rebuildLayerChoices() {
+    const auto& layers = m_store->shape().moeLayers;
+    if (int(layers.size()) == m_layerCount) return;
+    m_layerCount = int(layers.size());
+    QSignalBlocker b(m_layer);
+    m_layer->clear();
+    for (int l : layers) m_layer->addItem(tr("layer %1").arg(l), l);
+}
+
+// Integer ticks with at most ~12 labels; rows of the token map are labelled with layer indices.
+static void setRowTicks(QCPAxis* axis, const std::vector<int>& rowLabels) {
+    QSharedPointer<QCPAxisTickerText> t(new QCPAxisTickerText);
+    const int n = int(rowLabels.size());
+    const int step = std::max(1, (n + 11) / 12);
+    for (int i = 0; i < n; i += step) t->addTick(i, QString::number(rowLabels[size_t(i)]));
+    axis->setTicker(t);
+}
+
+static void setIntTicks(QCPAxis* axis, int n) {
+    QSharedPointer<QCPAxisTickerFixed> t(new QCPAxisTickerFixed);
+    t->setTickStep(std::max(1, (n + 11) / 12));
+    t->setScaleStrategy(QCPAxisTickerFixed::ssMultiples);
+    axis->setTicker(t);
+}
+
+void RoutingView::refresh() {
+    rebuildLayerChoices();
+    const ModelShape& sh = m_store->shape();
+    const int E = sh.numExperts;
+    const int R = int(sh.moeLayers.size());
+    const int lay = layer();
+    const auto& routes = m_store->routes();
+    if (E <= 0 || R <= 0) {
+        m_info->setText(tr("no routing yet"));
+        return;
+    }
+
+    // Selected token: layer x expert weights; experts of dropped groups are NaN (grey).
+    const int sel = m_store->selected();
+    auto it = sel >= 0 ? routes.find(sel) : routes.end();
+    if (it == routes.end() && !routes.empty()) it = std::prev(routes.end());
+    m_tokenMap->data()->setSize(E, R);
+    m_tokenMap->data()->setRange(QCPRange(0, E - 1), QCPRange(0, R - 1));
+    m_tokenMap->data()->fill(0);
+    bool showScores = false;
+    if (it != routes.end()) {
+        const RouteRecord& r = it->second;
+        const int G = r.n_group > 0 ? r.n_group : 1;
+        showScores = m_scores->isChecked() && r.E == E && r.scores.size() == r.layers.size() * size_t(E);
+        for (size_t li = 0; li < r.layers.size(); ++li) {
+            const int row = sh.rowOf(r.layers[li]);
+            if (row < 0) continue;
+            if (!r.kept_groups.empty() && G > 1) {
+                const int per = E / G;
+                for (int g = 0; g < G; ++g)
+                    if (!r.kept_groups[li * size_t(G) + size_t(g)])
+                        for (int e = g * per; e < (g + 1) * per; ++e) m_tokenMap->data()->setCell(e, row, qQNaN());
+            }
+            if (showScores) {
+                for (int e = 0; e < E; ++e)
+                    if (!std::isnan(m_tokenMap->data()->cell(e, row))) m_tokenMap->data()->setCell(e, row, r.scores[li * size_t(E) + size_t(e)]);
+                continue;
+            }
+            for (int j = 0; j < r.k; ++j) {
+                const int e = r.ids[li * size_t(r.k) + size_t(j)];
+                if (e >= 0 && e < E) m_tokenMap->data()->setCell(e, row, r.weights[li * size_t(r.k) + size_t(j)]);
+            }
+        }
+        const auto tk = m_store->tokens().find(r.position);
+        QString text = tk != m_store->tokens().end() ? QString::fromStdString(tk->second.text) : QString();
+        m_info->setText(tr("token at position %1: id %2 %3").arg(r.position).arg(r.token).arg(text.isEmpty() ? QString() : QStringLiteral("'%1'").arg(text.toHtmlEscaped())));
+    }
+    setFiniteDataRange(m_tokenMap, true);
+    if (auto* t = qobject_cast<QCPTextElement*>(m_tokenPlot->plotLayout()->element(0, 0)))
+        t->setText(showScores ? tr("selected token: router score of every expert (grey: group dropped)")
+                              : tr("selected token: weight per layer (grey: group dropped)"));
+    m_tokenMap->colorScale()->axis()->setLabel(showScores ? tr("score") : tr("weight"));
+    m_tokenPlot->xAxis->setRange(-0.5, E - 0.5);
+    m_tokenPlot->yAxis->setRange(-0.5, R - 0.5);
+    setIntTicks(m_tokenPlot->xAxis, E);
+    setRowTicks(m_tokenPlot->yAxis, sh.moeLayers);
+
+    // Sequence: positions x experts for the chosen layer.
+    const int first = routes.empty() ? 0 : routes.begin()->first;
+    const int last = routes.empty() ? 0 : routes.rbegin()->first;
+    const int P = routes.empty() ? 1 : last - first + 1;
+    m_seqMap->data()->setSize(P, E);
+    m_seqMap->data()->setRange(QCPRange(first, first + P - 1), QCPRange(0, E - 1));
+    m_seqMap->data()->fill(0);
+    std::vector<int64_t> co(size_t(E) * size_t(E), 0);
+    for (const auto& [pos, r] : routes) {
+        for (size_t li = 0; li < r.layers.size(); ++li) {
+            if (r.layers[li] != lay) continue;
+            const int* ids = r.ids.data() + li * size_t(r.k);
+            for (int j = 0; j < r.k; ++j) {
+                if (ids[j] < 0 || ids[j] >= E) continue;
+                m_seqMap->data()->setCell(pos - first, ids[j], r.weights[li * size_t(r.k) + size_t(j)]);
+                for (int j2 = 0; j2 < r.k; ++j2)
+                    if (ids[j2] >= 0 && ids[j2] < E) ++co[size_t(ids[j]) * size_t(E) + size_t(ids[j2])];
+            }
+        }
+    }
+    setFiniteDataRange(m_seqMap, true);
+    m_seqPlot->xAxis->setRange(first - 0.5, first + P - 0.5);
+    m_seqPlot->yAxis->setRange(-0.5, E - 0.5);
+    setIntTicks(m_seqPlot->yAxis, E);
+    if (it != routes.end()) {
+        m_seqMarker->point1->setCoords(it->first, 0);
+        m_seqMarker->point2->setCoords(it->first, 1);
+        m_seqMarker->setVisible(true);
+    } else {
+        m_seqMarker->setVisible(false);
+    }
+
+    // Co-activation.
+    m_coMap->data()->setSize(E, E);
+    m_coMap->data()->setRange(QCPRange(0, E - 1), QCPRange(0, E - 1));
+    for (int a = 0; a < E; ++a)
+        for (int b = 0; b < E; ++b) m_coMap->data()->setCell(a, b, double(co[size_t(a) * size_t(E) + size_t(b)]));
+    setFiniteDataRange(m_coMap, true);
+    m_coPlot->xAxis->setRange(-0.5, E - 0.5);
+    m_coPlot->yAxis->setRange(-0.5, E - 0.5);
+    setIntTicks(m_coPlot->xAxis, E);
+    setIntTicks(m_coPlot->yAxis, E);
+
+    // Load of the chosen layer.
+    const auto scope = m_scope->currentIndex() == 0   ? TelemetryStore::LoadScope::Total
+                       : m_scope->currentIndex() == 1 ? TelemetryStore::LoadScope::Message
+                                                      : TelemetryStore::LoadScope::Step;
+    QVector<double> keys, vals;
+    if (const auto* counts = m_store->load(lay, scope)) {
+        for (size_t e = 0; e < counts->size(); ++e) {
+            keys << double(e);
+            vals << double((*counts)[e]);
+        }
+        auto* title = qobject_cast<QCPTextElement*>(m_loadPlot->plotLayout()->element(0, 0));
+        if (title) title->setText(tr("expert load, layer %1 (MaxVio %2)").arg(lay).arg(max_violation(*counts), 0, 'f', 2));
+    }
+    m_loadBars->setData(keys, vals, true);
+    m_loadPlot->xAxis->setRange(-0.5, E - 0.5);
+    setIntTicks(m_loadPlot->xAxis, E);
+    m_loadPlot->yAxis->rescale();
+    m_loadPlot->yAxis->setRangeLower(0);
+    if (m_loadPlot->yAxis->range().upper < 1) m_loadPlot->yAxis->setRangeUpper(1);
+}
+
+QSize RoutingView::tokenMapSize() const { return QSize(m_tokenMap->data()->keySize(), m_tokenMap->data()->valueSize()); }
+QSize RoutingView::sequenceMapSize() const { return QSize(m_seqMap->data()->keySize(), m_seqMap->data()->valueSize()); }
+int RoutingView::loadBarCount() const { return m_loadBars->data()->size(); }
+QSize RoutingView::coactivationSize() const { return QSize(m_coMap->data()->keySize(), m_coMap->data()->valueSize()); }
+double RoutingView::tokenMapValue(int expert, int row) const { return m_tokenMap->data()->cell(expert, row); }
+
+QString RoutingView::csv() const {
+    // Every routing decision the store holds, one row per (position, layer, rank), and the load.
+    QString out;
+    QTextStream s(&out);
+    s << "position,token,layer,rank,expert,weight\n";
+    for (const auto& [pos, r] : m_store->routes())
+        for (size_t li = 0; li < r.layers.size(); ++li)
+            for (int j = 0; j < r.k; ++j)
+                s << pos << ',' << r.token << ',' << r.layers[li] << ',' << j << ','
+                  << r.ids[li * size_t(r.k) + size_t(j)] << ','
+                  << QString::number(double(r.weights[li * size_t(r.k) + size_t(j)]), 'g', 9) << '\n';
+    return out;
+}

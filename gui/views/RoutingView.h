@@ -1,0 +1,45 @@
+// RoutingView: where tokens go. The selected token's layer x expert heatmap of mixing weights
+// (dropped groups of group-limited routing greyed out), the sequence view (positions x experts
+// for one layer), the layer's expert load (running total, this message, this step) and the
+// expert co-activation matrix. Sized for V3: 58 MoE layers x 256 experts.
+#pragma once
+#include "views/PlotView.h"
+
+class QComboBox;
+class QLabel;
+class QCPBars;
+class QCPItemStraightLine;
+
+class RoutingView : public PlotView {
+    Q_OBJECT
+public:
+    explicit RoutingView(TelemetryStore* store, QWidget* parent = nullptr);
+    QString csv() const override;
+    int layer() const;                       // the layer of the sequence / load / co-activation plots
+    void setLayer(int layer);
+
+    // For tests: sizes of what is drawn.
+    QSize tokenMapSize() const;              // (experts, layers)
+    QSize sequenceMapSize() const;           // (positions, experts)
+    int loadBarCount() const;
+    QSize coactivationSize() const;
+    double tokenMapValue(int expert, int row) const;
+
+signals:
+    void wantScoresRequested(bool on);       // ask the engine to record full router score vectors
+
+protected:
+    void refresh() override;
+
+private:
+    void rebuildLayerChoices();
+    class QCheckBox* m_scores;
+    QComboBox* m_layer;
+    QComboBox* m_scope;
+    QLabel* m_info;
+    QCustomPlot *m_tokenPlot, *m_seqPlot, *m_loadPlot, *m_coPlot;
+    QCPColorMap *m_tokenMap, *m_seqMap, *m_coMap;
+    QCPBars* m_loadBars;
+    QCPItemStraightLine* m_seqMarker;
+    int m_layerCount = -1;
+};

@@ -1,0 +1,214 @@
+// gpu-bench: a DeepSeek-V2-Lite-sized model with random BF16 weights generated on the device
+// (no host upload), timed for prefill and decode at batch 1, against the device's measured
+// copy bandwidth (the decode roofline), plus telemetry overhead and the MTP module's cost.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "engine/errors.h"
+#include "kernels/common.h"
+#include "kernels/cuda_backend.h"
+
+namespace moescope::cuda {
+namespace {
+
+using nlohmann::json;
+
+// tests/fixtures/configs/deepseek-v2-lite.json, plus one MTP module (V2-Lite ships none) so
+// the cost of a draft step can be measured on the same shapes.
+ModelConfig synthetic_v2_lite() {
+    json j = {
+        {"architectures", {"DeepseekV2ForCausalLM"}}, {"model_type", "deepseek_v2"},
+        {"vocab_size", 102400}, {"hidden_size", 2048}, {"intermediate_size", 10944},
+        {"moe_intermediate_size", 1408}, {"num_hidden_layers", 27}, {"num_nextn_predict_layers", 1},
+        {"num_attention_heads", 16}, {"num_key_value_heads", 16}, {"n_shared_experts", 2},
+        {"n_routed_experts", 64}, {"routed_scaling_factor", 1.0}, {"kv_lora_rank", 512},
+        {"q_lora_rank", nullptr}, {"qk_nope_head_dim", 128}, {"qk_rope_head_dim", 64}, {"v_head_dim", 128},
+        {"topk_method", "greedy"}, {"n_group", 1}, {"topk_group", 1}, {"num_experts_per_tok", 6},
+        {"moe_layer_freq", 1}, {"first_k_dense_replace", 1}, {"norm_topk_prob", false},
+        {"scoring_func", "softmax"}, {"hidden_act", "silu"}, {"max_position_embeddings", 163840},
+        {"rope_theta", 10000},
+        {"rope_scaling",
+         {{"type", "yarn"}, {"factor", 40}, {"original_max_position_embeddings", 4096}, {"beta_fast", 32},
+          {"beta_slow", 1}, {"mscale", 0.707}, {"mscale_all_dim", 0.707}}},
+        {"rms_norm_eps", 1e-6}, {"tie_word_embeddings", false}};
+    return ModelConfig::from_json(j, "synthetic-v2-lite");
+}
+
+double now_s() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Device-to-device copy bandwidth (bytes read + written per second) over 1 GiB buffers.
+double copy_bandwidth() {
+    const size_t bytes = size_t(1) << 30;
+    void *a = nullptr, *b = nullptr;
+    check(cudaMalloc(&a, bytes), "cudaMalloc (bandwidth)");
+    check(cudaMalloc(&b, bytes), "cudaMalloc (bandwidth)");
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    check(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice), "warm-up copy");
+    const int iters = 20;
+    cudaEventRecord(e0);
+    for (int i = 0; i < iters; ++i) cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
+    cudaEventRecord(e1);
+    check(cudaEventSynchronize(e1), "bandwidth copies");
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaFree(a);
+    cudaFree(b);
+    return 2.0 * double(bytes) * iters / (double(ms) / 1e3);
+}
+
+// Bytes a batch-1 decode step reads: every weight but the unchosen experts and all embedding
+// rows but one, plus the latent cache of every layer at `positions`.
+int64_t decode_bytes(const ModelConfig& c, WeightDtype d, int positions) {
+    int64_t b = 0;
+    const int64_t k = c.num_experts_per_tok, E = std::max(1, c.n_routed_experts);
+    for (const TensorSpec& t : device_tensors(c, ModelPresence{})) {
+        if (t.layer >= c.num_hidden_layers) continue;  // the MTP module is not part of a main step
+        if (t.role == Role::ExpGateUp || t.role == Role::ExpDown) b += t.bytes(d) * k / E;
+        else if (t.role == Role::Embed) b += t.cols * (d == WeightDtype::BF16 ? 2 : 4);
+        else b += t.bytes(d);
+    }
+    b += int64_t(c.num_hidden_layers) * positions * (c.kv_lora_rank + c.qk_rope_head_dim) * 4;
+    return b;
+}
+
+int argmax(const float* v, int n) {
+    return int(std::max_element(v, v + n) - v);
+}
+
+json run_bench(const json& req) {
+    std::string name, err;
+    if (probe_devices(name, err) <= 0) throw DeviceError("gpu-bench needs a CUDA device: " + err);
+    const std::string which = req.value("config", std::string("synthetic-v2-lite"));
+    ModelConfig cfg = which == "synthetic-v2-lite" ? synthetic_v2_lite() : ModelConfig::load(which);
+    const int prompt = req.value("prompt", 512), decode = req.value("decode", 128);
+    CudaOptions opt;
+    opt.dtype = req.value("weights", std::string("bf16")) == "f32" ? WeightDtype::F32 : WeightDtype::BF16;
+    const int capacity = prompt + 2 * decode + 16;  // the longest of the runs below
+
+    json out;
+    out["device"] = name;
+    out["config"] = which;
+    out["weights"] = weight_dtype_name(opt.dtype);
+    out["prompt_tokens"] = prompt;
+    out["decode_tokens"] = decode;
+    const double bw = copy_bandwidth();
+    out["copy_bandwidth_GBps"] = bw / 1e9;
+
+    double t0 = now_s();
+    CudaBackend be(cfg, capacity, opt, 1234);
+    out["init_seconds"] = now_s() - t0;
+    out["plan_GiB"] = {{"weights", double(be.plan().weights) / double(1ll << 30)},
+                       {"cache", double(be.plan().cache) / double(1ll << 30)},
+                       {"activations", double(be.plan().activations) / double(1ll << 30)}};
+    std::mt19937 rng(7);
+    std::vector<int> tokens(static_cast<size_t>(prompt));
+    for (int& t : tokens) t = int(rng() % uint32_t(cfg.vocab_size));
+    ForwardOptions fo;
+    fo.all_logits = false;
+    ForwardResult r;
+    {  // warm-up: cuBLAS heuristics, first-launch costs
+        auto c = be.new_cache(0, capacity);
+        be.forward(tokens.data(), std::min(prompt, 64), *c, fo, r);
+        int tk = argmax(r.logits.data(), cfg.vocab_size);
+        for (int i = 0; i < 4; ++i) be.forward(&tk, 1, *c, fo, r);
+    }
+    auto cache = be.new_cache(0, capacity);
+    be.synchronize();
+    t0 = now_s();
+    be.forward(tokens.data(), prompt, *cache, fo, r);
+    const double t_prefill = now_s() - t0;
+    out["prefill_tokens_per_s"] = prompt / t_prefill;
+    out["prefill_seconds"] = t_prefill;
+
+    auto decode_loop = [&](BackendCache& c, int steps, bool telemetry) {
+        be.set_telemetry(telemetry);
+        int tk = argmax(r.logits.data(), cfg.vocab_size);
+        const double s = now_s();
+        for (int i = 0; i < steps; ++i) {
+            be.forward(&tk, 1, c, fo, r);
+            tk = argmax(r.logits.data(), cfg.vocab_size);
+        }
+        return (now_s() - s) / steps;
+    };
+    const double step_on = decode_loop(*cache, decode, true);
+    out["decode_tokens_per_s"] = 1.0 / step_on;
+    out["decode_ms_per_token"] = step_on * 1e3;
+    cache->truncate(prompt);
+    const double step_off = decode_loop(*cache, decode, false);
+    be.set_telemetry(true);
+    cache->truncate(prompt);
+    be.set_graphs(true);
+    try {
+        decode_loop(*cache, 2, true);  // capture
+        cache->truncate(prompt);
+        const double step_graph = decode_loop(*cache, decode, true);
+        out["decode_tokens_per_s_cuda_graph"] = 1.0 / step_graph;
+    } catch (const std::exception& e) {
+        out["cuda_graph_error"] = e.what();
+    }
+    be.set_graphs(false);
+    out["telemetry_overhead_percent"] = 100.0 * (step_on - step_off) / step_off;
+    out["decode_ms_per_token_without_telemetry"] = step_off * 1e3;
+    const int64_t bytes = decode_bytes(cfg, opt.dtype, prompt + decode / 2);
+    out["decode_bytes_per_token"] = bytes;
+    out["decode_bandwidth_GBps"] = double(bytes) / step_on / 1e9;
+    out["decode_fraction_of_copy_bandwidth"] = double(bytes) / step_on / bw;
+
+    if (cfg.num_nextn_predict_layers > 0) {
+        // Draft cost: one MTP step; verify cost: a 2-token main step. Projected speed-up of
+        // speculative decoding at DeepSeek's reported 85% acceptance of the drafted token
+        // (random weights accept nothing, so acceptance cannot be measured here).
+        cache->truncate(0);
+        ForwardResult pr, mr;
+        be.forward(tokens.data(), prompt, *cache, fo, pr);
+        auto mc = be.new_cache(1, capacity);
+        be.forward_mtp(1, pr.hidden.data(), tokens.data() + 1, prompt - 1, *mc, fo, mr);
+        const int D = cfg.hidden_size;
+        std::vector<float> h_last(pr.hidden.end() - D, pr.hidden.end());
+        int tk = argmax(pr.logits.data(), cfg.vocab_size);
+        const int steps = std::max(1, decode / 2);
+        double s = now_s();
+        for (int i = 0; i < steps; ++i) {
+            be.forward_mtp(1, h_last.data(), &tk, 1, *mc, fo, mr);
+            h_last.assign(mr.hidden.begin(), mr.hidden.end());
+        }
+        const double t_draft = (now_s() - s) / steps;
+        int two[2] = {tk, tk};
+        s = now_s();
+        for (int i = 0; i < steps; ++i) be.forward(two, 2, *cache, fo, pr);
+        const double t_verify = (now_s() - s) / steps;
+        const double a = 0.85;
+        out["mtp"] = {{"draft_ms", t_draft * 1e3},
+                      {"verify_2_tokens_ms", t_verify * 1e3},
+                      {"assumed_acceptance", a},
+                      {"projected_speedup", (1.0 + a) * step_on / (t_verify + t_draft)}};
+    }
+    return out;
+}
+
+}  // namespace
+}  // namespace moescope::cuda
+
+extern "C" int moescope_cuda_bench(const char* request_json, char* out, size_t out_len, char* err, size_t err_len) {
+    try {
+        nlohmann::json req = request_json && *request_json ? nlohmann::json::parse(request_json) : nlohmann::json::object();
+        std::string s = moescope::cuda::run_bench(req).dump(2);
+        if (s.size() + 1 > out_len) throw moescope::Error("gpu-bench: the report does not fit the output buffer");
+        std::snprintf(out, out_len, "%s", s.c_str());
+        return 0;
+    } catch (const std::exception& e) {
+        if (err && err_len) std::snprintf(err, err_len, "%s", e.what());
+        return 1;
+    }
+}

@@ -1,0 +1,949 @@
+// The CUDA backend: three arenas (weights, caches, activations), the layer loop of
+// engine/model/model.cpp expressed in device kernels, and the extern "C" entry points.
+#include "kernels/cuda_backend.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+
+#include "engine/dtype.h"
+#include "engine/errors.h"
+#include "engine/model/moe.h"
+#include "engine/model/rope.h"
+#include "kernels/common.h"
+#include "kernels/dispatch.h"
+#include "kernels/embedding.h"
+#include "kernels/gemm.h"
+#include "kernels/mla.h"
+#include "kernels/norm.h"
+#include "kernels/rope.h"
+#include "kernels/router.h"
+
+namespace moescope::cuda {
+
+CudaOptions CudaOptions::from_env() {
+    CudaOptions o;
+    if (const char* e = std::getenv("MOESCOPE_CUDA_WEIGHTS")) {
+        if (std::string(e) == "f32") o.dtype = WeightDtype::F32;
+        else if (std::string(e) == "bf16") o.dtype = WeightDtype::BF16;
+        else throw ConfigError(std::string("MOESCOPE_CUDA_WEIGHTS='") + e + "': expected f32 or bf16");
+    }
+    return o;
+}
+
+int probe_devices(std::string& name, std::string& error) {
+    int n = 0;  // left unwritten when the driver is missing
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) {
+        error = std::string("cudaGetDeviceCount: ") + cudaGetErrorString(e);
+        if (e == cudaErrorInsufficientDriver || e == cudaErrorNoDevice)
+            error += e == cudaErrorNoDevice ? " (no CUDA device on this machine)" : " (no NVIDIA driver on this machine)";
+        cudaGetLastError();
+        return 0;
+    }
+    if (n > 0) {
+        cudaDeviceProp p{};
+        if (cudaGetDeviceProperties(&p, 0) == cudaSuccess) name = p.name;
+    } else {
+        error = "no CUDA device is present";
+    }
+    return n;
+}
+
+namespace {
+
+ModelPresence presence_of(const ModelConfig& cfg, const Weights* w) {
+    ModelPresence p;
+    if (!w) return p;  // synthetic: lm_head present, no MTP copies
+    p.lm_head = !w->lm_head.empty();
+    p.mtp_embed = !w->mtp.empty() && !w->mtp[0].embed_tokens.empty();
+    p.mtp_head = !w->mtp.empty() && !w->mtp[0].shared_head_head.empty();
+    (void)cfg;
+    return p;
+}
+
+// One cudaMalloc carved into 256-byte aligned buffers (llm.c's one allocation per lifetime).
+class DeviceArena {
+public:
+    DeviceArena() = default;
+    DeviceArena(int64_t bytes, const char* what) : size_(bytes) {
+        if (bytes > 0) check(cudaMalloc(&base_, size_t(bytes)), what);
+    }
+    ~DeviceArena() {
+        if (base_) cudaFree(base_);
+    }
+    DeviceArena(const DeviceArena&) = delete;
+    DeviceArena& operator=(const DeviceArena&) = delete;
+    DeviceArena(DeviceArena&& o) noexcept { *this = std::move(o); }
+    DeviceArena& operator=(DeviceArena&& o) noexcept {
+        std::swap(base_, o.base_);
+        std::swap(size_, o.size_);
+        std::swap(used_, o.used_);
+        return *this;
+    }
+    template <class T>
+    T* carve(int64_t count) {
+        const int64_t bytes = align_up(std::max<int64_t>(1, count) * int64_t(sizeof(T)));
+        if (used_ + bytes > size_)
+            throw DeviceError("device arena overflow: " + std::to_string(used_ + bytes) + " bytes needed, " +
+                              std::to_string(size_) + " planned");
+        T* p = reinterpret_cast<T*>(static_cast<char*>(base_) + used_);
+        used_ += bytes;
+        return p;
+    }
+    int64_t used() const { return used_; }
+
+private:
+    void* base_ = nullptr;
+    int64_t size_ = 0, used_ = 0;
+};
+
+void ensure_free(int64_t need, const std::string& what) {
+    size_t free_b = 0, total_b = 0;
+    check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+    if (need + (64ll << 20) > int64_t(free_b))
+        throw DeviceError(what + " needs " + gib(need) + " of device memory but only " + gib(int64_t(free_b)) +
+                          " of " + gib(int64_t(total_b)) + " are free");
+}
+
+class CudaCache : public BackendCache {
+public:
+    CudaCache(const ModelConfig& cfg, int layers, int capacity)
+        : cap_(capacity), d_c_(cfg.kv_lora_rank), d_rope_(cfg.qk_rope_head_dim) {
+        const int64_t bytes = cache_bytes(cfg, layers, capacity);
+        ensure_free(bytes, "a latent cache of " + std::to_string(capacity) + " positions");
+        arena_ = DeviceArena(bytes, "cudaMalloc (latent cache)");
+        for (int l = 0; l < layers; ++l) c_.push_back(arena_.carve<float>(int64_t(capacity) * d_c_));
+        for (int l = 0; l < layers; ++l) kpe_.push_back(arena_.carve<float>(int64_t(capacity) * d_rope_));
+    }
+    int length() const override { return length_; }
+    int capacity() const override { return cap_; }
+    void truncate(int n) override { length_ = std::clamp(n, 0, length_); }
+    void read_latent(int layer, int begin, int end, float* c, float* k_pe) const override {
+        if (layer < 0 || layer >= int(c_.size())) throw Error("read_latent: layer out of range");
+        if (begin < 0 || end > length_ || begin > end) throw Error("read_latent: positions out of range");
+        if (c)
+            check(cudaMemcpy(c, c_[size_t(layer)] + int64_t(begin) * d_c_, sizeof(float) * size_t(end - begin) * d_c_,
+                             cudaMemcpyDeviceToHost),
+                  "read_latent (c)");
+        if (k_pe)
+            check(cudaMemcpy(k_pe, kpe_[size_t(layer)] + int64_t(begin) * d_rope_,
+                             sizeof(float) * size_t(end - begin) * d_rope_, cudaMemcpyDeviceToHost),
+                  "read_latent (k_pe)");
+    }
+    int length_ = 0;
+    int cap_;
+    int d_c_, d_rope_;
+    DeviceArena arena_;
+    std::vector<float*> c_, kpe_;  // per layer [capacity, d_c], [capacity, d_rope]
+};
+
+struct DLayer {
+    bool moe = false;
+    const float *in_norm = nullptr, *post_norm = nullptr, *q_a_norm = nullptr, *kv_a_norm = nullptr;
+    WRef q_a, q_b, q_proj, kv_a, kv_b, o_proj;
+    WRef mlp_gu, mlp_down;            // dense: [2I, D], [D, I]
+    WRef router;                      // [E, D] f32
+    WRef shared_gu, shared_down;
+    std::vector<const void*> exp_gu, exp_down;   // host copies of the expert pointers
+    const void** exp_gu_dev = nullptr;           // device [E]
+    const void** exp_down_dev = nullptr;
+    float* bias = nullptr;            // device [E] (the router bias in use)
+};
+
+struct DMtp {
+    const float *enorm = nullptr, *hnorm = nullptr, *head_norm = nullptr;
+    WRef eh, embed, head;
+};
+
+// A pinned host buffer.
+struct Pinned {
+    void* p = nullptr;
+    size_t bytes = 0;
+    void reserve(size_t n) {
+        if (n <= bytes) return;
+        if (p) cudaFreeHost(p);
+        p = nullptr;
+        check(cudaMallocHost(&p, n), "cudaMallocHost");
+        bytes = n;
+    }
+    ~Pinned() {
+        if (p) cudaFreeHost(p);
+    }
+};
+
+}  // namespace
+
+MemoryPlan plan_for(const ModelConfig& cfg, const Weights* w, const CudaOptions& o, int capacity) {
+    return plan_memory(cfg, presence_of(cfg, w), o.dtype, capacity);
+}
+
+struct CudaBackend::Impl {
+    std::shared_ptr<Model> model;  // null for a synthetic model
+    ModelConfig cfg;
+    CudaOptions opt;
+    MemoryPlan plan;
+    std::string device;
+    cudaStream_t stream = nullptr;
+    DeviceArena weights_arena, act_arena;
+    std::unique_ptr<Gemm> gemm;
+    Rope rope;
+    RouterParams router{};
+    MlaShape mla{};
+    float* inv_freq = nullptr;  // device [d_rope / 2]
+    WRef embed, head;
+    const float* final_norm = nullptr;
+    std::vector<DLayer> layers;  // main layers then one per MTP module
+    std::vector<DMtp> mtp;
+    bool telemetry = true;
+    std::vector<std::vector<int>> last_loads;
+    std::vector<std::vector<float>> bias_host;  // [layers + mtp][E] (empty for dense layers)
+
+    // Activations for one chunk of Tc tokens: shape comments in rows of the chunk.
+    int Tc = 0;
+    int* ids = nullptr;            // [Tc]
+    float *h, *xn, *y, *hidden, *cat;  // [Tc, D] (cat: [Tc, 2D])
+    float *q, *qa, *kv;            // [Tc, H*dq], [Tc, q_lora], [Tc, d_c + d_rope]
+    float *q_lat, *o_lat, *partial, *attn_out;  // [Tc, H, d_c] x2, [rows, d_c + 2], [Tc, H*d_v]
+    float *kvb_full, *scores;      // naive: [Sn, H*(dn+dv)], [H, Tc, Sn]
+    float *logits_r, *scores_scratch;  // router logits / scores [Tc, E]
+    int *counts, *offsets, *perm, *row_of_slot, *row_expert;  // [E], [E+1], [Tc*k] x3
+    float *xin, *gu, *act, *ye, *sh_out, *sh_gu, *sh_act;  // experts and shared / dense MLP
+    float* logits;                 // [Tc, V]
+    float* sample_u = nullptr;     // [Tc]
+    int* sample_ids = nullptr;     // [Tc]
+    int last_rows = 0;             // rows of `logits` the last forward produced
+    int* d_start = nullptr;        // [1] decode position for graph replays
+    const int* dyn_start = nullptr;  // set while enqueuing a graph body: kernels read the position here
+    Pinned pin_start;
+    bool use_graphs = false;
+    struct GraphEntry {
+        const float *c0, *kpe0;    // the cache's first buffers: same pointers = same layout
+        int layers, cap;
+        bool telemetry, want_scores;
+        cudaGraphExec_t exec;
+    };
+    std::vector<GraphEntry> graphs;
+    void* cast = nullptr;          // bf16 staging for cuBLAS
+    char* tele = nullptr;          // telemetry block of a chunk (layout in TeleLayout)
+    int64_t tele_bytes = 0;
+    Pinned pin_tele, pin_out, pin_ids, pin_offsets;
+
+    ~Impl() {
+        for (auto& g : graphs) cudaGraphExecDestroy(g.exec);
+        if (stream) {
+            cudaStreamSynchronize(stream);
+            gemm.reset();
+            cudaStreamDestroy(stream);
+        }
+    }
+
+    int n_moe(int first, int count) const {
+        int n = 0;
+        for (int l = first; l < first + count; ++l) n += layers[size_t(l)].moe;
+        return n;
+    }
+
+    void init_common(const ModelConfig& c, int capacity) {
+        cfg = c;
+        rope = Rope(cfg);
+        RouterDims rd(cfg);
+        router = RouterParams{rd.E, rd.k, rd.n_group, rd.topk_group, rd.sigmoid, rd.use_bias, rd.norm_topk_prob,
+                              rd.method == RouterDims::Method::Greedy         ? 0
+                              : rd.method == RouterDims::Method::GroupLimited ? 1
+                                                                              : 2,
+                              rd.routed_scaling_factor};
+        mla = MlaShape{cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
+                       cfg.kv_lora_rank, float(cfg.softmax_scale())};
+        std::string err;
+        if (probe_devices(device, err) <= 0) throw DeviceError("no CUDA device: " + err);
+        check(cudaSetDevice(0), "cudaSetDevice");
+        size_t free_b = 0, total_b = 0;
+        check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+        // Refuse BEFORE allocating anything: the caches of the plan are allocated later, by new_cache.
+        check_fits(plan, int64_t(free_b), int64_t(total_b), device, opt.dtype, capacity);
+        check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+        weights_arena = DeviceArena(plan.weights, "cudaMalloc (weights)");
+    }
+
+    // Carves every device tensor of the plan; `fill` writes each one.
+    void build_weights(const std::function<void(const TensorSpec&, void*)>& fill) {
+        const ModelPresence pres = model ? presence_of(cfg, &model->weights()) : ModelPresence{};
+        const int L = cfg.num_hidden_layers, Lt = L + cfg.num_nextn_predict_layers;
+        layers.assign(size_t(Lt), DLayer{});
+        mtp.assign(size_t(cfg.num_nextn_predict_layers), DMtp{});
+        const bool bf16 = opt.dtype == WeightDtype::BF16;
+        for (const TensorSpec& t : device_tensors(cfg, pres)) {
+            void* p = weights_arena.carve<char>(t.bytes(opt.dtype));
+            fill(t, p);
+            WRef r{p, t.big && bf16, t.rows, t.cols};
+            const float* f = static_cast<const float*>(p);
+            DLayer* Lw = t.layer >= 0 ? &layers[size_t(t.layer)] : nullptr;
+            DMtp* M = t.layer >= L ? &mtp[size_t(t.layer - L)] : nullptr;
+            switch (t.role) {
+                case Role::Embed: embed = r; break;
+                case Role::FinalNorm: final_norm = f; break;
+                case Role::Head: head = r; break;
+                case Role::InNorm: Lw->in_norm = f; break;
+                case Role::PostNorm: Lw->post_norm = f; break;
+                case Role::QA: Lw->q_a = r; break;
+                case Role::QANorm: Lw->q_a_norm = f; break;
+                case Role::QB: Lw->q_b = r; break;
+                case Role::QProj: Lw->q_proj = r; break;
+                case Role::KVA: Lw->kv_a = r; break;
+                case Role::KVANorm: Lw->kv_a_norm = f; break;
+                case Role::KVB: Lw->kv_b = r; break;
+                case Role::OProj: Lw->o_proj = r; break;
+                case Role::MlpGateUp: Lw->mlp_gu = r; break;
+                case Role::MlpDown: Lw->mlp_down = r; break;
+                case Role::Router: Lw->router = r; Lw->moe = true; break;
+                case Role::ExpGateUp: Lw->exp_gu.push_back(p); break;
+                case Role::ExpDown: Lw->exp_down.push_back(p); break;
+                case Role::SharedGateUp: Lw->shared_gu = r; break;
+                case Role::SharedDown: Lw->shared_down = r; break;
+                case Role::MtpENorm: M->enorm = f; break;
+                case Role::MtpHNorm: M->hnorm = f; break;
+                case Role::MtpEh: M->eh = r; break;
+                case Role::MtpEmbed: M->embed = r; break;
+                case Role::MtpHeadNorm: M->head_norm = f; break;
+                case Role::MtpHead: M->head = r; break;
+            }
+        }
+        if (head.empty()) head = embed;  // tied
+        for (auto& m : mtp) {
+            if (m.embed.empty()) m.embed = embed;
+            if (m.head.empty()) m.head = head;
+        }
+        // Expert pointer tables, router biases, the rope frequencies: small, in the same arena.
+        bias_host.assign(size_t(Lt), {});
+        for (int l = 0; l < Lt; ++l) {
+            DLayer& d = layers[size_t(l)];
+            if (!d.moe) continue;
+            const int E = cfg.n_routed_experts;
+            d.exp_gu_dev = weights_arena.carve<const void*>(E);
+            d.exp_down_dev = weights_arena.carve<const void*>(E);
+            check(cudaMemcpy(d.exp_gu_dev, d.exp_gu.data(), sizeof(void*) * size_t(E), cudaMemcpyHostToDevice),
+                  "upload expert table");
+            check(cudaMemcpy(d.exp_down_dev, d.exp_down.data(), sizeof(void*) * size_t(E), cudaMemcpyHostToDevice),
+                  "upload expert table");
+            d.bias = weights_arena.carve<float>(E);
+            bias_host[size_t(l)] = model ? model->bias(l) : std::vector<float>(size_t(E), 0.0f);
+            check(cudaMemcpy(d.bias, bias_host[size_t(l)].data(), sizeof(float) * size_t(E), cudaMemcpyHostToDevice),
+                  "upload router bias");
+        }
+        inv_freq = weights_arena.carve<float>(int64_t(rope.inv_freq.size()));
+        check(cudaMemcpy(inv_freq, rope.inv_freq.data(), sizeof(float) * rope.inv_freq.size(), cudaMemcpyHostToDevice),
+              "upload inv_freq");
+    }
+
+    void build_activations() {
+        const ActivationDims& a = plan.dims;
+        act_arena = DeviceArena(plan.activations, "cudaMalloc (activations)");
+        const int64_t T = a.chunk, D = cfg.hidden_size, H = cfg.num_attention_heads, dq = cfg.qk_head_dim(),
+                      dc = cfg.kv_lora_rank, dr = cfg.qk_rope_head_dim, dv = cfg.v_head_dim,
+                      dn = cfg.qk_nope_head_dim, V = cfg.vocab_size, E = std::max(1, cfg.n_routed_experts),
+                      k = std::max(1, cfg.num_experts_per_tok), I = cfg.moe_intermediate_size,
+                      Is = int64_t(cfg.moe_intermediate_size) * std::max(1, cfg.n_shared_experts),
+                      Id = cfg.intermediate_size, Sn = a.naive_positions;
+        Tc = a.chunk;
+        ids = act_arena.carve<int>(T);
+        h = act_arena.carve<float>(T * D);
+        xn = act_arena.carve<float>(T * D);
+        y = act_arena.carve<float>(T * D);
+        hidden = act_arena.carve<float>(T * D);
+        cat = act_arena.carve<float>(T * 2 * D);
+        q = act_arena.carve<float>(T * H * dq);
+        qa = act_arena.carve<float>(T * std::max<int64_t>(1, cfg.q_lora_rank));
+        kv = act_arena.carve<float>(T * (dc + dr));
+        q_lat = act_arena.carve<float>(T * H * dc);
+        o_lat = act_arena.carve<float>(T * H * dc);
+        partial = act_arena.carve<float>(attention_partial_rows(cfg, a) * (dc + 2));
+        attn_out = act_arena.carve<float>(T * H * dv);
+        kvb_full = act_arena.carve<float>(Sn * H * (dn + dv));
+        scores = act_arena.carve<float>(H * T * Sn);
+        logits_r = act_arena.carve<float>(T * E);
+        scores_scratch = act_arena.carve<float>(T * E);
+        counts = act_arena.carve<int>(E);
+        offsets = act_arena.carve<int>(E + 1);
+        perm = act_arena.carve<int>(T * k);
+        row_of_slot = act_arena.carve<int>(T * k);
+        row_expert = act_arena.carve<int>(T * k);
+        xin = act_arena.carve<float>(T * k * D);
+        gu = act_arena.carve<float>(T * k * 2 * I);
+        act = act_arena.carve<float>(T * k * I);
+        ye = act_arena.carve<float>(T * k * D);
+        sh_out = act_arena.carve<float>(T * D);
+        sh_gu = act_arena.carve<float>(T * 2 * std::max(Is, Id));
+        sh_act = act_arena.carve<float>(T * std::max(Is, Id));
+        logits = act_arena.carve<float>(T * V);
+        sample_u = act_arena.carve<float>(T);
+        sample_ids = act_arena.carve<int>(T);
+        d_start = act_arena.carve<int>(1);
+        pin_start.reserve(sizeof(int));
+        if (const char* g = std::getenv("MOESCOPE_CUDA_GRAPH")) use_graphs = std::string(g) == "1";
+        const int64_t cast_elems = std::max({T * 2 * D, T * std::max<int64_t>(1, cfg.q_lora_rank), T * H * dv,
+                                             T * k * I, T * k * D, T * std::max(Is, Id), Sn * dc, T * D});
+        cast = act_arena.carve<uint16_t>(cast_elems);
+        tele_bytes = 2 * telemetry_bytes(cfg, a);
+        tele = act_arena.carve<char>(tele_bytes);
+        void* ws = act_arena.carve<char>(kCublasWorkspace);
+        gemm = std::make_unique<Gemm>(stream, ws, size_t(kCublasWorkspace), cast, cast_elems);
+        pin_out.reserve(sizeof(float) * size_t(T) * size_t(2 * D + V));
+        pin_tele.reserve(size_t(tele_bytes));
+        pin_ids.reserve(sizeof(int) * size_t(T));
+        pin_offsets.reserve(sizeof(int) * size_t(E + 1));
+    }
+
+    // Telemetry block of one chunk of n rows for `nm` MoE layers and `nl` layers (norms).
+    struct TeleLayout {
+        int64_t ids, weights, kept, counts, norms, scores, end;
+    };
+    TeleLayout tele_layout(int n, int nm, int nl, bool want_scores) const {
+        const int64_t k = std::max(1, cfg.num_experts_per_tok), E = std::max(1, cfg.n_routed_experts),
+                      G = std::max(1, cfg.n_group);
+        TeleLayout t{};
+        int64_t at = 0;
+        auto take = [&](int64_t bytes) {
+            const int64_t p = at;
+            at += align_up(bytes);
+            return p;
+        };
+        t.ids = take(int64_t(nm) * n * k * 4);
+        t.weights = take(int64_t(nm) * n * k * 4);
+        t.kept = take(int64_t(nm) * n * G);
+        t.counts = take(int64_t(nm) * E * 4);
+        t.norms = take(int64_t(nl) * n * 4);
+        t.scores = want_scores ? take(int64_t(nm) * n * E * 4) : -1;
+        t.end = at;
+        return t;
+    }
+
+    // One decoder layer (deepseek-v3.md 2): h[n, D] in place at positions start.., cache layer l.
+    void layer_forward(const DLayer& L, int n, int start, float* cache_c, float* cache_kpe, const ForwardOptions& o,
+                       const TeleLayout& tl, int moe_slot, int norm_slot) {
+        const int D = cfg.hidden_size, H = mla.H, dq = mla.d_nope + mla.d_rope, S = start + n;
+        const float eps = float(cfg.rms_norm_eps);
+        cudaStream_t s = stream;
+        // h = x + Attn(RMSNorm_in(x))
+        rmsnorm(xn, h, L.in_norm, n, D, eps, s);
+        if (cfg.q_lora_rank > 0) {
+            gemm->linear(qa, xn, L.q_a, n);
+            rmsnorm(qa, qa, L.q_a_norm, n, cfg.q_lora_rank, 1e-6f, s);
+            gemm->linear(q, qa, L.q_b, n);
+        } else {
+            gemm->linear(q, xn, L.q_proj, n);
+        }
+        rope_apply_q(n, start);
+        gemm->linear(kv, xn, L.kv_a, n);
+        latent_append(cache_c, cache_kpe, kv, L.kv_a_norm, n, start, mla, inv_freq, rope.mscale, s, dyn_start);
+        if (!dyn_start && !o.absorbed && S <= plan.dims.naive_positions) {
+            const int dkvb = mla.d_nope + mla.d_v;
+            gemm->linear(kvb_full, cache_c, L.kv_b, S);  // [S, H*(dn+dv)]
+            // scores_h[n, S] = q_nope_h k_nope_h^T + q_pe_h k_pe^T
+            gemm->batched_rowmajor(scores, q, kvb_full, n, S, mla.d_nope, H * dq, H * dkvb, S, dq, dkvb,
+                                   int64_t(n) * S, H, true, 1.0f, 0.0f);
+            gemm->batched_rowmajor(scores, q + mla.d_nope, cache_kpe, n, S, mla.d_rope, H * dq, mla.d_rope, S, dq, 0,
+                                   int64_t(n) * S, H, true, 1.0f, 1.0f);
+            causal_softmax(scores, H, n, S, start, mla.scale, s);
+            // o_h[n, d_v] = P_h[n, S] V_h[S, d_v]
+            gemm->batched_rowmajor(attn_out, scores, kvb_full + mla.d_nope, n, mla.d_v, S, S, H * dkvb, H * mla.d_v,
+                                   int64_t(n) * S, dkvb, mla.d_v, H, false, 1.0f, 0.0f);
+        } else {
+            absorb_query(q_lat, q, L.kv_b, n, mla, s);
+            // A graph replays one launch for every length: the most splits (empty ones are skipped).
+            const int splits = dyn_start ? plan.dims.max_splits : attention_splits(n, S, plan.dims.max_splits);
+            attention_absorbed(o_lat, partial, q_lat, q, cache_c, cache_kpe, n, start, splits, mla, s, dyn_start);
+            project_values(attn_out, o_lat, L.kv_b, n, mla, s);
+        }
+        gemm->linear(h, attn_out, L.o_proj, n, /*accumulate=*/true);
+        // Telemetry: the norms of the new cached latents.
+        if (telemetry)
+            row_norms(reinterpret_cast<float*>(tele + tl.norms) + int64_t(norm_slot) * n,
+                      dyn_start ? cache_c : cache_c + int64_t(start) * mla.d_c, n, mla.d_c, s, dyn_start);
+        // out = h + FFN(RMSNorm_post(h))
+        rmsnorm(xn, h, L.post_norm, n, D, eps, s);
+        if (!L.moe) {
+            gemm->linear(sh_gu, xn, L.mlp_gu, n);
+            const int I = int(L.mlp_down.cols);
+            swiglu(sh_act, sh_gu, n, I, s);
+            gemm->linear(h, sh_act, L.mlp_down, n, true);
+            return;
+        }
+        moe_forward(L, n, tl, moe_slot);
+    }
+
+    void rope_apply_q(int n, int start) {
+        const int H = mla.H, dq = mla.d_nope + mla.d_rope;
+        rope_apply(q + mla.d_nope, n, H, int64_t(H) * dq, dq, start, inv_freq, rope.mscale, mla.d_rope, stream,
+                   dyn_start);
+    }
+
+    void moe_forward(const DLayer& L, int n, const TeleLayout& tl, int slot) {
+        const int D = cfg.hidden_size, E = router.E, k = router.k, I = cfg.moe_intermediate_size, R = n * k;
+        const int G = router.method != 0 ? router.n_group : 1;
+        cudaStream_t s = stream;
+        gemm->linear(logits_r, xn, L.router, n);
+        int* ids_d = reinterpret_cast<int*>(tele + tl.ids) + int64_t(slot) * n * k;
+        float* w_d = reinterpret_cast<float*>(tele + tl.weights) + int64_t(slot) * n * k;
+        uint8_t* kept_d = reinterpret_cast<uint8_t*>(tele + tl.kept) + int64_t(slot) * n * G;
+        float* sc_d = tl.scores >= 0 ? reinterpret_cast<float*>(tele + tl.scores) + int64_t(slot) * n * E
+                                     : scores_scratch;
+        int* counts_d = reinterpret_cast<int*>(tele + tl.counts) + int64_t(slot) * E;
+        route(ids_d, w_d, sc_d, kept_d, logits_r, L.bias, n, router, s);
+        dispatch(counts_d, offsets, perm, row_of_slot, row_expert, ids_d, n, k, E, s);
+        gather_rows(xin, xn, perm, R, k, D, s);
+        const bool bf16 = opt.dtype == WeightDtype::BF16;
+        if (R <= 64) {
+            // Decode: every row names its expert; no host round trip (capturable in a graph).
+            grouped_gemv(gu, xin, L.exp_gu_dev, bf16, row_expert, R, 2 * I, D, s);
+            swiglu(act, gu, R, I, s);
+            grouped_gemv(ye, act, L.exp_down_dev, bf16, row_expert, R, D, I, s);
+        } else {
+            // Prefill: one cuBLAS GEMM per expert that received tokens.
+            int* off = static_cast<int*>(pin_offsets.p);
+            check(cudaMemcpyAsync(off, offsets, sizeof(int) * size_t(E + 1), cudaMemcpyDeviceToHost, s),
+                  "copy expert offsets");
+            check(cudaStreamSynchronize(s), "cudaStreamSynchronize (expert offsets)");
+            for (int e = 0; e < E; ++e) {
+                const int cnt = off[e + 1] - off[e];
+                if (cnt == 0) continue;
+                gemm->linear(gu + int64_t(off[e]) * 2 * I, xin + int64_t(off[e]) * D,
+                             WRef{L.exp_gu[size_t(e)], bf16, 2 * I, D}, cnt);
+            }
+            swiglu(act, gu, R, I, s);
+            for (int e = 0; e < E; ++e) {
+                const int cnt = off[e + 1] - off[e];
+                if (cnt == 0) continue;
+                gemm->linear(ye + int64_t(off[e]) * D, act + int64_t(off[e]) * I,
+                             WRef{L.exp_down[size_t(e)], bf16, D, I}, cnt);
+            }
+        }
+        const float* shared = nullptr;
+        if (!L.shared_gu.empty()) {
+            gemm->linear(sh_gu, xn, L.shared_gu, n);
+            const int Is = int(L.shared_down.cols);
+            swiglu(sh_act, sh_gu, n, Is, s);
+            gemm->linear(sh_out, sh_act, L.shared_down, n);
+            shared = sh_out;
+        }
+        combine(h, shared, ye, ids_d, w_d, row_of_slot, n, k, D, s);
+    }
+
+    // Runs chunks of the stack [first, first + count) of layers; `prepare(c0, n)` fills h.
+    // The graph replaying one decode step of the main model over `cache`, captured on first use.
+    cudaGraphExec_t decode_graph(CudaCache& cache, const ForwardOptions& o, const std::function<void()>& enqueue) {
+        for (const auto& g : graphs)
+            if (g.c0 == cache.c_[0] && g.kpe0 == cache.kpe_[0] && g.layers == int(cache.c_.size()) &&
+                g.cap == cache.cap_ && g.telemetry == telemetry && g.want_scores == o.want_scores)
+                return g.exec;
+        if (graphs.size() >= 8) {  // a bounded set: drop the oldest
+            cudaGraphExecDestroy(graphs.front().exec);
+            graphs.erase(graphs.begin());
+        }
+        cudaGraph_t graph = nullptr;
+        check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+        dyn_start = d_start;
+        try {
+            enqueue();
+        } catch (...) {
+            dyn_start = nullptr;
+            cudaStreamEndCapture(stream, &graph);
+            if (graph) cudaGraphDestroy(graph);
+            cudaGetLastError();
+            throw;
+        }
+        dyn_start = nullptr;
+        check(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
+        cudaGraphExec_t exec = nullptr;
+        const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+        cudaGraphDestroy(graph);
+        check(e, "cudaGraphInstantiate");
+        graphs.push_back({cache.c_[0], cache.kpe_[0], int(cache.c_.size()), cache.cap_, telemetry, o.want_scores, exec});
+        return exec;
+    }
+
+    // upload(c0, n): host -> device inputs of a chunk (may wait); body(n): the device-only start
+    // of the stack (embedding, MTP concat) that a CUDA graph can capture.
+    void run_stack(int T, int start, CudaCache& cache, int first, int count, const ForwardOptions& o,
+                   const std::function<void(int, int)>& upload, const std::function<void(int)>& body,
+                   const float* out_norm, const WRef& out_head, ForwardResult& out) {
+        const int D = cfg.hidden_size, V = cfg.vocab_size, k = router.k, E = router.E;
+        const int G = router.method != 0 ? router.n_group : 1;
+        const int nm = n_moe(first, count);
+        std::vector<std::vector<float>> norms(static_cast<size_t>(count));
+        out.routing.clear();
+        for (int l = first; l < first + count; ++l) {
+            if (!layers[size_t(l)].moe) continue;
+            LayerRouting lr;
+            lr.layer = l;
+            lr.r.T = T;
+            lr.r.k = k;
+            lr.r.E = E;
+            lr.r.n_group = G;
+            out.routing.push_back(std::move(lr));
+        }
+        last_loads.assign(size_t(nm), std::vector<int>(size_t(E), 0));
+        const int rows_out = o.all_logits ? T : 1;
+        out.logits.assign(size_t(rows_out) * V, 0.0f);
+        out.hidden.resize(size_t(T) * D);
+        out.raw_hidden.resize(size_t(T) * D);
+        for (int c0 = 0; c0 < T; c0 += Tc) {
+            const int n = std::min(Tc, T - c0), pos = start + c0;
+            const TeleLayout tl = tele_layout(n, nm, count, o.want_scores);
+            const bool last_chunk = c0 + n == T;
+            const int head_rows = o.all_logits ? n : (last_chunk ? 1 : 0);
+            float* po = static_cast<float*>(pin_out.p);
+            upload(c0, n);
+            auto enqueue = [&] {
+                body(n);
+                int mslot = 0;
+                for (int l = first; l < first + count; ++l) {
+                    const int cl = l - first;
+                    layer_forward(layers[size_t(l)], n, pos, cache.c_[size_t(cl)], cache.kpe_[size_t(cl)], o, tl,
+                                  mslot, cl);
+                    mslot += layers[size_t(l)].moe;
+                }
+                rmsnorm(hidden, h, out_norm, n, D, float(cfg.rms_norm_eps), stream);
+                if (head_rows) gemm->linear(logits, hidden + int64_t(n - head_rows) * D, out_head, head_rows);
+                // Results into pinned memory (async), one wait per chunk.
+                check(cudaMemcpyAsync(po, h, sizeof(float) * size_t(n) * D, cudaMemcpyDeviceToHost, stream),
+                      "copy raw");
+                check(cudaMemcpyAsync(po + size_t(n) * D, hidden, sizeof(float) * size_t(n) * D,
+                                      cudaMemcpyDeviceToHost, stream),
+                      "copy hidden");
+                if (head_rows)
+                    check(cudaMemcpyAsync(po + size_t(2 * n) * D, logits, sizeof(float) * size_t(head_rows) * V,
+                                          cudaMemcpyDeviceToHost, stream),
+                          "copy logits");
+                if (telemetry)
+                    check(cudaMemcpyAsync(pin_tele.p, tele, size_t(tl.end), cudaMemcpyDeviceToHost, stream),
+                          "copy telemetry");
+            };
+            // A decode step of the main model (one token, absorbed attention) may replay a graph.
+            if (use_graphs && T == 1 && first == 0 && o.absorbed) {
+                *static_cast<int*>(pin_start.p) = pos;
+                check(cudaMemcpyAsync(d_start, pin_start.p, sizeof(int), cudaMemcpyHostToDevice, stream),
+                      "upload position");
+                check(cudaGraphLaunch(decode_graph(cache, o, enqueue), stream), "cudaGraphLaunch");
+            } else {
+                enqueue();
+            }
+            if (head_rows) last_rows = head_rows;
+            check(cudaStreamSynchronize(stream), "cudaStreamSynchronize (forward)");
+            std::memcpy(out.raw_hidden.data() + size_t(c0) * D, po, sizeof(float) * size_t(n) * D);
+            std::memcpy(out.hidden.data() + size_t(c0) * D, po + size_t(n) * D, sizeof(float) * size_t(n) * D);
+            if (head_rows) {
+                float* dst = out.logits.data() + (o.all_logits ? size_t(c0) * V : 0);
+                std::memcpy(dst, po + size_t(2 * n) * D, sizeof(float) * size_t(head_rows) * V);
+            }
+            const char* pt = static_cast<const char*>(pin_tele.p);
+            for (int m = 0; m < (telemetry ? nm : 0); ++m) {
+                Routing& r = out.routing[size_t(m)].r;
+                const int* pid = reinterpret_cast<const int*>(pt + tl.ids) + int64_t(m) * n * k;
+                const float* pw = reinterpret_cast<const float*>(pt + tl.weights) + int64_t(m) * n * k;
+                const uint8_t* pk = reinterpret_cast<const uint8_t*>(pt + tl.kept) + int64_t(m) * n * G;
+                const int* pc = reinterpret_cast<const int*>(pt + tl.counts) + int64_t(m) * E;
+                r.ids.insert(r.ids.end(), pid, pid + size_t(n) * k);
+                r.weights.insert(r.weights.end(), pw, pw + size_t(n) * k);
+                r.kept_groups.insert(r.kept_groups.end(), pk, pk + size_t(n) * G);
+                if (tl.scores >= 0) {
+                    const float* ps = reinterpret_cast<const float*>(pt + tl.scores) + int64_t(m) * n * E;
+                    r.scores.insert(r.scores.end(), ps, ps + size_t(n) * E);
+                }
+                for (int e = 0; e < E; ++e) last_loads[size_t(m)][size_t(e)] += pc[e];
+            }
+            if (telemetry)
+                for (int cl = 0; cl < count; ++cl) {
+                    const float* pn = reinterpret_cast<const float*>(pt + tl.norms) + int64_t(cl) * n;
+                    norms[size_t(cl)].insert(norms[size_t(cl)].end(), pn, pn + n);
+                }
+        }
+        out.latent_norms.clear();
+        for (auto& v : norms) out.latent_norms.insert(out.latent_norms.end(), v.begin(), v.end());
+        cache.length_ = start + T;
+    }
+
+    void upload_ids(const int* tokens, int n) {
+        int* pi = static_cast<int*>(pin_ids.p);
+        check(cudaStreamSynchronize(stream), "cudaStreamSynchronize (ids)");  // pin_ids is reused
+        std::memcpy(pi, tokens, sizeof(int) * size_t(n));
+        check(cudaMemcpyAsync(ids, pi, sizeof(int) * size_t(n), cudaMemcpyHostToDevice, stream), "upload ids");
+    }
+};
+
+namespace {
+
+void check_tokens(const int* tokens, int T, int V, const char* what) {
+    for (int t = 0; t < T; ++t)
+        if (tokens[t] < 0 || tokens[t] >= V)
+            throw Error(std::string(what) + "token id " + std::to_string(tokens[t]) +
+                        " is outside the vocabulary [0, " + std::to_string(V) + ")");
+}
+
+void check_room(const CudaCache& c, int T, const ModelConfig& cfg) {
+    if (T <= 0) throw Error("forward: no tokens");
+    if (c.length_ + T > c.cap_)
+        throw ContextError("the context holds " + std::to_string(c.cap_) + " tokens; " + std::to_string(c.length_) +
+                           " are used and " + std::to_string(T) + " more do not fit");
+    if (c.length_ + T > cfg.max_position_embeddings)
+        throw ContextError("the sequence would reach position " + std::to_string(c.length_ + T) +
+                           ", past the model's context of " + std::to_string(cfg.max_position_embeddings) +
+                           " tokens (max_position_embeddings)");
+}
+
+// Host tensor of a spec, as f32 rows (gate and up stacked for the *GateUp roles).
+void host_rows(const Weights& w, const ModelConfig& cfg, const TensorSpec& t, std::vector<const Tensor*>& parts) {
+    const int L = cfg.num_hidden_layers;
+    parts.clear();
+    const LayerWeights* lw = nullptr;
+    const MtpWeights* m = nullptr;
+    if (t.layer >= 0) {
+        if (t.layer < L) lw = &w.layers[size_t(t.layer)];
+        else {
+            m = &w.mtp[size_t(t.layer - L)];
+            lw = &m->layer;
+        }
+    }
+    switch (t.role) {
+        case Role::Embed: parts = {&w.embed_tokens}; break;
+        case Role::FinalNorm: parts = {&w.norm}; break;
+        case Role::Head: parts = {&w.lm_head}; break;
+        case Role::InNorm: parts = {&lw->input_layernorm}; break;
+        case Role::PostNorm: parts = {&lw->post_attention_layernorm}; break;
+        case Role::QA: parts = {&lw->attn.q_a_proj}; break;
+        case Role::QANorm: parts = {&lw->attn.q_a_layernorm}; break;
+        case Role::QB: parts = {&lw->attn.q_b_proj}; break;
+        case Role::QProj: parts = {&lw->attn.q_proj}; break;
+        case Role::KVA: parts = {&lw->attn.kv_a_proj_with_mqa}; break;
+        case Role::KVANorm: parts = {&lw->attn.kv_a_layernorm}; break;
+        case Role::KVB: parts = {&lw->attn.kv_b_proj}; break;
+        case Role::OProj: parts = {&lw->attn.o_proj}; break;
+        case Role::MlpGateUp: parts = {&lw->mlp.gate_proj, &lw->mlp.up_proj}; break;
+        case Role::MlpDown: parts = {&lw->mlp.down_proj}; break;
+        case Role::Router: parts = {&lw->moe.gate}; break;
+        case Role::ExpGateUp:
+            parts = {&lw->moe.experts[size_t(t.expert)].gate_proj, &lw->moe.experts[size_t(t.expert)].up_proj};
+            break;
+        case Role::ExpDown: parts = {&lw->moe.experts[size_t(t.expert)].down_proj}; break;
+        case Role::SharedGateUp: parts = {&lw->moe.shared.gate_proj, &lw->moe.shared.up_proj}; break;
+        case Role::SharedDown: parts = {&lw->moe.shared.down_proj}; break;
+        case Role::MtpENorm: parts = {&m->enorm}; break;
+        case Role::MtpHNorm: parts = {&m->hnorm}; break;
+        case Role::MtpEh: parts = {&m->eh_proj}; break;
+        case Role::MtpEmbed: parts = {&m->embed_tokens}; break;
+        case Role::MtpHeadNorm: parts = {&m->shared_head_norm}; break;
+        case Role::MtpHead: parts = {&m->shared_head_head}; break;
+    }
+    int64_t n = 0;
+    for (const Tensor* p : parts) n += p->numel();
+    if (n != t.rows * t.cols)
+        throw ShapeError("CUDA upload: a tensor of layer " + std::to_string(t.layer) + " has " + std::to_string(n) +
+                         " values, the device plan expects [" + std::to_string(t.rows) + ", " +
+                         std::to_string(t.cols) + "]");
+}
+
+}  // namespace
+
+CudaBackend::CudaBackend(std::shared_ptr<Model> model, int capacity, const CudaOptions& o)
+    : impl_(std::make_unique<Impl>()) {
+    Impl& I = *impl_;
+    I.model = std::move(model);
+    I.opt = o;
+    const ModelConfig& cfg = I.model->config();
+    I.plan = plan_for(cfg, &I.model->weights(), o, capacity);
+    I.init_common(cfg, capacity);
+    const Weights& w = I.model->weights();
+    std::vector<const Tensor*> parts;
+    std::vector<uint16_t> staging;
+    I.build_weights([&](const TensorSpec& t, void* dst) {
+        host_rows(w, cfg, t, parts);
+        char* d = static_cast<char*>(dst);
+        for (const Tensor* p : parts) {
+            const size_t n = size_t(p->numel());
+            if (t.big && o.dtype == WeightDtype::BF16) {
+                staging.resize(n);
+                for (size_t i = 0; i < n; ++i) staging[i] = f32_to_bf16(p->data[i]);
+                check(cudaMemcpy(d, staging.data(), n * 2, cudaMemcpyHostToDevice), "upload weights");
+                d += n * 2;
+            } else {
+                check(cudaMemcpy(d, p->ptr(), n * 4, cudaMemcpyHostToDevice), "upload weights");
+                d += n * 4;
+            }
+        }
+    });
+    I.build_activations();
+    // Pageable uploads may still be in flight on the legacy stream when cudaMemcpy returns.
+    check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (upload)");
+}
+
+CudaBackend::CudaBackend(const ModelConfig& cfg, int capacity, const CudaOptions& o, uint64_t seed)
+    : impl_(std::make_unique<Impl>()) {
+    Impl& I = *impl_;
+    I.opt = o;
+    I.plan = plan_for(cfg, nullptr, o, capacity);
+    I.init_common(cfg, capacity);
+    uint64_t n = 0;
+    I.build_weights([&](const TensorSpec& t, void* dst) {
+        const bool bf16 = t.big && o.dtype == WeightDtype::BF16;
+        if (t.rows == 1) fill_constant(static_cast<float*>(dst), t.cols, 1.0f, I.stream);  // norm weights
+        else fill_uniform(dst, bf16, t.rows * t.cols, 1.0f / std::sqrt(float(t.cols)), seed + 977 * (++n), I.stream);
+    });
+    I.build_activations();
+    check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (random weights)");
+}
+
+CudaBackend::~CudaBackend() = default;
+
+std::string CudaBackend::name() const { return "cuda (" + impl_->device + ")"; }
+const ModelConfig& CudaBackend::config() const { return impl_->cfg; }
+const std::vector<std::vector<int>>& CudaBackend::last_loads() const { return impl_->last_loads; }
+void CudaBackend::set_telemetry(bool on) { impl_->telemetry = on; }
+const MemoryPlan& CudaBackend::plan() const { return impl_->plan; }
+std::string CudaBackend::device_name() const { return impl_->device; }
+void CudaBackend::set_graphs(bool on) { impl_->use_graphs = on; }
+bool CudaBackend::graphs() const { return impl_->use_graphs; }
+void CudaBackend::synchronize() { check(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize"); }
+
+std::vector<int> CudaBackend::sample_last(const SampleParams& p, const std::vector<float>& u) {
+    Impl& I = *impl_;
+    const int R = I.last_rows;
+    if (R <= 0) throw Error("sample_last: no forward has produced logits yet");
+    if (p.temperature > 0 && int(u.size()) < R)
+        throw Error("sample_last: " + std::to_string(R) + " uniforms needed, " + std::to_string(u.size()) + " given");
+    if (p.temperature > 0)
+        check(cudaMemcpyAsync(I.sample_u, u.data(), sizeof(float) * size_t(R), cudaMemcpyHostToDevice, I.stream),
+              "upload uniforms");
+    sample(I.sample_ids, I.logits, I.sample_u, R, I.cfg.vocab_size, p, I.stream);
+    std::vector<int> ids(static_cast<size_t>(R));
+    check(cudaMemcpyAsync(ids.data(), I.sample_ids, sizeof(int) * size_t(R), cudaMemcpyDeviceToHost, I.stream),
+          "copy sampled ids");
+    check(cudaStreamSynchronize(I.stream), "cudaStreamSynchronize (sample)");
+    return ids;
+}
+
+std::unique_ptr<BackendCache> CudaBackend::new_cache(int mtp_module, int capacity) {
+    const ModelConfig& c = impl_->cfg;
+    if (mtp_module < 0 || mtp_module > c.num_nextn_predict_layers)
+        throw Error("new_cache: MTP module " + std::to_string(mtp_module) + " does not exist");
+    if (capacity <= 0) capacity = impl_->plan.dims.capacity;
+    return std::make_unique<CudaCache>(c, mtp_module == 0 ? c.num_hidden_layers : 1, capacity);
+}
+
+void CudaBackend::forward(const int* tokens, int T, BackendCache& cache, const ForwardOptions& opt,
+                          ForwardResult& out) {
+    Impl& I = *impl_;
+    auto& c = static_cast<CudaCache&>(cache);
+    check_room(c, T, I.cfg);
+    check_tokens(tokens, T, I.cfg.vocab_size, "");
+    out = ForwardResult{};
+    out.T = T;
+    out.start = c.length_;
+    I.run_stack(T, c.length_, c, 0, I.cfg.num_hidden_layers, opt,
+                [&](int c0, int n) { I.upload_ids(tokens + c0, n); },
+                [&](int n) { embed(I.h, I.embed, I.ids, n, I.stream); }, I.final_norm, I.head, out);
+}
+
+void CudaBackend::forward_mtp(int k, const float* h_prev, const int* next_tokens, int T, BackendCache& cache,
+                              const ForwardOptions& opt, ForwardResult& out) {
+    Impl& I = *impl_;
+    const ModelConfig& cfg = I.cfg;
+    if (k < 1 || k > cfg.num_nextn_predict_layers)
+        throw Error("MTP module " + std::to_string(k) + " does not exist (the model has " +
+                    std::to_string(cfg.num_nextn_predict_layers) + ")");
+    auto& c = static_cast<CudaCache&>(cache);
+    check_room(c, T, cfg);
+    check_tokens(next_tokens, T, cfg.vocab_size, "MTP: ");
+    const DMtp& m = I.mtp[size_t(k - 1)];
+    const int D = cfg.hidden_size;
+    const float eps = float(cfg.rms_norm_eps);
+    out = ForwardResult{};
+    out.T = T;
+    out.start = c.length_;
+    I.run_stack(T, c.length_, c, cfg.num_hidden_layers + k - 1, 1, opt,
+                [&](int c0, int n) {
+                    I.upload_ids(next_tokens + c0, n);
+                    // h_prev rows go up through the pinned output buffer (free between chunks).
+                    float* ph = static_cast<float*>(I.pin_out.p);
+                    std::memcpy(ph, h_prev + size_t(c0) * D, sizeof(float) * size_t(n) * D);
+                    check(cudaMemcpyAsync(I.y, ph, sizeof(float) * size_t(n) * D, cudaMemcpyHostToDevice, I.stream),
+                          "upload h_prev");
+                    check(cudaStreamSynchronize(I.stream), "cudaStreamSynchronize (h_prev)");
+                },
+                [&](int n) {
+                    // concat(enorm(embed[t_{i+k}]), hnorm(h_i)): the embedding half first.
+                    embed(I.xn, m.embed, I.ids, n, I.stream);
+                    rmsnorm(I.cat, I.xn, m.enorm, n, D, eps, I.stream, 2 * D, D);
+                    rmsnorm(I.cat + D, I.y, m.hnorm, n, D, eps, I.stream, 2 * D, D);
+                    I.gemm->linear(I.h, I.cat, m.eh, n);
+                },
+                m.head_norm, m.head, out);
+}
+
+std::vector<float> CudaBackend::bias(int layer) const { return impl_->bias_host.at(size_t(layer)); }
+
+void CudaBackend::set_bias(int layer, const std::vector<float>& b) {
+    Impl& I = *impl_;
+    DLayer& d = I.layers.at(size_t(layer));
+    if (!d.moe) throw Error("set_bias: layer " + std::to_string(layer) + " is not an MoE layer");
+    if (int(b.size()) != I.cfg.n_routed_experts)
+        throw ShapeError("set_bias: layer " + std::to_string(layer) + " expects " +
+                         std::to_string(I.cfg.n_routed_experts) + " values, got " + std::to_string(b.size()));
+    // Stream-ordered, then waited for: the next forward sees the new bias, `b` may go away.
+    check(cudaMemcpyAsync(d.bias, b.data(), sizeof(float) * b.size(), cudaMemcpyHostToDevice, I.stream),
+          "upload router bias");
+    check(cudaStreamSynchronize(I.stream), "cudaStreamSynchronize (bias)");
+    I.bias_host[size_t(layer)] = b;
+}
+
+void CudaBackend::reset_bias() {
+    Impl& I = *impl_;
+    const int L = I.cfg.num_hidden_layers;
+    for (int l = 0; l < int(I.layers.size()); ++l) {
+        if (!I.layers[size_t(l)].moe) continue;
+        std::vector<float> b(size_t(I.cfg.n_routed_experts), 0.0f);
+        if (I.model) {
+            const Weights& w = I.model->weights();
+            const LayerWeights& lw = l < L ? w.layers[size_t(l)] : w.mtp[size_t(l - L)].layer;
+            if (!lw.moe.e_score_correction_bias.empty()) b = lw.moe.e_score_correction_bias.data;
+        }
+        set_bias(l, b);
+    }
+}
+
+}  // namespace moescope::cuda
+
+namespace {
+void write_str(char* dst, size_t len, const std::string& s) {
+    if (!dst || len == 0) return;
+    std::snprintf(dst, len, "%s", s.c_str());
+}
+}  // namespace
+
+extern "C" int moescope_cuda_probe(char* name, size_t name_len, char* err, size_t err_len) {
+    try {
+        std::string n, e;
+        int count = moescope::cuda::probe_devices(n, e);
+        write_str(name, name_len, n);
+        write_str(err, err_len, e);
+        return count;
+    } catch (const std::exception& ex) {
+        write_str(err, err_len, ex.what());
+        return 0;
+    }
+}
+
+extern "C" moescope::Backend* moescope_cuda_create_backend(std::shared_ptr<moescope::Model>* model, int capacity,
+                                                           char* err, size_t err_len) {
+    try {
+        if (!model || !*model) throw moescope::Error("no model given");
+        if (capacity <= 0) capacity = std::min(4096, (*model)->config().max_position_embeddings);
+        return new moescope::cuda::CudaBackend(*model, capacity, moescope::cuda::CudaOptions::from_env());
+    } catch (const std::exception& ex) {
+        write_str(err, err_len, ex.what());
+        return nullptr;
+    }
+}

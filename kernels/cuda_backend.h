@@ -1,0 +1,84 @@
+// The CUDA backend: moescope::Backend with every weight, the latent caches, routing and the
+// activations resident on the device. Weights are uploaded once (BF16 by default; F32 on
+// request for bit-level parity tests; FP8 checkpoints arrive dequantized by load_weights and
+// are stored as BF16), activations are f32 with f32 accumulation. Per forward call only the
+// token ids go up and the ForwardResult (logits, hidden, raw_hidden, routing, latent norms)
+// comes down, copied asynchronously into pinned host buffers.
+// The library exports two extern "C" entry points that engine/backend.cpp finds with dlsym.
+#pragma once
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend.h"
+#include "kernels/memory_plan.h"
+#include "kernels/sampling.h"
+
+namespace moescope::cuda {
+
+struct CudaOptions {
+    WeightDtype dtype = WeightDtype::BF16;
+    // MOESCOPE_CUDA_WEIGHTS=f32|bf16 in the environment overrides dtype (the dlopen path
+    // has no other way to ask for F32 weights).
+    static CudaOptions from_env();
+};
+
+// What the probe reports (also used by the extern "C" probe).
+int probe_devices(std::string& name, std::string& error);
+
+// The plan the backend would use for `model` on this device, and whether it fits.
+MemoryPlan plan_for(const ModelConfig& cfg, const Weights* w, const CudaOptions& o, int capacity);
+
+class CudaBackend : public Backend {
+public:
+    // A real model (weights uploaded from model->weights()).
+    CudaBackend(std::shared_ptr<Model> model, int capacity, const CudaOptions& o);
+    // A synthetic model of `cfg` with random weights generated on the device (benchmarks).
+    CudaBackend(const ModelConfig& cfg, int capacity, const CudaOptions& o, uint64_t seed);
+    ~CudaBackend() override;
+
+    std::string name() const override;
+    const ModelConfig& config() const override;
+    std::unique_ptr<BackendCache> new_cache(int mtp_module, int capacity) override;
+    void forward(const int* tokens, int T, BackendCache& cache, const ForwardOptions& opt,
+                 ForwardResult& out) override;
+    void forward_mtp(int k, const float* h_prev, const int* next_tokens, int T, BackendCache& cache,
+                     const ForwardOptions& opt, ForwardResult& out) override;
+    std::vector<float> bias(int layer) const override;
+    void set_bias(int layer, const std::vector<float>& b) override;
+    void reset_bias() override;
+
+    // Telemetry kept beside the ForwardResult: tokens per expert of the last forward, per MoE
+    // layer in the order of ForwardResult::routing ([moe layers][E]).
+    const std::vector<std::vector<int>>& last_loads() const;
+    // Telemetry on/off (routing, loads, norms copies): the benchmark measures its cost.
+    void set_telemetry(bool on);
+    const MemoryPlan& plan() const;
+    std::string device_name() const;
+    // Decode steps (one token, absorbed attention) replayed from a captured CUDA graph, one per
+    // cache; off by default, or MOESCOPE_CUDA_GRAPH=1 in the environment.
+    void set_graphs(bool on);
+    bool graphs() const;
+    // Waits for the device (benchmark timing).
+    void synchronize();
+    // Samples every row of logits the last forward / forward_mtp returned, on the device: only
+    // the ids cross to the host. u: one uniform in [0, 1) per row (unused when greedy).
+    std::vector<int> sample_last(const SampleParams& p, const std::vector<float>& u);
+    struct Impl;
+
+private:
+    std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace moescope::cuda
+
+extern "C" {
+int moescope_cuda_probe(char* name, size_t name_len, char* err, size_t err_len);
+moescope::Backend* moescope_cuda_create_backend(std::shared_ptr<moescope::Model>* model, int capacity, char* err,
+                                                size_t err_len);
+// gpu-bench: runs the synthetic benchmark described by `request_json` ({"config": "synthetic-v2-lite" |
+// a config.json path, "prompt": N, "decode": N, ...}); writes the JSON report into out.
+// Returns 0 on success; otherwise writes err and returns non-zero.
+int moescope_cuda_bench(const char* request_json, char* out, size_t out_len, char* err, size_t err_len);
+}

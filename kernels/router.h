@@ -1,0 +1,27 @@
+// The DeepSeekMoE router on the device (deepseek-v3.md 2.3), mirroring engine/model/moe.cpp
+// route() step by step: sigmoid/softmax scores, + bias for the choice only, group scores
+// (sum of the 2 largest for noaux_tc, max for group_limited_greedy), the topk_group best groups,
+// -inf for the experts of the other groups, top-k with ties to the lower index, weights =
+// scores of the chosen (normalized when norm_topk_prob and k > 1, then scaled).
+#pragma once
+#include <cstdint>
+
+#include "kernels/common.h"
+
+namespace moescope::cuda {
+
+struct RouterParams {
+    int E, k, n_group, topk_group;
+    bool sigmoid, use_bias, norm_topk_prob;
+    int method;  // 0 greedy, 1 group_limited_greedy, 2 noaux_tc (RouterDims::Method order)
+    float routed_scaling_factor;
+};
+
+inline constexpr int kRouterMaxK = 16, kRouterMaxGroups = 64;
+
+// logits [T, E] -> ids [T, k] (descending choice), weights [T, k], scores [T, E],
+// kept [T, G] (G = n_group when grouped, else 1). bias: device [E] or null.
+void route(int* ids, float* weights, float* scores, uint8_t* kept, const float* logits, const float* bias, int T,
+           const RouterParams& p, cudaStream_t s);
+
+}  // namespace moescope::cuda

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# device-check.sh: everything the GPU machine should run, in one call, within ~8 minutes.
+# Time caps: build 200 s, checks 100 s, bench 80 s, peer 100 s (about 8 minutes at worst).
+# Configures without Qt, builds the CUDA backend, the CLI and moescope-gpu-checks for sm_90,
+# runs the parity checks, gpu-bench and the PyTorch/transformers peer, and prints a short
+# table last. The full log goes to $OUT/device-check.log when $OUT is set.
+# Usage (from the repository root): bash tests/gpu/device-check.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$(pwd)
+BUILD=${MOESCOPE_DEVICE_BUILD:-$ROOT/build-device}
+OUTDIR=${OUT:-$BUILD/out}
+mkdir -p "$OUTDIR"
+LOG=$OUTDIR/device-check.log
+exec > >(tee "$LOG") 2>&1
+TEE_PID=$!
+START=$(date +%s)
+elapsed() { echo $(( $(date +%s) - START )); }
+step() { echo; echo "=== [$(elapsed) s] $*"; }
+
+declare -A RESULT
+RESULT[build]="not run"; RESULT[checks]="not run"; RESULT[bench]="not run"; RESULT[peer]="not run"
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
+export PATH=/usr/local/cuda/bin:$PATH
+nvcc --version | tail -1
+
+step "prerequisites"
+missing=()
+for tool in cmake ninja nvcc pkg-config python3; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+pkg-config --exists openblas || missing+=("openblas (pkg-config)")
+pkg-config --exists libpcre2-8 || missing+=("libpcre2-8 (pkg-config)")
+[ -f /usr/include/nlohmann/json.hpp ] || ls /usr/share/cmake/nlohmann_json* >/dev/null 2>&1 \
+  || ls /usr/lib/cmake/nlohmann_json* >/dev/null 2>&1 || missing+=("nlohmann-json")
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "missing: ${missing[*]} (the engine needs OpenBLAS, PCRE2 and nlohmann-json; see scripts/setup-deps)"
+fi
+
+step "configure (no Qt)"
+if cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOESCOPE_GUI=OFF -DMOESCOPE_TESTS=ON \
+     -DMOESCOPE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 > "$OUTDIR/configure.log" 2>&1; then
+  tail -3 "$OUTDIR/configure.log"
+  step "build -j16"
+  if timeout 200 cmake --build "$BUILD" -j16 --target moescope_cuda moescope-cli moescope-gpu-checks \
+       > "$OUTDIR/build.log" 2>&1; then
+    RESULT[build]="ok ($(elapsed) s)"
+  else
+    RESULT[build]="FAILED"
+    grep -E "error|FAILED" "$OUTDIR/build.log" | head -40
+  fi
+else
+  RESULT[build]="configure FAILED"
+  tail -40 "$OUTDIR/configure.log"
+fi
+
+if [ "${RESULT[build]}" != "FAILED" ] && [ -x "$BUILD/tests/gpu/moescope-gpu-checks" ]; then
+  step "moescope-gpu-checks"
+  timeout 100 "$BUILD/tests/gpu/moescope-gpu-checks" > "$OUTDIR/gpu-checks.log" 2>&1
+  rc=$?
+  grep -E "^(FAIL|SKIP)" "$OUTDIR/gpu-checks.log" | head -60
+  RESULT[checks]="$(tail -1 "$OUTDIR/gpu-checks.log") (rc $rc)"
+  echo "${RESULT[checks]}"
+
+  step "gpu-bench"
+  if timeout 80 "$BUILD/engine/moescope-cli" gpu-bench --json > "$OUTDIR/gpu-bench.json" 2> "$OUTDIR/gpu-bench.err"; then
+    cat "$OUTDIR/gpu-bench.json"
+    RESULT[bench]=$(python3 - "$OUTDIR/gpu-bench.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+m = r.get("mtp", {})
+print("prefill %.0f tok/s, decode %.1f tok/s (graph %.1f), %.0f GB/s = %.0f%% of copy bw %.0f GB/s, telemetry %+.1f%%, MTP x%.2f (projected)" % (
+    r["prefill_tokens_per_s"], r["decode_tokens_per_s"], r.get("decode_tokens_per_s_cuda_graph", 0),
+    r["decode_bandwidth_GBps"], 100 * r["decode_fraction_of_copy_bandwidth"], r["copy_bandwidth_GBps"],
+    r["telemetry_overhead_percent"], m.get("projected_speedup", 0)))
+EOF
+)
+  else
+    RESULT[bench]="FAILED: $(tail -2 "$OUTDIR/gpu-bench.err")"
+    cat "$OUTDIR/gpu-bench.err"
+  fi
+
+  step "PyTorch / transformers peer"
+  if timeout 100 python3 tests/gpu/hf_peer.py --model tests/fixtures/tiny-v3 --cli "$BUILD/engine/moescope-cli" \
+       --speed > "$OUTDIR/hf-peer.log" 2>&1; then
+    peer_ok=1
+  else
+    peer_ok=0
+  fi
+  tail -5 "$OUTDIR/hf-peer.log"
+  RESULT[peer]=$(tail -1 "$OUTDIR/hf-peer.log" | python3 -c '
+import json, sys
+try:
+    r = json.loads(sys.stdin.read())
+except Exception:
+    print("no report (see hf-peer.log)"); sys.exit()
+s = "max|hf-ours| %.2g, max|hf-expected| %.2g, %s" % (r["hf_vs_ours_max_abs"], r["hf_vs_expected_max_abs"], "ok" if r["ok"] else "MISMATCH")
+if "hf_decode_tokens_per_s" in r:
+    s += "; HF V2-Lite-size prefill %.0f tok/s, decode %.1f tok/s" % (r["hf_prefill_tokens_per_s"], r["hf_decode_tokens_per_s"])
+print(s)')
+  [ $peer_ok = 1 ] || RESULT[peer]="${RESULT[peer]} (rc != 0)"
+fi
+
+step "summary"
+printf '%-14s %s\n' "build" "${RESULT[build]}" "gpu-checks" "${RESULT[checks]}" "gpu-bench" "${RESULT[bench]}" \
+  "hf peer" "${RESULT[peer]}" "total" "$(elapsed) s"
+# Let tee write the whole log before the machine collects $OUT.
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null

@@ -1,0 +1,33 @@
+// Shared helpers of the GUI suites: open the fixture model in a window and run one generation.
+#pragma once
+#include <QSignalSpy>
+#include <QTest>
+
+#include "ChatWidget.h"
+#include "EngineController.h"
+#include "MainWindow.h"
+#include "TelemetryStore.h"
+
+inline QString fixtureModel() { return QStringLiteral(MOESCOPE_FIXTURES "/tiny-v3"); }
+
+inline bool loadFixture(MainWindow& w) {
+    QSignalSpy loaded(w.engine(), &EngineController::modelLoaded);
+    w.openModel(fixtureModel());
+    return loaded.wait(60000) || loaded.count() == 1;
+}
+
+// Sends `prompt` (token ids) greedily and waits for the answer; returns the summary.
+inline bool generateOnce(MainWindow& w, const QString& prompt, int maxTokens, GenerationSummary* out = nullptr,
+                         bool mtp = true) {
+    auto p = w.chat()->sampling();
+    p.temperature = 0;
+    p.max_tokens = maxTokens;
+    p.mtp = mtp;
+    w.chat()->setSampling(p);
+    QSignalSpy done(w.engine(), &EngineController::generationFinished);
+    if (!w.chat()->send(prompt)) return false;
+    if (!done.wait(60000) && done.isEmpty()) return false;
+    w.store()->flush();
+    if (out) *out = done.first().first().value<GenerationSummary>();
+    return true;
+}
