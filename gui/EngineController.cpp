@@ -114,6 +114,9 @@ void EngineController::loadModel(const QString& dir, const QString& backendReque
             meta.settings = {{"backend", backend->name()}, {"backend_notice", sel.notice},
                              {"source", dir.toStdString()}};
             m_store->sink()->record(meta);
+            // The checkpoint's router bias as the first point of the bias-drift view (reset_bias
+            // records every MoE layer's bias; at load it changes nothing).
+            m_session->reset_bias();
             reply([this, info, tok] {
                 m_info = info;
                 m_tokenizerGui = tok;
