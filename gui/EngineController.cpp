@@ -28,7 +28,6 @@ EngineController::EngineController(TelemetryStore* store, QObject* parent)
     qRegisterMetaType<GenerationSummary>();
     m_thread.setObjectName(QStringLiteral("moescope-engine"));
     m_worker->moveToThread(&m_thread);
-    connect(&m_thread, &QThread::finished, m_worker, &QObject::deleteLater);
     m_thread.start();
 }
 
@@ -44,6 +43,8 @@ EngineController::~EngineController() {
     });
     m_thread.quit();
     m_thread.wait();
+    delete m_worker;  // its thread has finished: no event can reach it any more
+    // Engine objects not released by the posted job (quit can win the race) go with the members.
 }
 
 template <class F> void EngineController::post(F&& f) {
