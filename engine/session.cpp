@@ -349,11 +349,11 @@ GenerationResult Session::generate(const SamplingParams& params,
     bool stop = false;
 
     // Emits one token: streaming callback, telemetry, stop conditions.
-    auto emit = [&](int id, bool drafted, float surprisal) {
+    auto emit = [&](int id, int position, bool drafted, float surprisal) {
         if (stop) return;
         TokenEvent ev;
         ev.id = id;
-        ev.position = int(tokens_.size()) + 0;  // position it will occupy
+        ev.position = position;
         ev.drafted = drafted;
         ev.surprisal = surprisal;
         if (stream) ev.text = stream->push(id);
@@ -390,7 +390,7 @@ GenerationResult Session::generate(const SamplingParams& params,
     std::vector<int> history = tokens_;
     std::vector<float> probs;
     int pending = sample_token(impl_->next_logits.data(), V, params, history, rng, &probs);
-    emit(pending, false, surprisal_bits(impl_->next_logits.data(), V, pending));
+    emit(pending, int(tokens_.size()), false, surprisal_bits(impl_->next_logits.data(), V, pending));
     if (params.max_tokens <= 0) stop = true;
 
     while (!stop) {
@@ -508,7 +508,7 @@ GenerationResult Session::generate(const SamplingParams& params,
         // 5. Emit the accepted drafts and the bonus token.
         for (int j = 0; j < accepted && !stop; ++j) {
             const float* lj = r.logits.data() + size_t(j) * V;
-            emit(drafts[size_t(j)], true, surprisal_bits(lj, V, drafts[size_t(j)]));
+            emit(drafts[size_t(j)], n + 1 + j, true, surprisal_bits(lj, V, drafts[size_t(j)]));
         }
         if (stop) {
             impl_->next_logits.assign(r.logits.begin() + size_t(accepted) * V, r.logits.begin() + size_t(accepted + 1) * V);
@@ -516,7 +516,7 @@ GenerationResult Session::generate(const SamplingParams& params,
         }
         impl_->next_logits.assign(r.logits.begin() + size_t(accepted) * V, r.logits.begin() + size_t(accepted + 1) * V);
         pending = bonus;
-        emit(pending, false, surprisal_bits(impl_->next_logits.data(), V, pending));
+        emit(pending, int(tokens_.size()), false, surprisal_bits(impl_->next_logits.data(), V, pending));
     }
     // Leave the context as prompt + every emitted token: drop drafts verified beyond a stop,
     // and feed the last emitted token, which is not in the cache yet.

@@ -151,15 +151,23 @@ void TestSession::mtpAcceptsWhenDraftsAgree() {
     Session s(cpu(model));
     MemorySink sink;
     s.set_sink(&sink);
-    auto r = s.generate({5, 6, 7}, p);
+    std::vector<int> positions;
+    auto r = s.generate({5, 6, 7}, p, [&](const TokenEvent& ev) {
+        positions.push_back(ev.position);
+        return true;
+    });
     QCOMPARE(r.tokens, std::vector<int>(15, 0));
+    for (size_t i = 0; i < positions.size(); ++i) QCOMPARE(positions[i], int(3 + i));
     QVERIFY(r.stats.mtp.drafts > 0);
     QCOMPARE(r.stats.mtp.accepted_tokens, r.stats.mtp.draft_tokens);
     QCOMPARE(r.stats.mtp.acceptance_rate(), 1.0);
     QVERIFY(r.stats.mtp.mean_acceptance_length() > 1.9);
-    int drafted = 0;
+    int drafted = 0, expect_position = 0;
     for (const auto& rec : sink.snapshot())
-        if (auto* t = std::get_if<TokenRecord>(&rec)) drafted += t->drafted;
+        if (auto* t = std::get_if<TokenRecord>(&rec)) {
+            drafted += t->drafted;
+            QCOMPARE(t->position, expect_position++);  // prompt and generated tokens, in order
+        }
     QVERIFY(drafted >= 6);
     QCOMPARE(s.length(), 3 + 15);
 }
