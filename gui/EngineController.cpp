@@ -22,13 +22,12 @@ constexpr int kMaxContext = 8192;  // positions the GUI session allocates at mos
 }
 
 EngineController::EngineController(TelemetryStore* store, QObject* parent)
-    : QObject(parent), m_store(store), m_posSink(std::make_unique<PositionSink>(store->sink())), m_worker(new QObject) {
+    : QObject(parent), m_store(store), m_worker(new QObject) {
     qRegisterMetaType<ModelInfo>();
     qRegisterMetaType<GeneratedToken>();
     qRegisterMetaType<GenerationSummary>();
     m_thread.setObjectName(QStringLiteral("moescope-engine"));
     m_worker->moveToThread(&m_thread);
-    connect(&m_thread, &QThread::finished, m_worker, &QObject::deleteLater);
     m_thread.start();
 }
 
@@ -44,6 +43,8 @@ EngineController::~EngineController() {
     });
     m_thread.quit();
     m_thread.wait();
+    delete m_worker;  // its thread has finished: no event can reach it any more
+    // Engine objects not released by the posted job (quit can win the race) go with the members.
 }
 
 template <class F> void EngineController::post(F&& f) {
@@ -104,7 +105,7 @@ void EngineController::loadModel(const QString& dir, const QString& backendReque
                 m_model = model;
                 m_tokenizer = tok;
             }
-            m_session->set_sink(m_posSink.get());
+            m_session->set_sink(m_store->sink());
             if (m_latentLayer >= 0) m_session->set_latent_layer(m_latentLayer);
             m_session->set_want_scores(m_wantScores);
             m_store->sink()->reset();
@@ -114,6 +115,9 @@ void EngineController::loadModel(const QString& dir, const QString& backendReque
             meta.settings = {{"backend", backend->name()}, {"backend_notice", sel.notice},
                              {"source", dir.toStdString()}};
             m_store->sink()->record(meta);
+            // The checkpoint's router bias as the first point of the bias-drift view (reset_bias
+            // records every MoE layer's bias; at load it changes nothing).
+            m_session->reset_bias();
             reply([this, info, tok] {
                 m_info = info;
                 m_tokenizerGui = tok;
@@ -160,27 +164,17 @@ void EngineController::generate(const std::vector<int>& context, const SamplingP
             const auto t0 = std::chrono::steady_clock::now();
             if (!rest.empty()) s.append(rest);
             const double prefill = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            const int base = s.length();
-            m_posSink->begin(base);
-            int emitted = 0;
-            auto onToken = [this, job, base, &emitted](const TokenEvent& ev) {
+            auto onToken = [this, job](const TokenEvent& ev) {
                 GeneratedToken t;
                 t.id = ev.id;
-                t.position = base + emitted++;
+                t.position = ev.position;
                 t.text = QString::fromStdString(ev.text);
                 t.drafted = ev.drafted;
                 t.surprisal = ev.surprisal;
                 reply([this, t] { emit tokenGenerated(t); });
                 return m_cancelUpTo < job;
             };
-            GenerationResult res;
-            try {
-                res = s.generate(params, onToken);
-            } catch (...) {
-                m_posSink->end();
-                throw;
-            }
-            m_posSink->end();
+            GenerationResult res = s.generate(params, onToken);
             const GenerationStats& st = res.stats;
             sum.promptTokens = st.prompt_tokens;
             sum.tokens = st.generated_tokens;
@@ -214,18 +208,6 @@ void EngineController::generate(const std::vector<int>& context, const SamplingP
             emit busyChanged(false);
         });
     });
-}
-
-void EngineController::PositionSink::record(const Record& r) {
-    if (m_base >= 0) {
-        if (const auto* t = std::get_if<TokenRecord>(&r); t && !t->prompt) {
-            TokenRecord fixed = *t;
-            fixed.position = m_base + m_recCount++;
-            m_next->record(fixed);
-            return;
-        }
-    }
-    m_next->record(r);
 }
 
 void EngineController::cancel() {

@@ -82,22 +82,7 @@ private:
     template <class F> void post(F&& f);      // run on the worker thread
     template <class F> void reply(F&& f);     // run on the GUI thread
 
-    // Numbers generated tokens by emission order from the context length at the start of a
-    // generation. Works around the engine reporting an accepted MTP draft at the position after
-    // the verified block (see docs/gui.md); a no-op once the engine's positions are right.
-    class PositionSink : public moescope::TelemetrySink {
-    public:
-        explicit PositionSink(moescope::TelemetrySink* next) : m_next(next) {}
-        void begin(int base) { m_base = base, m_recCount = 0; }
-        void end() { m_base = -1; }
-        void record(const moescope::Record& r) override;
-    private:
-        moescope::TelemetrySink* m_next;
-        int m_base = -1, m_recCount = 0;
-    };
-
     TelemetryStore* m_store;
-    std::unique_ptr<PositionSink> m_posSink;
     QThread m_thread;
     QObject* m_worker;                          // lives on m_thread; jobs run in its context
 

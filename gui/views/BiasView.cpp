@@ -46,8 +46,10 @@ BiasView::BiasView(TelemetryStore* store, QWidget* parent)
     m_linePlot->yAxis->setLabel(tr("bias"));
     m_linePlot->legend->setVisible(true);
     m_linePlot->legend->setFont(QFont(font().family(), 7));
+    m_linePlot->plotLayout()->insertRow(0);
+    m_linePlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_linePlot, QString()));
     m_heatPlot = addPlot(0, 1);
-    m_heat = addColorMap(m_heatPlot, tr("bias"));
+    m_heat = addColorMap(m_heatPlot, tr("bias - first"));
     m_heat->setGradient(QCPColorGradient(QCPColorGradient::gpPolar));
     m_heatPlot->xAxis->setLabel(tr("bias update"));
     m_heatPlot->yAxis->setLabel(tr("expert"));
@@ -101,14 +103,15 @@ void BiasView::refresh() {
     const int S = int(hist.size());
     const int E = S ? int(hist.front().bias.size()) : 0;
 
-    // Heatmap experts x updates.
+    // Heatmap experts x updates: the drift from the first record, which small updates (gamma)
+    // would otherwise hide under the checkpoint's own spread of biases.
     m_heat->data()->setSize(std::max(S, 1), std::max(E, 1));
     m_heat->data()->setRange(QCPRange(0, std::max(S - 1, 0)), QCPRange(0, std::max(E - 1, 0)));
     m_heat->data()->fill(0);
     double amax = 1e-9;
     for (int s = 0; s < S; ++s)
         for (int e = 0; e < E && e < int(hist[size_t(s)].bias.size()); ++e) {
-            const double b = hist[size_t(s)].bias[size_t(e)];
+            const double b = double(hist[size_t(s)].bias[size_t(e)]) - double(hist.front().bias[size_t(e)]);
             m_heat->data()->setCell(s, e, b);
             amax = std::max(amax, std::abs(b));
         }
@@ -141,6 +144,9 @@ void BiasView::refresh() {
         g->setData(x, y, true);
     }
     m_linePlot->rescaleAxes();
+    if (auto* t = qobject_cast<QCPTextElement*>(m_linePlot->plotLayout()->element(0, 0)))
+        t->setText(S <= 1 ? tr("layer %1: no bias updates yet (turn on online balancing, or train)").arg(lay)
+                          : tr("layer %1: bias of %2 experts over %3 updates").arg(lay).arg(chosen.size()).arg(S));
 
     // MaxVio: generation steps (from load records), training batches, validation.
     QVector<double> x0, y0, x1, y1, x2, y2;

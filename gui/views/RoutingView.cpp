@@ -65,7 +65,7 @@ RoutingView::RoutingView(TelemetryStore* store, QWidget* parent)
     m_coPlot->xAxis->setLabel(tr("expert"));
     m_coPlot->yAxis->setLabel(tr("expert"));
     m_coPlot->plotLayout()->insertRow(0);
-    m_coPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_coPlot, tr("co-activation (both in top-k)")));
+    m_coPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_coPlot, tr("co-activation: tokens routed to both")));
 
     connect(m_layer, &QComboBox::currentIndexChanged, this, &RoutingView::onStoreChanged);
     connect(m_scope, &QComboBox::currentIndexChanged, this, &RoutingView::onStoreChanged);
@@ -94,19 +94,26 @@ void RoutingView::rebuildLayerChoices() {
     for (int l : layers) m_layer->addItem(tr("layer %1").arg(l), l);
 }
 
-// Integer ticks with at most ~12 labels; rows of the token map are labelled with layer indices.
+// Row labels (layer indices) spaced so they never overlap: about one per 16 pixels of height.
 static void setRowTicks(QCPAxis* axis, const std::vector<int>& rowLabels) {
     QSharedPointer<QCPAxisTickerText> t(new QCPAxisTickerText);
     const int n = int(rowLabels.size());
-    const int step = std::max(1, (n + 11) / 12);
+    const int room = std::max(2, axis->axisRect()->height() / 16);
+    int step = 1;
+    while ((n + step - 1) / step > room) step *= 2;
     for (int i = 0; i < n; i += step) t->addTick(i, QString::number(rowLabels[size_t(i)]));
     axis->setTicker(t);
 }
 
+// Expert ids: power-of-two steps (expert counts are powers of two), at most ~10 labels.
 static void setIntTicks(QCPAxis* axis, int n) {
     QSharedPointer<QCPAxisTickerFixed> t(new QCPAxisTickerFixed);
-    t->setTickStep(std::max(1, (n + 11) / 12));
-    t->setScaleStrategy(QCPAxisTickerFixed::ssMultiples);
+    const int extent = axis->orientation() == Qt::Horizontal ? axis->axisRect()->width() : axis->axisRect()->height();
+    const int room = std::max(2, std::min(10, extent / 28));
+    int step = 1;
+    while ((n + step - 1) / step > room) step *= 2;
+    t->setTickStep(step);
+    t->setScaleStrategy(QCPAxisTickerFixed::ssNone);
     axis->setTicker(t);
 }
 
@@ -203,7 +210,8 @@ void RoutingView::refresh() {
     m_coMap->data()->setSize(E, E);
     m_coMap->data()->setRange(QCPRange(0, E - 1), QCPRange(0, E - 1));
     for (int a = 0; a < E; ++a)
-        for (int b = 0; b < E; ++b) m_coMap->data()->setCell(a, b, double(co[size_t(a) * size_t(E) + size_t(b)]));
+        for (int b = 0; b < E; ++b)  // the diagonal (an expert with itself) would drown the pairs: grey
+            m_coMap->data()->setCell(a, b, a == b ? qQNaN() : double(co[size_t(a) * size_t(E) + size_t(b)]));
     setFiniteDataRange(m_coMap, true);
     m_coPlot->xAxis->setRange(-0.5, E - 0.5);
     m_coPlot->yAxis->setRange(-0.5, E - 0.5);

@@ -32,7 +32,7 @@ TrainingView::TrainingView(TelemetryStore* store, QWidget* parent)
     m_corpus->setPlaceholderText(tr("corpus text files (; separated)"));
     auto* browse = new QPushButton(tr("..."));
     m_balance = new QComboBox;
-    m_balance->addItems({QStringLiteral("aux-free"), QStringLiteral("aux-loss"), QStringLiteral("none")});
+    m_balance->addItems({QStringLiteral("aux-free"), QStringLiteral("aux-loss"), QStringLiteral("seq-aux"), QStringLiteral("none")});
     m_gamma = new QDoubleSpinBox;
     m_gamma->setDecimals(4);
     m_gamma->setRange(0, 1);

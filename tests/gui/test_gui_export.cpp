@@ -160,7 +160,7 @@ private slots:
         auto* bv = qobject_cast<BiasView*>(w->view("bias"));
         bv->setLayer(2);
         bv->refreshNow();
-        QCOMPARE(bv->heatmapSize(), QSize(40, 16));
+        QCOMPARE(bv->heatmapSize(), QSize(1 + 40, 16));  // the checkpoint bias recorded at load, then the trace
         QCOMPARE(bv->lineCount(), 6);
         QVERIFY(bv->maxVioPoints() >= 44);
     }

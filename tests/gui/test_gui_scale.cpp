@@ -80,6 +80,11 @@ private slots:
             if (p % 2) st->sink()->record(MtpRecord{p, p, {1}, int(p % 3 != 0), 0.66});
         }
         st->flush();
+        // MOESCOPE_V3_TRACE=FILE keeps the stream as a trace (docs/screenshots/v3-routing.png).
+        if (qEnvironmentVariableIsSet("MOESCOPE_V3_TRACE")) {
+            JsonlWriter jw(qEnvironmentVariable("MOESCOPE_V3_TRACE").toStdString());
+            for (const auto& r : st->records()) jw.record(r);
+        }
         const double ingestMs = double(ingest.nsecsElapsed()) / 1e6;
         QCOMPARE(st->shape().moeLayers.size(), size_t(58));
         st->select(P / 2);
