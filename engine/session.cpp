@@ -357,8 +357,9 @@ GenerationResult Session::generate(const SamplingParams& params,
         ev.drafted = drafted;
         ev.surprisal = surprisal;
         if (stream) ev.text = stream->push(id);
+        ev.special = tokenizer_ && tokenizer_->is_special(id);
         res.tokens.push_back(id);
-        res.text += ev.text;
+        if (!ev.special) res.text += ev.text;
         if (first) {
             st.time_to_first_token = seconds_since(t_start);
             first = false;

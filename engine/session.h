@@ -58,6 +58,7 @@ struct TokenEvent {
     int position = 0;
     std::string text;                // decoded text piece ("" without a tokenizer)
     bool drafted = false;            // came from an accepted MTP draft
+    bool special = false;            // a special token (<|eos|>, ...): not part of res.text
     float surprisal = 0;             // -log2 p under the main model's (unfiltered) distribution
 };
 

@@ -109,7 +109,9 @@ int cmd_generate(const std::vector<std::string>& argv) {
     }
     GenerationResult r = s.generate(prompt, p, [&](const TokenEvent& ev) {
         if (stream_out) {
-            if (m.tokenizer) std::cout << ev.text;
+            if (m.tokenizer) {
+                if (!ev.special) std::cout << ev.text;
+            }
             else std::cout << ev.id << ' ';
             std::cout.flush();
         }
