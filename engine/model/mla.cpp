@@ -62,70 +62,79 @@ void mla_forward(float* out, const float* x, int T, int start, const AttentionWe
     const float* C = cache.c.data();     // [S, d_c]
     const float* KP = cache.k_pe.data(); // [S, d_rope]
     std::vector<float> o(size_t(T) * H * d.d_v);  // [T, H, d_v]
-    std::vector<float> p(static_cast<size_t>(S));
     const int dkvb = d.d_nope + d.d_v;
     if (!absorbed) {
+        // Scores of a head as one product Q_h K_h^T (keys = [k_nope_h | k_pe] made contiguous),
+        // heads in parallel; each head writes its own slice of o.
         std::vector<float> kv(size_t(S) * H * dkvb);  // [S, H, d_nope + d_v]
         linear_forward(kv.data(), C, w.kv_b_proj, S);
-        for (int t = 0; t < T; ++t) {
-            const int n = start + t + 1;
-            for (int h = 0; h < H; ++h) {
-                const float* qh = q.data() + (size_t(t) * H + h) * dq;
-                for (int j = 0; j < n; ++j) {
-                    const float* kh = kv.data() + (size_t(j) * H + h) * dkvb;
-                    const float* kp = KP + size_t(j) * d.d_rope;
-                    float s = 0;
-                    for (int i = 0; i < d.d_nope; ++i) s += qh[i] * kh[i];
-                    for (int i = 0; i < d.d_rope; ++i) s += qh[d.d_nope + i] * kp[i];
-                    p[size_t(j)] = s * d.scale;
+        parallel_range(H, int64_t(H) * T * S * (dq + d.d_v), [&](int h0, int h1) {
+            std::vector<float> K(size_t(S) * dq), Qh(size_t(T) * dq), P(static_cast<size_t>(S));  // [S, dq], [T, dq], [S]
+            for (int h = h0; h < h1; ++h) {
+                for (int j = 0; j < S; ++j) {
+                    std::memcpy(K.data() + size_t(j) * dq, kv.data() + (size_t(j) * H + h) * dkvb,
+                                sizeof(float) * size_t(d.d_nope));
+                    std::memcpy(K.data() + size_t(j) * dq + d.d_nope, KP + size_t(j) * d.d_rope,
+                                sizeof(float) * size_t(d.d_rope));
                 }
-                softmax_inplace(p.data(), n);
-                float* oh = o.data() + (size_t(t) * H + h) * d.d_v;
-                std::fill(oh, oh + d.d_v, 0.0f);
-                for (int j = 0; j < n; ++j) {
-                    const float* vh = kv.data() + (size_t(j) * H + h) * dkvb + d.d_nope;
-                    for (int i = 0; i < d.d_v; ++i) oh[i] += p[size_t(j)] * vh[i];
+                for (int t = 0; t < T; ++t)
+                    std::memcpy(Qh.data() + size_t(t) * dq, q.data() + (size_t(t) * H + h) * dq, sizeof(float) * size_t(dq));
+                for (int t = 0; t < T; ++t) {
+                    const int n = start + t + 1;
+                    matmul_nt_rows(P.data(), Qh.data() + size_t(t) * dq, K.data(), 1, n, dq);
+                    for (int j = 0; j < n; ++j) P[size_t(j)] *= d.scale;
+                    softmax_inplace(P.data(), n);
+                    float* oh = o.data() + (size_t(t) * H + h) * d.d_v;
+                    std::fill(oh, oh + d.d_v, 0.0f);
+                    for (int j = 0; j < n; ++j) {
+                        const float* vh = kv.data() + (size_t(j) * H + h) * dkvb + d.d_nope;
+                        const float pj = P[size_t(j)];
+                        for (int i = 0; i < d.d_v; ++i) oh[i] += pj * vh[i];
+                    }
                 }
             }
-        }
+        });
     } else {
+        // Per position t (computed the same way whatever T, so verifying drafts reproduces
+        // one-token decoding): q_lat of every head, scores of all heads against the cached
+        // latents as one product (each c_j read once for all heads), softmax and the latent
+        // output per head in parallel, then W_UV.
         const float* Wkvb = w.kv_b_proj.ptr();  // [H*(d_nope+d_v), d_c]
-        std::vector<float> qlat(size_t(d.d_c)), olat(size_t(d.d_c));
+        std::vector<float> qlat(size_t(H) * d.d_c), qpe(size_t(H) * d.d_rope);  // [H, d_c], [H, d_rope]
+        std::vector<float> P(size_t(H) * S), sr(size_t(H) * S), olat(size_t(H) * d.d_c);  // [H, n], [H, n], [H, d_c]
         for (int t = 0; t < T; ++t) {
             const int n = start + t + 1;
             for (int h = 0; h < H; ++h) {
                 const float* qh = q.data() + (size_t(t) * H + h) * dq;
-                const float* Wuk = Wkvb + size_t(h) * dkvb * d.d_c;          // [d_nope, d_c]
-                const float* Wuv = Wuk + size_t(d.d_nope) * d.d_c;            // [d_v, d_c]
-                std::fill(qlat.begin(), qlat.end(), 0.0f);
+                const float* Wuk = Wkvb + size_t(h) * dkvb * d.d_c;  // [d_nope, d_c]
+                float* ql = qlat.data() + size_t(h) * d.d_c;
+                std::fill(ql, ql + d.d_c, 0.0f);
                 for (int i = 0; i < d.d_nope; ++i) {
                     const float a = qh[i];
                     const float* row = Wuk + size_t(i) * d.d_c;
-                    for (int c = 0; c < d.d_c; ++c) qlat[size_t(c)] += a * row[c];
+                    for (int c = 0; c < d.d_c; ++c) ql[c] += a * row[c];
                 }
-                for (int j = 0; j < n; ++j) {
-                    const float* cj = C + size_t(j) * d.d_c;
-                    const float* kp = KP + size_t(j) * d.d_rope;
-                    float s = 0;
-                    for (int c = 0; c < d.d_c; ++c) s += qlat[size_t(c)] * cj[c];
-                    for (int i = 0; i < d.d_rope; ++i) s += qh[d.d_nope + i] * kp[i];
-                    p[size_t(j)] = s * d.scale;
-                }
-                softmax_inplace(p.data(), n);
-                std::fill(olat.begin(), olat.end(), 0.0f);
-                for (int j = 0; j < n; ++j) {
-                    const float* cj = C + size_t(j) * d.d_c;
-                    const float pj = p[size_t(j)];
-                    for (int c = 0; c < d.d_c; ++c) olat[size_t(c)] += pj * cj[c];
-                }
-                float* oh = o.data() + (size_t(t) * H + h) * d.d_v;
-                for (int i = 0; i < d.d_v; ++i) {
-                    const float* row = Wuv + size_t(i) * d.d_c;
-                    float s = 0;
-                    for (int c = 0; c < d.d_c; ++c) s += row[c] * olat[size_t(c)];
-                    oh[i] = s;
-                }
+                std::memcpy(qpe.data() + size_t(h) * d.d_rope, qh + d.d_nope, sizeof(float) * size_t(d.d_rope));
             }
+            matmul_nt_rows(P.data(), qlat.data(), C, H, n, d.d_c);       // [H, n]
+            matmul_nt_rows(sr.data(), qpe.data(), KP, H, n, d.d_rope);   // [H, n]
+            parallel_range(H, int64_t(H) * n * d.d_c, [&](int h0, int h1) {
+                for (int h = h0; h < h1; ++h) {
+                    float* p = P.data() + size_t(h) * n;
+                    const float* r = sr.data() + size_t(h) * n;
+                    for (int j = 0; j < n; ++j) p[j] = (p[j] + r[j]) * d.scale;
+                    softmax_inplace(p, n);
+                    float* ol = olat.data() + size_t(h) * d.d_c;
+                    std::fill(ol, ol + d.d_c, 0.0f);
+                    for (int j = 0; j < n; ++j) {
+                        const float* cj = C + size_t(j) * d.d_c;
+                        const float pj = p[j];
+                        for (int c = 0; c < d.d_c; ++c) ol[c] += pj * cj[c];
+                    }
+                    const float* Wuv = Wkvb + (size_t(h) * dkvb + d.d_nope) * d.d_c;  // [d_v, d_c]
+                    matmul_nt_rows(o.data() + (size_t(t) * H + h) * d.d_v, ol, Wuv, 1, d.d_v, d.d_c);
+                }
+            });
         }
     }
     linear_forward(out, o.data(), w.o_proj, T);

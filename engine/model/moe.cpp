@@ -111,23 +111,81 @@ void moe_experts_forward(float* out, const float* x, int T, const MoeWeights& w,
     std::vector<std::vector<int>> rows(static_cast<size_t>(E));
     for (int t = 0; t < T; ++t)
         for (int i = 0; i < k; ++i) rows[size_t(r.ids[size_t(t) * k + i])].push_back(t * k + i);
-    if (!w.shared.gate_proj.empty()) mlp_forward(out, x, T, w.shared);
+    // The shared expert and every chosen expert as tasks with their own input rows.
+    struct Task {
+        const MlpWeights* w;
+        int e;  // -1: shared
+        int n, I;
+        std::vector<float> xin, gate, up, y;  // [n, D], [n, I], [n, I], [n, D]
+    };
+    std::vector<Task> tasks;
+    if (!w.shared.gate_proj.empty()) tasks.push_back({&w.shared, -1, T, int(w.shared.gate_proj.shape[0]), {}, {}, {}, {}});
+    for (int e = 0; e < E; ++e)
+        if (!rows[size_t(e)].empty())
+            tasks.push_back({&w.experts[size_t(e)], e, int(rows[size_t(e)].size()),
+                             int(w.experts[size_t(e)].gate_proj.shape[0]), {}, {}, {}, {}});
+    int64_t work = 0;
+    for (auto& tk : tasks) {
+        if (tk.e < 0) tk.xin.assign(x, x + size_t(T) * D);
+        else {
+            tk.xin.resize(size_t(tk.n) * D);
+            const auto& rs = rows[size_t(tk.e)];
+            for (int i = 0; i < tk.n; ++i)
+                std::copy(x + size_t(rs[size_t(i)] / k) * D, x + size_t(rs[size_t(i)] / k + 1) * D,
+                          tk.xin.begin() + size_t(i) * D);
+        }
+        tk.y.resize(size_t(tk.n) * D);
+        work += int64_t(3) * tk.n * tk.I * D;
+    }
+    if (T <= kSmallT) {
+        // Decoding: every expert is a few products too small to share out alone. Split the
+        // output rows of all the gate/up products, then of all the down products, evenly over
+        // the pool. The row kernel is what mlp_forward uses at this size, so results are the same.
+        auto split = [&](bool gate_up, const auto& body) {
+            int total = 0;
+            for (auto& tk : tasks) total += gate_up ? 2 * tk.I : D;
+            parallel_range(total, work, [&](int b, int e) {
+                int base = 0;
+                for (auto& tk : tasks) {
+                    const int len = gate_up ? 2 * tk.I : D;
+                    const int lo = std::max(b, base), hi = std::min(e, base + len);
+                    if (lo < hi) body(tk, lo - base, hi - base);
+                    base += len;
+                }
+            });
+        };
+        for (auto& tk : tasks) {
+            tk.gate.resize(size_t(tk.n) * tk.I);
+            tk.up.resize(size_t(tk.n) * tk.I);
+        }
+        // Rows [0, I) are the gate product's, [I, 2I) the up product's.
+        split(true, [&](Task& tk, int o0, int o1) {
+            if (o0 < tk.I)
+                matmul_nt_rows_range(tk.gate.data(), tk.xin.data(), tk.w->gate_proj.ptr(), tk.n, o0, std::min(o1, tk.I),
+                                     tk.I, D);
+            if (o1 > tk.I)
+                matmul_nt_rows_range(tk.up.data(), tk.xin.data(), tk.w->up_proj.ptr(), tk.n, std::max(o0, tk.I) - tk.I,
+                                     o1 - tk.I, tk.I, D);
+        });
+        for (auto& tk : tasks) swiglu_forward(tk.gate.data(), tk.gate.data(), tk.up.data(), int64_t(tk.n) * tk.I);
+        split(false, [&](Task& tk, int o0, int o1) {
+            matmul_nt_rows_range(tk.y.data(), tk.gate.data(), tk.w->down_proj.ptr(), tk.n, o0, o1, D, tk.I);
+        });
+    } else {
+        for (auto& tk : tasks) mlp_forward(tk.y.data(), tk.xin.data(), tk.n, *tk.w);
+    }
+    // Combine in a fixed order: the shared expert, then the routed ones by expert id.
+    size_t ti = 0;
+    if (!w.shared.gate_proj.empty()) std::copy(tasks[0].y.begin(), tasks[0].y.end(), out), ti = 1;
     else std::fill(out, out + size_t(T) * D, 0.0f);
-    std::vector<float> xin, y;
-    for (int e = 0; e < E; ++e) {
-        const auto& rs = rows[size_t(e)];
-        if (rs.empty()) continue;
-        const int n = int(rs.size());
-        xin.resize(size_t(n) * D);
-        y.resize(size_t(n) * D);
-        for (int i = 0; i < n; ++i) std::copy(x + size_t(rs[size_t(i)] / k) * D, x + size_t(rs[size_t(i)] / k + 1) * D,
-                                              xin.begin() + size_t(i) * D);
-        mlp_forward(y.data(), xin.data(), n, w.experts[size_t(e)]);
-        for (int i = 0; i < n; ++i) {
+    for (; ti < tasks.size(); ++ti) {
+        const Task& tk = tasks[ti];
+        const auto& rs = rows[size_t(tk.e)];
+        for (int i = 0; i < tk.n; ++i) {
             const int slot = rs[size_t(i)];
             const float wt = r.weights[size_t(slot)];
             float* o = out + size_t(slot / k) * D;
-            const float* yi = y.data() + size_t(i) * D;
+            const float* yi = tk.y.data() + size_t(i) * D;
             for (int j = 0; j < D; ++j) o[j] += wt * yi[j];
         }
     }

@@ -1,22 +1,262 @@
-// Elementary CPU ops.
+// Elementary CPU ops. The small-T matrix product (decoding: 1 token, or the pending token plus
+// MTP drafts) is our own row kernel rather than BLAS, so a row's result never depends on how
+// many rows share the call or how many threads run it; large T goes to OpenBLAS sgemm.
 #include "engine/model/ops.h"
 
 #include <cblas.h>
+#include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
 #include <thread>
+#include <vector>
 
 namespace moescope {
 
+namespace {
+
+// ---- the row kernel ----
+// y[t, o] = sum_i x[t, i] W[o, i] as 16 lanes: lane l accumulates i = l, l+16, l+32, ... in
+// order (a fused multiply-add on AVX2+FMA machines, multiply then add elsewhere), the lanes
+// are reduced as (l, l+8) -> (l, l+4) -> (l, l+2) -> (l, l+1), then the tail (in % 16
+// elements) is added in order. Every (t, o) goes through exactly this sequence whatever T,
+// the blocking or the thread, so the result is a function of (x[t], W[o]) alone.
+constexpr int kLanes = 16;
+
+// Portable path (x86-64-v2: SSE; the compiler vectorizes the lane loops). ops.cpp is built
+// with -ffp-contract=off so the multiply and the add are never fused here.
+template <int TT>
+void rows_generic(float* y, const float* x, const float* W, int o0, int o1, int out, int in, bool accumulate) {
+    const int n16 = in / kLanes * kLanes;
+    for (int o = o0; o < o1; ++o) {
+        const float* w = W + size_t(o) * in;
+        float acc[TT][kLanes] = {};
+        for (int i = 0; i < n16; i += kLanes)
+            for (int t = 0; t < TT; ++t) {
+                const float* xt = x + size_t(t) * in + i;
+                for (int l = 0; l < kLanes; ++l) acc[t][l] += w[i + l] * xt[l];
+            }
+        for (int t = 0; t < TT; ++t) {
+            float* a = acc[t];
+            for (int l = 0; l < 8; ++l) a[l] += a[l + 8];
+            for (int l = 0; l < 4; ++l) a[l] += a[l + 4];
+            for (int l = 0; l < 2; ++l) a[l] += a[l + 2];
+            float s = a[0] + a[1];
+            const float* xt = x + size_t(t) * in;
+            for (int i = n16; i < in; ++i) s += w[i] * xt[i];
+            float& yo = y[size_t(t) * out + o];
+            yo = accumulate ? yo + s : s;
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) inline float reduce16_avx2(__m256 a0, __m256 a1) {
+    __m256 v = _mm256_add_ps(a0, a1);                                                // l + (l+8)
+    __m128 u = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // l + (l+4)
+    u = _mm_add_ps(u, _mm_movehl_ps(u, u));                                          // l + (l+2)
+    u = _mm_add_ss(u, _mm_shuffle_ps(u, u, 1));                                      // l + (l+1)
+    return _mm_cvtss_f32(u);
+}
+
+// TT rows of x against R rows of W at once: each weight row is loaded once for TT tokens.
+template <int TT, int R>
+__attribute__((target("avx2,fma"))) void block_avx2(float* y, const float* x, const float* W, int o, int out, int in,
+                                                    bool accumulate) {
+    const int n16 = in / kLanes * kLanes;
+    __m256 acc[TT][R][2];
+    for (int t = 0; t < TT; ++t)
+        for (int r = 0; r < R; ++r) acc[t][r][0] = acc[t][r][1] = _mm256_setzero_ps();
+    for (int i = 0; i < n16; i += kLanes) {
+        __m256 w[R][2];
+        for (int r = 0; r < R; ++r) {
+            const float* wr = W + size_t(o + r) * in + i;
+            w[r][0] = _mm256_loadu_ps(wr);
+            w[r][1] = _mm256_loadu_ps(wr + 8);
+        }
+        for (int t = 0; t < TT; ++t) {
+            const float* xt = x + size_t(t) * in + i;
+            const __m256 x0 = _mm256_loadu_ps(xt), x1 = _mm256_loadu_ps(xt + 8);
+            for (int r = 0; r < R; ++r) {
+                acc[t][r][0] = _mm256_fmadd_ps(w[r][0], x0, acc[t][r][0]);
+                acc[t][r][1] = _mm256_fmadd_ps(w[r][1], x1, acc[t][r][1]);
+            }
+        }
+    }
+    for (int t = 0; t < TT; ++t)
+        for (int r = 0; r < R; ++r) {
+            float s = reduce16_avx2(acc[t][r][0], acc[t][r][1]);
+            const float* wr = W + size_t(o + r) * in;
+            const float* xt = x + size_t(t) * in;
+            for (int i = n16; i < in; ++i)
+                s = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(wr[i]), _mm_set_ss(xt[i]), _mm_set_ss(s)));
+            float& yo = y[size_t(t) * out + o + r];
+            yo = accumulate ? yo + s : s;
+        }
+}
+
+// Output rows per block: enough independent FMA chains to hide latency within 16 registers.
+template <int TT>
+__attribute__((target("avx2,fma"))) void rows_avx2(float* y, const float* x, const float* W, int o0, int o1, int out,
+                                                   int in, bool accumulate) {
+    constexpr int R = TT == 1 ? 4 : TT == 2 ? 2 : 1;
+    int o = o0;
+    for (; o + R <= o1; o += R) block_avx2<TT, R>(y, x, W, o, out, in, accumulate);
+    for (; o < o1; ++o) block_avx2<TT, 1>(y, x, W, o, out, in, accumulate);
+}
+
+using RowsFn = void (*)(float*, const float*, const float*, int, int, int, int, bool);
+
+struct Kernels {
+    RowsFn fn[4];
+};
+
+constexpr Kernels kPortable{{rows_generic<1>, rows_generic<2>, rows_generic<3>, rows_generic<4>}};
+constexpr Kernels kAvx2{{rows_avx2<1>, rows_avx2<2>, rows_avx2<3>, rows_avx2<4>}};
+
+bool have_avx2_fma() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+std::atomic<const Kernels*>& kernel_slot() {
+    static std::atomic<const Kernels*> k{have_avx2_fma() ? &kAvx2 : &kPortable};
+    return k;
+}
+
+const Kernels& kernels() { return *kernel_slot().load(std::memory_order_relaxed); }
+
+// Output rows o0..o1 for all T rows of x, 4 rows of x at a time.
+void rows_range(float* y, const float* x, const float* W, int T, int o0, int o1, int out, int in, bool accumulate) {
+    const Kernels& k = kernels();
+    for (int t = 0; t < T; t += 4) {
+        const int tt = std::min(4, T - t);
+        k.fn[tt - 1](y + size_t(t) * out, x + size_t(t) * in, W, o0, o1, out, in, accumulate);
+    }
+}
+
+// ---- a small persistent thread pool ----
+// Decoding calls hundreds of products of a few microseconds each per token: starting threads
+// per call (or waking BLAS's) costs more than the work. Workers spin briefly for the next job,
+// then sleep on a condition variable, so an idle session costs no CPU.
+class Pool {
+public:
+    static Pool& get() {
+        static Pool p;
+        return p;
+    }
+    int threads() const { return threads_.load(std::memory_order_relaxed); }
+    void set_threads(int n) { threads_.store(std::max(1, n), std::memory_order_relaxed); }
+
+    // fn(i) for i in [0, n) split into contiguous chunks over min(threads, n) threads.
+    void run(int n, int nt, const std::function<void(int, int)>& fn) {
+        nt = std::min({nt, n, kMaxThreads});
+        if (nt <= 1 || busy_.exchange(true)) {  // nested or concurrent use runs inline
+            if (n > 0) fn(0, n);
+            return;
+        }
+        ensure_workers(nt - 1);
+        job_ = &fn;
+        n_ = n;
+        nt_ = nt;
+        // Every worker acknowledges every job (idle ones at once), so the next job's fields are
+        // written only after all workers have read this one's.
+        pending_.store(int(workers_.size()), std::memory_order_relaxed);
+        {
+            std::lock_guard<std::mutex> lk(m_);
+            gen_.fetch_add(1, std::memory_order_release);
+        }
+        cv_.notify_all();
+        fn(0, chunk_end(0));
+        while (pending_.load(std::memory_order_acquire) > 0) _mm_pause();
+        job_ = nullptr;
+        busy_.store(false);
+    }
+
+private:
+    static constexpr int kMaxThreads = 64;
+    Pool() { threads_ = int(std::max(1u, std::thread::hardware_concurrency())); }
+    ~Pool() {
+        {
+            std::lock_guard<std::mutex> lk(m_);
+            quit_ = true;
+            gen_.fetch_add(1);
+        }
+        cv_.notify_all();
+        for (auto& t : workers_) t.join();
+    }
+    int chunk_end(int c) const { return int(int64_t(n_) * (c + 1) / nt_); }
+    void ensure_workers(int n) {
+        while (int(workers_.size()) < n) {
+            const int id = int(workers_.size()) + 1;
+            const uint64_t now = gen_.load();  // the worker's first job is the next one
+            workers_.emplace_back([this, id, now] { loop(id, now); });
+        }
+    }
+    void loop(int id, uint64_t seen) {
+        for (;;) {
+            uint64_t g;
+            for (int spin = 0; (g = gen_.load(std::memory_order_acquire)) == seen && spin < 2000; ++spin) _mm_pause();
+            if (g == seen) {
+                std::unique_lock<std::mutex> lk(m_);
+                cv_.wait(lk, [&] { return gen_.load() != seen; });
+                g = gen_.load();
+            }
+            seen = g;
+            if (quit_) return;
+            if (id < nt_) (*job_)(int(int64_t(n_) * id / nt_), chunk_end(id));
+            pending_.fetch_sub(1, std::memory_order_release);
+        }
+    }
+
+    std::atomic<int> threads_{1};
+    std::atomic<bool> busy_{false};
+    std::atomic<uint64_t> gen_{0};
+    std::atomic<int> pending_{0};
+    const std::function<void(int, int)>* job_ = nullptr;
+    int n_ = 0, nt_ = 1;
+    bool quit_ = false;
+    std::mutex m_;
+    std::condition_variable cv_;
+    std::vector<std::thread> workers_;
+};
+
+// Below this many multiply-adds a product runs on the calling thread: waking a worker costs
+// a few microseconds.
+constexpr int64_t kParallelWork = 1 << 16;
+
+}  // namespace
+
+void parallel_range(int n, int64_t work, const std::function<void(int, int)>& fn) {
+    Pool& p = Pool::get();
+    const int nt = work >= kParallelWork ? p.threads() : 1;
+    p.run(n, nt, fn);
+}
+
+void matmul_nt_rows(float* y, const float* x, const float* W, int T, int out, int in, bool accumulate) {
+    parallel_range(out, int64_t(T) * out * in, [&](int o0, int o1) { rows_range(y, x, W, T, o0, o1, out, in, accumulate); });
+}
+
+const char* row_kernel_name() { return &kernels() == &kAvx2 ? "avx2-fma" : "portable"; }
+
+void use_portable_row_kernel(bool on) { kernel_slot().store(on || !have_avx2_fma() ? &kPortable : &kAvx2); }
+
+void matmul_nt_rows_range(float* y, const float* x, const float* W, int T, int o0, int o1, int out, int in,
+                          bool accumulate) {
+    rows_range(y, x, W, T, o0, o1, out, in, accumulate);
+}
+
+float dot(const float* a, const float* b, int n) {
+    float y;
+    rows_range(&y, a, b, 1, 0, 1, 1, n, false);
+    return y;
+}
+
 void matmul_nt(float* y, const float* x, const float* W, int T, int out, int in, bool accumulate) {
-    // Up to 4 rows go through one matrix-vector product each, so a row's result does not
-    // depend on how many rows share the call: MTP verification (2 positions) then gives the
-    // same logits as decoding one token at a time, and greedy output is identical either way.
-    if (T <= 4) {
-        for (int t = 0; t < T; ++t)
-            cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, W, in, x + size_t(t) * in, 1,
-                        accumulate ? 1.0f : 0.0f, y + size_t(t) * out, 1);
+    if (T <= kSmallT) {
+        matmul_nt_rows(y, x, W, T, out, in, accumulate);
         return;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, out, in, 1.0f, x, in, W, in, accumulate ? 1.0f : 0.0f, y,
@@ -57,6 +297,7 @@ void softmax_inplace(float* x, int n) {
 void set_num_threads(int n) {
     if (n <= 0) n = int(std::max(1u, std::thread::hardware_concurrency()));
     openblas_set_num_threads(n);
+    Pool::get().set_threads(n);
 }
 
 int num_threads() { return openblas_get_num_threads(); }

@@ -1,8 +1,10 @@
 // Elementary CPU ops of the reference model, llm.c style: outputs first, sizes last, f32
-// with f32 accumulation (OpenBLAS for the matrix work, which uses every core).
+// with f32 accumulation. Matrix products of up to kSmallT rows (decoding) use our row kernel
+// on a small thread pool; larger ones OpenBLAS sgemm.
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <functional>
 
 #include "engine/weights.h"
 
@@ -10,7 +12,34 @@ namespace moescope {
 
 // y[T, out] = x[T, in] W^T  (W stored [out, in], PyTorch nn.Linear); accumulate adds to y.
 void linear_forward(float* y, const float* x, const Tensor& W, int T, bool accumulate = false);
+// For T <= kSmallT this is matmul_nt_rows, so a row's result does not depend on T: MTP
+// verification (pending token + drafts) gives the same logits as one-token decoding.
 void matmul_nt(float* y, const float* x, const float* W, int T, int out, int in, bool accumulate = false);
+constexpr int kSmallT = 8;
+
+// matmul_nt by the row kernel at any T: every y[t, o] is the same 16-lane dot product of
+// x[t] and W[o] (identical bits whatever T and the thread count); W is read once for 4 rows.
+// Output rows are split across the pool's threads when the product is large enough.
+void matmul_nt_rows(float* y, const float* x, const float* W, int T, int out, int in, bool accumulate = false);
+
+// Only output columns [o0, o1) of matmul_nt_rows (y keeps its [T, out] layout), on the calling
+// thread: the building block for callers that split several products over the pool.
+void matmul_nt_rows_range(float* y, const float* x, const float* W, int T, int o0, int o1, int out, int in,
+                          bool accumulate = false);
+
+// The row kernel's dot product: dot(a, b, n) == y[t, o] of matmul_nt_rows for x[t] = a, W[o] = b.
+float dot(const float* a, const float* b, int n);
+
+// The row kernel in use: "avx2-fma" where the CPU has AVX2 and FMA, else "portable" (SSE,
+// separate multiply and add; the two round differently). use_portable_row_kernel(true) forces
+// the portable one (tests, benchmarks); switch only while no product is running.
+const char* row_kernel_name();
+void use_portable_row_kernel(bool on);
+
+// Runs fn(begin, end) over contiguous chunks of [0, n) on the engine's thread pool (the caller
+// included) when `work` (multiply-adds, roughly) is worth waking threads for, else fn(0, n)
+// inline. Chunks must write disjoint outputs; fn must not throw. Nested calls run inline.
+void parallel_range(int n, int64_t work, const std::function<void(int, int)>& fn);
 
 // out[T, n] = x / sqrt(mean(x^2) + eps) * w
 void rmsnorm_forward(float* out, const float* x, const float* w, int T, int n, float eps);
@@ -24,7 +53,7 @@ inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 // In-place softmax over n values.
 void softmax_inplace(float* x, int n);
 
-void set_num_threads(int n);  // BLAS threads; 0 = all cores
+void set_num_threads(int n);  // BLAS and pool threads; 0 = all cores
 int num_threads();
 
 }  // namespace moescope
