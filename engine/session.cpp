@@ -7,6 +7,8 @@
 // can catch up over positions they have not seen (after a prefill, or a rejected draft).
 #include "engine/session.h"
 
+#include "engine/model/ops.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -421,7 +423,9 @@ GenerationResult Session::generate(const SamplingParams& params,
             const float* h_in = impl_->hist[size_t(k - 1)].data() + size_t(m) * D;
             std::vector<int> next(seq.begin() + m + k, seq.begin() + n + k);
             ForwardOptions opt;
-            opt.absorbed = T == 1;
+            // After accepted drafts the module is 1 + accepted positions behind: attend in latent
+            // space (the naive path would decompress the module's whole cache every step).
+            opt.absorbed = T <= kSmallT;
             opt.all_logits = false;
             ForwardResult mr;
             backend_->forward_mtp(k, h_in, next.data(), T, mc, opt, mr);
