@@ -83,14 +83,9 @@ void mla_forward(float* out, const float* x, int T, int start, const AttentionWe
                     const int n = start + t + 1;
                     matmul_nt_rows(P.data(), Qh.data() + size_t(t) * dq, K.data(), 1, n, dq);
                     for (int j = 0; j < n; ++j) P[size_t(j)] *= d.scale;
-                    softmax_inplace(P.data(), n);
+                    softmax_fast(P.data(), n);
                     float* oh = o.data() + (size_t(t) * H + h) * d.d_v;
-                    std::fill(oh, oh + d.d_v, 0.0f);
-                    for (int j = 0; j < n; ++j) {
-                        const float* vh = kv.data() + (size_t(j) * H + h) * dkvb + d.d_nope;
-                        const float pj = P[size_t(j)];
-                        for (int i = 0; i < d.d_v; ++i) oh[i] += pj * vh[i];
-                    }
+                    matvec_t(oh, P.data(), kv.data() + size_t(h) * dkvb + d.d_nope, n, d.d_v, int64_t(H) * dkvb);
                 }
             }
         });
@@ -107,13 +102,7 @@ void mla_forward(float* out, const float* x, int T, int start, const AttentionWe
             for (int h = 0; h < H; ++h) {
                 const float* qh = q.data() + (size_t(t) * H + h) * dq;
                 const float* Wuk = Wkvb + size_t(h) * dkvb * d.d_c;  // [d_nope, d_c]
-                float* ql = qlat.data() + size_t(h) * d.d_c;
-                std::fill(ql, ql + d.d_c, 0.0f);
-                for (int i = 0; i < d.d_nope; ++i) {
-                    const float a = qh[i];
-                    const float* row = Wuk + size_t(i) * d.d_c;
-                    for (int c = 0; c < d.d_c; ++c) ql[c] += a * row[c];
-                }
+                matvec_t(qlat.data() + size_t(h) * d.d_c, qh, Wuk, d.d_nope, d.d_c, d.d_c);
                 std::memcpy(qpe.data() + size_t(h) * d.d_rope, qh + d.d_nope, sizeof(float) * size_t(d.d_rope));
             }
             matmul_nt_rows(P.data(), qlat.data(), C, H, n, d.d_c);       // [H, n]
@@ -123,14 +112,9 @@ void mla_forward(float* out, const float* x, int T, int start, const AttentionWe
                     float* p = P.data() + size_t(h) * n;
                     const float* r = sr.data() + size_t(h) * n;
                     for (int j = 0; j < n; ++j) p[j] = (p[j] + r[j]) * d.scale;
-                    softmax_inplace(p, n);
+                    softmax_fast(p, n);
                     float* ol = olat.data() + size_t(h) * d.d_c;
-                    std::fill(ol, ol + d.d_c, 0.0f);
-                    for (int j = 0; j < n; ++j) {
-                        const float* cj = C + size_t(j) * d.d_c;
-                        const float pj = p[j];
-                        for (int c = 0; c < d.d_c; ++c) ol[c] += pj * cj[c];
-                    }
+                    matvec_t(ol, p, C, n, d.d_c, d.d_c);
                     const float* Wuv = Wkvb + (size_t(h) * dkvb + d.d_nope) * d.d_c;  // [d_v, d_c]
                     matmul_nt_rows(o.data() + (size_t(t) * H + h) * d.d_v, ol, Wuv, 1, d.d_v, d.d_c);
                 }

@@ -107,14 +107,101 @@ __attribute__((target("avx2,fma"))) void rows_avx2(float* y, const float* x, con
     for (; o < o1; ++o) block_avx2<TT, 1>(y, x, W, o, out, in, accumulate);
 }
 
+// ---- attention helpers: y = sum_j p[j] X[j], and softmax with a vectorized exp ----
+// Each y[i] accumulates p[j] X[j, i] over j in ascending order (fused on the AVX2 path).
+void rows_axpy_generic(float* y, const float* p, const float* X, int rows, int n, int64_t ld, bool accumulate) {
+    if (!accumulate) std::fill(y, y + n, 0.0f);
+    for (int j = 0; j < rows; ++j) {
+        const float* xj = X + j * ld;
+        const float pj = p[j];
+        for (int i = 0; i < n; ++i) y[i] += pj * xj[i];
+    }
+}
+
+template <int W>  // W ymm accumulators: 8 W columns at once
+__attribute__((target("avx2,fma"))) void rows_axpy_block(float* y, const float* p, const float* X, int rows, int64_t ld,
+                                                         bool accumulate) {
+    __m256 acc[W];
+    for (int w = 0; w < W; ++w) acc[w] = accumulate ? _mm256_loadu_ps(y + 8 * w) : _mm256_setzero_ps();
+    for (int j = 0; j < rows; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const float* xj = X + j * ld;
+        for (int w = 0; w < W; ++w) acc[w] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(xj + 8 * w), acc[w]);
+    }
+    for (int w = 0; w < W; ++w) _mm256_storeu_ps(y + 8 * w, acc[w]);
+}
+
+__attribute__((target("avx2,fma"))) void rows_axpy_avx2(float* y, const float* p, const float* X, int rows, int n,
+                                                        int64_t ld, bool accumulate) {
+    int i = 0;
+    for (; i + 64 <= n; i += 64) rows_axpy_block<8>(y + i, p, X + i, rows, ld, accumulate);
+    for (; i + 32 <= n; i += 32) rows_axpy_block<4>(y + i, p, X + i, rows, ld, accumulate);
+    for (; i + 16 <= n; i += 16) rows_axpy_block<2>(y + i, p, X + i, rows, ld, accumulate);
+    for (; i + 8 <= n; i += 8) rows_axpy_block<1>(y + i, p, X + i, rows, ld, accumulate);
+    for (; i < n; ++i) {
+        float s = accumulate ? y[i] : 0.0f;
+        for (int j = 0; j < rows; ++j) s = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(p[j]), _mm_set_ss(X[j * ld + i]), _mm_set_ss(s)));
+        y[i] = s;
+    }
+}
+
+// exp for x <= 0 (softmax arguments): 2^k * p(r), r = x - k ln2 in [-ln2/2, ln2/2], p the
+// degree-6 Taylor polynomial (relative error ~2e-7, below float's own rounding of the sum).
+__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+__attribute__((target("avx2,fma"))) void softmax_avx2(float* x, int n) {
+    float m = x[0];
+    for (int i = 1; i < n; ++i) m = std::max(m, x[i]);
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();  // 16 lanes, as the row kernel
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 e0 = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+        const __m256 e1 = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vm));
+        _mm256_storeu_ps(x + i, e0);
+        _mm256_storeu_ps(x + i + 8, e1);
+        s0 = _mm256_add_ps(s0, e0);
+        s1 = _mm256_add_ps(s1, e1);
+    }
+    float s = reduce16_avx2(s0, s1);
+    for (; i < n; ++i) {
+        float e[8];
+        _mm256_storeu_ps(e, exp_avx2(_mm256_set1_ps(x[i] - m)));
+        x[i] = e[0];
+        s += e[0];
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / s);
+    i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+    for (; i < n; ++i) x[i] *= 1.0f / s;
+}
+
 using RowsFn = void (*)(float*, const float*, const float*, int, int, int, int, bool);
 
 struct Kernels {
     RowsFn fn[4];
+    void (*rows_axpy)(float*, const float*, const float*, int, int, int64_t, bool);
+    void (*softmax)(float*, int);
 };
 
-constexpr Kernels kPortable{{rows_generic<1>, rows_generic<2>, rows_generic<3>, rows_generic<4>}};
-constexpr Kernels kAvx2{{rows_avx2<1>, rows_avx2<2>, rows_avx2<3>, rows_avx2<4>}};
+constexpr Kernels kPortable{{rows_generic<1>, rows_generic<2>, rows_generic<3>, rows_generic<4>}, rows_axpy_generic,
+                            softmax_inplace};
+constexpr Kernels kAvx2{{rows_avx2<1>, rows_avx2<2>, rows_avx2<3>, rows_avx2<4>}, rows_axpy_avx2, softmax_avx2};
 
 bool have_avx2_fma() {
     __builtin_cpu_init();
@@ -247,6 +334,12 @@ void matmul_nt_rows_range(float* y, const float* x, const float* W, int T, int o
                           bool accumulate) {
     rows_range(y, x, W, T, o0, o1, out, in, accumulate);
 }
+
+void matvec_t(float* y, const float* p, const float* X, int rows, int n, int64_t ld, bool accumulate) {
+    kernels().rows_axpy(y, p, X, rows, n, ld, accumulate);
+}
+
+void softmax_fast(float* x, int n) { kernels().softmax(x, n); }
 
 float dot(const float* a, const float* b, int n) {
     float y;

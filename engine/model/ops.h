@@ -30,6 +30,15 @@ void matmul_nt_rows_range(float* y, const float* x, const float* W, int T, int o
 // The row kernel's dot product: dot(a, b, n) == y[t, o] of matmul_nt_rows for x[t] = a, W[o] = b.
 float dot(const float* a, const float* b, int n);
 
+// y[n] (=|+=) sum_j p[j] X[j, :n] over rows j of X with leading dimension ld (attention's
+// weighted sum of values); each y[i] sums over j in ascending order (fused on the AVX2 path).
+void matvec_t(float* y, const float* p, const float* X, int rows, int n, int64_t ld, bool accumulate = false);
+
+// softmax_inplace with a vectorized exp on the AVX2 path (relative error ~2e-7 per value, 16
+// fixed summation lanes; the portable path is softmax_inplace itself). For decoding's attention;
+// the trainer keeps softmax_inplace.
+void softmax_fast(float* x, int n);
+
 // The row kernel in use: "avx2-fma" where the CPU has AVX2 and FMA, else "portable" (SSE,
 // separate multiply and add; the two round differently). use_portable_row_kernel(true) forces
 // the portable one (tests, benchmarks); switch only while no product is running.

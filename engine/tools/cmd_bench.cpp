@@ -50,35 +50,31 @@ struct DecodeRun {
     double acceptance_rate = 0, mean_acceptance_length = 1;
 };
 
-// Best of `repeats` runs: decode `n` tokens greedily after a prompt of `ctx` tokens.
-DecodeRun decode_run(const LoadedModel& m, const std::vector<int>& prompt, int n, bool mtp, bool telemetry,
-                     int repeats) {
-    DecodeRun best;
-    for (int rep = 0; rep < repeats; ++rep) {
-        Session s(m.backend, nullptr);
-        MemorySink sink;
-        if (telemetry) {
-            s.set_sink(&sink);
-            s.set_latent_layer(0);
-        }
-        s.append(prompt);
-        SamplingParams p;
-        p.temperature = 0;
-        p.max_tokens = n;
-        p.mtp = mtp;
-        auto t0 = Clock::now();
-        const double c0 = cpu_seconds();
-        GenerationResult r = s.generate(p);
-        double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-        double tps = r.tokens.size() / secs;
-        best.tokens_per_cpu_s = std::max(best.tokens_per_cpu_s, r.tokens.size() / (cpu_seconds() - c0));
-        if (tps > best.tokens_per_s) {
-            best.tokens_per_s = tps;
-            best.acceptance_rate = r.stats.mtp.acceptance_rate();
-            best.mean_acceptance_length = r.stats.mtp.mean_acceptance_length();
-        }
+// Decodes `n` tokens greedily after a prompt of `ctx` tokens; keeps the best run in `best`.
+void decode_run(DecodeRun& best, const LoadedModel& m, const std::vector<int>& prompt, int n, bool mtp,
+                bool telemetry) {
+    Session s(m.backend, nullptr);
+    MemorySink sink;
+    if (telemetry) {
+        s.set_sink(&sink);
+        s.set_latent_layer(0);
     }
-    return best;
+    s.append(prompt);
+    SamplingParams p;
+    p.temperature = 0;
+    p.max_tokens = n;
+    p.mtp = mtp;
+    auto t0 = Clock::now();
+    const double c0 = cpu_seconds();
+    GenerationResult r = s.generate(p);
+    double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    double tps = r.tokens.size() / secs;
+    best.tokens_per_cpu_s = std::max(best.tokens_per_cpu_s, r.tokens.size() / (cpu_seconds() - c0));
+    if (tps > best.tokens_per_s) {
+        best.tokens_per_s = tps;
+        best.acceptance_rate = r.stats.mtp.acceptance_rate();
+        best.mean_acceptance_length = r.stats.mtp.mean_acceptance_length();
+    }
 }
 
 // Seconds of one forward pass after a context of ctx tokens, the minimum over `reps` calls
@@ -103,44 +99,38 @@ StepCosts step_costs(Backend& be, const std::vector<int>& prompt, int reps) {
     // Each call feeds other tokens (from the prompt), so the experts they route to vary as in
     // real decoding instead of staying hot in the cache.
     int call = 0;
-    auto tok = [&](int j) { return prompt[size_t((7 * call + 3 * j) % ctx)]; };
-    auto time_min = [&](const std::function<void()>& fn) {
-        double best = 1e30;
-        for (int i = 0; i < reps; ++i, ++call) {
-            auto t0 = Clock::now();
-            fn();
-            best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
-        }
-        return best;
-    };
+    auto tok = [&](int j) { return prompt[size_t((11 * call + 3 * j) % ctx)]; };
     ForwardOptions dec;
     dec.absorbed = true;
     dec.all_logits = true;
     StepCosts c;
     c.verify_tokens = 1 + depth;
-    int toks[2];
-    c.decode = time_min([&] {
-        toks[0] = tok(0);
-        be.forward(toks, 1, *cache, dec, r);
-        cache->truncate(ctx);
-    });
-    c.verify = time_min([&] {
-        toks[0] = tok(0);
-        toks[1] = tok(1);
-        be.forward(toks, c.verify_tokens, *cache, dec, r);
-        cache->truncate(ctx);
-    });
+    c.decode = c.verify = c.draft = 1e30;
+    std::unique_ptr<BackendCache> mc;
+    const int D = cfg.hidden_size;
     if (depth > 0 && ctx > 1) {
         // MTP module 1 has seen positions 0..ctx-2 (it predicts one further than the main model).
-        auto mc = be.new_cache(1, ctx + 8);
+        mc = be.new_cache(1, ctx + 8);
         be.forward_mtp(1, hidden.data(), prompt.data() + 1, ctx - 1, *mc, pre, r);
-        const int D = cfg.hidden_size;
-        c.draft = time_min([&] {
-            toks[0] = tok(0);
-            be.forward_mtp(1, hidden.data() + size_t(ctx - 1) * D, toks, 1, *mc, dec, r);
-            mc->truncate(ctx - 1);
-        });
     }
+    // The three calls alternate so that load elsewhere on the machine hits them alike.
+    auto timed = [](double& best, const std::function<void()>& fn) {
+        auto t0 = Clock::now();
+        fn();
+        best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+    };
+    for (; call < reps; ++call) {
+        const int one = tok(0), two[2] = {tok(1), tok(2)}, draft = tok(3);
+        timed(c.decode, [&] { be.forward(&one, 1, *cache, dec, r); });
+        cache->truncate(ctx);
+        timed(c.verify, [&] { be.forward(two, c.verify_tokens, *cache, dec, r); });
+        cache->truncate(ctx);
+        if (mc) {
+            timed(c.draft, [&] { be.forward_mtp(1, hidden.data() + size_t(ctx - 1) * D, &draft, 1, *mc, dec, r); });
+            mc->truncate(ctx - 1);
+        }
+    }
+    if (!mc) c.draft = 0;
     return c;
 }
 
@@ -221,16 +211,22 @@ int cmd_bench(const std::vector<std::string>& argv) {
             s.append(prompt);
             prefill = std::max(prefill, ctx / std::chrono::duration<double>(Clock::now() - t0).count());
         }
-        DecodeRun plain = decode_run(m, prompt, n, false, false, repeats);
-        DecodeRun traced = decode_run(m, prompt, n, false, true, repeats);
+        // The variants alternate within each repeat, so a burst of load elsewhere on the machine
+        // hits them alike; each keeps its best repeat.
+        const bool has_mtp = cfg.num_nextn_predict_layers > 0;
+        DecodeRun plain, traced, mtp;
+        for (int rep = 0; rep < repeats; ++rep) {
+            decode_run(plain, m, prompt, n, false, false);
+            decode_run(traced, m, prompt, n, false, true);
+            if (has_mtp) decode_run(mtp, m, prompt, n, true, false);
+        }
         nlohmann::json row{{"context", ctx},
                            {"prefill_tokens_per_s", prefill},
                            {"decode_tokens_per_s", plain.tokens_per_s},
                            {"decode_tokens_per_cpu_s", plain.tokens_per_cpu_s},
                            {"decode_tokens_per_s_telemetry", traced.tokens_per_s},
                            {"telemetry_overhead", plain.tokens_per_s / traced.tokens_per_s - 1.0}};
-        if (cfg.num_nextn_predict_layers > 0) {
-            DecodeRun mtp = decode_run(m, prompt, n, true, false, repeats);
+        if (has_mtp) {
             row["decode_tokens_per_s_mtp"] = mtp.tokens_per_s;
             row["decode_tokens_per_cpu_s_mtp"] = mtp.tokens_per_cpu_s;
             row["mtp_speedup"] = mtp.tokens_per_s / plain.tokens_per_s;

@@ -39,6 +39,8 @@ private slots:
     void rowsIndependentOfTAndThreads();
     void dotIsTheRowKernel();
     void parallelRangeCoversEachIndexOnce();
+    void softmaxFastMatchesSoftmax();
+    void matvecTransposed();
 };
 
 void TestMatmul::matchesReference_data() {
@@ -155,6 +157,58 @@ void TestMatmul::parallelRangeCoversEachIndexOnce() {
                 });
             for (int i = 0; i < n; ++i) QCOMPARE(hits[size_t(i)], 50);
         }
+    }
+}
+
+// The decode attention's softmax (vectorized exp) against softmax_inplace, on both kernels.
+void TestMatmul::softmaxFastMatchesSoftmax() {
+    std::mt19937_64 rng(5);
+    for (bool portable : {false, true}) {
+        use_portable_row_kernel(portable);
+        for (int n : {1, 7, 16, 33, 512}) {
+            for (float scale : {0.1f, 5.0f, 60.0f}) {
+                auto x = randv(rng, size_t(n));
+                for (auto& v : x) v *= scale;
+                auto ref = x;
+                softmax_inplace(ref.data(), n);
+                softmax_fast(x.data(), n);
+                double sum = 0;
+                for (int i = 0; i < n; ++i) {
+                    sum += x[size_t(i)];
+                    QVERIFY2(std::fabs(x[size_t(i)] - ref[size_t(i)]) <= 2e-6f * ref[size_t(i)] + 1e-30f,
+                             qPrintable(QString("%1 n=%2 scale=%3: p[%4] = %5, softmax_inplace %6")
+                                            .arg(row_kernel_name()).arg(n).arg(scale).arg(i)
+                                            .arg(double(x[size_t(i)]), 0, 'g', 9).arg(double(ref[size_t(i)]), 0, 'g', 9)));
+                }
+                QVERIFY(std::fabs(sum - 1.0) < 1e-5);
+            }
+        }
+    }
+}
+
+// matvec_t against a double-precision weighted sum of strided rows, both kernels.
+void TestMatmul::matvecTransposed() {
+    std::mt19937_64 rng(6);
+    for (bool portable : {false, true}) {
+        use_portable_row_kernel(portable);
+        for (int n : {1, 8, 13, 64, 77})
+            for (int rows : {1, 5, 300})
+                for (bool acc : {false, true}) {
+                    const int64_t ld = n + 3;
+                    auto X = randv(rng, size_t(rows) * size_t(ld)), p = randv(rng, size_t(rows)), y = randv(rng, size_t(n));
+                    auto y0 = y;
+                    matvec_t(y.data(), p.data(), X.data(), rows, n, ld, acc);
+                    for (int i = 0; i < n; ++i) {
+                        double s = acc ? y0[size_t(i)] : 0.0, mag = std::fabs(s);
+                        for (int j = 0; j < rows; ++j) {
+                            s += double(p[size_t(j)]) * X[size_t(j * ld + i)];
+                            mag += std::fabs(double(p[size_t(j)]) * X[size_t(j * ld + i)]);
+                        }
+                        QVERIFY2(std::fabs(y[size_t(i)] - s) <= 1e-5 * (mag + 1),
+                                 qPrintable(QString("%1 n=%2 rows=%3: y[%4] = %5, reference %6")
+                                                .arg(row_kernel_name()).arg(n).arg(rows).arg(i).arg(y[size_t(i)]).arg(s)));
+                    }
+                }
     }
 }
 
