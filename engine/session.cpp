@@ -100,10 +100,7 @@ int draw(const std::vector<float>& probs, std::mt19937_64& rng) {
 }
 
 float surprisal_bits(const float* logits, int V, int id) {
-    float mx = *std::max_element(logits, logits + V);
-    double s = 0;
-    for (int v = 0; v < V; ++v) s += std::exp(double(logits[v]) - mx);
-    return float(-(double(logits[id]) - mx - std::log(s)) / std::log(2.0));
+    return float(-(double(logits[id]) - log_sum_exp(logits, V)) / std::log(2.0));
 }
 
 }  // namespace

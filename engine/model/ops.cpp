@@ -191,17 +191,41 @@ __attribute__((target("avx2,fma"))) void softmax_avx2(float* x, int n) {
     for (; i < n; ++i) x[i] *= 1.0f / s;
 }
 
+__attribute__((target("avx2,fma"))) double log_sum_exp_avx2(const float* x, int n) {
+    float m = x[0];
+    for (int i = 1; i < n; ++i) m = std::max(m, x[i]);
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_add_ps(s0, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm)));
+        s1 = _mm256_add_ps(s1, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vm)));
+    }
+    double s = reduce16_avx2(s0, s1);
+    for (; i < n; ++i) s += std::exp(double(x[i]) - m);
+    return m + std::log(s);
+}
+
+double log_sum_exp_generic(const float* x, int n) {
+    float m = x[0];
+    for (int i = 1; i < n; ++i) m = std::max(m, x[i]);
+    double s = 0;
+    for (int i = 0; i < n; ++i) s += std::exp(double(x[i]) - m);
+    return m + std::log(s);
+}
+
 using RowsFn = void (*)(float*, const float*, const float*, int, int, int, int, bool);
 
 struct Kernels {
     RowsFn fn[4];
     void (*rows_axpy)(float*, const float*, const float*, int, int, int64_t, bool);
     void (*softmax)(float*, int);
+    double (*lse)(const float*, int);
 };
 
 constexpr Kernels kPortable{{rows_generic<1>, rows_generic<2>, rows_generic<3>, rows_generic<4>}, rows_axpy_generic,
-                            softmax_inplace};
-constexpr Kernels kAvx2{{rows_avx2<1>, rows_avx2<2>, rows_avx2<3>, rows_avx2<4>}, rows_axpy_avx2, softmax_avx2};
+                            softmax_inplace, log_sum_exp_generic};
+constexpr Kernels kAvx2{{rows_avx2<1>, rows_avx2<2>, rows_avx2<3>, rows_avx2<4>}, rows_axpy_avx2, softmax_avx2, log_sum_exp_avx2};
 
 bool have_avx2_fma() {
     __builtin_cpu_init();
@@ -340,6 +364,8 @@ void matvec_t(float* y, const float* p, const float* X, int rows, int n, int64_t
 }
 
 void softmax_fast(float* x, int n) { kernels().softmax(x, n); }
+
+double log_sum_exp(const float* x, int n) { return kernels().lse(x, n); }
 
 float dot(const float* a, const float* b, int n) {
     float y;

@@ -39,6 +39,10 @@ void matvec_t(float* y, const float* p, const float* X, int rows, int n, int64_t
 // the trainer keeps softmax_inplace.
 void softmax_fast(float* x, int n);
 
+// log(sum exp x) over n values (vectorized exp on the AVX2 path, as softmax_fast); for the
+// per-token surprisal of generated text.
+double log_sum_exp(const float* x, int n);
+
 // The row kernel in use: "avx2-fma" where the CPU has AVX2 and FMA, else "portable" (SSE,
 // separate multiply and add; the two round differently). use_portable_row_kernel(true) forces
 // the portable one (tests, benchmarks); switch only while no product is running.

@@ -245,6 +245,9 @@ int cmd_bench(const std::vector<std::string>& argv) {
                 row["verify_cost_in_decode_steps"] = c.verify / c.decode;
                 row["draft_cost_in_decode_steps"] = c.draft / c.decode;
                 row["mtp_speedup_predicted"] = (1.0 + acc) * c.decode / (c.draft + c.verify);
+                // The acceptance rate at which a draft + verify step costs as much as the
+                // 1 + acceptance plain decode steps it replaces.
+                row["mtp_break_even_acceptance"] = (c.draft + c.verify) / c.decode - 1.0;
             }
         }
         rows.push_back(row);

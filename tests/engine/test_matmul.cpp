@@ -41,6 +41,7 @@ private slots:
     void parallelRangeCoversEachIndexOnce();
     void softmaxFastMatchesSoftmax();
     void matvecTransposed();
+    void logSumExp();
 };
 
 void TestMatmul::matchesReference_data() {
@@ -209,6 +210,23 @@ void TestMatmul::matvecTransposed() {
                                                 .arg(row_kernel_name()).arg(n).arg(rows).arg(i).arg(y[size_t(i)]).arg(s)));
                     }
                 }
+    }
+}
+
+void TestMatmul::logSumExp() {
+    std::mt19937_64 rng(8);
+    for (bool portable : {false, true}) {
+        use_portable_row_kernel(portable);
+        for (int n : {1, 5, 16, 2048})
+            for (float scale : {0.5f, 20.0f}) {
+                auto x = randv(rng, size_t(n));
+                for (auto& v : x) v *= scale;
+                double m = *std::max_element(x.begin(), x.end()), s = 0;
+                for (float v : x) s += std::exp(double(v) - m);
+                const double ref = m + std::log(s), got = log_sum_exp(x.data(), n);
+                QVERIFY2(std::fabs(got - ref) < 1e-6 * (1 + std::fabs(ref)),
+                         qPrintable(QString("%1 n=%2: %3 vs %4").arg(row_kernel_name()).arg(n).arg(got, 0, 'g', 12).arg(ref, 0, 'g', 12)));
+            }
     }
 }
 
