@@ -1,7 +1,10 @@
-// Unicode normalizers of tokenizer.json on ICU (see normalizer.h). The character predicates
-// mirror the Rust crates tokenizers uses: char::is_whitespace (White_Space),
-// unicode_normalization's is_combining_mark (category M), unicode_categories' is_other
-// (Cc | Cf | Co) and is_mark_nonspacing (Mn).
+// Unicode normalizers of tokenizer.json on ICU (see normalizer.h).
+// tokenizers' Rust crates carry older Unicode tables than ICU 72 (Unicode 15.0), and where the
+// versions differ, so would the tokens. So the ICU data is cut back to what each crate knows,
+// measured per code point against tokenizers 0.23.2 (tests/engine/test_tokenizer_parity.cpp):
+//   unicode-normalization-alignments (NFC/NFD/NFKC/NFKD, is_combining_mark): Unicode 9.0;
+//   unicode_categories (BertNormalizer's is_other = Cc|Cf|Co, is_mark_nonspacing = Mn): 8.0;
+//   Rust std (char::to_lowercase, char::is_whitespace): 17.0, newer than ICU 72.
 #include "engine/tokenizer/normalizer.h"
 
 #include <unicode/bytestream.h>
@@ -56,14 +59,13 @@ bool hf_is_other(char32_t c) {  // Cc | Cf | Co (the name says "other", Cn and C
     return assigned_by(c, 8, 0) && in_category(c, U_GC_CC_MASK | U_GC_CF_MASK | U_GC_CO_MASK);
 }
 
-// The four forms restricted to the characters of Unicode HF_NORM_AGE, the version of
-// unicode-normalization-alignments' tables: newer characters pass through unchanged.
-#define HF_NORM_AGE "11.0"
+// The four forms restricted to the characters of Unicode 9.0: newer characters are left as
+// they are and, having no combining class for the crate, end every composition or reordering.
 struct Normalizers {
     icu::UnicodeSet known;
     std::unique_ptr<icu::FilteredNormalizer2> form[4];
     UErrorCode err = U_ZERO_ERROR;
-    Normalizers() : known(icu::UnicodeString("[:age=" HF_NORM_AGE ":]"), err) {
+    Normalizers() : known(icu::UnicodeString("[:age=9.0:]"), err) {
         known.freeze();
         const icu::Normalizer2* base[4] = {icu::Normalizer2::getNFCInstance(err), icu::Normalizer2::getNFDInstance(err),
                                            icu::Normalizer2::getNFKCInstance(err), icu::Normalizer2::getNFKDInstance(err)};
