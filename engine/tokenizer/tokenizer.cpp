@@ -941,6 +941,11 @@ std::vector<int> Tokenizer::encode(std::string_view text, bool add_special, bool
     return ids;
 }
 
+std::string Tokenizer::normalize(std::string_view text) const {
+    if (!utf8_is_valid(text)) return impl_->normalize(utf8_sanitize(text));
+    return impl_->normalize(text);
+}
+
 void Tokenizer::for_each_word(std::string_view text,
                               const std::function<void(std::string_view)>& on_word) const {
     const TokenizerImpl& t = *impl_;
@@ -1050,13 +1055,19 @@ std::string Tokenizer::decode_bytes(const std::vector<int>& ids, bool skip_speci
     for (int id : ids) {
         auto added = t.added_by_id.find(id);
         if (added != t.added_by_id.end()) {
-            // Added tokens go in verbatim, not through the decoder (tokenizers >= 0.20).
+            // Added tokens go through the decoder chain like the others (tokenizers 0.23: a
+            // Replace decoder rewrites them too), normalized ones as their normalized content.
+            // skip_special tests the emitted text against the special tokens' contents, so a
+            // special token whose normalization changes it is kept (as in HF).
             const AddedToken& a = t.added[added->second];
-            if (skip_special && a.special) continue;
-            out += run_decoders(t, std::move(chunk));
-            chunk.clear();
-            if (!out.empty() && !t.has_decoder) out += ' ';
-            out += a.content;
+            const std::string& text = a.normalized ? a.pattern : a.content;
+            if (skip_special && a.special && text == a.content) continue;
+            if (skip_special && text != a.content) {
+                auto same = t.token_to_id.find(text);
+                auto other = same == t.token_to_id.end() ? t.added_by_id.end() : t.added_by_id.find(same->second);
+                if (other != t.added_by_id.end() && t.added[other->second].special) continue;
+            }
+            chunk.push_back(text);
         } else if (id >= 0 && static_cast<size_t>(id) < t.id_to_token.size() && !t.id_to_token[id].empty()) {
             chunk.push_back(t.id_to_token[id]);
         }
