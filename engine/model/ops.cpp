@@ -250,8 +250,11 @@ void rows_range(float* y, const float* x, const float* W, int T, int o0, int o1,
 
 // ---- a small persistent thread pool ----
 // Decoding calls hundreds of products of a few microseconds each per token: starting threads
-// per call (or waking BLAS's) costs more than the work. Workers spin briefly for the next job,
-// then sleep on a condition variable, so an idle session costs no CPU.
+// per call (or waking BLAS's) costs more than the work. A job is cut into chunks that the
+// caller and the workers claim from a shared counter, so a worker the OS has not scheduled
+// (the machine is shared, or busy with OpenBLAS's spinning threads) delays nothing: the caller
+// takes its chunks. Which thread computes a chunk never changes its result. Workers spin
+// briefly for the next job, then sleep on a condition variable, so an idle session costs no CPU.
 class Pool {
 public:
     static Pool& get() {
@@ -261,7 +264,7 @@ public:
     int threads() const { return threads_.load(std::memory_order_relaxed); }
     void set_threads(int n) { threads_.store(std::max(1, n), std::memory_order_relaxed); }
 
-    // fn(i) for i in [0, n) split into contiguous chunks over min(threads, n) threads.
+    // fn(begin, end) over chunks covering [0, n) once, on up to nt threads (the caller included).
     void run(int n, int nt, const std::function<void(int, int)>& fn) {
         nt = std::min({nt, n, kMaxThreads});
         if (nt <= 1 || busy_.exchange(true)) {  // nested or concurrent use runs inline
@@ -271,17 +274,20 @@ public:
         ensure_workers(nt - 1);
         job_ = &fn;
         n_ = n;
-        nt_ = nt;
-        // Every worker acknowledges every job (idle ones at once), so the next job's fields are
-        // written only after all workers have read this one's.
-        pending_.store(int(workers_.size()), std::memory_order_relaxed);
+        chunks_ = std::min(n, 4 * nt);
+        next_.store(0);
         {
             std::lock_guard<std::mutex> lk(m_);
-            gen_.fetch_add(1, std::memory_order_release);
+            gen_.fetch_add(1);
+            active_.store(true);
         }
         cv_.notify_all();
-        fn(0, chunk_end(0));
-        while (pending_.load(std::memory_order_acquire) > 0) _mm_pause();
+        work();
+        // No worker may start on this job from now on; wait for those inside it.
+        active_.store(false);
+        for (int spin = 0; inside_.load() > 0; ++spin)
+            if (spin < 4000) _mm_pause();
+            else std::this_thread::yield();
         job_ = nullptr;
         busy_.store(false);
     }
@@ -298,18 +304,20 @@ private:
         cv_.notify_all();
         for (auto& t : workers_) t.join();
     }
-    int chunk_end(int c) const { return int(int64_t(n_) * (c + 1) / nt_); }
+    void work() {
+        for (int c; (c = next_.fetch_add(1)) < chunks_;)
+            (*job_)(int(int64_t(n_) * c / chunks_), int(int64_t(n_) * (c + 1) / chunks_));
+    }
     void ensure_workers(int n) {
         while (int(workers_.size()) < n) {
-            const int id = int(workers_.size()) + 1;
             const uint64_t now = gen_.load();  // the worker's first job is the next one
-            workers_.emplace_back([this, id, now] { loop(id, now); });
+            workers_.emplace_back([this, now] { loop(now); });
         }
     }
-    void loop(int id, uint64_t seen) {
+    void loop(uint64_t seen) {
         for (;;) {
             uint64_t g;
-            for (int spin = 0; (g = gen_.load(std::memory_order_acquire)) == seen && spin < 2000; ++spin) _mm_pause();
+            for (int spin = 0; (g = gen_.load()) == seen && spin < 2000; ++spin) _mm_pause();
             if (g == seen) {
                 std::unique_lock<std::mutex> lk(m_);
                 cv_.wait(lk, [&] { return gen_.load() != seen; });
@@ -317,18 +325,23 @@ private:
             }
             seen = g;
             if (quit_) return;
-            if (id < nt_) (*job_)(int(int64_t(n_) * id / nt_), chunk_end(id));
-            pending_.fetch_sub(1, std::memory_order_release);
+            // Enter, then check that job g is still open: the caller waits for everyone inside
+            // after closing it, so job_, n_ and chunks_ stay valid while we use them.
+            inside_.fetch_add(1);
+            if (active_.load() && gen_.load() == g) work();
+            inside_.fetch_sub(1);
         }
     }
 
     std::atomic<int> threads_{1};
     std::atomic<bool> busy_{false};
     std::atomic<uint64_t> gen_{0};
-    std::atomic<int> pending_{0};
+    std::atomic<bool> active_{false};
+    std::atomic<int> inside_{0};
+    std::atomic<int> next_{0};
     const std::function<void(int, int)>* job_ = nullptr;
-    int n_ = 0, nt_ = 1;
-    bool quit_ = false;
+    int n_ = 0, chunks_ = 1;
+    std::atomic<bool> quit_{false};
     std::mutex m_;
     std::condition_variable cv_;
     std::vector<std::thread> workers_;

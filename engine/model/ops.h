@@ -49,9 +49,10 @@ double log_sum_exp(const float* x, int n);
 const char* row_kernel_name();
 void use_portable_row_kernel(bool on);
 
-// Runs fn(begin, end) over contiguous chunks of [0, n) on the engine's thread pool (the caller
-// included) when `work` (multiply-adds, roughly) is worth waking threads for, else fn(0, n)
-// inline. Chunks must write disjoint outputs; fn must not throw. Nested calls run inline.
+// Runs fn(begin, end) over contiguous chunks covering [0, n) once, on the engine's thread pool
+// (the caller included, which takes the chunks of workers that are not scheduled) when `work`
+// (multiply-adds, roughly) is worth waking threads for, else fn(0, n) inline. Chunks must write
+// disjoint outputs; fn must not throw. Nested and concurrent calls run inline.
 void parallel_range(int n, int64_t work, const std::function<void(int, int)>& fn);
 
 // out[T, n] = x / sqrt(mean(x^2) + eps) * w

@@ -4,9 +4,11 @@
 // decoding): a row's result is the same whatever T, the thread count and the blocking.
 #include <QtTest>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "engine/model/ops.h"
@@ -39,6 +41,7 @@ private slots:
     void rowsIndependentOfTAndThreads();
     void dotIsTheRowKernel();
     void parallelRangeCoversEachIndexOnce();
+    void poolUnderConcurrentCallers();
     void softmaxFastMatchesSoftmax();
     void matvecTransposed();
     void logSumExp();
@@ -159,6 +162,29 @@ void TestMatmul::parallelRangeCoversEachIndexOnce() {
             for (int i = 0; i < n; ++i) QCOMPARE(hits[size_t(i)], 50);
         }
     }
+}
+
+// Many short jobs from two threads at once (one runs on the pool, the other inline while the
+// pool is busy): every index is still visited exactly once per job.
+void TestMatmul::poolUnderConcurrentCallers() {
+    set_num_threads(3);
+    std::atomic<int> bad{0};
+    auto caller = [&](int seed) {
+        std::vector<int> hits;
+        for (int rep = 0; rep < 3000; ++rep) {
+            const int n = 1 + (rep * 7 + seed) % 37;
+            hits.assign(size_t(n), 0);
+            parallel_range(n, int64_t(1) << 30, [&](int b, int e) {
+                for (int i = b; i < e; ++i) hits[size_t(i)]++;
+            });
+            for (int h : hits)
+                if (h != 1) bad++;
+        }
+    };
+    std::thread other(caller, 1);
+    caller(2);
+    other.join();
+    QCOMPARE(bad.load(), 0);
 }
 
 // The decode attention's softmax (vectorized exp) against softmax_inplace, on both kernels.
