@@ -317,7 +317,9 @@ private:
     void loop(uint64_t seen) {
         for (;;) {
             uint64_t g;
-            for (int spin = 0; (g = gen_.load()) == seen && spin < 2000; ++spin) _mm_pause();
+            // ~200 us of spinning (a pause is ~11 ns here): longer than the gaps between a
+            // token's products (sampling, telemetry), so the worker rarely needs a wake-up.
+            for (int spin = 0; (g = gen_.load()) == seen && spin < 20000; ++spin) _mm_pause();
             if (g == seen) {
                 std::unique_lock<std::mutex> lk(m_);
                 cv_.wait(lk, [&] { return gen_.load() != seen; });
