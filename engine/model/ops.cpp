@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -317,9 +318,15 @@ private:
     void loop(uint64_t seen) {
         for (;;) {
             uint64_t g;
-            // ~200 us of spinning (a pause is ~11 ns here): longer than the gaps between a
-            // token's products (sampling, telemetry), so the worker rarely needs a wake-up.
-            for (int spin = 0; (g = gen_.load()) == seen && spin < 20000; ++spin) _mm_pause();
+            // Spin ~20 us (a pause is ~11 ns here), then keep polling with sched_yield for
+            // ~200 us: longer than the gaps between a token's products (sampling, telemetry),
+            // so the worker rarely needs a wake-up, while yielding lets OpenBLAS's threads
+            // (which poll the same way after a large product) run on this core at once.
+            for (int spin = 0; (g = gen_.load()) == seen && spin < 2000; ++spin) _mm_pause();
+            if (g == seen) {
+                const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+                while ((g = gen_.load()) == seen && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+            }
             if (g == seen) {
                 std::unique_lock<std::mutex> lk(m_);
                 cv_.wait(lk, [&] { return gen_.load() != seen; });
