@@ -68,7 +68,10 @@ void mla_forward(float* out, const float* x, int T, int start, const AttentionWe
         // heads in parallel; each head writes its own slice of o.
         std::vector<float> kv(size_t(S) * H * dkvb);  // [S, H, d_nope + d_v]
         linear_forward(kv.data(), C, w.kv_b_proj, S);
-        parallel_range(H, int64_t(H) * T * S * (dq + d.d_v), [&](int h0, int h1) {
+        // Short prompts stay on this thread: the pool would contend with OpenBLAS's threads,
+        // still polling after the projections, for a few microseconds of work.
+        const int64_t work = int64_t(H) * T * S * (dq + d.d_v);
+        parallel_range(H, work >= (int64_t(1) << 20) ? work : 0, [&](int h0, int h1) {
             std::vector<float> K(size_t(S) * dq), Qh(size_t(T) * dq), P(static_cast<size_t>(S));  // [S, dq], [T, dq], [S]
             for (int h = h0; h < h1; ++h) {
                 for (int j = 0; j < S; ++j) {

@@ -172,7 +172,21 @@ void moe_experts_forward(float* out, const float* x, int T, const MoeWeights& w,
             matmul_nt_rows_range(tk.y.data(), tk.gate.data(), tk.w->down_proj.ptr(), tk.n, o0, o1, D, tk.I);
         });
     } else {
-        for (auto& tk : tasks) mlp_forward(tk.y.data(), tk.xin.data(), tk.n, *tk.w);
+        // Prefill: large experts through sgemm (OpenBLAS's threads); the few rows of a small
+        // one inline with the row kernel, staying off the pool while OpenBLAS's threads still
+        // poll for work on the other cores after the products around it.
+        for (auto& tk : tasks) {
+            if (tk.n > kSmallT) {
+                mlp_forward(tk.y.data(), tk.xin.data(), tk.n, *tk.w);
+                continue;
+            }
+            tk.gate.resize(size_t(tk.n) * tk.I);
+            tk.up.resize(size_t(tk.n) * tk.I);
+            matmul_nt_rows_range(tk.gate.data(), tk.xin.data(), tk.w->gate_proj.ptr(), tk.n, 0, tk.I, tk.I, D);
+            matmul_nt_rows_range(tk.up.data(), tk.xin.data(), tk.w->up_proj.ptr(), tk.n, 0, tk.I, tk.I, D);
+            swiglu_forward(tk.gate.data(), tk.gate.data(), tk.up.data(), int64_t(tk.n) * tk.I);
+            matmul_nt_rows_range(tk.y.data(), tk.gate.data(), tk.w->down_proj.ptr(), tk.n, 0, D, D, tk.I);
+        }
     }
     // Combine in a fixed order: the shared expert, then the routed ones by expert id.
     size_t ti = 0;
