@@ -172,11 +172,11 @@ void moe_experts_forward(float* out, const float* x, int T, const MoeWeights& w,
             matmul_nt_rows_range(tk.y.data(), tk.gate.data(), tk.w->down_proj.ptr(), tk.n, o0, o1, D, tk.I);
         });
     } else {
-        // Prefill: large experts through sgemm (OpenBLAS's threads); the few rows of a small
-        // one inline with the row kernel, staying off the pool while OpenBLAS's threads still
-        // poll for work on the other cores after the products around it.
+        // Prefill: experts with many rows through sgemm (OpenBLAS's threads), big ones with
+        // few rows on the pool; the few rows of a small one inline, staying off the pool while
+        // OpenBLAS's threads still poll for work on the other cores after the products around it.
         for (auto& tk : tasks) {
-            if (tk.n > kSmallT) {
+            if (tk.n > kSmallT || int64_t(3) * tk.n * tk.I * D >= (int64_t(1) << 20)) {
                 mlp_forward(tk.y.data(), tk.xin.data(), tk.n, *tk.w);
                 continue;
             }
