@@ -377,12 +377,23 @@ void MainWindow::saveSettings() {
 void MainWindow::loadSettings() {
     QSettings s;
     restoreGeometry(s.value("window/geometry").toByteArray());
-    restoreState(s.value("window/state").toByteArray());
+    m_restoredState = restoreState(s.value("window/state").toByteArray());
     m_recent = s.value("recent").toStringList();
     rebuildRecent();
     if (s.value("dark", false).toBool()) setDark(true);
     const QByteArray chat = s.value("chat/settings").toByteArray();
     if (!chat.isEmpty()) m_chat->applySettingsJson(QJsonDocument::fromJson(chat).object());
+}
+
+void MainWindow::showEvent(QShowEvent* e) {
+    QMainWindow::showEvent(e);
+    if (m_layoutDone) return;
+    m_layoutDone = true;
+    if (m_restoredState) return;  // the user's own layout
+    // The views get most of the window: the right column a little over half of its width, the
+    // bottom row about 40% of its height.
+    resizeDocks({m_docks.value(QStringLiteral("routing"))}, {int(width() * 0.56)}, Qt::Horizontal);
+    resizeDocks({m_docks.value(QStringLiteral("bias"))}, {int(height() * 0.42)}, Qt::Vertical);
 }
 
 void MainWindow::closeEvent(QCloseEvent* e) {

@@ -46,6 +46,7 @@ public:
 
 protected:
     void closeEvent(QCloseEvent* e) override;
+    void showEvent(QShowEvent* e) override;
     void dragEnterEvent(QDragEnterEvent* e) override;
     void dropEvent(QDropEvent* e) override;
 
@@ -74,4 +75,6 @@ private:
     QStringList m_recent;
     QString m_defaultNotice;
     QString m_loadingDir;
+    bool m_layoutDone = false;     // the first show sized the docks
+    bool m_restoredState = false;  // QSettings held a dock layout
 };

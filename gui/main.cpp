@@ -51,6 +51,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "moescope: unknown view '%s'\n", qPrintable(cli.value(view)));
         return 2;
     }
+    if (screenshot) w.resize(1600, 1000);  // before the first show, which sizes the docks to the window
     w.show();
 
     int exitCode = 0;
@@ -90,7 +91,6 @@ int main(int argc, char** argv) {
     };
 
     if (screenshot) {
-        w.resize(1600, 1000);
         QTimer::singleShot(600000, &app, [&] { finish(QStringLiteral("timed out")); });
     }
     auto afterLoad = [&] {

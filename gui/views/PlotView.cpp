@@ -6,6 +6,7 @@
 #include <cmath>
 #include <QFileDialog>
 #include <QHBoxLayout>
+#include <QLabel>
 #include <QMessageBox>
 #include <QToolButton>
 #include <QPainter>
@@ -62,6 +63,16 @@ QCPColorGradient PlotView::viridis() {
     g.setNanHandling(QCPColorGradient::nhNanColor);
     g.setNanColor(QColor(205, 205, 205));
     return g;
+}
+
+QLabel* PlotView::addInfoLabel() {
+    auto* l = new QLabel;
+    l->setWordWrap(true);
+    l->setMinimumWidth(60);
+    l->setSizePolicy(QSizePolicy::Ignored, QSizePolicy::Preferred);
+    l->setTextInteractionFlags(Qt::TextSelectableByMouse);
+    m_controls->addWidget(l, 1);
+    return l;
 }
 
 QCustomPlot* PlotView::addPlot(int row, int col, int rowSpan, int colSpan) {
@@ -242,4 +253,27 @@ void setFiniteDataRange(QCPColorMap* map, bool fromZero) {
     if (!(hi >= lo)) lo = 0, hi = 1;
     if (hi - lo < 1e-12) hi = lo + 1e-6;
     map->setDataRange(QCPRange(lo, hi));
+}
+
+// Row labels (layer indices) spaced so they never overlap: about one per 16 pixels of height.
+void setRowTicks(QCPAxis* axis, const std::vector<int>& rowLabels) {
+    QSharedPointer<QCPAxisTickerText> t(new QCPAxisTickerText);
+    const int n = int(rowLabels.size());
+    const int room = std::max(2, axis->axisRect()->height() / 16);
+    int step = 1;
+    while ((n + step - 1) / step > room) step *= 2;
+    for (int i = 0; i < n; i += step) t->addTick(i, QString::number(rowLabels[size_t(i)]));
+    axis->setTicker(t);
+}
+
+// Expert ids: power-of-two steps (expert counts are powers of two), at most ~10 labels.
+void setIntTicks(QCPAxis* axis, int n) {
+    QSharedPointer<QCPAxisTickerFixed> t(new QCPAxisTickerFixed);
+    const int extent = axis->orientation() == Qt::Horizontal ? axis->axisRect()->width() : axis->axisRect()->height();
+    const int room = std::max(2, std::min(10, extent / 28));
+    int step = 1;
+    while ((n + step - 1) / step > room) step *= 2;
+    t->setTickStep(step);
+    t->setScaleStrategy(QCPAxisTickerFixed::ssNone);
+    axis->setTicker(t);
 }
