@@ -261,8 +261,13 @@ void MainWindow::onModelLoaded(const ModelInfo& info) {
 void MainWindow::setBanner(const QString& text, bool error) {
     m_banner->setVisible(!text.isEmpty());
     m_banner->setText(text);
-    m_banner->setStyleSheet(error ? QStringLiteral("QLabel{background:#f8d7da;color:#58151c;padding:6px;border-bottom:1px solid #e0a0a8}")
-                                  : QStringLiteral("QLabel{background:#fff3cd;color:#4d3b00;padding:6px;border-bottom:1px solid #e6d08a}"));
+    m_bannerError = error;
+    if (m_dark)
+        m_banner->setStyleSheet(error ? QStringLiteral("QLabel{background:#5c2328;color:#f5d0d4;padding:6px;border-bottom:1px solid #7a3038}")
+                                      : QStringLiteral("QLabel{background:#4a4020;color:#f0e2b0;padding:6px;border-bottom:1px solid #6a5a28}"));
+    else
+        m_banner->setStyleSheet(error ? QStringLiteral("QLabel{background:#f8d7da;color:#58151c;padding:6px;border-bottom:1px solid #e0a0a8}")
+                                      : QStringLiteral("QLabel{background:#fff3cd;color:#4d3b00;padding:6px;border-bottom:1px solid #e6d08a}"));
 }
 
 QString MainWindow::bannerText() const { return m_banner->isVisible() ? m_banner->text() : QString(); }
@@ -345,6 +350,7 @@ void MainWindow::setDark(bool dark) {
     }
     QApplication::setPalette(p);
     for (auto* v : m_views) v->setDark(dark);
+    setBanner(m_banner->isHidden() ? QString() : m_banner->text(), m_bannerError);
     if (auto* a = findChild<QAction*>(QStringLiteral("darkAction"))) {
         QSignalBlocker b(a);
         a->setChecked(dark);

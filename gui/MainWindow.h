@@ -40,6 +40,7 @@ public:
     TraceReplayTrainer* trainer() const { return m_trainer; }
     TrainerRunner* engineTrainer() const { return m_engineTrainer; }
     QString bannerText() const;
+    QStringList recentModels() const { return m_recent; }
     QString backendText() const;
     void setDark(bool dark);
     bool isDark() const { return m_dark; }
@@ -75,6 +76,7 @@ private:
     QStringList m_recent;
     QString m_defaultNotice;
     QString m_loadingDir;
+    bool m_bannerError = false;
     bool m_layoutDone = false;     // the first show sized the docks
     bool m_restoredState = false;  // QSettings held a dock layout
 };

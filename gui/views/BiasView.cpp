@@ -26,6 +26,12 @@ BiasView::BiasView(TelemetryStore* store, QWidget* parent)
     m_experts->setPlaceholderText(tr("e.g. 0,3,7 (empty: the 6 that drift most)"));
     m_experts->setMaximumWidth(220);
     controls()->addWidget(m_experts);
+    m_relative = new QCheckBox(tr("Relative"));
+    m_relative->setObjectName(QStringLiteral("biasRelative"));
+    m_relative->setChecked(true);
+    m_relative->setToolTip(tr("Drift minus the layer's mean drift: top-k selection ignores a shift common to all experts, "
+                              "and sign updates on a few tokens per step raise most experts together"));
+    controls()->addWidget(m_relative);
     m_online = new QCheckBox(tr("Online balancing"));
     m_online->setObjectName(QStringLiteral("onlineBalancing"));
     m_online->setToolTip(tr("Aux-loss-free bias updates during generation: b_e += gamma * sign(mean load - load_e)"));
@@ -81,6 +87,12 @@ BiasView::BiasView(TelemetryStore* store, QWidget* parent)
     m_vioPlot = addPlot(1, 0, 1, 2);
     m_vioPlot->xAxis->setLabel(tr("step"));
     m_vioPlot->yAxis->setLabel(tr("MaxVio"));
+    {
+        QSharedPointer<QCPAxisTickerFixed> steps(new QCPAxisTickerFixed);  // steps are whole numbers
+        steps->setTickStep(1);
+        steps->setScaleStrategy(QCPAxisTickerFixed::ssMultiples);
+        m_vioPlot->xAxis->setTicker(steps);
+    }
     m_vioPlot->legend->setVisible(true);
     m_vioPlot->axisRect()->insetLayout()->setInsetAlignment(0, Qt::AlignTop | Qt::AlignRight);
     for (int i = 0; i < 3; ++i) {
@@ -105,6 +117,7 @@ BiasView::BiasView(TelemetryStore* store, QWidget* parent)
     connect(reset, &QPushButton::clicked, this, &BiasView::resetBiasRequested);
     connect(m_layer, &QComboBox::currentIndexChanged, this, &BiasView::onStoreChanged);
     connect(m_experts, &QLineEdit::editingFinished, this, &BiasView::onStoreChanged);
+    connect(m_relative, &QCheckBox::toggled, this, &BiasView::onStoreChanged);
     setDark(false);
 }
 
@@ -202,7 +215,7 @@ void BiasView::refresh() {
         m_nowBars->data()->clear();
         m_linePlot->legend->setVisible(true);
         m_linePlot->xAxis->setLabel(tr("bias update (step)"));
-        m_linePlot->yAxis->setLabel(tr("router bias"));
+        m_linePlot->yAxis->setLabel(m_relative->isChecked() ? tr("bias - layer mean") : tr("router bias"));
         m_linePlot->xAxis->setTicker(QSharedPointer<QCPAxisTicker>(new QCPAxisTicker));
 
         // Heatmap experts x updates: the drift from the first record, which small updates (gamma)
@@ -211,23 +224,35 @@ void BiasView::refresh() {
         m_heat->data()->setRange(QCPRange(0, S - 1), QCPRange(0, std::max(E - 1, 0)));
         m_heat->data()->fill(0);
         double amax = 0;
-        for (int s = 0; s < S; ++s)
-            for (int e = 0; e < E && e < int(hist[size_t(s)].bias.size()); ++e) {
-                const double b = double(hist[size_t(s)].bias[size_t(e)]) - double(hist.front().bias[size_t(e)]);
+        const bool rel = m_relative->isChecked();
+        auto drift = [&](int s, int e) { return double(hist[size_t(s)].bias[size_t(e)]) - double(hist.front().bias[size_t(e)]); };
+        auto meanDrift = [&](int s) {
+            double m = 0;
+            for (int e = 0; e < E; ++e) m += drift(s, e);
+            return E ? m / E : 0.0;
+        };
+        for (int s = 0; s < S; ++s) {
+            if (int(hist[size_t(s)].bias.size()) != E) continue;
+            const double m = rel ? meanDrift(s) : 0.0;
+            for (int e = 0; e < E; ++e) {
+                const double b = drift(s, e) - m;
                 m_heat->data()->setCell(s, e, b);
                 amax = std::max(amax, std::abs(b));
             }
+        }
         // Symmetric, 0 in the middle; updates that changed nothing give a neutral map, not a 1e-9 scale.
         if (amax <= 0) amax = 1e-3;
         m_heat->setDataRange(QCPRange(-amax, amax));
-        m_heat->colorScale()->axis()->setLabel(tr("bias - first"));
+        m_heat->colorScale()->axis()->setLabel(rel ? tr("drift - mean drift") : tr("bias - first"));
         m_heatPlot->xAxis->setLabel(tr("bias update"));
         m_heatPlot->yAxis->setLabel(tr("expert"));
         m_heatPlot->xAxis->setRange(-0.5, S - 0.5);
         m_heatPlot->yAxis->setRange(-0.5, std::max(E, 1) - 0.5);
         m_heatPlot->xAxis->setTicker(QSharedPointer<QCPAxisTicker>(new QCPAxisTicker));
         setIntTicks(m_heatPlot->yAxis, std::max(E, 1));
-        if (heatTitle) heatTitle->setText(tr("layer %1: drift of every expert's bias since the first record").arg(lay));
+        if (heatTitle)
+            heatTitle->setText(rel ? tr("layer %1: each expert's drift relative to the layer mean").arg(lay)
+                                   : tr("layer %1: drift of every expert's bias since the first record").arg(lay));
         m_heatHint->setVisible(false);
 
         // Lines: chosen experts, or the ones whose bias moved most.
@@ -238,10 +263,11 @@ void BiasView::refresh() {
             if (ok && e >= 0 && e < E) chosen.push_back(e);
         }
         if (chosen.empty()) {
-            std::vector<std::pair<double, int>> drift;
-            for (int e = 0; e < E; ++e) drift.push_back({-std::abs(double(hist.back().bias[size_t(e)]) - double(hist.front().bias[size_t(e)])), e});
-            std::sort(drift.begin(), drift.end());
-            for (int i = 0; i < std::min(6, E); ++i) chosen.push_back(drift[size_t(i)].second);
+            const double m = rel ? meanDrift(S - 1) : 0.0;
+            std::vector<std::pair<double, int>> moved;
+            for (int e = 0; e < E; ++e) moved.push_back({-std::abs(drift(S - 1, e) - m), e});
+            std::sort(moved.begin(), moved.end());
+            for (int i = 0; i < std::min(6, E); ++i) chosen.push_back(moved[size_t(i)].second);
         }
         for (size_t c = 0; c < chosen.size(); ++c) {
             auto* g = m_linePlot->addGraph();
@@ -249,12 +275,18 @@ void BiasView::refresh() {
             g->setName(tr("expert %1").arg(chosen[c]));
             QVector<double> x, y;
             for (const auto& r : hist) {
+                if (int(r.bias.size()) != E) continue;
+                double m = 0;
+                if (rel) {
+                    for (float b : r.bias) m += double(b);
+                    m /= E;
+                }
                 x << double(r.step);
-                y << double(r.bias[size_t(chosen[c])]);
+                y << double(r.bias[size_t(chosen[c])]) - m;
             }
             g->setData(x, y, true);
         }
-        m_linePlot->rescaleAxes();
+        m_linePlot->rescaleAxes(true);  // the lines only: the hidden bars hold no range
         const QCPRange yr = m_linePlot->yAxis->range();
         const double pad = std::max(yr.size(), 1e-4) * 0.06;
         m_linePlot->yAxis->setRange(yr.lower - pad, yr.upper + pad);
@@ -309,6 +341,9 @@ void BiasView::setOnlineBalancing(bool enabled, double gamma) {
 }
 
 QSize BiasView::heatmapSize() const { return QSize(m_heat->data()->keySize(), m_heat->data()->valueSize()); }
+double BiasView::heatmapValue(int x, int y) const { return m_heat->data()->cell(x, y); }
+QPair<double, double> BiasView::heatmapColourRange() const { return {m_heat->dataRange().lower, m_heat->dataRange().upper}; }
+int BiasView::nowBarCount() const { return m_nowBars->visible() ? m_nowBars->data()->size() : 0; }
 int BiasView::lineCount() const { return m_linePlot->graphCount(); }
 int BiasView::maxVioPoints() const {
     int n = 0;

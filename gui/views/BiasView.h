@@ -23,6 +23,9 @@ public:
     // the chosen layer has no bias update yet.
     QSize heatmapSize() const;
     bool showsDrift() const { return m_drift; }
+    double heatmapValue(int x, int y) const;
+    QPair<double, double> heatmapColourRange() const;
+    int nowBarCount() const;                 // bars of the loaded bias (no drift yet)
     int lineCount() const;
     int maxVioPoints() const;
     void setOnlineBalancing(bool enabled, double gamma);  // as if the user set the controls
@@ -38,6 +41,7 @@ private:
     QComboBox* m_layer;
     QLineEdit* m_experts;
     QCheckBox* m_online;
+    QCheckBox* m_relative;                   // drift minus the layer's mean drift
     QDoubleSpinBox* m_gamma;
     QCustomPlot *m_linePlot, *m_heatPlot, *m_vioPlot;
     QCPColorMap* m_heat;

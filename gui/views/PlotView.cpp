@@ -135,6 +135,7 @@ static void styleAxis(QCPAxis* a, const QColor& fg, const QColor& grid) {
     a->setTickLabelColor(fg);
     a->setLabelColor(fg);
     a->grid()->setPen(QPen(grid, 0, Qt::DotLine));
+    a->grid()->setZeroLinePen(Qt::NoPen);  // a solid line through the first bar otherwise
 }
 
 void PlotView::styleAll() {
@@ -153,6 +154,14 @@ void PlotView::styleAll() {
             if (auto* t = qobject_cast<QCPTextElement*>(p->plotLayout()->elementAt(i))) t->setTextColor(fg);
             if (auto* s = qobject_cast<QCPColorScale*>(p->plotLayout()->elementAt(i))) styleAxis(s->axis(), fg, grid);
         }
+        // "No data" / "group dropped" cells: light grey on white, dark grey on the dark background.
+        for (int i = 0; i < p->plottableCount(); ++i)
+            if (auto* m = qobject_cast<QCPColorMap*>(p->plottable(i))) {
+                QCPColorGradient g = m->gradient();
+                g.setNanHandling(QCPColorGradient::nhNanColor);
+                g.setNanColor(m_darkTheme ? QColor(85, 85, 92) : QColor(205, 205, 205));
+                m->setGradient(g);
+            }
     }
 }
 
