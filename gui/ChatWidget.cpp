@@ -75,6 +75,7 @@ ChatWidget::ChatWidget(EngineController* engine, TelemetryStore* store, QWidget*
     colourRow->addWidget(m_context);
     m_contextText = new QLabel;
     m_contextText->setObjectName(QStringLiteral("contextText"));
+    m_contextText->setText(tr("no model"));
     colourRow->addWidget(m_contextText);
     lv->addLayout(colourRow);
     m_input = new QPlainTextEdit;

@@ -1,6 +1,6 @@
 // moescope: the desktop explorer. Command line:
 //   moescope [--model DIR] [--trace FILE.jsonl]
-//            [--screenshot FILE.png [--view NAME] [--prompt TEXT]... [--max-tokens N] [--seed N] [--dark]
+//            [--screenshot FILE.png [--view NAME] [--prompt TEXT]... [--max-tokens N] [--seed N] [--mtp-off-turns N] [--dark]
 //             [--colour expert|mtp|surprisal] [--online-balancing GAMMA]
 //             [--train tiny|small --corpus FILE... --steps N]] [--export DIR]
 // --export writes every view's PNG, PDF and CSV and the session's telemetry.jsonl into DIR.
@@ -42,13 +42,14 @@ int main(int argc, char** argv) {
     QCommandLineOption train(QStringLiteral("train"), QStringLiteral("Start a training run on this preset (tiny, small) after loading; the screenshot waits for it."), QStringLiteral("PRESET"));
     QCommandLineOption corpus(QStringLiteral("corpus"), QStringLiteral("Corpus text file for --train (repeatable)."), QStringLiteral("FILE"));
     QCommandLineOption steps(QStringLiteral("steps"), QStringLiteral("Steps for --train."), QStringLiteral("N"));
+    QCommandLineOption noMtpTurns(QStringLiteral("mtp-off-turns"), QStringLiteral("Answer the first N prompts with MTP off."), QStringLiteral("N"));
     QCommandLineOption seed(QStringLiteral("seed"), QStringLiteral("Sampling seed for --prompt."), QStringLiteral("N"));
     QCommandLineOption maxTokens(QStringLiteral("max-tokens"), QStringLiteral("Tokens to generate for --prompt."), QStringLiteral("N"));
     QCommandLineOption dark(QStringLiteral("dark"), QStringLiteral("Dark palette."));
     QCommandLineOption exportDir(QStringLiteral("export"), QStringLiteral("Export every view (PNG, PDF, CSV) and the telemetry (JSONL) into DIR and exit."), QStringLiteral("DIR"));
     QCommandLineOption balance(QStringLiteral("online-balancing"), QStringLiteral("Turn on aux-loss-free online balancing with this gamma."), QStringLiteral("GAMMA"));
     QCommandLineOption colour(QStringLiteral("colour"), QStringLiteral("Token colouring: expert, mtp, surprisal."), QStringLiteral("MODE"));
-    cli.addOptions({model, trace, shot, view, prompt, maxTokens, seed, dark, colour, balance, exportDir, train, corpus, steps});
+    cli.addOptions({model, trace, shot, view, prompt, maxTokens, seed, dark, colour, balance, exportDir, train, corpus, steps, noMtpTurns});
     cli.process(app);
 
     const bool screenshot = cli.isSet(shot) || cli.isSet(exportDir);
@@ -103,7 +104,11 @@ int main(int argc, char** argv) {
     // Each --prompt is one user turn, sent when the previous answer is complete.
     const QStringList prompts = cli.values(prompt);
     int sent = 0;
+    const int mtpOff = cli.isSet(noMtpTurns) ? cli.value(noMtpTurns).toInt() : 0;
     auto sendNext = [&] {
+        auto sp = w.chat()->sampling();
+        sp.mtp = sent >= mtpOff;  // the first --mtp-off-turns answers without MTP (the MTP view's speed comparison)
+        w.chat()->setSampling(sp);
         const QString p = prompts.value(sent++);
         if (!w.chat()->send(p)) finish(QStringLiteral("could not send the prompt: ") + w.chat()->statusText());
     };

@@ -56,11 +56,7 @@ LatentView::LatentView(TelemetryStore* store, QWidget* parent)
     title(m_memPlot, tr("cache memory vs context"));
     // The legend in a row of its own under the plot, entries side by side: the lines fill the
     // plot from corner to corner, so any inset legend covers one of them.
-    m_memPlot->axisRect()->insetLayout()->take(m_memPlot->legend);
-    m_memPlot->plotLayout()->addElement(2, 0, m_memPlot->legend);
-    m_memPlot->legend->setFillOrder(QCPLegend::foColumnsFirst);
-    m_memPlot->legend->setBorderPen(Qt::NoPen);
-    m_memPlot->plotLayout()->setRowStretchFactor(2, 0.001);
+    legendBelow(m_memPlot);
     const QColor colors[] = {QColor(33, 145, 140), QColor(200, 60, 60), QColor(230, 150, 30)};
     const QString names[] = {tr("MLA latent (c + k_pe)"), tr("MHA"), tr("GQA-8")};
     for (int i = 0; i < 3; ++i) {

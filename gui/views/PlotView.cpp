@@ -102,6 +102,20 @@ QCPColorMap* PlotView::addColorMap(QCustomPlot* plot, const QString& scaleLabel,
     return map;
 }
 
+void PlotView::legendBelow(QCustomPlot* plot) {
+    QCPLegend* legend = plot->legend;
+    plot->axisRect()->insetLayout()->take(legend);
+    QCPLayoutGrid* grid = plot->plotLayout();
+    const int row = grid->rowCount();
+    grid->addElement(row, 0, legend);
+    grid->setRowStretchFactor(row, 0.001);
+    legend->setFillOrder(QCPLegend::foColumnsFirst);
+    legend->setBorderPen(Qt::NoPen);
+    legend->setFont(QFont(plot->font().family(), 8));
+    legend->setMargins(QMargins(2, 0, 2, 0));
+    legend->setRowSpacing(0);
+}
+
 void PlotView::onStoreChanged() {
     if (!isVisible()) {
         m_dirty = true;
@@ -260,7 +274,12 @@ void setFiniteDataRange(QCPColorMap* map, bool fromZero) {
             hi = std::max(hi, v);
         }
     if (!(hi >= lo)) lo = 0, hi = 1;
-    if (hi - lo < 1e-12) hi = lo + 1e-6;
+    if (hi - lo < 1e-12) {  // all cells equal (no data yet: all zero): a plain scale around the value
+        const double pad = std::max(std::abs(hi) * 0.5, 0.5);
+        if (!fromZero || lo > 0) lo -= pad;
+        hi += pad;
+        if (fromZero) lo = std::max(lo, 0.0);
+    }
     map->setDataRange(QCPRange(lo, hi));
 }
 

@@ -54,6 +54,9 @@ protected:
     // A colour map with a colour scale on the right; the plot's axes are key (x) and value (y).
     QCPColorMap* addColorMap(QCustomPlot* plot, const QString& scaleLabel, QCPColorScale** scale = nullptr);
     QWidget* plotArea() const { return m_area; }
+    // Moves the plot's legend out of the axis rect into a row under it, entries side by side:
+    // for curves that fill the plot, where any corner of the axis rect would cover data.
+    static void legendBelow(QCustomPlot* plot);
     QGridLayout* plotGrid() const { return m_grid; }
     void showEvent(QShowEvent* e) override;
     void onStoreChanged();

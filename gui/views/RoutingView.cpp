@@ -111,7 +111,7 @@ void RoutingView::refresh() {
     if (it == routes.end() && !routes.empty()) it = std::prev(routes.end());
     m_tokenMap->data()->setSize(E, R);
     m_tokenMap->data()->setRange(QCPRange(0, E - 1), QCPRange(0, R - 1));
-    m_tokenMap->data()->fill(0);
+    m_tokenMap->data()->fill(it == routes.end() ? qQNaN() : 0.0);  // no token yet: grey, not a map of zeros
     bool showScores = false;
     if (it != routes.end()) {
         const RouteRecord& r = it->second;
@@ -140,6 +140,7 @@ void RoutingView::refresh() {
         QString text = tk != m_store->tokens().end() ? QString::fromStdString(tk->second.text) : QString();
         m_info->setText(tr("token at position %1: id %2 %3").arg(r.position).arg(r.token).arg(text.isEmpty() ? QString() : QStringLiteral("'%1'").arg(text.toHtmlEscaped())));
     }
+    if (it == routes.end()) m_info->setText(tr("no routing yet: send a message"));
     setFiniteDataRange(m_tokenMap, true);
     if (auto* t = qobject_cast<QCPTextElement*>(m_tokenPlot->plotLayout()->element(0, 0)))
         t->setText(showScores ? tr("selected token: every router score (grey: group dropped)")

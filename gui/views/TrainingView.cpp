@@ -86,12 +86,21 @@ TrainingView::TrainingView(TelemetryStore* store, QWidget* parent)
     m_vioPlot->legend->setVisible(true);
     line(m_vioPlot, QColor(230, 120, 30), tr("batch"));
     line(m_vioPlot, QColor(120, 60, 160), tr("global (validation)"))->setScatterStyle(QCPScatterStyle(QCPScatterStyle::ssDisc, 5));
+    legendBelow(m_lossPlot);
+    legendBelow(m_vioPlot);
     m_lrPlot = addPlot(1, 0);
     title(m_lrPlot, tr("learning rate"));
     line(m_lrPlot, QColor(59, 82, 139), tr("lr"));
     m_speedPlot = addPlot(1, 1);
     title(m_speedPlot, tr("tokens/s"));
     line(m_speedPlot, QColor(94, 160, 60), tr("tokens/s"));
+    // The loss and MaxVio plots carry their legends: more of the height, the rest may shrink.
+    plotGrid()->setRowStretch(0, 3);
+    plotGrid()->setRowStretch(1, 2);
+    for (auto* p : {m_lrPlot, m_speedPlot}) {
+        p->setMinimumHeight(100);
+        p->yAxis->ticker()->setTickCount(3);  // a short plot: fewer labels, none overlapping
+    }
     m_biasPlot = addPlot(0, 2, 2, 1);
     m_biasMap = addColorMap(m_biasPlot, tr("bias"));
     title(m_biasPlot, tr("bias now (layer x expert)"));  // after the colour scale took column 1 of row 0
@@ -262,9 +271,8 @@ void TrainingView::refresh() {
         }
         p->rescaleAxes();
         if (p != m_lossPlot) p->yAxis->setRangeLower(0);
-        // Head room: the legends sit in the top right corner.
         const QCPRange r = p->yAxis->range();
-        p->yAxis->setRange(p == m_lossPlot ? r.lower : 0.0, r.upper + std::max(r.size(), 1e-9) * (p->graphCount() > 1 ? 0.3 : 0.05));
+        p->yAxis->setRange(p == m_lossPlot ? r.lower : 0.0, r.upper + std::max(r.size(), 1e-9) * 0.05);
     }
     for (int i = 0; i < 4; ++i) {
         m_hint[i]->setVisible(!any);
