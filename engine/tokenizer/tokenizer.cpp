@@ -14,6 +14,7 @@
 #include <unordered_map>
 
 #include "engine/errors.h"
+#include "engine/tokenizer/normalizer.h"
 #include "engine/tokenizer/regex.h"
 #include "engine/tokenizer/utf8.h"
 
@@ -49,9 +50,11 @@ struct PreStep {
 };
 
 struct NormStep {
-    enum Kind { UnicodeForm, Replace, Prepend } kind = UnicodeForm;
-    std::string name;           // NFC, NFKC, NFD, NFKD
-    std::string from, to;       // Replace (String pattern); Prepend uses `to`
+    enum Kind { Unicode, Lowercase, Strip, StripAccents, Bert, Replace, Prepend } kind = Unicode;
+    UnicodeForm form = UnicodeForm::NFC;  // Unicode
+    bool left = true, right = true;       // Strip
+    BertNormalizerOptions bert;           // Bert
+    std::string from, to;                 // Replace (String pattern); Prepend uses `to`
 };
 
 struct DecStep {
@@ -63,6 +66,7 @@ struct DecStep {
 struct AddedToken {
     int id = 0;
     std::string content;
+    std::string pattern;  // what is matched: content, or for normalized tokens content normalized
     bool special = false, lstrip = false, rstrip = false, single_word = false, normalized = true;
 };
 
@@ -221,7 +225,31 @@ void parse_normalizer(const Reader& r, const json& j, const std::string& path, s
             parse_normalizer(r, list[i], path + ".normalizers[" + std::to_string(i) + "]", out);
     } else if (type == "NFC" || type == "NFKC" || type == "NFD" || type == "NFKD") {
         NormStep s;
-        s.name = type;
+        s.form = type == "NFC" ? UnicodeForm::NFC : type == "NFD" ? UnicodeForm::NFD
+               : type == "NFKC" ? UnicodeForm::NFKC : UnicodeForm::NFKD;
+        out.push_back(s);
+    } else if (type == "Lowercase") {
+        NormStep s;
+        s.kind = NormStep::Lowercase;
+        out.push_back(s);
+    } else if (type == "StripAccents") {
+        NormStep s;
+        s.kind = NormStep::StripAccents;
+        out.push_back(s);
+    } else if (type == "Strip") {
+        NormStep s;
+        s.kind = NormStep::Strip;
+        s.left = r.flag(j, "strip_left", path, true);
+        s.right = r.flag(j, "strip_right", path, true);
+        out.push_back(s);
+    } else if (type == "BertNormalizer") {
+        NormStep s;
+        s.kind = NormStep::Bert;
+        s.bert.clean_text = r.flag(j, "clean_text", path, true);
+        s.bert.handle_chinese_chars = r.flag(j, "handle_chinese_chars", path, true);
+        s.bert.lowercase = r.flag(j, "lowercase", path, true);
+        // null (the usual value) means: strip accents exactly when lowercasing.
+        s.bert.strip_accents = r.flag(j, "strip_accents", path, s.bert.lowercase);
         out.push_back(s);
     } else if (type == "Replace") {
         const json& pat = r.at(j, "pattern", path);
@@ -336,12 +364,6 @@ void replace_all(std::string& s, const std::string& from, const std::string& to)
     }
 }
 
-bool is_ascii(std::string_view s) {
-    for (char c : s)
-        if (static_cast<unsigned char>(c) >= 0x80) return false;
-    return true;
-}
-
 bool is_unicode_space(char32_t c) {  // Rust's char::is_whitespace (White_Space property)
     return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
            (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F ||
@@ -440,17 +462,23 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& confi
                 t->added_by_id[a.id] = t->added.size();
                 t->added.push_back(a);
             }
-            for (size_t i = 0; i < t->added.size(); ++i)
-                t->added_by_first_byte[static_cast<unsigned char>(t->added[i].content[0])].push_back(i);
-            for (auto& v : t->added_by_first_byte)
-                std::stable_sort(v.begin(), v.end(), [&](size_t x, size_t y) {
-                    return t->added[x].content.size() > t->added[y].content.size();
-                });
             t->word_char = std::make_shared<Regex>("^[\\p{Alphabetic}\\p{N}]", false, origin);
         }
 
         // --- pipeline ---
         if (j.contains("normalizer")) parse_normalizer(r, j.at("normalizer"), "normalizer", t->normalizers);
+        // HF matches normalized added tokens by their content passed through the normalizer
+        // (e.g. lowercased) on the normalized text. A token that normalizes to nothing can
+        // never be matched.
+        for (size_t i = 0; i < t->added.size(); ++i) {
+            AddedToken& a = t->added[i];
+            a.pattern = a.normalized ? t->normalize(a.content) : a.content;
+            if (!a.pattern.empty()) t->added_by_first_byte[static_cast<unsigned char>(a.pattern[0])].push_back(i);
+        }
+        for (auto& v : t->added_by_first_byte)
+            std::stable_sort(v.begin(), v.end(), [&](size_t x, size_t y) {
+                return t->added[x].pattern.size() > t->added[y].pattern.size();
+            });
         if (j.contains("pre_tokenizer")) parse_pre_tokenizer(r, j.at("pre_tokenizer"), "pre_tokenizer", t->pre_steps);
         for (size_t i = 0; i < t->pre_steps.size(); ++i) {
             if (t->pre_steps[i].kind != PreStep::ByteLevel) continue;
@@ -541,13 +569,11 @@ std::string TokenizerImpl::normalize(std::string_view text) const {
     std::string s(text);
     for (const auto& n : normalizers) {
         switch (n.kind) {
-        case NormStep::UnicodeForm:
-            // ASCII is invariant under every Unicode normalization form; other text would need
-            // the Unicode tables, which moescope does not carry.
-            if (!is_ascii(s))
-                throw FormatError(origin + ": normalizer '" + n.name +
-                                  "' on non-ASCII text is not supported");
-            break;
+        case NormStep::Unicode: s = unicode_normalize(s, n.form); break;
+        case NormStep::Lowercase: s = unicode_lowercase(s); break;
+        case NormStep::Strip: s = unicode_strip(s, n.left, n.right); break;
+        case NormStep::StripAccents: s = strip_marks(s); break;
+        case NormStep::Bert: s = bert_normalize(s, n.bert); break;
         case NormStep::Replace: replace_all(s, n.from, n.to); break;
         case NormStep::Prepend:
             if (!s.empty()) s = n.to + s;
@@ -828,7 +854,7 @@ void split_added(const TokenizerImpl& t, std::string_view s, bool normalized_pas
         for (size_t c : cands) {
             const AddedToken& a = t.added[c];
             if (a.normalized != normalized_pass) continue;
-            if (s.compare(i, a.content.size(), a.content) == 0) {
+            if (s.compare(i, a.pattern.size(), a.pattern) == 0) {
                 hit = &a;
                 break;  // candidates are longest first
             }
@@ -837,7 +863,7 @@ void split_added(const TokenizerImpl& t, std::string_view s, bool normalized_pas
             ++i;
             continue;
         }
-        size_t b = i, e = i + hit->content.size();
+        size_t b = i, e = i + hit->pattern.size();
         i = e;  // a rejected match is still consumed, as HF's automaton iteration does
         if (hit->special && !parse_special) continue;
         if (hit->single_word && (prev_char_is_word(b) || next_char_is_word(e))) continue;
@@ -913,6 +939,11 @@ std::vector<int> Tokenizer::encode(std::string_view text, bool add_special, bool
         if (t.config_add_eos && t.eos && (ids.empty() || ids.back() != *t.eos)) ids.push_back(*t.eos);
     }
     return ids;
+}
+
+std::string Tokenizer::normalize(std::string_view text) const {
+    if (!utf8_is_valid(text)) return impl_->normalize(utf8_sanitize(text));
+    return impl_->normalize(text);
 }
 
 void Tokenizer::for_each_word(std::string_view text,
@@ -1024,13 +1055,19 @@ std::string Tokenizer::decode_bytes(const std::vector<int>& ids, bool skip_speci
     for (int id : ids) {
         auto added = t.added_by_id.find(id);
         if (added != t.added_by_id.end()) {
-            // Added tokens go in verbatim, not through the decoder (tokenizers >= 0.20).
+            // Added tokens go through the decoder chain like the others (tokenizers 0.23: a
+            // Replace decoder rewrites them too), normalized ones as their normalized content.
+            // skip_special tests the emitted text against the special tokens' contents, so a
+            // special token whose normalization changes it is kept (as in HF).
             const AddedToken& a = t.added[added->second];
-            if (skip_special && a.special) continue;
-            out += run_decoders(t, std::move(chunk));
-            chunk.clear();
-            if (!out.empty() && !t.has_decoder) out += ' ';
-            out += a.content;
+            const std::string& text = a.normalized ? a.pattern : a.content;
+            if (skip_special && a.special && text == a.content) continue;
+            if (skip_special && text != a.content) {
+                auto same = t.token_to_id.find(text);
+                auto other = same == t.token_to_id.end() ? t.added_by_id.end() : t.added_by_id.find(same->second);
+                if (other != t.added_by_id.end() && t.added[other->second].special) continue;
+            }
+            chunk.push_back(text);
         } else if (id >= 0 && static_cast<size_t>(id) < t.id_to_token.size() && !t.id_to_token[id].empty()) {
             chunk.push_back(t.id_to_token[id]);
         }

@@ -35,6 +35,9 @@ public:
     // Raw decoded bytes (may end inside a UTF-8 sequence); what StreamDecoder builds on.
     std::string decode_bytes(const std::vector<int>& ids, bool skip_special = false) const;
 
+    // The normalizer alone (HF's normalizer.normalize_str); the text itself when there is none.
+    std::string normalize(std::string_view text) const;
+
     std::string token_text(int id) const;     // vocab string of the id ("" if none)
     std::string token_display(int id) const;  // decoded bytes of the id; invalid UTF-8 as \xNN
     int vocab_size() const;                   // highest id + 1 (model vocab and added tokens)

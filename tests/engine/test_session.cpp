@@ -33,10 +33,11 @@ std::vector<int> prompt_of(int seed, int n, int V) {
 }
 
 // A random DeepSeek-V3-shaped model with a tiny vocabulary (for distribution tests).
-std::shared_ptr<Model> tiny_vocab_model(int V, uint32_t seed) {
+std::shared_ptr<Model> tiny_vocab_model(int V, uint32_t seed, int mtp_depth = 1) {
     ModelConfig c = tiny()->config();
     c.vocab_size = V;
     c.num_hidden_layers = 2;
+    c.num_nextn_predict_layers = mtp_depth;
     Weights w = allocate_weights(c);
     std::mt19937 g(seed);
     std::normal_distribution<float> n(0.0f, 1.0f);
@@ -57,6 +58,8 @@ private slots:
     void greedyIdenticalWithAndWithoutMtp_data();
     void greedyIdenticalWithAndWithoutMtp();
     void mtpAcceptsWhenDraftsAgree();
+    void chainedMtpDepthTwo();
+    void speculativeSamplingPreservesDistribution_data();
     void speculativeSamplingPreservesDistribution();
     void seedDeterminism();
     void samplingFilters();
@@ -172,11 +175,47 @@ void TestSession::mtpAcceptsWhenDraftsAgree() {
     QCOMPARE(s.length(), 3 + 15);
 }
 
+// Two chained MTP modules (module 2 reads module 1's output and the token two ahead): greedy
+// output equals plain decoding, drafts of both depths are counted, and with a vocabulary this
+// small some drafts are accepted and some rejected at each depth.
+void TestSession::chainedMtpDepthTwo() {
+    auto model = tiny_vocab_model(3, 11, 2);
+    QCOMPARE(model->config().num_nextn_predict_layers, 2);
+    SamplingParams p;
+    p.temperature = 0;
+    p.max_tokens = 40;
+    int64_t accepted = 0, drafted = 0;
+    std::vector<int64_t> drafted_at(2, 0);
+    for (int seed = 0; seed < 6; ++seed) {
+        auto prompt = prompt_of(seed, 3 + seed, 3);
+        p.mtp = false;
+        Session a(cpu(model));
+        auto ra = a.generate(prompt, p);
+        p.mtp = true;
+        Session b(cpu(model));
+        auto rb = b.generate(prompt, p);
+        QCOMPARE(rb.tokens, ra.tokens);
+        QCOMPARE(b.tokens(), a.tokens());
+        accepted += rb.stats.mtp.accepted_tokens;
+        drafted += rb.stats.mtp.draft_tokens;
+        for (int d = 0; d < 2; ++d) drafted_at[size_t(d)] += rb.stats.mtp.drafted_at[size_t(d)];
+    }
+    QVERIFY(drafted_at[0] > 0 && drafted_at[1] > 0);
+    QVERIFY2(accepted > 0 && accepted < drafted, qPrintable(QString("%1 of %2").arg(accepted).arg(drafted)));
+}
+
 // Speculative sampling must leave the distribution of generated text unchanged: compare the
 // distribution of the 2nd and 3rd generated tokens with and without MTP by a chi-square test.
+void TestSession::speculativeSamplingPreservesDistribution_data() {
+    QTest::addColumn<int>("depth");
+    QTest::newRow("one MTP module") << 1;
+    QTest::newRow("two chained modules") << 2;
+}
+
 void TestSession::speculativeSamplingPreservesDistribution() {
+    QFETCH(int, depth);
     const int V = 6;
-    auto model = tiny_vocab_model(V, 7);
+    auto model = tiny_vocab_model(V, 7, depth);
     SamplingParams p;
     p.temperature = 1.0;
     p.max_tokens = 3;

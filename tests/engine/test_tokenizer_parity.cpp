@@ -1,5 +1,6 @@
 // Parity with Hugging Face `tokenizers` (installed from npm into the build folder): DeepSeek-V3's
-// own tokenizer.json and a tokenizer trained by moescope must encode and decode identically.
+// own tokenizer.json, a tokenizer trained by moescope and the Unicode normalizers (on a fixture)
+// must encode and decode identically.
 #include <QTemporaryDir>
 #include <QtTest>
 #include <chrono>
@@ -7,6 +8,7 @@
 
 #include "engine/tokenizer/bpe_trainer.h"
 #include "engine/tokenizer/tokenizer.h"
+#include "engine/tokenizer/utf8.h"
 #include "tokenizer_test_util.h"
 
 using namespace moescope;
@@ -94,6 +96,69 @@ private slots:
                                           "the<|eot|>", "<sep><sep>", "a<sep>b"};
         compare_with_peer(tok, path, texts, false, work_.path());
         compare_with_peer(tok, path, texts, true, work_.path());
+    }
+
+    void normalizers_match_hf_data() {
+        // The normalizer put into the normalizers fixture ("" keeps the fixture's own Sequence).
+        QTest::addColumn<QString>("normalizer");
+        QTest::newRow("fixture: NFKD, StripAccents, Lowercase, Strip") << "";
+        for (const char* form : {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "StripAccents"})
+            QTest::newRow(form) << QString(R"({"type": "%1"})").arg(form);
+        QTest::newRow("Strip left") << R"({"type": "Strip", "strip_left": true, "strip_right": false})";
+        QTest::newRow("Strip right") << R"({"type": "Strip", "strip_left": false, "strip_right": true})";
+        QTest::newRow("Bert uncased") << R"({"type": "BertNormalizer", "clean_text": true,
+            "handle_chinese_chars": true, "strip_accents": null, "lowercase": true})";
+        QTest::newRow("Bert cased") << R"({"type": "BertNormalizer", "clean_text": true,
+            "handle_chinese_chars": false, "strip_accents": null, "lowercase": false})";
+        QTest::newRow("Bert strip accents only") << R"({"type": "BertNormalizer", "clean_text": false,
+            "handle_chinese_chars": true, "strip_accents": true, "lowercase": false})";
+        QTest::newRow("Sequence NFKC Lowercase Replace Prepend") << R"({"type": "Sequence", "normalizers": [
+            {"type": "NFKC"}, {"type": "Lowercase"}, {"type": "Replace", "pattern": {"String": " "}, "content": "_"},
+            {"type": "Prepend", "prepend": "_"}]})";
+    }
+    void normalizers_match_hf() {
+        // Token ids over a Unicode-heavy corpus (normalized added tokens included), then the
+        // normalizer alone on every code point of planes 0-3 and 14, against HF.
+        if (!skip_reason_.isEmpty()) QSKIP(qPrintable(skip_reason_));
+        QFETCH(QString, normalizer);
+        QFile in(QStringLiteral(MOESCOPE_FIXTURES "/tokenizers/normalizers/tokenizer.json"));
+        QVERIFY(in.open(QIODevice::ReadOnly));
+        QJsonObject j = QJsonDocument::fromJson(in.readAll()).object();
+        if (!normalizer.isEmpty()) {
+            QJsonParseError err;
+            QJsonDocument n = QJsonDocument::fromJson(normalizer.toUtf8(), &err);
+            QVERIFY2(err.error == QJsonParseError::NoError, qPrintable(err.errorString()));
+            j["normalizer"] = n.object();
+        }
+        const QString path = work_.path() + "/normalizer_variant.json";
+        QFile out(path);
+        QVERIFY(out.open(QIODevice::WriteOnly));
+        out.write(QJsonDocument(j).toJson(QJsonDocument::Compact));
+        out.close();
+        Tokenizer tok = Tokenizer::load(path.toStdString());
+
+        std::vector<std::string> texts = normalizer_corpus();
+        for (const auto& s : parity_corpus({"<|eot|>", "[MASK]"})) texts.push_back(s);
+        compare_with_peer(tok, path, texts, false, work_.path());
+
+        const std::vector<std::pair<char32_t, char32_t>> ranges = {
+            {0, 0x323AF}, {0xE0000, 0xE01EF}, {0xF0000, 0xF0010}, {0x10FFF0, 0x10FFFF}};
+        std::map<char32_t, std::string> hf;
+        const QString error = peer_normalize(path, ranges, work_.path(), hf);
+        QVERIFY2(error.isEmpty(), qPrintable(error));
+        int mismatches = 0;
+        for (auto [lo, hi] : ranges)
+            for (char32_t cp = lo; cp <= hi; ++cp) {
+                if (cp >= 0xD800 && cp <= 0xDFFF) continue;
+                std::string s;  // not QString::fromUcs4, which drops a U+FEFF as a byte order mark
+                utf8_append(s, cp);
+                auto it = hf.find(cp);
+                const std::string& want = it == hf.end() ? s : it->second;
+                const std::string ours = tok.normalize(s);
+                if (ours != want && ++mismatches <= 10)
+                    qWarning("U+%04X: ours '%s' hf '%s'", unsigned(cp), ours.c_str(), want.c_str());
+            }
+        QCOMPARE(mismatches, 0);
     }
 
     void deepseek_v3_chat_template() {

@@ -8,6 +8,7 @@
 #include <QJsonObject>
 #include <QProcess>
 #include <QString>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -79,6 +80,82 @@ inline PeerResult peer_encode(const QString& tokenizer_json, const std::vector<s
     }
     for (const auto& d : out["decoded"].toArray()) r.decoded.push_back(d.toString().toStdString());
     return r;
+}
+
+// Runs the normalizer of tokenizer_json in HF on every code point of ranges ([first, last]
+// pairs), one at a time; returns code point -> normalized text for those that change.
+inline QString peer_normalize(const QString& tokenizer_json, const std::vector<std::pair<char32_t, char32_t>>& ranges,
+                              const QString& work_dir, std::map<char32_t, std::string>& out) {
+    QJsonArray arr;
+    for (auto [lo, hi] : ranges) arr.append(QJsonArray{qint64(lo), qint64(hi)});
+    const QString in_path = work_dir + "/peer_ranges.json", out_path = work_dir + "/peer_norm.json";
+    QFile f(in_path);
+    f.open(QIODevice::WriteOnly);
+    f.write(QJsonDocument(arr).toJson(QJsonDocument::Compact));
+    f.close();
+    QProcess node;
+    auto env = QProcessEnvironment::systemEnvironment();
+    env.insert("NODE_PATH", peer_dir() + "/node_modules");
+    node.setProcessEnvironment(env);
+    node.start("node", {QStringLiteral(MOESCOPE_SOURCE_DIR "/tests/tokenizer-peer/normalize.js"), tokenizer_json,
+                        in_path, out_path});
+    if (!node.waitForFinished(120000) || node.exitCode() != 0)
+        return "node normalize.js failed: " + QString::fromUtf8(node.readAllStandardError());
+    QFile o(out_path);
+    o.open(QIODevice::ReadOnly);
+    const QJsonObject obj = QJsonDocument::fromJson(o.readAll()).object();
+    for (auto it = obj.begin(); it != obj.end(); ++it)
+        out[char32_t(it.key().toUInt())] = it.value().toString().toStdString();
+    return {};
+}
+
+// Texts for the normalizers: composed and decomposed accents, canonical reordering,
+// compatibility forms, case mappings with special rules, Hangul, controls, odd whitespace.
+inline std::vector<std::string> normalizer_corpus() {
+    std::vector<std::string> t = {
+        "Caf\u00e9 vs Cafe\u0301, \u00c5ngstr\u00f6m \u212b \u212bngstr\u00f6m, na\u00efve co\u00f6perate",
+        "a\u0301\u0323 a\u0323\u0301 q\u0307\u0323 \u1e0b\u0323 \u1ea1\u0302 e\u0304\u0304\u0304o",
+        "\ufb01nance \ufb02ow \ufb03 \ufb00 \u01c4 \u01c6 \u2460 \u00bd \u2153 x\u00b2 \u2122 \u33a1 \u2163",
+        "\uff21\uff22\uff23 \uff41\uff42\uff43 \uff10\uff11\uff12\uff01\uff1f \uff76\uff9e \uff8a\uff9f \u3000full\u3000width",
+        "\ud55c\uad6d\uc5b4 \u1112\u1161\u11ab\u1100\u116e\u11a8\u110b\u1165 \u3131\u314f \u1100\u1161",
+        "\u0130stanbul \u0131s\u0131k I\u0307 D\u0130YARBAKIR \u0131I\u0130i",
+        "\u039f\u0394\u03a5\u03a3\u03a3\u0395\u03a5\u03a3 \u03a3 \u03c3\u03c2 \u0391\u0301 \u1f08 \u1fbc \u0390",
+        "Stra\u00dfe STRASSE \u1e9e \u00df\u00df \u0149 \u01f0 \u1e96",
+        "Ti\u1ebfng Vi\u1ec7t c\u00f3 d\u1ea5u: C\u1ee5 th\u1ec3, b\u1ea1n s\u1ebd \u0111i\u1ec1u h\u00e0nh\u2026",
+        "\u0e33\u0e19\u0e49\u0e33 \u0e01\u0e33 \u0645\u064e\u0631\u0652\u062d\u064e\u0628\u064b\u0627 \u0915\u094d\u0937 \u0928\u093c",
+        "\u4e2d\u6587\u5b57\u7b26 \u3400\u4dbf \uf900\ufa6d \u65e5\u672c\u8a9e\u304b\u3099\u30ab\u3099 \u2f00\u2fd5",
+        "emoji \U0001f600 \U0001f44d\U0001f3fd \U0001f468\u200d\U0001f469\u200d\U0001f467 \U0001f1ef\U0001f1f5 \u2764\ufe0f \U0001d400\U0001d41a",
+        "ctl\u0001\u0002\u001f\u007f \ufffd bom\ufeff zw\u200b\u200c\u200d rtl\u200f\u202e pua\ue000",
+        "  \t\n lead and trail \u00a0\u2003\u2028 ",
+        "\u00a0\u1680\u2000\u2009\u200a\u202f\u205f\u3000\u0085\u000b\u000c",
+        "",
+        " ",
+        "[MASK] [mask] [Mask][MASK]x \uff3b\uff2d\uff21\uff33\uff2b\uff3d",
+        "\uff24\u00e9j\u00e0 deja DEJA De\u0301ja\u0300 vu<|eot|>[MASK]<|EOT|>",
+        "Z\u0335\u0321\u0327a\u0336lgo\u0489 \u20dd\u20e3 a\u1ab0\u1dc0\u20d0\ufe20 \u1734\ua9bd\u1cf2\U000111c9",
+        "\u10a0\u13a0\u1e9b\u0345 \u1f80 \u2126 \u212a \u1e00 \U00010400 \U0001e900 \u24b6",
+    };
+    t.push_back(std::string("nul\0byte\0", 9));
+    // Seeded random strings over marks (all combining classes), letters with special case
+    // mappings and compatibility characters.
+    std::mt19937 rng(4321);
+    const std::vector<std::pair<char32_t, char32_t>> ranges = {
+        {0x41, 0x5a}, {0x61, 0x7a}, {0x20, 0x20}, {0xc0, 0x17f}, {0x300, 0x36f}, {0x370, 0x3ff}, {0x1100, 0x11ff},
+        {0xac00, 0xac40}, {0x1e00, 0x1eff}, {0x3099, 0x309a}, {0x304b, 0x3060}, {0xfb00, 0xfb06}, {0xff01, 0xff5e},
+        {0x0591, 0x05c7}, {0x0e30, 0x0e4e}, {0x1ab0, 0x1aff}, {0x1dc0, 0x1dff}, {0x20d0, 0x20ff}, {0x130, 0x131},
+        {0x3a3, 0x3a3}, {0x3c2, 0x3c3}, {0x1f00, 0x1fff}, {0x2460, 0x24ff}, {0x4e00, 0x4e10}, {0x0, 0x1f},
+        {0x2000, 0x200f}, {0x1f600, 0x1f64f}, {0x11930, 0x11946}, {0x16ea0, 0x16eb8}};
+    for (int n = 0; n < 60; ++n) {
+        std::string s;
+        int len = 1 + int(rng() % 16);
+        for (int i = 0; i < len; ++i) {
+            auto [lo, hi] = ranges[rng() % ranges.size()];
+            char32_t cp = lo + rng() % (hi - lo + 1);
+            s += QString::fromUcs4(&cp, 1).toStdString();
+        }
+        t.push_back(s);
+    }
+    return t;
 }
 
 // Hand-picked texts covering what differs between regex engines and BPE implementations.
