@@ -205,6 +205,19 @@ void MainWindow::buildMenus() {
     dark->setCheckable(true);
     dark->setShortcut(QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_D));
     connect(dark, &QAction::toggled, this, &MainWindow::setDark);
+    QMenu* engine = menuBar()->addMenu(tr("&Engine"));
+    QMenu* backend = engine->addMenu(tr("&Backend"));
+    m_backendGroup = new QActionGroup(this);
+    for (const auto& [name, label] : {std::pair{QStringLiteral("auto"), tr("&Auto (GPU when available)")},
+                                      std::pair{QStringLiteral("cpu"), tr("&CPU")},
+                                      std::pair{QStringLiteral("cuda"), tr("C&UDA GPU")}}) {
+        QAction* b = backend->addAction(label);
+        b->setObjectName(QStringLiteral("backend_") + name);
+        b->setCheckable(true);
+        b->setChecked(name == m_backendRequest);
+        m_backendGroup->addAction(b);
+        connect(b, &QAction::triggered, this, [this, name] { setBackendRequest(name); });
+    }
     QMenu* help = menuBar()->addMenu(tr("&Help"));
     help->addAction(tr("&About moescope"), this, [this] {
         QMessageBox::about(this, tr("About moescope"),
@@ -239,12 +252,22 @@ void MainWindow::openModel(const QString& dir) {
         statusBar()->showMessage(tr("busy: stop the generation first"), 5000);
         return;
     }
-    m_engine->loadModel(QDir::cleanPath(dir));
+    m_engine->loadModel(QDir::cleanPath(dir), m_backendRequest);
+}
+
+void MainWindow::setBackendRequest(const QString& request) {
+    if (request != QStringLiteral("auto") && request != QStringLiteral("cpu") && request != QStringLiteral("cuda")) return;
+    const bool changed = request != m_backendRequest;
+    m_backendRequest = request;
+    if (m_backendGroup)
+        for (QAction* a : m_backendGroup->actions()) a->setChecked(a->objectName() == QStringLiteral("backend_") + request);
+    if (changed && !m_modelDir.isEmpty()) openModel(m_modelDir);
 }
 
 void MainWindow::onModelLoaded(const ModelInfo& info) {
     m_progress->setVisible(false);
     m_modelLabel->setText(QDir::toNativeSeparators(info.dir));
+    m_modelDir = info.dir;
     m_backend->setText(tr("backend: %1").arg(info.backendName));
     m_backend->setToolTip(info.backendNotice);
     QStringList notes;
@@ -377,6 +400,7 @@ void MainWindow::saveSettings() {
     s.setValue("window/state", saveState());
     s.setValue("recent", m_recent);
     s.setValue("dark", m_dark);
+    s.setValue("backend", m_backendRequest);
     s.setValue("chat/settings", QJsonDocument(m_chat->settingsJson()).toJson(QJsonDocument::Compact));
 }
 
@@ -387,6 +411,7 @@ void MainWindow::loadSettings() {
     m_recent = s.value("recent").toStringList();
     rebuildRecent();
     if (s.value("dark", false).toBool()) setDark(true);
+    setBackendRequest(s.value("backend", QStringLiteral("auto")).toString());
     const QByteArray chat = s.value("chat/settings").toByteArray();
     if (!chat.isEmpty()) m_chat->applySettingsJson(QJsonDocument::fromJson(chat).object());
 }

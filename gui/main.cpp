@@ -49,12 +49,14 @@ int main(int argc, char** argv) {
     QCommandLineOption exportDir(QStringLiteral("export"), QStringLiteral("Export every view (PNG, PDF, CSV) and the telemetry (JSONL) into DIR and exit."), QStringLiteral("DIR"));
     QCommandLineOption balance(QStringLiteral("online-balancing"), QStringLiteral("Turn on aux-loss-free online balancing with this gamma."), QStringLiteral("GAMMA"));
     QCommandLineOption colour(QStringLiteral("colour"), QStringLiteral("Token colouring: expert, mtp, surprisal."), QStringLiteral("MODE"));
-    cli.addOptions({model, trace, shot, view, prompt, maxTokens, seed, dark, colour, balance, exportDir, train, corpus, steps, noMtpTurns});
+    QCommandLineOption backend(QStringLiteral("backend"), QStringLiteral("Backend: auto (the GPU when available), cpu or cuda."), QStringLiteral("NAME"));
+    cli.addOptions({backend, model, trace, shot, view, prompt, maxTokens, seed, dark, colour, balance, exportDir, train, corpus, steps, noMtpTurns});
     cli.process(app);
 
     const bool screenshot = cli.isSet(shot) || cli.isSet(exportDir);
     MainWindow w(!screenshot);
     if (cli.isSet(dark)) w.setDark(true);
+    if (cli.isSet(backend)) w.setBackendRequest(cli.value(backend));
     if (cli.isSet(view) && !w.showView(cli.value(view))) {
         std::fprintf(stderr, "moescope: unknown view '%s'\n", qPrintable(cli.value(view)));
         return 2;

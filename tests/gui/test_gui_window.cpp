@@ -12,6 +12,7 @@
 #include <QTextBrowser>
 
 #include "engine/tokenizer/tokenizer.h"
+#include "engine/backend.h"
 #include "gui_test_util.h"
 #include "views/BiasView.h"
 
@@ -112,15 +113,18 @@ private slots:
             w.chat()->setSampling(p);
             w.chat()->setStopAtEos(false);
             w.setDark(true);
+            w.setBackendRequest(QStringLiteral("cpu"));
             want = w.chat()->sampling();
             QVERIFY(w.close());  // closeEvent writes the settings
         }
         QSettings s;
         QVERIFY(s.contains("chat/settings"));
         QCOMPARE(s.value("dark").toBool(), true);
+        QCOMPARE(s.value("backend").toString(), QStringLiteral("cpu"));
 
         MainWindow w2(true);
         QVERIFY(w2.isDark());
+        QCOMPARE(w2.backendRequest(), QStringLiteral("cpu"));
         const SamplingParams got = w2.chat()->sampling();
         QCOMPARE(got.temperature, want.temperature);
         QCOMPARE(got.top_k, 40);
@@ -139,6 +143,29 @@ private slots:
         QVERIFY(!w3.isDark());
         QVERIFY(w3.recentModels().isEmpty());
         w2.setDark(false);  // the palette is application-wide
+    }
+
+    // Engine > Backend reloads the model: without a GPU, CUDA is refused with the engine's reason
+    // and the model keeps running on the CPU; switching back to CPU reloads it there.
+    void backendSwitch() {
+        if (moescope::probe_cuda().device_count > 0) QSKIP("a CUDA device is present: the refusal path cannot be shown");
+        MainWindow w(false);
+        w.show();
+        QVERIFY(QTest::qWaitForWindowExposed(&w));
+        QVERIFY(loadFixture(w));
+        QVERIFY(w.backendText().contains(QStringLiteral("cpu")));
+        QSignalSpy failed(w.engine(), &EngineController::loadFailed);
+        w.findChild<QAction*>(QStringLiteral("backend_cuda"))->trigger();
+        QVERIFY(failed.wait(60000) || failed.count() == 1);
+        QVERIFY2(failed.first().at(1).toString().contains(QStringLiteral("CUDA backend cannot run")),
+                 qPrintable(failed.first().at(1).toString()));
+        QVERIFY(w.bannerText().contains(QStringLiteral("CUDA")));
+        QCOMPARE(w.backendRequest(), QStringLiteral("cuda"));
+        QVERIFY(generateOnce(w, QStringLiteral("1, 2, 3"), 4));  // the previous model still answers
+        QSignalSpy loaded(w.engine(), &EngineController::modelLoaded);
+        w.findChild<QAction*>(QStringLiteral("backend_cpu"))->trigger();
+        QVERIFY(loaded.wait(60000) || loaded.count() == 1);
+        QVERIFY(w.backendText().contains(QStringLiteral("CPU (requested)")));
     }
 
     void biasViewShowsLoadedBias() {
