@@ -51,9 +51,13 @@ ChatWidget::ChatWidget(EngineController* engine, TelemetryStore* store, QWidget*
     m_view->setOpenExternalLinks(false);
     lv->addWidget(m_view, 1);
     auto* colourRow = new QHBoxLayout;
-    colourRow->addWidget(new QLabel(tr("Colour tokens by:")));
+    colourRow->addWidget(new QLabel(tr("Colour:")));
     m_colouring = new QComboBox;
+    m_colouring->setToolTip(tr("Colour the answer's tokens by the top expert of a layer, by MTP (accepted drafts in green) "
+                               "or by surprisal (-log2 p under the main model)"));
     m_colouring->addItems({tr("nothing"), tr("top expert of layer"), tr("MTP drafted / accepted"), tr("surprisal")});
+    m_colouring->setSizeAdjustPolicy(QComboBox::AdjustToMinimumContentsLengthWithIcon);
+    m_colouring->setMinimumContentsLength(12);
     colourRow->addWidget(m_colouring);
     m_colourLayer = new QSpinBox;
     m_colourLayer->setPrefix(tr("layer "));
@@ -64,10 +68,15 @@ ChatWidget::ChatWidget(EngineController* engine, TelemetryStore* store, QWidget*
     colourRow->addWidget(new QLabel(tr("Context:")));
     m_context = new QProgressBar;
     m_context->setObjectName(QStringLiteral("contextMeter"));
-    m_context->setMaximumWidth(220);
-    m_context->setFormat(tr("%v / %m tokens"));
+    m_context->setFixedWidth(90);
+    m_context->setMaximumHeight(14);
+    m_context->setTextVisible(false);
     m_context->setValue(0);
     colourRow->addWidget(m_context);
+    m_contextText = new QLabel;
+    m_contextText->setObjectName(QStringLiteral("contextText"));
+    m_contextText->setText(tr("no model"));
+    colourRow->addWidget(m_contextText);
     lv->addLayout(colourRow);
     m_input = new QPlainTextEdit;
     m_input->setObjectName(QStringLiteral("chatInput"));
@@ -87,6 +96,8 @@ ChatWidget::ChatWidget(EngineController* engine, TelemetryStore* store, QWidget*
     for (auto* b : {m_send, m_stop, m_regen, m_continue, m_edit}) buttons->addWidget(b);
     m_status = new QLabel;
     m_status->setObjectName(QStringLiteral("chatStatus"));
+    m_status->setWordWrap(true);
+    m_status->setSizePolicy(QSizePolicy::Ignored, QSizePolicy::Preferred);  // never widens the window
     buttons->addWidget(m_status, 1);
     lv->addLayout(buttons);
     split->addWidget(left);
@@ -136,7 +147,7 @@ ChatWidget::ChatWidget(EngineController* engine, TelemetryStore* store, QWidget*
     auto* scroll = new QScrollArea;
     scroll->setWidget(box);
     scroll->setWidgetResizable(true);
-    scroll->setMinimumWidth(280);
+    scroll->setMinimumWidth(250);
     split->addWidget(scroll);
     split->setStretchFactor(0, 4);
     split->setStretchFactor(1, 1);
@@ -177,8 +188,10 @@ ChatWidget::ChatWidget(EngineController* engine, TelemetryStore* store, QWidget*
     connect(m_engine, &EngineController::tokenGenerated, this, [this](const GeneratedToken& t) {
         if (m_entries.empty() || m_entries.back().role != QLatin1String("assistant")) m_entries.push_back({QStringLiteral("assistant"), {}, {}, {}});
         m_entries.back().tokens.push_back(t);
-        m_entries.back().text += t.text;
-        m_context->setValue(std::min(m_context->maximum(), t.position + 1));
+        // The chat template closes an answer with its own end token: special tokens stay out of
+        // the text the next turn is built from (they are still shown, dimmed, and clickable).
+        if (!t.special) m_entries.back().text += t.text;
+        setContextUsed(t.position + 1);
         scheduleRender();
     });
     connect(m_engine, &EngineController::generationFinished, this, [this](const GenerationSummary& s) {
@@ -423,7 +436,15 @@ void ChatWidget::updateButtons() {
 
 void ChatWidget::updateContextMeter() {
     m_context->setMaximum(std::max(1, m_engine->info().contextCap));
-    m_context->setValue(std::min(m_context->maximum(), int(m_engine->contextTokens().size())));
+    setContextUsed(int(m_engine->contextTokens().size()));
+}
+
+void ChatWidget::setContextUsed(int used) {
+    m_context->setValue(std::min(m_context->maximum(), used));
+    m_contextText->setText(tr("%1 / %2 tokens").arg(m_context->value()).arg(m_context->maximum()));
+    const QString tip = tr("Context in use: %1 of the session's %2 positions").arg(m_context->value()).arg(m_context->maximum());
+    m_context->setToolTip(tip);
+    m_contextText->setToolTip(tip);
 }
 
 void ChatWidget::scheduleRender() {
@@ -487,7 +508,14 @@ void ChatWidget::render() {
             QString text = noTok || t.text.isEmpty() ? QStringLiteral("[%1] ").arg(t.id) : t.text;
             text = text.toHtmlEscaped();
             text.replace(QLatin1Char('\n'), QStringLiteral("<br/>"));
-            html += QStringLiteral("<a href='t:%1' style='%2'>%3</a>").arg(t.position).arg(tokenStyle(t), text);
+            QString style = tokenStyle(t);
+            // Special tokens (the end token) are not part of the answer: small and dimmed, still a link.
+            if (t.special && !noTok) {
+                if (t.position != m_store->selected()) style += QStringLiteral("color:%1;").arg(dim);
+                style += QStringLiteral("font-size:small;");
+                text = QStringLiteral(" ") + text;
+            }
+            html += QStringLiteral("<a href='t:%1' style='%2'>%3</a>").arg(t.position).arg(style, text);
         }
         html += QStringLiteral("</p>");
         if (e.summary) {
@@ -518,7 +546,7 @@ bool ChatWidget::saveConversation(const QString& path, QString* error) const {
             QJsonArray toks;
             for (const auto& t : e.tokens)
                 toks.append(QJsonObject{{"id", t.id}, {"position", t.position}, {"text", t.text}, {"drafted", t.drafted},
-                                        {"surprisal", double(t.surprisal)}});
+                                        {"special", t.special}, {"surprisal", double(t.surprisal)}});
             m["tokens"] = toks;
         }
         if (e.summary) {
@@ -559,7 +587,7 @@ bool ChatWidget::openConversation(const QString& path, QString* error) {
         for (const auto& tv : m.value("tokens").toArray()) {
             const QJsonObject t = tv.toObject();
             e.tokens.push_back({t.value("id").toInt(), t.value("position").toInt(), t.value("text").toString(),
-                                t.value("drafted").toBool(), float(t.value("surprisal").toDouble())});
+                                t.value("drafted").toBool(), t.value("special").toBool(), float(t.value("surprisal").toDouble())});
         }
         if (m.contains("stats")) {
             const QJsonObject s = m.value("stats").toObject();

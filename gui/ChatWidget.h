@@ -70,6 +70,7 @@ private:
     void scheduleRender();
     void updateButtons();
     void updateContextMeter();
+    void setContextUsed(int used);
     QString tokenStyle(const GeneratedToken& t) const;
 
     EngineController* m_engine;
@@ -84,6 +85,7 @@ private:
     QSpinBox *m_topK, *m_maxTokens, *m_seed;
     QCheckBox *m_mtp, *m_stopEos;
     QProgressBar* m_context;
+    QLabel* m_contextText;             // "37 / 1024 tokens" beside the bar (text in the bar overflows it)
     QLabel* m_status;
     QTimer m_renderTimer;
     bool m_generating = false;

@@ -170,6 +170,7 @@ void EngineController::generate(const std::vector<int>& context, const SamplingP
                 t.position = ev.position;
                 t.text = QString::fromStdString(ev.text);
                 t.drafted = ev.drafted;
+                t.special = ev.special;
                 t.surprisal = ev.surprisal;
                 reply([this, t] { emit tokenGenerated(t); });
                 return m_cancelUpTo < job;

@@ -40,6 +40,7 @@ struct GeneratedToken {
     int position = 0;
     QString text;
     bool drafted = false;
+    bool special = false;            // <|eos|> and other special tokens: not part of the answer text
     float surprisal = 0;
 };
 

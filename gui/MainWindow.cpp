@@ -205,6 +205,19 @@ void MainWindow::buildMenus() {
     dark->setCheckable(true);
     dark->setShortcut(QKeySequence(Qt::CTRL | Qt::SHIFT | Qt::Key_D));
     connect(dark, &QAction::toggled, this, &MainWindow::setDark);
+    QMenu* engine = menuBar()->addMenu(tr("&Engine"));
+    QMenu* backend = engine->addMenu(tr("&Backend"));
+    m_backendGroup = new QActionGroup(this);
+    for (const auto& [name, label] : {std::pair{QStringLiteral("auto"), tr("&Auto (GPU when available)")},
+                                      std::pair{QStringLiteral("cpu"), tr("&CPU")},
+                                      std::pair{QStringLiteral("cuda"), tr("C&UDA GPU")}}) {
+        QAction* b = backend->addAction(label);
+        b->setObjectName(QStringLiteral("backend_") + name);
+        b->setCheckable(true);
+        b->setChecked(name == m_backendRequest);
+        m_backendGroup->addAction(b);
+        connect(b, &QAction::triggered, this, [this, name] { setBackendRequest(name); });
+    }
     QMenu* help = menuBar()->addMenu(tr("&Help"));
     help->addAction(tr("&About moescope"), this, [this] {
         QMessageBox::about(this, tr("About moescope"),
@@ -239,12 +252,22 @@ void MainWindow::openModel(const QString& dir) {
         statusBar()->showMessage(tr("busy: stop the generation first"), 5000);
         return;
     }
-    m_engine->loadModel(QDir::cleanPath(dir));
+    m_engine->loadModel(QDir::cleanPath(dir), m_backendRequest);
+}
+
+void MainWindow::setBackendRequest(const QString& request) {
+    if (request != QStringLiteral("auto") && request != QStringLiteral("cpu") && request != QStringLiteral("cuda")) return;
+    const bool changed = request != m_backendRequest;
+    m_backendRequest = request;
+    if (m_backendGroup)
+        for (QAction* a : m_backendGroup->actions()) a->setChecked(a->objectName() == QStringLiteral("backend_") + request);
+    if (changed && !m_modelDir.isEmpty()) openModel(m_modelDir);
 }
 
 void MainWindow::onModelLoaded(const ModelInfo& info) {
     m_progress->setVisible(false);
     m_modelLabel->setText(QDir::toNativeSeparators(info.dir));
+    m_modelDir = info.dir;
     m_backend->setText(tr("backend: %1").arg(info.backendName));
     m_backend->setToolTip(info.backendNotice);
     QStringList notes;
@@ -261,8 +284,13 @@ void MainWindow::onModelLoaded(const ModelInfo& info) {
 void MainWindow::setBanner(const QString& text, bool error) {
     m_banner->setVisible(!text.isEmpty());
     m_banner->setText(text);
-    m_banner->setStyleSheet(error ? QStringLiteral("QLabel{background:#f8d7da;color:#58151c;padding:6px;border-bottom:1px solid #e0a0a8}")
-                                  : QStringLiteral("QLabel{background:#fff3cd;color:#4d3b00;padding:6px;border-bottom:1px solid #e6d08a}"));
+    m_bannerError = error;
+    if (m_dark)
+        m_banner->setStyleSheet(error ? QStringLiteral("QLabel{background:#5c2328;color:#f5d0d4;padding:6px;border-bottom:1px solid #7a3038}")
+                                      : QStringLiteral("QLabel{background:#4a4020;color:#f0e2b0;padding:6px;border-bottom:1px solid #6a5a28}"));
+    else
+        m_banner->setStyleSheet(error ? QStringLiteral("QLabel{background:#f8d7da;color:#58151c;padding:6px;border-bottom:1px solid #e0a0a8}")
+                                      : QStringLiteral("QLabel{background:#fff3cd;color:#4d3b00;padding:6px;border-bottom:1px solid #e6d08a}"));
 }
 
 QString MainWindow::bannerText() const { return m_banner->isVisible() ? m_banner->text() : QString(); }
@@ -345,6 +373,7 @@ void MainWindow::setDark(bool dark) {
     }
     QApplication::setPalette(p);
     for (auto* v : m_views) v->setDark(dark);
+    setBanner(m_banner->isHidden() ? QString() : m_banner->text(), m_bannerError);
     if (auto* a = findChild<QAction*>(QStringLiteral("darkAction"))) {
         QSignalBlocker b(a);
         a->setChecked(dark);
@@ -371,18 +400,31 @@ void MainWindow::saveSettings() {
     s.setValue("window/state", saveState());
     s.setValue("recent", m_recent);
     s.setValue("dark", m_dark);
+    s.setValue("backend", m_backendRequest);
     s.setValue("chat/settings", QJsonDocument(m_chat->settingsJson()).toJson(QJsonDocument::Compact));
 }
 
 void MainWindow::loadSettings() {
     QSettings s;
     restoreGeometry(s.value("window/geometry").toByteArray());
-    restoreState(s.value("window/state").toByteArray());
+    m_restoredState = restoreState(s.value("window/state").toByteArray());
     m_recent = s.value("recent").toStringList();
     rebuildRecent();
     if (s.value("dark", false).toBool()) setDark(true);
+    setBackendRequest(s.value("backend", QStringLiteral("auto")).toString());
     const QByteArray chat = s.value("chat/settings").toByteArray();
     if (!chat.isEmpty()) m_chat->applySettingsJson(QJsonDocument::fromJson(chat).object());
+}
+
+void MainWindow::showEvent(QShowEvent* e) {
+    QMainWindow::showEvent(e);
+    if (m_layoutDone) return;
+    m_layoutDone = true;
+    if (m_restoredState) return;  // the user's own layout
+    // The views get most of the window: the right column a little over half of its width, the
+    // bottom row about 40% of its height.
+    resizeDocks({m_docks.value(QStringLiteral("routing"))}, {int(width() * 0.56)}, Qt::Horizontal);
+    resizeDocks({m_docks.value(QStringLiteral("bias"))}, {int(height() * 0.42)}, Qt::Vertical);
 }
 
 void MainWindow::closeEvent(QCloseEvent* e) {

@@ -1,6 +1,7 @@
 // MainWindow: assembles the chat, the docked views, menus, status bar and settings. It holds no
 // logic of its own beyond wiring: the engine is in EngineController, the data in TelemetryStore.
 #pragma once
+#include <QActionGroup>
 #include <QMainWindow>
 #include <QMap>
 
@@ -40,12 +41,18 @@ public:
     TraceReplayTrainer* trainer() const { return m_trainer; }
     TrainerRunner* engineTrainer() const { return m_engineTrainer; }
     QString bannerText() const;
+    QStringList recentModels() const { return m_recent; }
     QString backendText() const;
+    // "auto" (the GPU when one can run the model, else the CPU), "cpu" or "cuda". Changing it
+    // reloads the open model on the chosen backend; a failure leaves the previous one working.
+    void setBackendRequest(const QString& request);
+    QString backendRequest() const { return m_backendRequest; }
     void setDark(bool dark);
     bool isDark() const { return m_dark; }
 
 protected:
     void closeEvent(QCloseEvent* e) override;
+    void showEvent(QShowEvent* e) override;
     void dragEnterEvent(QDragEnterEvent* e) override;
     void dropEvent(QDropEvent* e) override;
 
@@ -74,4 +81,10 @@ private:
     QStringList m_recent;
     QString m_defaultNotice;
     QString m_loadingDir;
+    bool m_bannerError = false;
+    bool m_layoutDone = false;     // the first show sized the docks
+    QString m_backendRequest = QStringLiteral("auto");
+    QString m_modelDir;            // the model open now
+    QActionGroup* m_backendGroup = nullptr;
+    bool m_restoredState = false;  // QSettings held a dock layout
 };

@@ -118,6 +118,10 @@ void TelemetryStore::truncate(int positions) {
 }
 
 void TelemetryStore::addGeneration(const GenerationSummary& g) {
+    // The summary comes straight from the engine controller, the records through the sink's
+    // queue: drain it first, so a reset still queued (a model loaded just before a fast
+    // generation) cannot clear this summary after it was added.
+    flush();
     m_generations.push_back(g);
     emit changed();
 }

@@ -1,7 +1,8 @@
 // moescope: the desktop explorer. Command line:
 //   moescope [--model DIR] [--trace FILE.jsonl]
-//            [--screenshot FILE.png [--view NAME] [--prompt TEXT] [--max-tokens N] [--dark]
-//             [--colour expert|mtp|surprisal] [--online-balancing GAMMA]] [--export DIR]
+//            [--screenshot FILE.png [--view NAME] [--prompt TEXT]... [--max-tokens N] [--seed N] [--mtp-off-turns N] [--dark]
+//             [--colour expert|mtp|surprisal] [--online-balancing GAMMA]
+//             [--train tiny|small --corpus FILE... --steps N]] [--export DIR]
 // --export writes every view's PNG, PDF and CSV and the session's telemetry.jsonl into DIR.
 // --screenshot renders the window (works under QT_QPA_PLATFORM=offscreen) after loading and,
 // with --prompt, after generating, then exits (0 on success).
@@ -16,7 +17,9 @@
 #include "EngineController.h"
 #include "MainWindow.h"
 #include "TelemetryStore.h"
+#include "TrainerRunner.h"
 #include "views/BiasView.h"
+#include "views/TrainingView.h"
 #include "views/PlotView.h"
 
 int main(int argc, char** argv) {
@@ -35,22 +38,30 @@ int main(int argc, char** argv) {
     QCommandLineOption trace(QStringLiteral("trace"), QStringLiteral("Telemetry trace (JSONL) to replay at start."), QStringLiteral("FILE"));
     QCommandLineOption shot(QStringLiteral("screenshot"), QStringLiteral("Render the window to FILE.png and exit."), QStringLiteral("FILE"));
     QCommandLineOption view(QStringLiteral("view"), QStringLiteral("View to raise: routing, latent, mtp, bias, training, card."), QStringLiteral("NAME"));
-    QCommandLineOption prompt(QStringLiteral("prompt"), QStringLiteral("Prompt to send before the screenshot (token ids without a tokenizer)."), QStringLiteral("TEXT"));
+    QCommandLineOption prompt(QStringLiteral("prompt"), QStringLiteral("Prompt to send before the screenshot (token ids without a tokenizer); repeat it for more turns."), QStringLiteral("TEXT"));
+    QCommandLineOption train(QStringLiteral("train"), QStringLiteral("Start a training run on this preset (tiny, small) after loading; the screenshot waits for it."), QStringLiteral("PRESET"));
+    QCommandLineOption corpus(QStringLiteral("corpus"), QStringLiteral("Corpus text file for --train (repeatable)."), QStringLiteral("FILE"));
+    QCommandLineOption steps(QStringLiteral("steps"), QStringLiteral("Steps for --train."), QStringLiteral("N"));
+    QCommandLineOption noMtpTurns(QStringLiteral("mtp-off-turns"), QStringLiteral("Answer the first N prompts with MTP off."), QStringLiteral("N"));
+    QCommandLineOption seed(QStringLiteral("seed"), QStringLiteral("Sampling seed for --prompt."), QStringLiteral("N"));
     QCommandLineOption maxTokens(QStringLiteral("max-tokens"), QStringLiteral("Tokens to generate for --prompt."), QStringLiteral("N"));
     QCommandLineOption dark(QStringLiteral("dark"), QStringLiteral("Dark palette."));
     QCommandLineOption exportDir(QStringLiteral("export"), QStringLiteral("Export every view (PNG, PDF, CSV) and the telemetry (JSONL) into DIR and exit."), QStringLiteral("DIR"));
     QCommandLineOption balance(QStringLiteral("online-balancing"), QStringLiteral("Turn on aux-loss-free online balancing with this gamma."), QStringLiteral("GAMMA"));
     QCommandLineOption colour(QStringLiteral("colour"), QStringLiteral("Token colouring: expert, mtp, surprisal."), QStringLiteral("MODE"));
-    cli.addOptions({model, trace, shot, view, prompt, maxTokens, dark, colour, balance, exportDir});
+    QCommandLineOption backend(QStringLiteral("backend"), QStringLiteral("Backend: auto (the GPU when available), cpu or cuda."), QStringLiteral("NAME"));
+    cli.addOptions({backend, model, trace, shot, view, prompt, maxTokens, seed, dark, colour, balance, exportDir, train, corpus, steps, noMtpTurns});
     cli.process(app);
 
     const bool screenshot = cli.isSet(shot) || cli.isSet(exportDir);
     MainWindow w(!screenshot);
     if (cli.isSet(dark)) w.setDark(true);
+    if (cli.isSet(backend)) w.setBackendRequest(cli.value(backend));
     if (cli.isSet(view) && !w.showView(cli.value(view))) {
         std::fprintf(stderr, "moescope: unknown view '%s'\n", qPrintable(cli.value(view)));
         return 2;
     }
+    if (screenshot) w.resize(1600, 1000);  // before the first show, which sizes the docks to the window
     w.show();
 
     int exitCode = 0;
@@ -90,9 +101,19 @@ int main(int argc, char** argv) {
     };
 
     if (screenshot) {
-        w.resize(1600, 1000);
         QTimer::singleShot(600000, &app, [&] { finish(QStringLiteral("timed out")); });
     }
+    // Each --prompt is one user turn, sent when the previous answer is complete.
+    const QStringList prompts = cli.values(prompt);
+    int sent = 0;
+    const int mtpOff = cli.isSet(noMtpTurns) ? cli.value(noMtpTurns).toInt() : 0;
+    auto sendNext = [&] {
+        auto sp = w.chat()->sampling();
+        sp.mtp = sent >= mtpOff;  // the first --mtp-off-turns answers without MTP (the MTP view's speed comparison)
+        w.chat()->setSampling(sp);
+        const QString p = prompts.value(sent++);
+        if (!w.chat()->send(p)) finish(QStringLiteral("could not send the prompt: ") + w.chat()->statusText());
+    };
     auto afterLoad = [&] {
         if (cli.isSet(colour)) {
             const QString c = cli.value(colour);
@@ -102,21 +123,42 @@ int main(int argc, char** argv) {
         }
         if (cli.isSet(balance))
             if (auto* b = qobject_cast<BiasView*>(w.view(QStringLiteral("bias")))) b->setOnlineBalancing(true, cli.value(balance).toDouble());
+        if (cli.isSet(train)) {
+            auto* tv = qobject_cast<TrainingView*>(w.view(QStringLiteral("training")));
+            QString err;
+            if (!w.engineTrainer()) finish(QStringLiteral("this build has no trainer"));
+            else if (!tv->startTraining(cli.value(train), cli.values(corpus), cli.isSet(steps) ? cli.value(steps).toInt() : 100, &err))
+                finish(QStringLiteral("could not start training: ") + err);
+            return;  // the screenshot follows the run's end
+        }
         if (cli.isSet(prompt)) {
             auto s = w.chat()->sampling();
             if (cli.isSet(maxTokens)) s.max_tokens = cli.value(maxTokens).toInt();
+            if (cli.isSet(seed)) s.seed = cli.value(seed).toULongLong();
             w.chat()->setSampling(s);
-            if (!w.chat()->send(cli.value(prompt))) finish(QStringLiteral("could not send the prompt: ") + w.chat()->statusText());
+            sendNext();
         } else {
             finish(QString());
         }
     };
     QObject::connect(w.engine(), &EngineController::generationFinished, &app, [&] {
+        if (sent < prompts.size()) {
+            QTimer::singleShot(0, &app, sendNext);  // after the chat has taken the answer in
+            return;
+        }
         // Select a token in the middle of the answer so the routing view shows one.
         const auto& es = w.chat()->entries();
         if (!es.empty() && !es.back().tokens.empty()) w.store()->select(es.back().tokens[es.back().tokens.size() / 2].position);
         finish(QString());
     });
+    if (w.engineTrainer()) {
+        QObject::connect(w.engineTrainer(), &TrainerRunner::finished, &app, [&] {
+            if (cli.isSet(train)) finish(QString());
+        });
+        QObject::connect(w.engineTrainer(), &TrainerRunner::failed, &app, [&](const QString& m) {
+            if (cli.isSet(train)) finish(m);
+        });
+    }
     QObject::connect(w.engine(), &EngineController::generationFailed, &app, [&](const QString& m) { finish(m); });
 
     if (cli.isSet(trace)) {

@@ -9,6 +9,8 @@ class QComboBox;
 class QDoubleSpinBox;
 class QLabel;
 class QLineEdit;
+class QCPBars;
+class QCPItemText;
 
 class BiasView : public PlotView {
     Q_OBJECT
@@ -17,7 +19,13 @@ public:
     QString csv() const override;
     int layer() const;
     void setLayer(int layer);
-    QSize heatmapSize() const;               // (steps, experts)
+    // (updates, experts) of the drift heatmap; (experts, MoE layers) of the bias-now map while
+    // the chosen layer has no bias update yet.
+    QSize heatmapSize() const;
+    bool showsDrift() const { return m_drift; }
+    double heatmapValue(int x, int y) const;
+    QPair<double, double> heatmapColourRange() const;
+    int nowBarCount() const;                 // bars of the loaded bias (no drift yet)
     int lineCount() const;
     int maxVioPoints() const;
     void setOnlineBalancing(bool enabled, double gamma);  // as if the user set the controls
@@ -33,8 +41,12 @@ private:
     QComboBox* m_layer;
     QLineEdit* m_experts;
     QCheckBox* m_online;
+    QCheckBox* m_relative;                   // drift minus the layer's mean drift
     QDoubleSpinBox* m_gamma;
     QCustomPlot *m_linePlot, *m_heatPlot, *m_vioPlot;
     QCPColorMap* m_heat;
+    QCPBars* m_nowBars;                      // the bias per expert while there is no drift to draw
+    QCPItemText *m_heatHint, *m_vioHint;
     int m_layerCount = -1;
+    bool m_drift = false;
 };

@@ -19,8 +19,7 @@ LatentView::LatentView(TelemetryStore* store, QWidget* parent)
     m_layer->setObjectName(QStringLiteral("latentLayer"));
     m_layer->setToolTip(tr("Layer whose cached c and k_pe the engine records"));
     controls()->addWidget(m_layer);
-    m_info = new QLabel;
-    controls()->addWidget(m_info, 1);
+    m_info = addInfoLabel();
 
     auto title = [](QCustomPlot* p, const QString& t) {
         p->plotLayout()->insertRow(0);
@@ -53,19 +52,25 @@ LatentView::LatentView(TelemetryStore* store, QWidget* parent)
     m_memPlot->xAxis->setLabel(tr("context length (tokens)"));
     m_memPlot->yAxis->setLabel(tr("cache (MiB, BF16)"));
     m_memPlot->legend->setVisible(true);
-    m_memPlot->axisRect()->insetLayout()->setInsetAlignment(0, Qt::AlignTop | Qt::AlignLeft);
+    m_memPlot->legend->setFont(QFont(font().family(), 8));
     title(m_memPlot, tr("cache memory vs context"));
-    const QColor colors[] = {QColor(33, 145, 140), QColor(200, 60, 60), QColor(230, 150, 30), QColor(90, 90, 90)};
-    const QString names[] = {tr("MLA latent (c + k_pe)"), tr("MHA equivalent"), tr("GQA-8 equivalent"), tr("in use")};
-    for (int i = 0; i < 4; ++i) {
+    // The legend in a row of its own under the plot, entries side by side: the lines fill the
+    // plot from corner to corner, so any inset legend covers one of them.
+    legendBelow(m_memPlot);
+    const QColor colors[] = {QColor(33, 145, 140), QColor(200, 60, 60), QColor(230, 150, 30)};
+    const QString names[] = {tr("MLA latent (c + k_pe)"), tr("MHA"), tr("GQA-8")};
+    for (int i = 0; i < 3; ++i) {
         auto* g = m_memPlot->addGraph();
-        g->setPen(QPen(colors[i], i == 3 ? 0 : 2));
+        g->setPen(QPen(colors[i], 2, i == 2 ? Qt::DashLine : Qt::SolidLine));
         g->setName(names[i]);
-        if (i == 3) {
-            g->setLineStyle(QCPGraph::lsNone);
-            g->setScatterStyle(QCPScatterStyle(QCPScatterStyle::ssCircle, colors[i], colors[i], 7));
-        }
     }
+    m_inUse = new QCPItemStraightLine(m_memPlot);
+    m_inUse->setPen(QPen(QColor(120, 120, 120), 1, Qt::DashLine));
+    m_inUseText = new QCPItemText(m_memPlot);
+    m_inUseText->setPositionAlignment(Qt::AlignLeft | Qt::AlignTop);
+    m_inUseText->position->setTypeX(QCPItemPosition::ptPlotCoords);
+    m_inUseText->position->setTypeY(QCPItemPosition::ptAxisRectRatio);
+    m_inUseText->setPadding(QMargins(4, 4, 0, 0));
     connect(m_layer, &QComboBox::currentIndexChanged, this, [this] {
         emit latentLayerRequested(layer());
         onStoreChanged();
@@ -158,10 +163,23 @@ void LatentView::refresh() {
     }
     m_memPlot->graph(0)->setData(x, yl, true);
     m_memPlot->graph(1)->setData(x, ym, true);
-    m_memPlot->graph(2)->setData(x, yg, true);
+    // With 8 heads or fewer GQA-8 is MHA: one line, named for both.
+    const bool gqaIsMha = sh.gqaBytesPerToken == sh.mhaBytesPerToken;
+    m_memPlot->graph(1)->setName(gqaIsMha ? tr("MHA = GQA-8 (%1 heads)").arg(sh.heads) : tr("MHA"));
+    m_memPlot->graph(2)->setData(gqaIsMha ? QVector<double>{} : x, gqaIsMha ? QVector<double>{} : yg, true);
+    m_memPlot->graph(2)->setVisible(!gqaIsMha);
+    if (gqaIsMha) m_memPlot->graph(2)->removeFromLegend();
+    else if (!m_memPlot->legend->hasItemWithPlottable(m_memPlot->graph(2))) m_memPlot->graph(2)->addToLegend();
     const int used = lat.empty() ? 0 : lat.rbegin()->first + 1;
-    m_memPlot->graph(3)->setData(QVector<double>{double(used)}, QVector<double>{used * double(sh.latentBytesPerToken) / mib});
     m_memPlot->rescaleAxes();
+    m_memPlot->yAxis->setRange(0, m_memPlot->yAxis->range().upper * 1.1);
+    m_inUse->point1->setCoords(used, 0);
+    m_inUse->point2->setCoords(used, 1);
+    m_inUse->setVisible(used > 0);
+    m_inUseText->position->setCoords(used, 0.0);
+    m_inUseText->setText(tr("in use: %1 tokens").arg(used));
+    m_inUseText->setColor(dark() ? QColor(220, 220, 220) : QColor(30, 30, 30));
+    m_inUseText->setVisible(used > 0);
     const qint64 inUse = lat.empty() ? 0 : lat.rbegin()->second.cache_bytes;
     m_info->setText(tr("%1 positions, c/k_pe of layer %2 recorded at %3 of them; latent %4 B/token vs MHA %5 B/token (%6x smaller); cache in use %7 KiB")
                         .arg(used)

@@ -31,5 +31,7 @@ private:
     QCustomPlot *m_cPlot, *m_kPlot, *m_normPlot, *m_memPlot;
     QCPColorMap *m_cMap, *m_kMap, *m_normMap;
     QList<class QCPItemStraightLine*> m_markers;  // the selected position in each heatmap
+    class QCPItemStraightLine* m_inUse;           // the context in use on the memory plot
+    class QCPItemText* m_inUseText;
     int m_layerCount = -1;
 };

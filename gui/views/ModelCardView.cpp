@@ -29,10 +29,12 @@ ModelCardView::ModelCardView(TelemetryStore* store, QWidget* parent)
     m_table->horizontalHeader()->setStretchLastSection(true);
     m_table->verticalHeader()->setVisible(false);
     m_table->setEditTriggers(QAbstractItemView::NoEditTriggers);
+    // Side by side: the card is a dozen short lines, the table one row per layer (61 for V3).
     plotGrid()->addWidget(m_text, 0, 0);
-    plotGrid()->addWidget(m_table, 1, 0);
-    plotGrid()->setRowStretch(0, 3);
-    plotGrid()->setRowStretch(1, 2);
+    plotGrid()->addWidget(m_table, 0, 1);
+    plotGrid()->setColumnStretch(0, 2);
+    plotGrid()->setColumnStretch(1, 3);
+    controls()->addStretch(1);
 }
 
 void ModelCardView::refresh() {

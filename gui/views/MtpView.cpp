@@ -22,8 +22,7 @@ static QCPBars* makeBars(QCustomPlot* p, const QColor& c) {
 }
 
 MtpView::MtpView(TelemetryStore* store, QWidget* parent) : PlotView(store, QStringLiteral("mtp"), tr("MTP"), parent) {
-    m_info = new QLabel;
-    controls()->addWidget(m_info, 1);
+    m_info = addInfoLabel();
     auto title = [](QCustomPlot* p, const QString& t) {
         p->plotLayout()->insertRow(0);
         p->plotLayout()->addElement(0, 0, new QCPTextElement(p, t));
@@ -32,6 +31,8 @@ MtpView::MtpView(TelemetryStore* store, QWidget* parent) : PlotView(store, QStri
     m_ratePlot->xAxis->setLabel(tr("speculative step"));
     m_ratePlot->yAxis->setLabel(tr("acceptance"));
     m_ratePlot->legend->setVisible(true);
+    // Acceptance rates sit high: the legend goes bottom right, clear of the lines.
+    m_ratePlot->axisRect()->insetLayout()->setInsetAlignment(0, Qt::AlignBottom | Qt::AlignRight);
     title(m_ratePlot, tr("acceptance rate"));
     auto* g0 = m_ratePlot->addGraph();
     g0->setPen(QPen(QColor(33, 145, 140), 2));
@@ -64,6 +65,12 @@ MtpView::MtpView(TelemetryStore* store, QWidget* parent) : PlotView(store, QStri
     t->addTick(1, tr("MTP on"));
     m_speedPlot->xAxis->setTicker(t);
     m_speedPlot->xAxis->setRange(-0.6, 1.6);
+    for (int i = 0; i < 2; ++i) {
+        m_speedText[i] = new QCPItemText(m_speedPlot);
+        m_speedText[i]->setPositionAlignment(Qt::AlignHCenter | Qt::AlignBottom);
+        m_speedText[i]->position->setType(QCPItemPosition::ptPlotCoords);
+        m_speedText[i]->setPadding(QMargins(0, 0, 0, 3));
+    }
     setDark(false);
 }
 
@@ -125,7 +132,14 @@ void MtpView::refresh() {
     }
     QVector<double> sx{0, 1}, sy{cnt[0] ? sum[0] / cnt[0] : 0.0, cnt[1] ? sum[1] / cnt[1] : 0.0};
     m_speedBars->setData(sx, sy, true);
-    m_speedPlot->yAxis->setRange(0, std::max(1.0, std::max(sy[0], sy[1]) * 1.15));
+    const double top = std::max(1.0, std::max(sy[0], sy[1]) * 1.2);
+    m_speedPlot->yAxis->setRange(0, top);
+    for (int i = 0; i < 2; ++i) {
+        m_speedText[i]->position->setCoords(i, sy[i] > 0 ? sy[i] : 0.0);
+        m_speedText[i]->setText(cnt[i] ? tr("%1 tok/s").arg(sy[i], 0, 'f', 0) : tr("no answer\nyet"));
+        m_speedText[i]->setTextAlignment(Qt::AlignHCenter);
+        m_speedText[i]->setColor(dark() ? QColor(220, 220, 220) : QColor(30, 30, 30));
+    }
     m_info->setText(recs.empty() ? tr("no speculative steps yet (MTP needs a checkpoint with MTP modules and MTP on)")
                                  : tr("%1 speculative steps, %2 of %3 drafted tokens accepted (%4%), mean accepted length %5")
                                        .arg(recs.size())

@@ -23,4 +23,5 @@ private:
     QLabel* m_info;
     QCustomPlot *m_ratePlot, *m_posPlot, *m_histPlot, *m_speedPlot;
     QCPBars *m_posBars, *m_histBars, *m_speedBars;
+    class QCPItemText* m_speedText[2];       // the value over each speed bar, or why there is none
 };

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <QFileDialog>
 #include <QHBoxLayout>
+#include <QLabel>
 #include <QMessageBox>
 #include <QToolButton>
 #include <QPainter>
@@ -64,6 +65,16 @@ QCPColorGradient PlotView::viridis() {
     return g;
 }
 
+QLabel* PlotView::addInfoLabel() {
+    auto* l = new QLabel;
+    l->setWordWrap(true);
+    l->setMinimumWidth(60);
+    l->setSizePolicy(QSizePolicy::Ignored, QSizePolicy::Preferred);
+    l->setTextInteractionFlags(Qt::TextSelectableByMouse);
+    m_controls->addWidget(l, 1);
+    return l;
+}
+
 QCustomPlot* PlotView::addPlot(int row, int col, int rowSpan, int colSpan) {
     auto* p = new QCustomPlot(m_area);
     p->setMinimumSize(200, 150);
@@ -89,6 +100,20 @@ QCPColorMap* PlotView::addColorMap(QCustomPlot* plot, const QString& scaleLabel,
     scale->setMarginGroup(QCP::msBottom | QCP::msTop, group);
     if (scaleOut) *scaleOut = scale;
     return map;
+}
+
+void PlotView::legendBelow(QCustomPlot* plot) {
+    QCPLegend* legend = plot->legend;
+    plot->axisRect()->insetLayout()->take(legend);
+    QCPLayoutGrid* grid = plot->plotLayout();
+    const int row = grid->rowCount();
+    grid->addElement(row, 0, legend);
+    grid->setRowStretchFactor(row, 0.001);
+    legend->setFillOrder(QCPLegend::foColumnsFirst);
+    legend->setBorderPen(Qt::NoPen);
+    legend->setFont(QFont(plot->font().family(), 8));
+    legend->setMargins(QMargins(2, 0, 2, 0));
+    legend->setRowSpacing(0);
 }
 
 void PlotView::onStoreChanged() {
@@ -124,6 +149,7 @@ static void styleAxis(QCPAxis* a, const QColor& fg, const QColor& grid) {
     a->setTickLabelColor(fg);
     a->setLabelColor(fg);
     a->grid()->setPen(QPen(grid, 0, Qt::DotLine));
+    a->grid()->setZeroLinePen(Qt::NoPen);  // a solid line through the first bar otherwise
 }
 
 void PlotView::styleAll() {
@@ -142,6 +168,14 @@ void PlotView::styleAll() {
             if (auto* t = qobject_cast<QCPTextElement*>(p->plotLayout()->elementAt(i))) t->setTextColor(fg);
             if (auto* s = qobject_cast<QCPColorScale*>(p->plotLayout()->elementAt(i))) styleAxis(s->axis(), fg, grid);
         }
+        // "No data" / "group dropped" cells: light grey on white, dark grey on the dark background.
+        for (int i = 0; i < p->plottableCount(); ++i)
+            if (auto* m = qobject_cast<QCPColorMap*>(p->plottable(i))) {
+                QCPColorGradient g = m->gradient();
+                g.setNanHandling(QCPColorGradient::nhNanColor);
+                g.setNanColor(m_darkTheme ? QColor(85, 85, 92) : QColor(205, 205, 205));
+                m->setGradient(g);
+            }
     }
 }
 
@@ -240,6 +274,34 @@ void setFiniteDataRange(QCPColorMap* map, bool fromZero) {
             hi = std::max(hi, v);
         }
     if (!(hi >= lo)) lo = 0, hi = 1;
-    if (hi - lo < 1e-12) hi = lo + 1e-6;
+    if (hi - lo < 1e-12) {  // all cells equal (no data yet: all zero): a plain scale around the value
+        const double pad = std::max(std::abs(hi) * 0.5, 0.5);
+        if (!fromZero || lo > 0) lo -= pad;
+        hi += pad;
+        if (fromZero) lo = std::max(lo, 0.0);
+    }
     map->setDataRange(QCPRange(lo, hi));
+}
+
+// Row labels (layer indices) spaced so they never overlap: about one per 16 pixels of height.
+void setRowTicks(QCPAxis* axis, const std::vector<int>& rowLabels) {
+    QSharedPointer<QCPAxisTickerText> t(new QCPAxisTickerText);
+    const int n = int(rowLabels.size());
+    const int room = std::max(2, axis->axisRect()->height() / 16);
+    int step = 1;
+    while ((n + step - 1) / step > room) step *= 2;
+    for (int i = 0; i < n; i += step) t->addTick(i, QString::number(rowLabels[size_t(i)]));
+    axis->setTicker(t);
+}
+
+// Expert ids: power-of-two steps (expert counts are powers of two), at most ~10 labels.
+void setIntTicks(QCPAxis* axis, int n) {
+    QSharedPointer<QCPAxisTickerFixed> t(new QCPAxisTickerFixed);
+    const int extent = axis->orientation() == Qt::Horizontal ? axis->axisRect()->width() : axis->axisRect()->height();
+    const int room = std::max(2, std::min(10, extent / 28));
+    int step = 1;
+    while ((n + step - 1) / step > room) step *= 2;
+    t->setTickStep(step);
+    t->setScaleStrategy(QCPAxisTickerFixed::ssNone);
+    axis->setTicker(t);
 }

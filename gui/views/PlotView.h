@@ -7,12 +7,15 @@
 #include <QString>
 #include <QWidget>
 
+#include <vector>
+
 class QCustomPlot;
 class QCPColorMap;
 class QCPColorScale;
 class QCPColorGradient;
 class QGridLayout;
 class QHBoxLayout;
+class QLabel;
 class TelemetryStore;
 
 class PlotView : public QWidget {
@@ -45,10 +48,15 @@ protected:
     virtual void refresh() = 0;                  // rebuild plot data from the store
     virtual void themeChanged() {}
     QHBoxLayout* controls() { return m_controls; }
+    // A status line at the end of the controls row; it wraps instead of widening the window.
+    QLabel* addInfoLabel();
     QCustomPlot* addPlot(int row, int col, int rowSpan = 1, int colSpan = 1);
     // A colour map with a colour scale on the right; the plot's axes are key (x) and value (y).
     QCPColorMap* addColorMap(QCustomPlot* plot, const QString& scaleLabel, QCPColorScale** scale = nullptr);
     QWidget* plotArea() const { return m_area; }
+    // Moves the plot's legend out of the axis rect into a row under it, entries side by side:
+    // for curves that fill the plot, where any corner of the axis rect would cover data.
+    static void legendBelow(QCustomPlot* plot);
     QGridLayout* plotGrid() const { return m_grid; }
     void showEvent(QShowEvent* e) override;
     void onStoreChanged();
@@ -73,3 +81,8 @@ QString csvEscape(const QString& s);
 // Sets the colour range to the finite cells' [min, max] (QCPColorMap::rescaleDataRange
 // fails when the first cell is NaN, and NaN marks "no data" / "group dropped" here).
 void setFiniteDataRange(QCPColorMap* map, bool fromZero = false);
+// Integer axis ticks (layer rows labelled with their layer index; expert ids in power-of-two
+// steps) spaced by the axis' pixel extent so labels never overlap, up to V3's 256 experts.
+class QCPAxis;
+void setRowTicks(QCPAxis* axis, const std::vector<int>& rowLabels);
+void setIntTicks(QCPAxis* axis, int n);

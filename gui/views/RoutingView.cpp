@@ -29,15 +29,14 @@ RoutingView::RoutingView(TelemetryStore* store, QWidget* parent)
     m_scores->setToolTip(tr("Record and show every expert's router score (sigmoid / softmax) for the selected token, "
                             "not only the top-k mixing weights (applies to tokens generated from now on)"));
     controls()->addWidget(m_scores);
-    m_info = new QLabel;
-    controls()->addWidget(m_info, 1);
+    m_info = addInfoLabel();
 
     m_tokenPlot = addPlot(0, 0);
     m_tokenMap = addColorMap(m_tokenPlot, tr("weight"));
     m_tokenPlot->xAxis->setLabel(tr("expert"));
     m_tokenPlot->yAxis->setLabel(tr("MoE layer"));
     m_tokenPlot->plotLayout()->insertRow(0);
-    m_tokenPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_tokenPlot, tr("selected token: weight per layer (grey: group dropped)")));
+    m_tokenPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_tokenPlot, tr("selected token (grey: group dropped)")));
 
     m_seqPlot = addPlot(0, 1);
     m_seqMap = addColorMap(m_seqPlot, tr("weight"));
@@ -65,7 +64,7 @@ RoutingView::RoutingView(TelemetryStore* store, QWidget* parent)
     m_coPlot->xAxis->setLabel(tr("expert"));
     m_coPlot->yAxis->setLabel(tr("expert"));
     m_coPlot->plotLayout()->insertRow(0);
-    m_coPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_coPlot, tr("co-activation: tokens routed to both")));
+    m_coPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_coPlot, tr("co-activation (tokens routed to both)")));
 
     connect(m_layer, &QComboBox::currentIndexChanged, this, &RoutingView::onStoreChanged);
     connect(m_scope, &QComboBox::currentIndexChanged, this, &RoutingView::onStoreChanged);
@@ -94,29 +93,6 @@ void RoutingView::rebuildLayerChoices() {
     for (int l : layers) m_layer->addItem(tr("layer %1").arg(l), l);
 }
 
-// Row labels (layer indices) spaced so they never overlap: about one per 16 pixels of height.
-static void setRowTicks(QCPAxis* axis, const std::vector<int>& rowLabels) {
-    QSharedPointer<QCPAxisTickerText> t(new QCPAxisTickerText);
-    const int n = int(rowLabels.size());
-    const int room = std::max(2, axis->axisRect()->height() / 16);
-    int step = 1;
-    while ((n + step - 1) / step > room) step *= 2;
-    for (int i = 0; i < n; i += step) t->addTick(i, QString::number(rowLabels[size_t(i)]));
-    axis->setTicker(t);
-}
-
-// Expert ids: power-of-two steps (expert counts are powers of two), at most ~10 labels.
-static void setIntTicks(QCPAxis* axis, int n) {
-    QSharedPointer<QCPAxisTickerFixed> t(new QCPAxisTickerFixed);
-    const int extent = axis->orientation() == Qt::Horizontal ? axis->axisRect()->width() : axis->axisRect()->height();
-    const int room = std::max(2, std::min(10, extent / 28));
-    int step = 1;
-    while ((n + step - 1) / step > room) step *= 2;
-    t->setTickStep(step);
-    t->setScaleStrategy(QCPAxisTickerFixed::ssNone);
-    axis->setTicker(t);
-}
-
 void RoutingView::refresh() {
     rebuildLayerChoices();
     const ModelShape& sh = m_store->shape();
@@ -135,7 +111,7 @@ void RoutingView::refresh() {
     if (it == routes.end() && !routes.empty()) it = std::prev(routes.end());
     m_tokenMap->data()->setSize(E, R);
     m_tokenMap->data()->setRange(QCPRange(0, E - 1), QCPRange(0, R - 1));
-    m_tokenMap->data()->fill(0);
+    m_tokenMap->data()->fill(it == routes.end() ? qQNaN() : 0.0);  // no token yet: grey, not a map of zeros
     bool showScores = false;
     if (it != routes.end()) {
         const RouteRecord& r = it->second;
@@ -164,10 +140,11 @@ void RoutingView::refresh() {
         QString text = tk != m_store->tokens().end() ? QString::fromStdString(tk->second.text) : QString();
         m_info->setText(tr("token at position %1: id %2 %3").arg(r.position).arg(r.token).arg(text.isEmpty() ? QString() : QStringLiteral("'%1'").arg(text.toHtmlEscaped())));
     }
+    if (it == routes.end()) m_info->setText(tr("no routing yet: send a message"));
     setFiniteDataRange(m_tokenMap, true);
     if (auto* t = qobject_cast<QCPTextElement*>(m_tokenPlot->plotLayout()->element(0, 0)))
-        t->setText(showScores ? tr("selected token: router score of every expert (grey: group dropped)")
-                              : tr("selected token: weight per layer (grey: group dropped)"));
+        t->setText(showScores ? tr("selected token: every router score (grey: group dropped)")
+                              : tr("selected token (grey: group dropped)"));
     m_tokenMap->colorScale()->axis()->setLabel(showScores ? tr("score") : tr("weight"));
     m_tokenPlot->xAxis->setRange(-0.5, E - 0.5);
     m_tokenPlot->yAxis->setRange(-0.5, R - 0.5);

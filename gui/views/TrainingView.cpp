@@ -86,12 +86,21 @@ TrainingView::TrainingView(TelemetryStore* store, QWidget* parent)
     m_vioPlot->legend->setVisible(true);
     line(m_vioPlot, QColor(230, 120, 30), tr("batch"));
     line(m_vioPlot, QColor(120, 60, 160), tr("global (validation)"))->setScatterStyle(QCPScatterStyle(QCPScatterStyle::ssDisc, 5));
+    legendBelow(m_lossPlot);
+    legendBelow(m_vioPlot);
     m_lrPlot = addPlot(1, 0);
     title(m_lrPlot, tr("learning rate"));
     line(m_lrPlot, QColor(59, 82, 139), tr("lr"));
     m_speedPlot = addPlot(1, 1);
     title(m_speedPlot, tr("tokens/s"));
     line(m_speedPlot, QColor(94, 160, 60), tr("tokens/s"));
+    // The loss and MaxVio plots carry their legends: more of the height, the rest may shrink.
+    plotGrid()->setRowStretch(0, 3);
+    plotGrid()->setRowStretch(1, 2);
+    for (auto* p : {m_lrPlot, m_speedPlot}) {
+        p->setMinimumHeight(100);
+        p->yAxis->ticker()->setTickCount(3);  // a short plot: fewer labels, none overlapping
+    }
     m_biasPlot = addPlot(0, 2, 2, 1);
     m_biasMap = addColorMap(m_biasPlot, tr("bias"));
     title(m_biasPlot, tr("bias now (layer x expert)"));  // after the colour scale took column 1 of row 0
@@ -99,6 +108,21 @@ TrainingView::TrainingView(TelemetryStore* store, QWidget* parent)
     m_biasPlot->xAxis->setLabel(tr("expert"));
     m_biasPlot->yAxis->setLabel(tr("layer"));
     for (auto* p : {m_lossPlot, m_vioPlot, m_lrPlot, m_speedPlot}) p->xAxis->setLabel(tr("step"));
+    m_lossPlot->yAxis->setLabel(tr("cross-entropy (nats)"));
+    m_lrPlot->yAxis->setLabel(tr("learning rate"));
+    m_speedPlot->yAxis->setLabel(tr("tokens/s"));
+    m_vioPlot->yAxis->setLabel(tr("max load / mean - 1"));
+    m_biasPlot->yAxis->setLabel(tr("MoE layer"));
+    const QString hints[4] = {tr("no training run yet: Start one above, or replay a trace"), tr("load balance appears as the run trains"),
+                              tr("warm-up, then cosine decay"), tr("throughput of each step")};
+    QCustomPlot* curvePlots[4] = {m_lossPlot, m_vioPlot, m_lrPlot, m_speedPlot};
+    for (int i = 0; i < 4; ++i) {
+        m_hint[i] = new QCPItemText(curvePlots[i]);
+        m_hint[i]->setPositionAlignment(Qt::AlignCenter);
+        m_hint[i]->position->setType(QCPItemPosition::ptAxisRectRatio);
+        m_hint[i]->position->setCoords(0.5, 0.5);
+        m_hint[i]->setText(hints[i]);
+    }
 
     connect(browse, &QPushButton::clicked, this, [this] {
         QStringList files = QFileDialog::getOpenFileNames(this, tr("Corpus files"), QString(), tr("Text (*.txt *.md *.jsonl);;All files (*)"));
@@ -237,9 +261,22 @@ void TrainingView::refresh() {
     m_vioPlot->graph(1)->setData(vx, gv, true);
     m_lrPlot->graph(0)->setData(x, lr, true);
     m_speedPlot->graph(0)->setData(x, tps, true);
+    const bool any = !x.isEmpty() || !vx.isEmpty();
     for (auto* p : {m_lossPlot, m_vioPlot, m_lrPlot, m_speedPlot}) {
+        p->legend->setVisible(any && p->graphCount() > 1);
+        if (!any) {  // no made-up axes while nothing has been measured
+            p->xAxis->setRange(0, m_steps->value());
+            p->yAxis->setRange(0, 1);
+            continue;
+        }
         p->rescaleAxes();
         if (p != m_lossPlot) p->yAxis->setRangeLower(0);
+        const QCPRange r = p->yAxis->range();
+        p->yAxis->setRange(p == m_lossPlot ? r.lower : 0.0, r.upper + std::max(r.size(), 1e-9) * 0.05);
+    }
+    for (int i = 0; i < 4; ++i) {
+        m_hint[i]->setVisible(!any);
+        m_hint[i]->setColor(dark() ? QColor(170, 170, 170) : QColor(110, 110, 110));
     }
     // The latest bias of each layer that has one.
     const auto& bias = m_store->bias();
@@ -250,20 +287,22 @@ void TrainingView::refresh() {
     m_biasMap->data()->setRange(QCPRange(0, E - 1), QCPRange(0, R - 1));
     m_biasMap->data()->fill(0);
     double amax = 1e-9;
-    QSharedPointer<QCPAxisTickerText> ticks(new QCPAxisTickerText);
+    std::vector<int> rows;
     int row = 0;
     for (const auto& [l, h] : bias) {
         for (size_t e = 0; e < h.back().bias.size(); ++e) {
             m_biasMap->data()->setCell(int(e), row, h.back().bias[e]);
             amax = std::max(amax, double(std::abs(h.back().bias[e])));
         }
-        ticks->addTick(row, QString::number(l));
+        rows.push_back(l);
         ++row;
     }
-    m_biasPlot->yAxis->setTicker(ticks);
+    setRowTicks(m_biasPlot->yAxis, rows);
+    if (amax <= 1e-9) amax = 1;  // all zero (no bias yet): a neutral map, not a 1e-9 colour scale
     m_biasMap->setDataRange(QCPRange(-amax, amax));
     m_biasPlot->xAxis->setRange(-0.5, E - 0.5);
     m_biasPlot->yAxis->setRange(-0.5, R - 0.5);
+    setIntTicks(m_biasPlot->xAxis, E);
 }
 
 int TrainingView::lossPoints() const { return m_lossPlot->graph(0)->data()->size(); }

@@ -48,4 +48,5 @@ private:
     QString m_configPath, m_trainedDir;
     QCustomPlot *m_lossPlot, *m_vioPlot, *m_lrPlot, *m_speedPlot, *m_biasPlot;
     QCPColorMap* m_biasMap;
+    class QCPItemText* m_hint[4];            // over each curve plot while no run has reported
 };
