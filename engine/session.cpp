@@ -228,7 +228,7 @@ static void record_forward(TelemetrySink* sink, Backend& be, const ForwardResult
                     rr.bias.insert(rr.bias.end(), b.begin(), b.end());
                 }
             }
-            sink->record(rr);
+            sink->record(std::move(rr));
         }
         LatentRecord lat;
         lat.step = step;
@@ -243,13 +243,13 @@ static void record_forward(TelemetrySink* sink, Backend& be, const ForwardResult
         }
         lat.cache_bytes = per_pos * (r.start + t + 1);
         lat.mha_bytes = mha_per_pos * (r.start + t + 1);
-        sink->record(lat);
+        sink->record(std::move(lat));
     }
     for (const auto* lr : moe) {
         LoadRecord ld{step, lr->layer, std::vector<int64_t>(size_t(lr->r.E), 0)};
         for (int t = 0; t < n; ++t)
             for (int i = 0; i < lr->r.k; ++i) ld.counts[size_t(lr->r.ids[size_t(t * lr->r.k + i)])]++;
-        sink->record(ld);
+        sink->record(std::move(ld));
     }
 }
 

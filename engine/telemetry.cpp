@@ -208,6 +208,11 @@ void MemorySink::record(const Record& r) {
     records_.push_back(r);
 }
 
+void MemorySink::record(Record&& r) {
+    std::lock_guard<std::mutex> lock(mu_);
+    records_.push_back(std::move(r));
+}
+
 std::vector<Record> MemorySink::take() {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<Record> out;

@@ -107,12 +107,15 @@ class TelemetrySink {
 public:
     virtual ~TelemetrySink() = default;
     virtual void record(const Record& r) = 0;
+    // Records the engine builds are temporaries: sinks that keep them take them without a copy.
+    virtual void record(Record&& r) { record(static_cast<const Record&>(r)); }
 };
 
 // Appends one JSON object per line; thread-safe.
 class JsonlWriter : public TelemetrySink {
 public:
     explicit JsonlWriter(const std::filesystem::path& path);
+    using TelemetrySink::record;
     void record(const Record& r) override;
     void flush();
 
@@ -126,6 +129,7 @@ private:
 class MemorySink : public TelemetrySink {
 public:
     void record(const Record& r) override;
+    void record(Record&& r) override;
     std::vector<Record> take();
     std::vector<Record> snapshot() const;
 
@@ -137,6 +141,7 @@ private:
 // Forwards to several sinks.
 class TeeSink : public TelemetrySink {
 public:
+    using TelemetrySink::record;
     void add(TelemetrySink* s) { sinks_.push_back(s); }
     void record(const Record& r) override {
         for (auto* s : sinks_) s->record(r);

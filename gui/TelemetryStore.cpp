@@ -37,6 +37,12 @@ void TelemetryStore::Sink::record(const Record& r) {
     push(std::move(it));
 }
 
+void TelemetryStore::Sink::record(Record&& r) {
+    Item it;
+    it.rec = std::move(r);
+    push(std::move(it));
+}
+
 void TelemetryStore::Sink::truncate(int positions) {
     Item it;
     it.truncateTo = positions;

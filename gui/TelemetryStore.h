@@ -56,6 +56,7 @@ public:
     public:
         explicit Sink(TelemetryStore* store) : m_store(store) {}
         void record(const moescope::Record& r) override;
+        void record(moescope::Record&& r) override;
         void truncate(int positions);  // the session dropped positions >= n (regenerate, edit)
         void reset();                  // a new model or session: forget everything
     private:
