@@ -10,6 +10,7 @@
 #include "engine/errors.h"
 #include "engine/loader.h"
 #include "engine/session.h"
+#include "engine/tokenizer/tokenizer.h"
 
 using namespace moescope;
 
@@ -66,6 +67,7 @@ private slots:
     void cancellationStopsWithinAStep();
     void callbackStopLeavesConsistentContext();
     void contextOverflowIsAnError();
+    void stopStringsTrimTheText();
     void truncateAndRegenerate();
     void telemetryRoundTrip();
     void sessionsShareOneModel();
@@ -348,6 +350,28 @@ void TestSession::callbackStopLeavesConsistentContext() {
     std::vector<int> joined = r.tokens;
     joined.insert(joined.end(), more.tokens.begin(), more.tokens.end());
     QCOMPARE(joined, once.tokens);
+}
+
+// With a tokenizer, a stop string ends generation and is cut from the text, and the context
+// still holds every emitted token.
+void TestSession::stopStringsTrimTheText() {
+    const std::string dir = MOESCOPE_SOURCE_DIR "/resources/models/default";
+    auto model = load_model(dir);
+    auto tok = std::make_shared<Tokenizer>(Tokenizer::load(dir));
+    SamplingParams p;
+    p.temperature = 0;
+    p.max_tokens = 60;
+    auto prompt = tok->encode(tok->chat_template().apply_chat_template({{"user", "computers"}}, true), false, true);
+    Session free_run(cpu(model), tok);
+    const std::string full = free_run.generate(prompt, p).text;
+    QVERIFY2(full.size() > 12, full.c_str());
+    const std::string stop = full.substr(6, 4);  // a piece from inside the greedy answer
+    p.stop_strings = {stop};
+    Session s(cpu(model), tok);
+    auto r = s.generate(prompt, p);
+    QCOMPARE(r.stats.stop_reason, std::string("stop_string"));
+    QCOMPARE(r.text, full.substr(0, full.find(stop)));
+    QCOMPARE(s.length(), int(prompt.size() + r.tokens.size()));
 }
 
 void TestSession::contextOverflowIsAnError() {
