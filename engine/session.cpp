@@ -238,7 +238,6 @@ static void record_forward(TelemetrySink* sink, Backend& be, const ForwardResult
             lat.layer = latent_layer;
             lat.c.resize(size_t(c.kv_lora_rank));
             lat.k_pe.resize(size_t(c.qk_rope_head_dim));
-            be.config();
             cache.read_latent(latent_layer, r.start + t, r.start + t + 1, lat.c.data(), lat.k_pe.data());
         }
         lat.cache_bytes = per_pos * (r.start + t + 1);
@@ -399,13 +398,11 @@ GenerationResult Session::generate(const SamplingParams& params,
             break;
         }
         const int n = impl_->main->length();
-        if (n + 1 + depth > cap_) {
-            if (n + 1 > cap_) {
-                st.stop_reason = "context";
-                break;
-            }
+        if (n + 1 > cap_) {  // the pending token no longer fits
+            st.stop_reason = "context";
+            break;
         }
-        const int d_now = (n + 1 + depth <= cap_) ? depth : 0;
+        const int d_now = (n + 1 + depth <= cap_) ? depth : 0;  // near the end: no room for drafts
         auto t_step = Clock::now();
         // 1. Draft with the MTP modules (catching up over positions they have not seen).
         std::vector<int> drafts;
