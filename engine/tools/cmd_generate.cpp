@@ -103,11 +103,10 @@ int cmd_generate(const std::vector<std::string>& argv) {
         s.set_latent_layer(int(a.integer("latent-layer", 0)));
     }
     const bool stream_out = !a.has("json") && !a.has("quiet");
-    if (stream_out && m.tokenizer && !a.has("chat")) {
-        std::cout << m.tokenizer->decode(prompt, true);
-        std::cout.flush();
-    }
+    bool echoed = false;  // the prompt is echoed once it is known to fit
     GenerationResult r = s.generate(prompt, p, [&](const TokenEvent& ev) {
+        if (stream_out && !echoed && m.tokenizer && !a.has("chat")) std::cout << m.tokenizer->decode(prompt, true);
+        echoed = true;
         if (stream_out) {
             if (m.tokenizer) {
                 if (!ev.special) std::cout << ev.text;
