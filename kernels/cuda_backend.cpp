@@ -963,7 +963,10 @@ CudaBackend::CudaBackend(const ModelConfig& cfg, int capacity, const CudaOptions
 CudaBackend::~CudaBackend() = default;
 
 std::string CudaBackend::name() const {
-    return "cuda (" + impl_->device + (impl_->opt.dtype == WeightDtype::FP8 ? ", fp8" : "") + ")";
+    // FP8: the prefill path in the name too, so that the CLI's "backend" field says it.
+    const Impl& I = *impl_;
+    if (I.opt.dtype != WeightDtype::FP8) return "cuda (" + I.device + ")";
+    return "cuda (" + I.device + ", fp8, prefill " + (I.gemm && I.gemm->fp8_lt() ? "cuBLASLt" : "bf16 fallback") + ")";
 }
 WeightDtype CudaBackend::weight_dtype() const { return impl_->opt.dtype; }
 std::string CudaBackend::notice() const {
