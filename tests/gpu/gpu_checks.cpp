@@ -704,23 +704,38 @@ void check_fixture() {
         }
         expect(ok, "tiny-v3 expert loads = histogram of routing ids");
     }
-    // Sampling on the device from the logits the last forward left there.
+    // Choosing tokens on the device from the logits the last forward left there.
     {
         auto cache = gpu.new_cache(0, 64);
         ForwardResult r;
         gpu.forward(toks.data(), int(toks.size()), *cache, ForwardOptions{}, r);
-        auto ids = gpu.sample_last(SampleParams{}, {});
-        bool ok = int(ids.size()) == int(toks.size());
-        for (size_t t = 0; ok && t < ids.size(); ++t)
-            ok &= ids[t] == int(std::max_element(r.logits.begin() + t * V, r.logits.begin() + (t + 1) * V) -
-                                (r.logits.begin() + t * V));
-        expect(ok, "tiny-v3 sample_last greedy = argmax of the returned logits, every row");
+        auto picks = gpu.pick(PickParams{}, {});
+        bool ok = int(picks.size()) == int(toks.size());
+        std::vector<float> lp, lp_ref;
+        for (size_t t = 0; ok && t < picks.size(); ++t) {
+            const float* row = r.logits.data() + t * V;
+            ok &= picks[t].id == int(std::max_element(row, row + V) - row);
+            lp.push_back(picks[t].logprob);
+            lp_ref.push_back(float(double(row[picks[t].id]) - log_sum_exp(row, V)));
+        }
+        expect(ok, "tiny-v3 pick greedy = argmax of the returned logits, every row");
+        close("tiny-v3 pick log-probabilities vs the host's log-softmax", "", lp, lp_ref, 1e-5, 1e-5);
         std::vector<float> u(toks.size(), 0.5f);
-        auto s = gpu.sample_last(SampleParams{0.8f, 20, 0.9f}, u);
+        auto s = gpu.pick(PickParams{0.8f, 20, 0.9f}, u);
         std::vector<float> row(r.logits.end() - V, r.logits.end());
         SampleRef ref = sample_ref(row, 0.8f, 20, 0.9f);
-        expect(std::find(ref.ids.begin(), ref.ids.end(), s.back()) != ref.ids.end(),
-               "tiny-v3 sample_last top-k/top-p draws a kept token");
+        expect(std::find(ref.ids.begin(), ref.ids.end(), s.back().id) != ref.ids.end(),
+               "tiny-v3 pick top-k/top-p draws a kept token");
+        // Logits left on the device: the same picks, nothing copied.
+        auto cache2 = gpu.new_cache(0, 64);
+        ForwardOptions dev;
+        dev.host_logits = false;
+        ForwardResult r2;
+        gpu.forward(toks.data(), int(toks.size()), *cache2, dev, r2);
+        auto picks2 = gpu.pick(PickParams{}, {});
+        bool same = r2.logits.empty() && picks2.size() == picks.size();
+        for (size_t t = 0; same && t < picks.size(); ++t) same &= picks2[t].id == picks[t].id;
+        expect(same, "tiny-v3 host_logits=false: no logits copied, the same picks");
     }
     // Greedy generation: identical tokens.
     auto a = greedy(gpu, toks, 24), b = greedy(*cpu, toks, 24);
@@ -814,9 +829,12 @@ void check_session() {
         p.mtp = mtp;
         Session sc(std::shared_ptr<Backend>(make_cpu_backend(model)), nullptr, 128);
         Session sg(std::make_shared<CudaBackend>(model, 128, f32), nullptr, 128);
-        GenerationResult rc = sc.generate(toks, p), rg = sg.generate(toks, p);
-        const std::string what = std::string("Session greedy, 40 tokens, mtp ") + (mtp ? "on" : "off");
+        std::vector<float> surp_c, surp_g;
+        GenerationResult rc = sc.generate(toks, p, [&](const TokenEvent& e) { surp_c.push_back(e.surprisal); return true; });
+        GenerationResult rg = sg.generate(toks, p, [&](const TokenEvent& e) { surp_g.push_back(e.surprisal); return true; });
+        const std::string what = std::string("Session greedy (picked on the device), 40 tokens, mtp ") + (mtp ? "on" : "off");
         expect(rg.tokens == rc.tokens, what + ": tokens identical to the CPU backend");
+        if (surp_g.size() == surp_c.size()) close(what + ": surprisal", "", surp_g, surp_c, 1e-3, 1e-4);
         if (mtp)
             expect(rg.stats.mtp.draft_tokens == rc.stats.mtp.draft_tokens &&
                        rg.stats.mtp.accepted_tokens == rc.stats.mtp.accepted_tokens,
@@ -824,6 +842,27 @@ void check_session() {
                    std::to_string(rg.stats.mtp.accepted_tokens) + "/" + std::to_string(rg.stats.mtp.draft_tokens) +
                        " vs " + std::to_string(rc.stats.mtp.accepted_tokens) + "/" +
                        std::to_string(rc.stats.mtp.draft_tokens));
+        // Continuing: the distribution after the last token was left on the device and must be
+        // recomputed for the next call.
+        p.max_tokens = 12;
+        GenerationResult rc2 = sc.generate(p), rg2 = sg.generate(p);
+        expect(rg2.tokens == rc2.tokens && sg.tokens() == sc.tokens(), what + ": a second generate continues identically");
+    }
+    // Sampling (no MTP, so every token is drawn on the device): the same seed gives the same
+    // text as the CPU's host sampler, unless a uniform falls within float rounding of a
+    // boundary of the cumulative distribution (probability ~1e-6 per token).
+    {
+        SamplingParams p;
+        p.temperature = 0.8;
+        p.top_k = 20;
+        p.top_p = 0.9;
+        p.seed = 7;
+        p.max_tokens = 40;
+        p.mtp = false;
+        Session sc(std::shared_ptr<Backend>(make_cpu_backend(model)), nullptr, 128);
+        Session sg(std::make_shared<CudaBackend>(model, 128, f32), nullptr, 128);
+        GenerationResult rc = sc.generate(toks, p), rg = sg.generate(toks, p);
+        expect(rg.tokens == rc.tokens, "Session sampling T=0.8 top-k 20 top-p 0.9 (drawn on the device): same tokens as the CPU");
     }
 }
 
