@@ -96,6 +96,10 @@ void* cuda_library() {
 
 }  // namespace
 
+std::vector<TokenPick> Backend::pick(const PickParams&, const std::vector<float>&) {
+    throw Error("backend " + name() + " cannot choose tokens itself: sample the host logits");
+}
+
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<Model> model) {
     return std::make_unique<CpuBackend>(std::move(model));
 }

@@ -22,6 +22,21 @@ public:
     virtual void read_latent(int layer, int begin, int end, float* c, float* k_pe) const = 0;
 };
 
+// Choosing tokens on the backend itself, from the logits of its last forward / forward_mtp
+// call, so that a device backend can leave them on the device (ForwardOptions::host_logits
+// false) and only ids cross to the host. The distribution is sample_token's without penalties
+// or min-p: greedy (argmax, ties to the lower id), or softmax(logits / temperature) filtered by
+// top-k, then top-p (thresholds, ties kept whole), drawn by walking the kept tokens in id order.
+struct PickParams {
+    float temperature = 0.0f;  // <= 0: greedy
+    int top_k = 0;             // 0: off
+    float top_p = 1.0f;        // >= 1: off
+};
+struct TokenPick {
+    int id = 0;
+    float logprob = 0.0f;      // ln p(id) under the row's unfiltered softmax (for surprisal)
+};
+
 class Backend {
 public:
     virtual ~Backend() = default;
@@ -38,6 +53,11 @@ public:
     virtual std::vector<float> bias(int layer) const = 0;
     virtual void set_bias(int layer, const std::vector<float>& b) = 0;
     virtual void reset_bias() = 0;
+    // Whether pick() works; when it does not, the caller samples the host logits.
+    virtual bool can_pick() const { return false; }
+    // One token from every logits row of the last forward / forward_mtp call. u: one uniform in
+    // [0, 1) per row (ignored when greedy).
+    virtual std::vector<TokenPick> pick(const PickParams& p, const std::vector<float>& u);
 };
 
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<Model> model);

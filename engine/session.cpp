@@ -12,7 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <numeric>
+#include <functional>
 
 #include "engine/errors.h"
 #include "engine/tokenizer/tokenizer.h"
@@ -54,36 +54,37 @@ void sampling_distribution(std::vector<float>& probs, const float* logits, int V
         sum += e;
     }
     for (auto& x : probs) x = float(x / sum);
+    // The filters are thresholds on the probability, so ties at a boundary are kept whole
+    // (as the device sampler does): top-k keeps what reaches the k-th largest; top-p then the
+    // smallest set of the most likely tokens holding top_p of the top-k mass (the order in
+    // which Hugging Face and vLLM apply them); min-p what reaches min_p times the largest.
     if (p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0) {
-        std::vector<int> order(static_cast<size_t>(V));
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return probs[size_t(a)] > probs[size_t(b)]; });
-        size_t keep = size_t(V);
-        if (p.top_k > 0) keep = std::min(keep, size_t(p.top_k));
+        std::vector<float> sorted(probs);
+        std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+        float floor = 0.0f;
+        size_t n = size_t(V);
+        if (p.top_k > 0 && p.top_k < V) {
+            floor = sorted[size_t(p.top_k - 1)];
+            while (n > 0 && sorted[n - 1] < floor) --n;
+        }
         if (p.top_p < 1.0) {
-            double c = 0;
-            for (size_t i = 0; i < keep; ++i) {
-                c += probs[size_t(order[i])];
-                if (c >= p.top_p) {
-                    keep = i + 1;
+            double mass = 0, c = 0;
+            for (size_t i = 0; i < n; ++i) mass += sorted[i];
+            for (size_t i = 0; i < n; ++i) {
+                c += sorted[i];
+                if (c >= p.top_p * mass) {
+                    floor = sorted[i];
                     break;
                 }
             }
         }
-        if (p.min_p > 0.0) {
-            const float floor = float(p.min_p) * probs[size_t(order[0])];
-            size_t i = 1;
-            while (i < keep && probs[size_t(order[i])] >= floor) ++i;
-            keep = i;
-        }
-        std::vector<float> kept(static_cast<size_t>(V), 0.0f);
+        if (p.min_p > 0.0) floor = std::max(floor, float(p.min_p) * sorted[0]);
         double s = 0;
-        for (size_t i = 0; i < keep; ++i) {
-            kept[size_t(order[i])] = probs[size_t(order[i])];
-            s += kept[size_t(order[i])];
+        for (auto& x : probs) {
+            if (x < floor) x = 0.0f;
+            s += x;
         }
-        for (auto& x : kept) x = float(x / s);
-        probs.swap(kept);
+        for (auto& x : probs) x = float(x / s);
     }
 }
 
@@ -119,6 +120,7 @@ struct Session::Impl {
     std::vector<std::unique_ptr<BackendCache>> mtp;  // [depth]
     std::vector<std::vector<float>> hist;            // [1 + depth][positions * D]
     std::vector<float> next_logits;                  // [V] distribution after the last position
+    bool next_logits_stale = false;                  // left on the device by pick(): recompute
 };
 
 Session::Session(std::shared_ptr<Backend> backend, std::shared_ptr<const Tokenizer> tokenizer, int context_cap)
@@ -139,6 +141,7 @@ void Session::reset() {
     for (int k = 1; k <= c.num_nextn_predict_layers; ++k) impl_->mtp.push_back(backend_->new_cache(k, cap_));
     impl_->hist.assign(size_t(1 + c.num_nextn_predict_layers), {});
     impl_->next_logits.clear();
+    impl_->next_logits_stale = false;
     tokens_.clear();
 }
 
@@ -169,12 +172,17 @@ void Session::truncate(int n) {
         impl_->hist[k + 1].resize(size_t(keep) * D);
     }
     tokens_.resize(size_t(n));
-    // The distribution after the new last position: recompute it from position n-1.
-    int last = tokens_.back();
+    refresh_next_logits();
+}
+
+// Recomputes the logits after the last position (forgets it and runs it again, quietly: its
+// telemetry was recorded already).
+void Session::refresh_next_logits() {
+    const int n = int(tokens_.size()), D = backend_->config().hidden_size;
+    const int last = tokens_.back();
     impl_->main->truncate(n - 1);
     impl_->hist[0].resize(size_t(n - 1) * D);
     tokens_.pop_back();
-    // Recompute the logits after position n-1 quietly: its telemetry was recorded already.
     TelemetrySink* sink = sink_;
     OnlineBalancing bal = balancing_;
     sink_ = nullptr;
@@ -294,6 +302,7 @@ void Session::append_impl(const std::vector<int>& toks, bool prompt) {
     backend_->forward(toks.data(), int(toks.size()), *impl_->main, opt, r);
     impl_->hist[0].insert(impl_->hist[0].end(), r.hidden.begin(), r.hidden.end());
     impl_->next_logits = r.logits;
+    impl_->next_logits_stale = false;
     if (sink_) {
         for (size_t i = 0; i < toks.size() && prompt; ++i) {
             TokenRecord tr;
@@ -340,6 +349,13 @@ GenerationResult Session::generate(const SamplingParams& params,
     st.mtp.drafted_at.assign(size_t(depth), 0);
     st.mtp.accepted_at.assign(size_t(depth), 0);
     std::mt19937_64 rng(params.seed);
+    // The backend chooses the tokens itself (the logits stay on its device) when the
+    // distribution is one it knows and no step needs the full distributions on the host: greedy
+    // verification compares ids, but sampled drafts need p/q ratios and residuals.
+    const bool plain = params.repetition_penalty == 1.0 && params.frequency_penalty == 0.0 &&
+                       params.presence_penalty == 0.0 && params.min_p <= 0.0;
+    const bool on_device = backend_->can_pick() && plain && (params.temperature <= 0.0 || depth == 0);
+    const PickParams pick{float(params.temperature), params.top_k, float(params.top_p)};
     std::unique_ptr<StreamDecoder> stream;
     if (tokenizer_) stream = std::make_unique<StreamDecoder>(*tokenizer_);
     auto t_start = Clock::now();
@@ -421,11 +437,12 @@ GenerationResult Session::generate(const SamplingParams& params,
             // space (the naive path would decompress the module's whole cache every step).
             opt.absorbed = T <= kSmallT;
             opt.all_logits = false;
+            opt.host_logits = !on_device;
             ForwardResult mr;
             backend_->forward_mtp(k, h_in, next.data(), T, mc, opt, mr);
             impl_->hist[size_t(k)].insert(impl_->hist[size_t(k)].end(), mr.raw_hidden.begin(), mr.raw_hidden.end());
-            std::vector<int> hist_k(seq);
-            int dtok = sample_token(mr.logits.data(), V, params, hist_k, rng, &q[size_t(k - 1)]);
+            const int dtok = on_device ? backend_->pick(pick, {})[0].id  // greedy: drafts need no q
+                                       : sample_token(mr.logits.data(), V, params, seq, rng, &q[size_t(k - 1)]);
             drafts.push_back(dtok);
             seq.push_back(dtok);
         }
@@ -436,14 +453,23 @@ GenerationResult Session::generate(const SamplingParams& params,
         opt.absorbed = true;
         opt.all_logits = true;
         opt.want_scores = want_scores_;
+        opt.host_logits = !on_device;
         ForwardResult r;
         backend_->forward(batch.data(), int(batch.size()), *impl_->main, opt, r);
         // 3. Accept or reject each draft (greedy: exact match; sampling: min(1, p/q)).
         int accepted = 0;
         int bonus = -1;
+        std::vector<TokenPick> picks;  // on the device: one choice per verified row
+        if (on_device) {
+            std::vector<float> u;
+            if (params.temperature > 0.0) u.push_back(float(std::uniform_real_distribution<double>(0.0, 1.0)(rng)));
+            picks = backend_->pick(pick, u);
+            while (accepted < int(drafts.size()) && picks[size_t(accepted)].id == drafts[size_t(accepted)]) ++accepted;
+            bonus = picks[size_t(accepted)].id;
+        }
         std::vector<int> hist_v = tokens_;
         hist_v.push_back(pending);
-        for (size_t j = 0; j < drafts.size(); ++j) {
+        for (size_t j = 0; j < drafts.size() && !on_device; ++j) {
             const float* lj = r.logits.data() + j * size_t(V);
             std::vector<float> p;
             sampling_distribution(p, lj, V, params, hist_v);
@@ -505,17 +531,19 @@ GenerationResult Session::generate(const SamplingParams& params,
         if (sink_) sink_->record(TimingRecord{step_, "decode", s, keep, s > 0 ? keep / s : 0.0});
         ++step_;
         // 5. Emit the accepted drafts and the bonus token.
-        for (int j = 0; j < accepted && !stop; ++j) {
-            const float* lj = r.logits.data() + size_t(j) * V;
-            emit(drafts[size_t(j)], n + 1 + j, true, surprisal_bits(lj, V, drafts[size_t(j)]));
-        }
-        if (stop) {
+        auto surprisal = [&](int row, int id) {
+            return on_device ? float(-picks[size_t(row)].logprob / std::log(2.0))
+                             : surprisal_bits(r.logits.data() + size_t(row) * V, V, id);
+        };
+        for (int j = 0; j < accepted && !stop; ++j) emit(drafts[size_t(j)], n + 1 + j, true, surprisal(j, drafts[size_t(j)]));
+        if (on_device) {
+            impl_->next_logits_stale = true;
+        } else {
             impl_->next_logits.assign(r.logits.begin() + size_t(accepted) * V, r.logits.begin() + size_t(accepted + 1) * V);
-            break;
         }
-        impl_->next_logits.assign(r.logits.begin() + size_t(accepted) * V, r.logits.begin() + size_t(accepted + 1) * V);
+        if (stop) break;
         pending = bonus;
-        emit(pending, int(tokens_.size()), false, surprisal_bits(impl_->next_logits.data(), V, pending));
+        emit(pending, int(tokens_.size()), false, surprisal(accepted, pending));
     }
     // Leave the context as prompt + every emitted token: drop drafts verified beyond a stop,
     // and feed the last emitted token, which is not in the cache yet.
@@ -525,6 +553,7 @@ GenerationResult Session::generate(const SamplingParams& params,
         std::vector<int> rest(res.tokens.end() - long(want - tokens_.size()), res.tokens.end());
         append_impl(rest, false);
     }
+    if (impl_->next_logits_stale) refresh_next_logits();
     st.generated_tokens = int(res.tokens.size());
     st.decode_seconds = seconds_since(t_start);
     if (stream) res.text += stream->flush();

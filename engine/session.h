@@ -108,6 +108,7 @@ public:
 
 private:
     void append_impl(const std::vector<int>& tokens, bool prompt);
+    void refresh_next_logits();
     struct Impl;
     std::unique_ptr<Impl> impl_;
     std::shared_ptr<Backend> backend_;

@@ -135,13 +135,16 @@ json run_bench(const json& req) {
     out["prefill_tokens_per_s"] = prompt / t_prefill;
     out["prefill_seconds"] = t_prefill;
 
+    // Decoding as the Session does it: the logits stay on the device and pick() returns the id.
+    ForwardOptions fd = fo;
+    fd.host_logits = false;
     auto decode_loop = [&](BackendCache& c, int steps, bool telemetry) {
         be.set_telemetry(telemetry);
         int tk = argmax(r.logits.data(), cfg.vocab_size);
         const double s = now_s();
         for (int i = 0; i < steps; ++i) {
-            be.forward(&tk, 1, c, fo, r);
-            tk = argmax(r.logits.data(), cfg.vocab_size);
+            be.forward(&tk, 1, c, fd, r);
+            tk = be.pick(PickParams{}, {})[0].id;
         }
         return (now_s() - s) / steps;
     };
@@ -184,13 +187,19 @@ json run_bench(const json& req) {
         const int steps = std::max(1, decode / 2);
         double s = now_s();
         for (int i = 0; i < steps; ++i) {
-            be.forward_mtp(1, h_last.data(), &tk, 1, *mc, fo, mr);
+            be.forward_mtp(1, h_last.data(), &tk, 1, *mc, fd, mr);
             h_last.assign(mr.hidden.begin(), mr.hidden.end());
+            be.pick(PickParams{}, {});
         }
         const double t_draft = (now_s() - s) / steps;
         int two[2] = {tk, tk};
         s = now_s();
-        for (int i = 0; i < steps; ++i) be.forward(two, 2, *cache, fo, pr);
+        ForwardOptions fv = fd;
+        fv.all_logits = true;
+        for (int i = 0; i < steps; ++i) {
+            be.forward(two, 2, *cache, fv, pr);
+            be.pick(PickParams{}, {});
+        }
         const double t_verify = (now_s() - s) / steps;
         const double a = 0.85;
         out["mtp"] = {{"draft_ms", t_draft * 1e3},

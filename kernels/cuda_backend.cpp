@@ -227,7 +227,9 @@ struct CudaBackend::Impl {
     float* logits;                 // [Tc, V]
     float* sample_u = nullptr;     // [Tc]
     int* sample_ids = nullptr;     // [Tc]
+    float* sample_logprob = nullptr;  // [Tc]
     int last_rows = 0;             // rows of `logits` the last forward produced
+    bool last_rows_complete = false;  // and they are every row it returned (one chunk)
     int* d_start = nullptr;        // [1] decode position for graph replays
     const int* dyn_start = nullptr;  // set while enqueuing a graph body: kernels read the position here
     Pinned pin_start;
@@ -235,7 +237,7 @@ struct CudaBackend::Impl {
     struct GraphEntry {
         const float *c0, *kpe0;    // the cache's first buffers: same pointers = same layout
         int layers, cap;
-        bool telemetry, want_scores;
+        bool telemetry, want_scores, host_logits;
         cudaGraphExec_t exec;
     };
     std::vector<GraphEntry> graphs;
@@ -394,6 +396,7 @@ struct CudaBackend::Impl {
         logits = act_arena.carve<float>(T * V);
         sample_u = act_arena.carve<float>(T);
         sample_ids = act_arena.carve<int>(T);
+        sample_logprob = act_arena.carve<float>(T);
         d_start = act_arena.carve<int>(1);
         pin_start.reserve(sizeof(int));
         if (const char* g = std::getenv("MOESCOPE_CUDA_GRAPH")) use_graphs = std::string(g) == "1";
@@ -565,10 +568,12 @@ struct CudaBackend::Impl {
 
     // Runs chunks of the stack [first, first + count) of layers; `prepare(c0, n)` fills h.
     // The graph replaying one decode step of the main model over `cache`, captured on first use.
-    cudaGraphExec_t decode_graph(CudaCache& cache, const ForwardOptions& o, const std::function<void()>& enqueue) {
+    cudaGraphExec_t decode_graph(CudaCache& cache, const ForwardOptions& o, bool host_logits,
+                                 const std::function<void()>& enqueue) {
         for (const auto& g : graphs)
             if (g.c0 == cache.c_[0] && g.kpe0 == cache.kpe_[0] && g.layers == int(cache.c_.size()) &&
-                g.cap == cache.cap_ && g.telemetry == telemetry && g.want_scores == o.want_scores)
+                g.cap == cache.cap_ && g.telemetry == telemetry && g.want_scores == o.want_scores &&
+                g.host_logits == host_logits)
                 return g.exec;
         if (graphs.size() >= 8) {  // a bounded set: drop the oldest
             cudaGraphExecDestroy(graphs.front().exec);
@@ -592,7 +597,8 @@ struct CudaBackend::Impl {
         const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
         cudaGraphDestroy(graph);
         check(e, "cudaGraphInstantiate");
-        graphs.push_back({cache.c_[0], cache.kpe_[0], int(cache.c_.size()), cache.cap_, telemetry, o.want_scores, exec});
+        graphs.push_back(
+            {cache.c_[0], cache.kpe_[0], int(cache.c_.size()), cache.cap_, telemetry, o.want_scores, host_logits, exec});
         return exec;
     }
 
@@ -618,7 +624,11 @@ struct CudaBackend::Impl {
         }
         last_loads.assign(size_t(nm), std::vector<int>(size_t(E), 0));
         const int rows_out = o.all_logits ? T : 1;
-        out.logits.assign(size_t(rows_out) * V, 0.0f);
+        // Logits stay on the device for pick() when the caller asks; pick() needs all of them
+        // in the [Tc, V] buffer, i.e. one chunk.
+        const bool host_logits = o.host_logits || rows_out > Tc;
+        if (host_logits) out.logits.assign(size_t(rows_out) * V, 0.0f);
+        else out.logits.clear();
         out.hidden.resize(size_t(T) * D);
         out.raw_hidden.resize(size_t(T) * D);
         for (int c0 = 0; c0 < T; c0 += Tc) {
@@ -645,7 +655,7 @@ struct CudaBackend::Impl {
                 check(cudaMemcpyAsync(po + size_t(n) * D, hidden, sizeof(float) * size_t(n) * D,
                                       cudaMemcpyDeviceToHost, stream),
                       "copy hidden");
-                if (head_rows)
+                if (head_rows && host_logits)
                     check(cudaMemcpyAsync(po + size_t(2 * n) * D, logits, sizeof(float) * size_t(head_rows) * V,
                                           cudaMemcpyDeviceToHost, stream),
                           "copy logits");
@@ -658,15 +668,16 @@ struct CudaBackend::Impl {
                 *static_cast<int*>(pin_start.p) = pos;
                 check(cudaMemcpyAsync(d_start, pin_start.p, sizeof(int), cudaMemcpyHostToDevice, stream),
                       "upload position");
-                check(cudaGraphLaunch(decode_graph(cache, o, enqueue), stream), "cudaGraphLaunch");
+                check(cudaGraphLaunch(decode_graph(cache, o, host_logits, enqueue), stream), "cudaGraphLaunch");
             } else {
                 enqueue();
             }
             if (head_rows) last_rows = head_rows;
+            last_rows_complete = head_rows == rows_out;
             check(cudaStreamSynchronize(stream), "cudaStreamSynchronize (forward)");
             std::memcpy(out.raw_hidden.data() + size_t(c0) * D, po, sizeof(float) * size_t(n) * D);
             std::memcpy(out.hidden.data() + size_t(c0) * D, po + size_t(n) * D, sizeof(float) * size_t(n) * D);
-            if (head_rows) {
+            if (head_rows && host_logits) {
                 float* dst = out.logits.data() + (o.all_logits ? size_t(c0) * V : 0);
                 std::memcpy(dst, po + size_t(2 * n) * D, sizeof(float) * size_t(head_rows) * V);
             }
@@ -991,21 +1002,31 @@ void CudaBackend::set_graphs(bool on) { impl_->use_graphs = on; }
 bool CudaBackend::graphs() const { return impl_->use_graphs; }
 void CudaBackend::synchronize() { check(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize"); }
 
-std::vector<int> CudaBackend::sample_last(const SampleParams& p, const std::vector<float>& u) {
+std::vector<TokenPick> CudaBackend::pick(const PickParams& p, const std::vector<float>& u) {
     Impl& I = *impl_;
     const int R = I.last_rows;
-    if (R <= 0) throw Error("sample_last: no forward has produced logits yet");
+    if (R <= 0) throw Error("pick: no forward has produced logits yet");
+    if (!I.last_rows_complete)
+        throw Error("pick: the last forward returned more logits rows than one chunk of " + std::to_string(I.Tc) +
+                    " keeps on the device");
     if (p.temperature > 0 && int(u.size()) < R)
-        throw Error("sample_last: " + std::to_string(R) + " uniforms needed, " + std::to_string(u.size()) + " given");
+        throw Error("pick: " + std::to_string(R) + " uniforms needed, " + std::to_string(u.size()) + " given");
     if (p.temperature > 0)
         check(cudaMemcpyAsync(I.sample_u, u.data(), sizeof(float) * size_t(R), cudaMemcpyHostToDevice, I.stream),
               "upload uniforms");
-    sample(I.sample_ids, I.logits, I.sample_u, R, I.cfg.vocab_size, p, I.stream);
+    const int V = I.cfg.vocab_size;
+    sample(I.sample_ids, I.logits, I.sample_u, R, V, SampleParams{p.temperature, p.top_k, p.top_p}, I.stream);
+    token_logprob(I.sample_logprob, I.logits, I.sample_ids, R, V, I.stream);
     std::vector<int> ids(static_cast<size_t>(R));
+    std::vector<float> lp(static_cast<size_t>(R));
     check(cudaMemcpyAsync(ids.data(), I.sample_ids, sizeof(int) * size_t(R), cudaMemcpyDeviceToHost, I.stream),
-          "copy sampled ids");
-    check(cudaStreamSynchronize(I.stream), "cudaStreamSynchronize (sample)");
-    return ids;
+          "copy picked ids");
+    check(cudaMemcpyAsync(lp.data(), I.sample_logprob, sizeof(float) * size_t(R), cudaMemcpyDeviceToHost, I.stream),
+          "copy log-probabilities");
+    check(cudaStreamSynchronize(I.stream), "cudaStreamSynchronize (pick)");
+    std::vector<TokenPick> out(static_cast<size_t>(R));
+    for (int r = 0; r < R; ++r) out[size_t(r)] = {ids[size_t(r)], lp[size_t(r)]};
+    return out;
 }
 
 std::unique_ptr<BackendCache> CudaBackend::new_cache(int mtp_module, int capacity) {

@@ -1,9 +1,9 @@
 // The CUDA backend: moescope::Backend with every weight, the latent caches, routing and the
 // activations resident on the device. Weights are uploaded once (BF16 by default; F32 on
-// request for bit-level parity tests; FP8 checkpoints arrive dequantized by load_weights and
-// are stored as BF16), activations are f32 with f32 accumulation. Per forward call only the
-// token ids go up and the ForwardResult (logits, hidden, raw_hidden, routing, latent norms)
-// comes down, copied asynchronously into pinned host buffers.
+// request for bit-level parity tests; FP8 for FP8 checkpoints, see below), activations are f32
+// with f32 accumulation. Per forward call only the token ids go up and the ForwardResult
+// (hidden, raw_hidden, routing, latent norms, and the logits unless the caller picks tokens on
+// the device with pick()) comes down, copied asynchronously into pinned host buffers.
 // FP8 checkpoints stay FP8 on the device by default (kernels/fp8.h; docs/gpu.md "FP8 residency"):
 // decode reads the e4m3 bytes in our GEMV, prefill uses cuBLASLt's block-scaled FP8 GEMM after a
 // self-check at upload, or dequantizes weight blocks to BF16 when that is unavailable.
@@ -59,6 +59,8 @@ public:
     std::vector<float> bias(int layer) const override;
     void set_bias(int layer, const std::vector<float>& b) override;
     void reset_bias() override;
+    bool can_pick() const override { return true; }
+    std::vector<TokenPick> pick(const PickParams& p, const std::vector<float>& u) override;
 
     // Telemetry kept beside the ForwardResult: tokens per expert of the last forward, per MoE
     // layer in the order of ForwardResult::routing ([moe layers][E]).
@@ -77,9 +79,6 @@ public:
     bool graphs() const;
     // Waits for the device (benchmark timing).
     void synchronize();
-    // Samples every row of logits the last forward / forward_mtp returned, on the device: only
-    // the ids cross to the host. u: one uniform in [0, 1) per row (unused when greedy).
-    std::vector<int> sample_last(const SampleParams& p, const std::vector<float>& u);
     struct Impl;
 
 private:

@@ -170,7 +170,7 @@ inline int64_t activation_bytes(const ModelConfig& c, const ActivationDims& a) {
     add(T * 2 * std::max(Is, Id));                  // shared / dense gate|up
     add(T * std::max(Is, Id));                      // shared / dense SwiGLU output
     add(T * V);                                     // logits
-    add(T * 2);                                     // sampling: uniforms, sampled ids
+    add(T * 3);                                     // sampling: uniforms, ids, log-probabilities
     add(1);                                         // the decode position read by a CUDA graph
     // BF16 copies of GEMM inputs for cuBLAS (half-size elements).
     const int64_t cast = std::max({T * 2 * D, T * std::max<int64_t>(1, c.q_lora_rank), T * H * dv, T * k * I,

@@ -125,7 +125,26 @@ __global__ void sample_kernel(int* ids, const float* logits, const float* u, int
     }
 }
 
+// lp[r] = logits[r, ids[r]] - logsumexp(logits[r, :]): the chosen token's log-probability
+// under the unfiltered softmax (the surprisal telemetry reports).
+__global__ void logprob_kernel(float* lp, const float* logits, const int* ids, int V) {
+    const float* lg = logits + int64_t(blockIdx.x) * V;
+    float m = -FLT_MAX;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, lg[i]);
+    m = block_max(m);
+    float a = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) a += expf(lg[i] - m);
+    a = block_sum(a);
+    if (threadIdx.x == 0) lp[blockIdx.x] = lg[ids[blockIdx.x]] - m - logf(a);
+}
+
 }  // namespace
+
+void token_logprob(float* lp, const float* logits, const int* ids, int R, int V, cudaStream_t s) {
+    if (R <= 0) return;
+    logprob_kernel<<<unsigned(R), 256, 0, s>>>(lp, logits, ids, V);
+    check_launch("logprob_kernel");
+}
 
 void sample(int* ids, const float* logits, const float* u, int R, int V, const SampleParams& p, cudaStream_t s) {
     if (R <= 0) return;

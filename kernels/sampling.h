@@ -19,4 +19,7 @@ struct SampleParams {
 // ids[R] from logits[R, V]; u: device [R] uniforms (ignored when greedy).
 void sample(int* ids, const float* logits, const float* u, int R, int V, const SampleParams& p, cudaStream_t s);
 
+// lp[R]: ln p(ids[r]) under the unfiltered softmax of logits row r.
+void token_logprob(float* lp, const float* logits, const int* ids, int R, int V, cudaStream_t s);
+
 }  // namespace moescope::cuda

@@ -25,6 +25,7 @@ struct ForwardOptions {
     bool absorbed = true;       // MLA path: latent-space attention (false: decompress)
     bool all_logits = true;     // logits for every new position (false: only the last)
     bool want_scores = false;   // keep the full router score vectors
+    bool host_logits = true;    // false: a backend that can pick() may leave out.logits empty
 };
 
 // One MoE layer's routing for the positions of a forward call.

@@ -3,12 +3,15 @@
 // limits, truncation, telemetry round-trips and online balancing.
 #include <QtTest>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <random>
 #include <thread>
 
 #include "engine/errors.h"
 #include "engine/loader.h"
+#include "engine/model/ops.h"
 #include "engine/session.h"
 #include "engine/tokenizer/tokenizer.h"
 
@@ -50,6 +53,79 @@ std::shared_ptr<Model> tiny_vocab_model(int V, uint32_t seed, int mtp_depth = 1)
     return std::make_shared<Model>(c, std::move(w));
 }
 
+// A backend that chooses tokens itself, as the CUDA backend does on its device: the CPU model
+// underneath, logits withheld from the caller when it asks (host_logits false), and pick()
+// implemented from its contract in backend.h (thresholds on the logits, walk in id order).
+class PickingBackend : public Backend {
+public:
+    explicit PickingBackend(std::shared_ptr<Model> m) : inner_(make_cpu_backend(std::move(m))) {}
+    std::string name() const override { return "picking"; }
+    const ModelConfig& config() const override { return inner_->config(); }
+    std::unique_ptr<BackendCache> new_cache(int k, int cap) override { return inner_->new_cache(k, cap); }
+    void forward(const int* t, int T, BackendCache& c, const ForwardOptions& o, ForwardResult& out) override {
+        inner_->forward(t, T, c, o, out);
+        keep(o, out);
+    }
+    void forward_mtp(int k, const float* h, const int* t, int T, BackendCache& c, const ForwardOptions& o,
+                     ForwardResult& out) override {
+        inner_->forward_mtp(k, h, t, T, c, o, out);
+        keep(o, out);
+    }
+    std::vector<float> bias(int l) const override { return inner_->bias(l); }
+    void set_bias(int l, const std::vector<float>& b) override { inner_->set_bias(l, b); }
+    void reset_bias() override { inner_->reset_bias(); }
+    bool can_pick() const override { return true; }
+    std::vector<TokenPick> pick(const PickParams& p, const std::vector<float>& u) override {
+        const int V = config().vocab_size, R = int(last_.size()) / V;
+        std::vector<TokenPick> out;
+        for (int r = 0; r < R; ++r) {
+            const float* l = last_.data() + size_t(r) * V;
+            const int best = int(std::max_element(l, l + V) - l);
+            int id = best;
+            if (p.temperature > 0) {
+                std::vector<float> sorted(l, l + V);
+                std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+                float thr = p.top_k > 0 && p.top_k < V ? sorted[size_t(p.top_k - 1)] : -INFINITY;
+                auto w = [&](float x) { return std::exp((double(x) - sorted[0]) / p.temperature); };
+                double mass = 0;
+                for (float x : sorted) mass += x >= thr ? w(x) : 0.0;
+                if (p.top_p < 1) {
+                    double c = 0;
+                    for (float x : sorted)
+                        if ((c += w(x)) >= p.top_p * mass) {
+                            thr = x;
+                            break;
+                        }
+                    mass = 0;
+                    for (float x : sorted) mass += x >= thr ? w(x) : 0.0;
+                }
+                double c = 0;
+                for (int v = 0; v < V; ++v) {
+                    if (l[v] < thr) continue;
+                    id = v;
+                    c += w(l[v]);
+                    if (c > u.at(size_t(r)) * mass) break;
+                }
+            }
+            out.push_back({id, float(double(l[id]) - log_sum_exp(l, V))});
+        }
+        ++picks;
+        return out;
+    }
+    int withheld = 0, picks = 0;  // forwards whose logits stayed "on the device"; pick() calls
+
+private:
+    void keep(const ForwardOptions& o, ForwardResult& out) {
+        last_ = out.logits;
+        if (!o.host_logits) {
+            out.logits.clear();
+            ++withheld;
+        }
+    }
+    std::unique_ptr<Backend> inner_;
+    std::vector<float> last_;  // [rows, V]
+};
+
 }  // namespace
 
 class TestSession : public QObject {
@@ -64,6 +140,8 @@ private slots:
     void speculativeSamplingPreservesDistribution();
     void seedDeterminism();
     void samplingFilters();
+    void pickingOnTheBackend_data();
+    void pickingOnTheBackend();
     void cancellationStopsWithinAStep();
     void callbackStopLeavesConsistentContext();
     void contextOverflowIsAnError();
@@ -310,6 +388,63 @@ void TestSession::samplingFilters() {
     p.presence_penalty = 0;
     p.repetition_penalty = 3.0;  // 2.0 / 3 < 1.0
     QCOMPARE(sample_token(logits, V, p, {0}, rng, nullptr), 1);
+}
+
+// Tokens chosen by the backend (logits never reach the Session) give the same generation as
+// the host sampler: greedy with and without MTP, and drawn tokens without MTP; a second call
+// continues from the recomputed distribution after the last token.
+void TestSession::pickingOnTheBackend_data() {
+    QTest::addColumn<double>("temperature");
+    QTest::addColumn<bool>("mtp");
+    QTest::newRow("greedy") << 0.0 << false;
+    QTest::newRow("greedy + MTP") << 0.0 << true;
+    QTest::newRow("sampled") << 0.8 << false;
+}
+
+void TestSession::pickingOnTheBackend() {
+    QFETCH(double, temperature);
+    QFETCH(bool, mtp);
+    // The embedded default model: trained, so its MTP drafts are often accepted.
+    static std::shared_ptr<Model> m = load_model(MOESCOPE_SOURCE_DIR "/resources/models/default");
+    auto picking = std::make_shared<PickingBackend>(m);
+    Session host(cpu(m)), dev(picking);
+    SamplingParams p;
+    p.temperature = temperature;
+    p.top_k = temperature > 0 ? 20 : 0;
+    p.top_p = temperature > 0 ? 0.9 : 1.0;
+    p.seed = 11;
+    p.max_tokens = 24;
+    p.mtp = mtp;
+    std::vector<float> sh, sd;
+    auto rh = host.generate({3, 1, 4, 1, 5}, p, [&](const TokenEvent& e) { sh.push_back(e.surprisal); return true; });
+    auto rd = dev.generate({3, 1, 4, 1, 5}, p, [&](const TokenEvent& e) { sd.push_back(e.surprisal); return true; });
+    QCOMPARE(rd.tokens, rh.tokens);
+    QCOMPARE(sd.size(), sh.size());
+    for (size_t i = 0; i < sh.size(); ++i) QVERIFY2(std::fabs(sd[i] - sh[i]) < 1e-3, qPrintable(QString::number(i)));
+    QCOMPARE(rd.stats.mtp.accepted_tokens, rh.stats.mtp.accepted_tokens);
+    QVERIFY(picking->withheld > 0 && picking->picks > 0);
+    p.max_tokens = 10;
+    auto rh2 = host.generate(p), rd2 = dev.generate(p);
+    QCOMPARE(rd2.tokens, rh2.tokens);
+    QCOMPARE(dev.tokens(), host.tokens());
+    if (mtp) {
+        // Stopped on an accepted draft, the distribution after it was never fetched from the
+        // backend: the next call must recompute it and continue as the host does.
+        QVERIFY(rh.stats.mtp.accepted_tokens > 0);
+        Session h(cpu(m)), d(picking);
+        auto stop_on_draft = [](const TokenEvent& e) { return !e.drafted; };
+        p.max_tokens = 24;
+        h.generate({3, 1, 4, 1, 5}, p, stop_on_draft);
+        d.generate({3, 1, 4, 1, 5}, p, stop_on_draft);
+        QCOMPARE(d.tokens(), h.tokens());
+        p.max_tokens = 4;
+        QCOMPARE(d.generate(p).tokens, h.generate(p).tokens);
+    }
+    // Penalties need the host's distribution: the Session does not pick on the backend.
+    const int picks = picking->picks;
+    p.presence_penalty = 0.5;
+    dev.generate(p);
+    QCOMPARE(picking->picks, picks);
 }
 
 void TestSession::cancellationStopsWithinAStep() {

@@ -5,6 +5,10 @@
 // written at test time, greedy generation, selection, bias and refusal. Plain C++ (no Qt) so
 // it builds on the GPU machine. Without a device: "SKIP   : no CUDA device", exit 0.
 #include <cuda_runtime.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -19,6 +23,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/backend.h"
@@ -909,23 +914,38 @@ void check_fixture() {
         }
         expect(ok, "tiny-v3 expert loads = histogram of routing ids");
     }
-    // Sampling on the device from the logits the last forward left there.
+    // Choosing tokens on the device from the logits the last forward left there.
     {
         auto cache = gpu.new_cache(0, 64);
         ForwardResult r;
         gpu.forward(toks.data(), int(toks.size()), *cache, ForwardOptions{}, r);
-        auto ids = gpu.sample_last(SampleParams{}, {});
-        bool ok = int(ids.size()) == int(toks.size());
-        for (size_t t = 0; ok && t < ids.size(); ++t)
-            ok &= ids[t] == int(std::max_element(r.logits.begin() + t * V, r.logits.begin() + (t + 1) * V) -
-                                (r.logits.begin() + t * V));
-        expect(ok, "tiny-v3 sample_last greedy = argmax of the returned logits, every row");
+        auto picks = gpu.pick(PickParams{}, {});
+        bool ok = int(picks.size()) == int(toks.size());
+        std::vector<float> lp, lp_ref;
+        for (size_t t = 0; ok && t < picks.size(); ++t) {
+            const float* row = r.logits.data() + t * V;
+            ok &= picks[t].id == int(std::max_element(row, row + V) - row);
+            lp.push_back(picks[t].logprob);
+            lp_ref.push_back(float(double(row[picks[t].id]) - log_sum_exp(row, V)));
+        }
+        expect(ok, "tiny-v3 pick greedy = argmax of the returned logits, every row");
+        close("tiny-v3 pick log-probabilities vs the host's log-softmax", "", lp, lp_ref, 1e-5, 1e-5);
         std::vector<float> u(toks.size(), 0.5f);
-        auto s = gpu.sample_last(SampleParams{0.8f, 20, 0.9f}, u);
+        auto s = gpu.pick(PickParams{0.8f, 20, 0.9f}, u);
         std::vector<float> row(r.logits.end() - V, r.logits.end());
         SampleRef ref = sample_ref(row, 0.8f, 20, 0.9f);
-        expect(std::find(ref.ids.begin(), ref.ids.end(), s.back()) != ref.ids.end(),
-               "tiny-v3 sample_last top-k/top-p draws a kept token");
+        expect(std::find(ref.ids.begin(), ref.ids.end(), s.back().id) != ref.ids.end(),
+               "tiny-v3 pick top-k/top-p draws a kept token");
+        // Logits left on the device: the same picks, nothing copied.
+        auto cache2 = gpu.new_cache(0, 64);
+        ForwardOptions dev;
+        dev.host_logits = false;
+        ForwardResult r2;
+        gpu.forward(toks.data(), int(toks.size()), *cache2, dev, r2);
+        auto picks2 = gpu.pick(PickParams{}, {});
+        bool same = r2.logits.empty() && picks2.size() == picks.size();
+        for (size_t t = 0; same && t < picks.size(); ++t) same &= picks2[t].id == picks[t].id;
+        expect(same, "tiny-v3 host_logits=false: no logits copied, the same picks");
     }
     // Greedy generation: identical tokens.
     auto a = greedy(gpu, toks, 24), b = greedy(*cpu, toks, 24);
@@ -1049,9 +1069,12 @@ void check_session() {
         p.mtp = mtp;
         Session sc(std::shared_ptr<Backend>(make_cpu_backend(model)), nullptr, 128);
         Session sg(std::make_shared<CudaBackend>(model, 128, f32), nullptr, 128);
-        GenerationResult rc = sc.generate(toks, p), rg = sg.generate(toks, p);
-        const std::string what = std::string("Session greedy, 40 tokens, mtp ") + (mtp ? "on" : "off");
+        std::vector<float> surp_c, surp_g;
+        GenerationResult rc = sc.generate(toks, p, [&](const TokenEvent& e) { surp_c.push_back(e.surprisal); return true; });
+        GenerationResult rg = sg.generate(toks, p, [&](const TokenEvent& e) { surp_g.push_back(e.surprisal); return true; });
+        const std::string what = std::string("Session greedy (picked on the device), 40 tokens, mtp ") + (mtp ? "on" : "off");
         expect(rg.tokens == rc.tokens, what + ": tokens identical to the CPU backend");
+        if (surp_g.size() == surp_c.size()) close(what + ": surprisal", "", surp_g, surp_c, 1e-3, 1e-4);
         if (mtp)
             expect(rg.stats.mtp.draft_tokens == rc.stats.mtp.draft_tokens &&
                        rg.stats.mtp.accepted_tokens == rc.stats.mtp.accepted_tokens,
@@ -1059,6 +1082,27 @@ void check_session() {
                    std::to_string(rg.stats.mtp.accepted_tokens) + "/" + std::to_string(rg.stats.mtp.draft_tokens) +
                        " vs " + std::to_string(rc.stats.mtp.accepted_tokens) + "/" +
                        std::to_string(rc.stats.mtp.draft_tokens));
+        // Continuing: the distribution after the last token was left on the device and must be
+        // recomputed for the next call.
+        p.max_tokens = 12;
+        GenerationResult rc2 = sc.generate(p), rg2 = sg.generate(p);
+        expect(rg2.tokens == rc2.tokens && sg.tokens() == sc.tokens(), what + ": a second generate continues identically");
+    }
+    // Sampling (no MTP, so every token is drawn on the device): the same seed gives the same
+    // text as the CPU's host sampler, unless a uniform falls within float rounding of a
+    // boundary of the cumulative distribution (probability ~1e-6 per token).
+    {
+        SamplingParams p;
+        p.temperature = 0.8;
+        p.top_k = 20;
+        p.top_p = 0.9;
+        p.seed = 7;
+        p.max_tokens = 40;
+        p.mtp = false;
+        Session sc(std::shared_ptr<Backend>(make_cpu_backend(model)), nullptr, 128);
+        Session sg(std::make_shared<CudaBackend>(model, 128, f32), nullptr, 128);
+        GenerationResult rc = sc.generate(toks, p), rg = sg.generate(toks, p);
+        expect(rg.tokens == rc.tokens, "Session sampling T=0.8 top-k 20 top-p 0.9 (drawn on the device): same tokens as the CPU");
     }
 }
 
@@ -1082,42 +1126,133 @@ void check_selection_and_refusal() {
     expect(free1 + (64u << 20) >= free0, "the refusal allocated nothing");
 }
 
+struct Group {
+    const char* name;
+    std::function<void()> fn;
+};
+
+// Each group runs in a child process of its own (this executable with --group NAME): a kernel
+// that faults poisons its CUDA context and a hang never returns, and either would otherwise
+// take every later check with it. The parent tallies the children's PASS/FAIL lines.
+int run_group(const Group& g) {
+    std::string name, err;
+    if (probe_devices(name, err) <= 0) {
+        fail(std::string(g.name) + " (device)", err);
+        return 1;
+    }
+    try {
+        g.fn();
+    } catch (const std::exception& e) {
+        fail(std::string(g.name) + " (exception)", e.what());
+    }
+    std::fflush(stdout);
+    return g_failed ? 1 : 0;
+}
+
+// Runs `self --group name` with a deadline; echoes and counts its PASS/FAIL lines.
+void run_child(const char* self, const Group& g, int timeout_s) {
+    int fds[2];
+    if (pipe(fds) != 0) {
+        fail(g.name, "pipe failed");
+        return;
+    }
+    const pid_t pid = fork();
+    if (pid == 0) {
+        dup2(fds[1], STDOUT_FILENO);
+        dup2(fds[1], STDERR_FILENO);
+        ::close(fds[0]);
+        ::close(fds[1]);
+        execl(self, self, "--group", g.name, static_cast<char*>(nullptr));
+        _exit(127);
+    }
+    ::close(fds[1]);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+    std::string buf;
+    bool timed_out = false;
+    char chunk[4096];
+    for (;;) {
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+        if (left.count() <= 0) {
+            timed_out = true;
+            kill(pid, SIGKILL);
+            break;
+        }
+        pollfd pf{fds[0], POLLIN, 0};
+        if (poll(&pf, 1, int(std::min<long long>(left.count(), 1000))) <= 0) continue;
+        const ssize_t n = read(fds[0], chunk, sizeof chunk);
+        if (n <= 0) break;
+        buf.append(chunk, size_t(n));
+        for (size_t nl; (nl = buf.find('\n')) != std::string::npos; buf.erase(0, nl + 1)) {
+            const std::string line = buf.substr(0, nl);
+            if (line.rfind("PASS   :", 0) == 0) ++g_passed;
+            if (line.rfind("FAIL!  :", 0) == 0) ++g_failed;
+            std::printf("%s\n", line.c_str());
+        }
+    }
+    if (!buf.empty()) std::printf("%s\n", buf.c_str());
+    ::close(fds[0]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    if (timed_out) fail(std::string(g.name) + " (timeout)", "killed after " + std::to_string(timeout_s) + " s");
+    else if (WIFSIGNALED(status))
+        fail(std::string(g.name) + " (crash)", "the check process died of signal " + std::to_string(WTERMSIG(status)));
+    std::fflush(stdout);
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+    const std::vector<Group> groups = {
+        {"rmsnorm", check_rmsnorm},
+        {"rope", check_rope},
+        {"linear", check_linear},
+        {"grouped_gemv", check_grouped_gemv},
+        {"fp8-gemv", check_fp8_gemv},
+        {"fp8-grouped-gemv", check_fp8_grouped_gemv},
+        {"fp8-gemm-cublaslt", check_fp8_gemm},
+        {"router", check_router},
+        {"dispatch-combine", check_dispatch_combine},
+        {"mla", check_mla},
+        {"sampling", check_sampling},
+        {"tiny-v3-fixture", check_fixture},
+        {"bf16-checkpoint", [] { check_checkpoint(SaveFormat::BF16, "bf16"); }},
+        {"fp8-checkpoint", [] { check_checkpoint(SaveFormat::FP8, "fp8"); }},
+        {"session", check_session},
+        {"selection-and-refusal", check_selection_and_refusal},
+    };
+    // The harness on itself (CTest, no device needed): a passing, a failing, a crashing and a
+    // hanging group must come out as 1 passed, 3 failed.
+    const std::vector<Group> harness = {
+        {"harness-pass", [] { expect(true, "harness pass"); }},
+        {"harness-fail", [] { expect(false, "harness fail", "on purpose"); }},
+        {"harness-crash", [] { std::abort(); }},
+        {"harness-hang", [] { std::this_thread::sleep_for(std::chrono::seconds(60)); }},
+    };
+    if (argc == 3 && std::string(argv[1]) == "--group") {
+        for (const auto* set : {&groups, &harness})
+            for (const auto& g : *set)
+                if (argv[2] == std::string(g.name)) return set == &harness ? (g.fn(), g_failed ? 1 : 0) : run_group(g);
+        std::fprintf(stderr, "no check group %s\n", argv[2]);
+        return 2;
+    }
+    if (argc == 2 && std::string(argv[1]) == "--harness-selftest") {
+        for (const auto& g : harness) run_child("/proc/self/exe", g, 3);
+        std::printf("%d passed, %d failed\n", g_passed, g_failed);
+        return g_passed == 1 && g_failed == 3 ? 0 : 1;
+    }
+    std::string only = argc == 2 ? argv[1] : "";  // a substring of group names
     std::string name, err;
     if (probe_devices(name, err) <= 0) {
         std::printf("SKIP   : no CUDA device (%s)\n0 passed, 0 failed\n", err.c_str());
         return 0;
     }
     std::printf("device: %s\n", name.c_str());
+    std::fflush(stdout);
+    const char* t = std::getenv("MOESCOPE_GPU_CHECK_TIMEOUT");
+    const int timeout_s = t ? std::max(1, std::atoi(t)) : 60;
     const auto t0 = std::chrono::steady_clock::now();
-    const std::vector<std::pair<const char*, std::function<void()>>> groups = {
-        {"rmsnorm", check_rmsnorm},
-        {"rope", check_rope},
-        {"linear", check_linear},
-        {"grouped_gemv", check_grouped_gemv},
-        {"fp8 gemv", check_fp8_gemv},
-        {"fp8 grouped_gemv", check_fp8_grouped_gemv},
-        {"fp8 gemm (cuBLASLt)", check_fp8_gemm},
-        {"router", check_router},
-        {"dispatch/combine", check_dispatch_combine},
-        {"mla", check_mla},
-        {"sampling", check_sampling},
-        {"tiny-v3 fixture", check_fixture},
-        {"bf16 checkpoint", [] { check_checkpoint(SaveFormat::BF16, "bf16"); }},
-        {"fp8 checkpoint", [] { check_checkpoint(SaveFormat::FP8, "fp8"); }},
-        {"session", check_session},
-        {"selection and refusal", check_selection_and_refusal},
-    };
-    for (const auto& [gname, fn] : groups) {
-        try {
-            fn();
-        } catch (const std::exception& e) {
-            fail(std::string(gname) + " (exception)", e.what());
-            cudaGetLastError();
-        }
-    }
+    for (const auto& g : groups)
+        if (only.empty() || std::string(g.name).find(only) != std::string::npos) run_child("/proc/self/exe", g, timeout_s);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("%.1f s\n%d passed, %d failed\n", s, g_passed, g_failed);
     return g_failed ? 1 : 0;
