@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # device-check.sh: everything the GPU machine should run, in one call, within ~8 minutes.
-# Time caps: build 200 s, checks 130 s (40 s a group), bench 80 s, peer 100 s (under 9 minutes).
+# Time caps: build 200 s, checks 130 s (40 s a group), bench 80 s, FP8 bench 60 s, peer 100 s;
+# the build takes about a minute on the machine's 16 cores, so a run ends well inside 9 minutes.
 # Configures without Qt, builds the CUDA backend, the CLI and moescope-gpu-checks for sm_90,
 # runs the parity checks, gpu-bench and the PyTorch/transformers peer, and prints a short
 # table last. The full log goes to $OUT/device-check.log when $OUT is set.
@@ -12,7 +13,10 @@ cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 BUILD=${MOESCOPE_DEVICE_BUILD:-$ROOT/build-device}
 OUTDIR=${OUT:-$BUILD/out}
-mkdir -p "$OUTDIR"
+# $OUT brings back at most 8 files: the long logs stay in $LOGS (their failing parts are
+# printed into device-check.log).
+LOGS=$BUILD/logs
+mkdir -p "$OUTDIR" "$LOGS"
 LOG=$OUTDIR/device-check.log
 exec > >(tee "$LOG") 2>&1
 TEE_PID=$!
@@ -21,7 +25,8 @@ elapsed() { echo $(( $(date +%s) - START )); }
 step() { echo; echo "=== [$(elapsed) s] $*"; }
 
 declare -A RESULT
-RESULT[build]="not run"; RESULT[checks]="not run"; RESULT[bench]="not run"; RESULT[peer]="not run"
+RESULT[build]="not run"; RESULT[checks]="not run"; RESULT[bench]="not run"; RESULT[bench-fp8]="not run"
+RESULT[peer]="not run"
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
@@ -63,19 +68,19 @@ fi
 
 step "configure (no Qt)"
 if cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOESCOPE_GUI=OFF -DMOESCOPE_TESTS=ON \
-     -DMOESCOPE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 "${CMAKE_DEPS[@]}" > "$OUTDIR/configure.log" 2>&1; then
-  tail -3 "$OUTDIR/configure.log"
+     -DMOESCOPE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 "${CMAKE_DEPS[@]}" > "$LOGS/configure.log" 2>&1; then
+  tail -3 "$LOGS/configure.log"
   step "build -j16"
   if with_deps timeout 200 cmake --build "$BUILD" -j16 --target moescope_cuda moescope-cli moescope-gpu-checks \
-       > "$OUTDIR/build.log" 2>&1; then
+       > "$LOGS/build.log" 2>&1; then
     RESULT[build]="ok ($(elapsed) s)"
   else
     RESULT[build]="FAILED"
-    grep -E "error|FAILED" "$OUTDIR/build.log" | head -40
+    grep -E "error|FAILED" "$LOGS/build.log" | head -40
   fi
 else
   RESULT[build]="configure FAILED"
-  tail -40 "$OUTDIR/configure.log"
+  tail -40 "$LOGS/configure.log"
 fi
 
 if [ "${RESULT[build]}" != "FAILED" ] && [ -x "$BUILD/tests/gpu/moescope-gpu-checks" ]; then
@@ -88,7 +93,7 @@ if [ "${RESULT[build]}" != "FAILED" ] && [ -x "$BUILD/tests/gpu/moescope-gpu-che
   echo "${RESULT[checks]}"
 
   step "gpu-bench"
-  if with_deps timeout 80 "$BUILD/engine/moescope-cli" gpu-bench --json > "$OUTDIR/gpu-bench.json" 2> "$OUTDIR/gpu-bench.err"; then
+  if with_deps timeout 80 "$BUILD/engine/moescope-cli" gpu-bench --json > "$OUTDIR/gpu-bench.json" 2> "$LOGS/gpu-bench.err"; then
     cat "$OUTDIR/gpu-bench.json"
     RESULT[bench]=$(python3 - "$OUTDIR/gpu-bench.json" <<'EOF'
 import json, sys
@@ -101,8 +106,25 @@ print("prefill %.0f tok/s, decode %.1f tok/s (graph %.1f), %.0f GB/s = %.0f%% of
 EOF
 )
   else
-    RESULT[bench]="FAILED: $(tail -2 "$OUTDIR/gpu-bench.err")"
-    cat "$OUTDIR/gpu-bench.err"
+    RESULT[bench]="FAILED: $(tail -2 "$LOGS/gpu-bench.err")"
+    cat "$LOGS/gpu-bench.err"
+  fi
+
+  step "gpu-bench, FP8-resident weights"
+  if with_deps timeout 60 "$BUILD/engine/moescope-cli" gpu-bench --json --weights fp8 --decode 64 \
+       > "$OUTDIR/gpu-bench-fp8.json" 2> "$LOGS/gpu-bench-fp8.err"; then
+    cat "$OUTDIR/gpu-bench-fp8.json"
+    RESULT[bench-fp8]=$(python3 - "$OUTDIR/gpu-bench-fp8.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("prefill %.0f tok/s, decode %.1f tok/s (graph %.1f), %.0f GB/s = %.0f%% of copy bw; %s" % (
+    r["prefill_tokens_per_s"], r["decode_tokens_per_s"], r.get("decode_tokens_per_s_cuda_graph", 0),
+    r["decode_bandwidth_GBps"], 100 * r["decode_fraction_of_copy_bandwidth"], r.get("fp8", "")))
+EOF
+)
+  else
+    RESULT[bench-fp8]="FAILED: $(tail -2 "$LOGS/gpu-bench-fp8.err")"
+    cat "$LOGS/gpu-bench-fp8.err"
   fi
 
   step "PyTorch / transformers peer"
@@ -128,6 +150,7 @@ fi
 
 step "summary"
 printf '%-14s %s\n' "build" "${RESULT[build]}" "gpu-checks" "${RESULT[checks]}" "gpu-bench" "${RESULT[bench]}" \
+  "gpu-bench fp8" "${RESULT[bench-fp8]}" \
   "hf peer" "${RESULT[peer]}" "total" "$(elapsed) s"
 # Let tee write the whole log before the machine collects $OUT.
 exec >&- 2>&-
