@@ -16,7 +16,8 @@ __global__ void latent_append_kernel(float* cache_c, float* cache_kpe, const flo
     double ss = 0;
     for (int i = threadIdx.x; i < d_c; i += blockDim.x) ss += double(row[i]) * double(row[i]);
     ss = block_sum(ss);
-    const float r = float(1.0 / sqrt(ss / d_c + 1e-6));
+    // eps as the CPU passes it (the float 1e-6f widened to double), not the double 1e-6.
+    const float r = float(1.0 / sqrt(ss / d_c + double(1e-6f)));
     float* c = cache_c + int64_t(start + t) * d_c;
     for (int i = threadIdx.x; i < d_c; i += blockDim.x) c[i] = row[i] * r * w[i];
     float* kp = cache_kpe + int64_t(start + t) * d_rope;
