@@ -526,6 +526,26 @@ void check_sampling() {
     }
 }
 
+// Sampling corner cases the host sampler (engine/session.cpp) defines: top_p = 0 (the GUI
+// allows it) keeps the top token rather than nothing; -0 and +0 logits are one tie at a
+// top-k boundary (equal probabilities on the host).
+void check_sampling_edges() {
+    const std::vector<float> lg = {-1.0f, 3.0f, 0.5f, 2.0f, -0.0f, 0.0f, -2.0f};
+    const int V = int(lg.size());
+    DBuf<float> dl(lg), du(std::vector<float>{0.1f, 0.9f});
+    DBuf<int> dids(2);
+    sample(dids.p, dl.p, du.p, 2, V, SampleParams{1.0f, 0, 0.0f}, nullptr);  // the same row twice
+    auto g = dids.down();
+    expect(g[0] == 1 && g[1] == 1, "sample top_p=0 keeps the most likely token",
+           "ids " + std::to_string(g[0]) + ", " + std::to_string(g[1]));
+    // Logits <= 0 only: -0 and +0 tie for the top; top_k = 1 keeps both, u = 0.1 draws the first.
+    const std::vector<float> lz = {-1.0f, -0.0f, 0.0f, -3.0f};
+    DBuf<float> dz(lz);
+    sample(dids.p, dz.p, du.p, 1, int(lz.size()), SampleParams{1.0f, 1, 1.0f}, nullptr);
+    auto z = dids.down();
+    expect(z[0] == 1, "sample top_k boundary: -0 and +0 are one tie", "id " + std::to_string(z[0]));
+}
+
 // ---- the whole backend ----------------------------------------------------------------
 
 struct Run {
@@ -905,6 +925,7 @@ int main() {
         {"dispatch/combine", check_dispatch_combine},
         {"mla", check_mla},
         {"sampling", check_sampling},
+        {"sampling edges", check_sampling_edges},
         {"tiny-v3 fixture", check_fixture},
         {"bf16 checkpoint", [] { check_checkpoint(SaveFormat::BF16, "bf16"); }},
         {"fp8 checkpoint", [] { check_checkpoint(SaveFormat::FP8, "fp8"); }},
