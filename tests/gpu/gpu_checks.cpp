@@ -310,6 +310,37 @@ void check_router() {
     }
 }
 
+// The warp router at its limits: 64 groups (two per lane), k = 16, a lone expert per lane
+// round (E = 256 over 32 lanes), rows that fill several blocks; ties decided by index.
+void check_router_wide() {
+    std::mt19937 rng(15);
+    ModelConfig cfg = ModelConfig::load(kFixtures + "/configs/deepseek-v3.json");
+    cfg.n_group = 64;
+    cfg.topk_group = 20;
+    cfg.num_experts_per_tok = 16;
+    RouterDims d(cfg);
+    for (int T : {1, 5, 130})
+        for (bool ties : {false, true}) {
+            auto logits = randv(rng, size_t(T) * d.E, -4, 4);
+            auto bias = randv(rng, size_t(d.E), -0.5f, 0.5f);
+            if (ties) {
+                for (auto& v : logits) v = std::round(v);
+                for (auto& v : bias) v = std::round(v * 4) / 4;
+            }
+            Routing r;
+            route(r, logits.data(), T, bias.data(), d);
+            DBuf<float> dl(logits), db(bias), dw(size_t(T) * d.k), ds(size_t(T) * d.E);
+            DBuf<int> di(size_t(T) * d.k);
+            DBuf<uint8_t> dk(size_t(T) * d.n_group);
+            moescope::cuda::route(di.p, dw.p, ds.p, dk.p, dl.p, db.p, T, params_of(d), nullptr);
+            const std::string sh = shp({T, d.E}) + " 64 groups k 16" + (ties ? " ties" : "");
+            expect(di.down() == r.ids, "router ids " + sh, "ids differ from route()");
+            expect(dk.down() == r.kept_groups, "router kept groups " + sh);
+            close("router weights", sh, dw.down(), r.weights, 1e-6, 1e-5);
+            expect(di.pad_intact() && dw.pad_intact() && dk.pad_intact(), "router padding " + sh);
+        }
+}
+
 void check_dispatch_combine() {
     std::mt19937 rng(6);
     for (auto [T, k, E, D] : {std::array{1, 6, 64, 63}, {3, 8, 256, 130}, {63, 4, 16, 64}, {40, 6, 64, 2048}}) {
@@ -922,6 +953,7 @@ int main() {
         {"linear", check_linear},
         {"grouped_gemv", check_grouped_gemv},
         {"router", check_router},
+        {"router (wide)", check_router_wide},
         {"dispatch/combine", check_dispatch_combine},
         {"mla", check_mla},
         {"sampling", check_sampling},
