@@ -162,6 +162,7 @@ Weights load_weights(const ModelConfig& cfg, const Checkpoint& ck) {
             std::vector<float> scale(size_t(s->numel()));
             convert_to_f32(*s, scale.data());
             dequantize_fp8_blocks(t->data, scale.data(), rows, cols, br, bc, nt.tensor->ptr());
+            if (br == 128 && bc == 128) nt.tensor->block_scale = std::move(scale);
         } else if (t->dtype == DType::F32 || t->dtype == DType::BF16 || t->dtype == DType::F16) {
             convert_to_f32(*t, nt.tensor->ptr());
         } else {

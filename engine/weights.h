@@ -15,6 +15,11 @@ class Checkpoint;
 struct Tensor {
     std::vector<int64_t> shape;
     std::vector<float> data;  // f32, row-major as in the checkpoint
+    // FP8 checkpoints with 128x128 blocks: the weight_scale_inv the values were dequantized with,
+    // [ceil(rows/128), ceil(cols/128)] (1/16384 of the weight), so that a backend can keep the
+    // e4m3 bytes (data / scale is exact). Empty otherwise; stale if data is changed afterwards
+    // (the CUDA backend checks the round trip).
+    std::vector<float> block_scale;
     bool empty() const { return data.empty(); }
     int64_t numel() const { return int64_t(data.size()); }
     float* ptr() { return data.data(); }

@@ -75,7 +75,7 @@ int64_t decode_bytes(const ModelConfig& c, WeightDtype d, int positions) {
     for (const TensorSpec& t : device_tensors(c, ModelPresence{})) {
         if (t.layer >= c.num_hidden_layers) continue;  // the MTP module is not part of a main step
         if (t.role == Role::ExpGateUp || t.role == Role::ExpDown) b += t.bytes(d) * k / E;
-        else if (t.role == Role::Embed) b += t.cols * (d == WeightDtype::BF16 ? 2 : 4);
+        else if (t.role == Role::Embed) b += t.cols * (d == WeightDtype::F32 ? 4 : 2);  // FP8 plans: BF16
         else b += t.bytes(d);
     }
     b += int64_t(c.num_hidden_layers) * positions * (c.kv_lora_rank + c.qk_rope_head_dim) * 4;
@@ -93,7 +93,10 @@ json run_bench(const json& req) {
     ModelConfig cfg = which == "synthetic-v2-lite" ? synthetic_v2_lite() : ModelConfig::load(which);
     const int prompt = req.value("prompt", 512), decode = req.value("decode", 128);
     CudaOptions opt;
-    opt.dtype = req.value("weights", std::string("bf16")) == "f32" ? WeightDtype::F32 : WeightDtype::BF16;
+    const std::string wname = req.value("weights", std::string("bf16"));
+    if (wname != "bf16" && wname != "f32" && wname != "fp8")
+        throw ConfigError("gpu-bench: --weights '" + wname + "': expected bf16, f32 or fp8");
+    opt.dtype = wname == "f32" ? WeightDtype::F32 : wname == "fp8" ? WeightDtype::FP8 : WeightDtype::BF16;
     const int capacity = prompt + 2 * decode + 16;  // the longest of the runs below
 
     json out;
@@ -107,6 +110,7 @@ json run_bench(const json& req) {
 
     double t0 = now_s();
     CudaBackend be(cfg, capacity, opt, 1234);
+    if (opt.dtype == WeightDtype::FP8) out["fp8"] = be.notice();
     out["init_seconds"] = now_s() - t0;
     out["plan_GiB"] = {{"weights", double(be.plan().weights) / double(1ll << 30)},
                        {"cache", double(be.plan().cache) / double(1ll << 30)},

@@ -28,9 +28,11 @@ namespace moescope::cuda {
 CudaOptions CudaOptions::from_env() {
     CudaOptions o;
     if (const char* e = std::getenv("MOESCOPE_CUDA_WEIGHTS")) {
-        if (std::string(e) == "f32") o.dtype = WeightDtype::F32;
-        else if (std::string(e) == "bf16") o.dtype = WeightDtype::BF16;
-        else throw ConfigError(std::string("MOESCOPE_CUDA_WEIGHTS='") + e + "': expected f32 or bf16");
+        const std::string v = e;
+        if (v == "f32") o.dtype = WeightDtype::F32;
+        else if (v == "bf16") o.keep_fp8 = false;  // strict: FP8 checkpoints dequantized to BF16 too
+        else if (v == "fp8") o.dtype = WeightDtype::FP8;
+        else throw ConfigError("MOESCOPE_CUDA_WEIGHTS='" + v + "': expected f32, bf16 or fp8");
     }
     return o;
 }
@@ -178,8 +180,17 @@ struct Pinned {
 
 }  // namespace
 
+bool is_fp8_checkpoint(const Weights& w) {
+    return !w.layers.empty() && !w.layers[0].attn.kv_a_proj_with_mqa.block_scale.empty();
+}
+
+WeightDtype resolve_dtype(const Weights* w, const CudaOptions& o) {
+    if (o.dtype == WeightDtype::BF16 && o.keep_fp8 && w && is_fp8_checkpoint(*w)) return WeightDtype::FP8;
+    return o.dtype;
+}
+
 MemoryPlan plan_for(const ModelConfig& cfg, const Weights* w, const CudaOptions& o, int capacity) {
-    return plan_memory(cfg, presence_of(cfg, w), o.dtype, capacity);
+    return plan_memory(cfg, presence_of(cfg, w), resolve_dtype(w, o), capacity);
 }
 
 struct CudaBackend::Impl {
@@ -278,11 +289,12 @@ struct CudaBackend::Impl {
         const int L = cfg.num_hidden_layers, Lt = L + cfg.num_nextn_predict_layers;
         layers.assign(size_t(Lt), DLayer{});
         mtp.assign(size_t(cfg.num_nextn_predict_layers), DMtp{});
-        const bool bf16 = opt.dtype == WeightDtype::BF16;
+        const bool bf16 = opt.dtype != WeightDtype::F32;  // FP8 plans keep their other matrices in BF16
         for (const TensorSpec& t : device_tensors(cfg, pres)) {
             void* p = weights_arena.carve<char>(t.bytes(opt.dtype));
             fill(t, p);
-            WRef r{p, t.big && bf16, t.rows, t.cols};
+            const WRef r = t.stored_fp8(opt.dtype) ? fp8_ref(p, t.rows, t.cols, t.split)
+                                                   : WRef{p, t.big && bf16, t.rows, t.cols};
             const float* f = static_cast<const float*>(p);
             DLayer* Lw = t.layer >= 0 ? &layers[size_t(t.layer)] : nullptr;
             DMtp* M = t.layer >= L ? &mtp[size_t(t.layer - L)] : nullptr;
@@ -395,6 +407,19 @@ struct CudaBackend::Impl {
         tele = act_arena.carve<char>(tele_bytes);
         void* ws = act_arena.carve<char>(kCublasWorkspace);
         gemm = std::make_unique<Gemm>(stream, ws, size_t(kCublasWorkspace), cast, cast_elems);
+        if (opt.dtype == WeightDtype::FP8) {
+            const Fp8ScratchSizes z = fp8_scratch_sizes(cfg, a, opt.dtype);
+            Fp8Scratch f;
+            f.rows = z.rows_pad;
+            f.max_k = z.max_k;
+            f.max_out = z.max_out;
+            f.act_q = act_arena.carve<uint8_t>(int64_t(z.rows_pad) * z.max_k);
+            f.act_scale = act_arena.carve<float>(fp8_cdiv(z.max_k, kFp8Block) * z.rows_pad);
+            f.out = act_arena.carve<float>(int64_t(z.rows_pad) * z.max_out);
+            f.dequant = act_arena.carve<char>(kFp8DequantBytes);
+            f.dequant_elems = kFp8DequantBytes / 2;
+            gemm->set_fp8_scratch(f);
+        }
         pin_out.reserve(sizeof(float) * size_t(T) * size_t(2 * D + V));
         pin_tele.reserve(size_t(tele_bytes));
         pin_ids.reserve(sizeof(int) * size_t(T));
@@ -499,12 +524,17 @@ struct CudaBackend::Impl {
         route(ids_d, w_d, sc_d, kept_d, logits_r, L.bias, n, router, s);
         dispatch(counts_d, offsets, perm, row_of_slot, row_expert, ids_d, n, k, E, s);
         gather_rows(xin, xn, perm, R, k, D, s);
-        const bool bf16 = opt.dtype == WeightDtype::BF16;
+        const bool bf16 = opt.dtype == WeightDtype::BF16, fp8 = opt.dtype == WeightDtype::FP8;
+        auto expert_ref = [&](const void* p, int64_t rows, int64_t cols, int64_t split) {
+            return fp8 ? fp8_ref(p, rows, cols, split) : WRef{p, bf16, rows, cols};
+        };
         if (R <= 64) {
             // Decode: every row names its expert; no host round trip (capturable in a graph).
-            grouped_gemv(gu, xin, L.exp_gu_dev, bf16, row_expert, R, 2 * I, D, s);
+            if (fp8) grouped_gemv_fp8(gu, xin, L.exp_gu_dev, row_expert, R, 2 * I, D, I, s);
+            else grouped_gemv(gu, xin, L.exp_gu_dev, bf16, row_expert, R, 2 * I, D, s);
             swiglu(act, gu, R, I, s);
-            grouped_gemv(ye, act, L.exp_down_dev, bf16, row_expert, R, D, I, s);
+            if (fp8) grouped_gemv_fp8(ye, act, L.exp_down_dev, row_expert, R, D, I, 0, s);
+            else grouped_gemv(ye, act, L.exp_down_dev, bf16, row_expert, R, D, I, s);
         } else {
             // Prefill: one cuBLAS GEMM per expert that received tokens.
             int* off = static_cast<int*>(pin_offsets.p);
@@ -515,14 +545,14 @@ struct CudaBackend::Impl {
                 const int cnt = off[e + 1] - off[e];
                 if (cnt == 0) continue;
                 gemm->linear(gu + int64_t(off[e]) * 2 * I, xin + int64_t(off[e]) * D,
-                             WRef{L.exp_gu[size_t(e)], bf16, 2 * I, D}, cnt);
+                             expert_ref(L.exp_gu[size_t(e)], 2 * I, D, I), cnt);
             }
             swiglu(act, gu, R, I, s);
             for (int e = 0; e < E; ++e) {
                 const int cnt = off[e + 1] - off[e];
                 if (cnt == 0) continue;
                 gemm->linear(ye + int64_t(off[e]) * D, act + int64_t(off[e]) * I,
-                             WRef{L.exp_down[size_t(e)], bf16, D, I}, cnt);
+                             expert_ref(L.exp_down[size_t(e)], D, I, 0), cnt);
             }
         }
         const float* shared = nullptr;
@@ -678,6 +708,130 @@ struct CudaBackend::Impl {
         cache.length_ = start + T;
     }
 
+    // ---- FP8 residency ----------------------------------------------------------------------
+    int fp8_lossy = 0;         // matrices quantized with new scales (no exact FP8 form)
+    std::string fp8_prefill;   // what prefill uses, and why
+
+    // One FP8 device tensor from its host parts (gate and up for a stacked matrix): the
+    // checkpoint's e4m3 bytes recovered exactly with its scale_inv, else new amax scales.
+    void upload_fp8(const TensorSpec& t, const std::vector<const Tensor*>& parts, std::vector<uint8_t>& staging,
+                    void* dst) {
+        const Fp8Grid g = t.grid();
+        staging.assign(size_t(g.bytes()), 0);
+        uint8_t* q = staging.data();
+        auto* sc = reinterpret_cast<float*>(q + g.scale_offset());
+        int64_t row = 0, brow = 0;
+        for (const Tensor* p : parts) {
+            const int64_t pr = p->shape.at(0), pc = p->shape.at(1);
+            const bool scaled = int64_t(p->block_scale.size()) == fp8_cdiv(pr, kFp8Block) * fp8_cdiv(pc, kFp8Block);
+            if (!scaled || !requantize_fp8_exact(q + row * pc, sc, g.ld(), brow, p->ptr(), pr, pc, p->block_scale.data())) {
+                quantize_fp8_amax(q + row * pc, sc, g.ld(), brow, p->ptr(), pr, pc);
+                ++fp8_lossy;
+            }
+            row += pr;
+            brow += fp8_cdiv(pr, kFp8Block);
+        }
+        check(cudaMemcpy(dst, staging.data(), staging.size(), cudaMemcpyHostToDevice), "upload FP8 weights");
+    }
+
+    // cuBLASLt's block-scaled FP8 GEMM cannot be tried without a device, so it is verified here
+    // once: on real weights (the first layer's kv_a, and a stacked gate|up whose halves keep
+    // their own block grids) with seeded activations whose 128-column blocks differ in
+    // magnitude by up to 2^6 (a misread scale layout shows), at a row count that cuBLASLt takes
+    // directly and one that needs padding, against the fallback (weights dequantized to BF16).
+    // The only expected difference is the e4m3 rounding of the activations: ~2.5% relative
+    // (3 mantissa bits); more than 6% (or a refusal) turns the cuBLASLt path off.
+    void fp8_self_check() {
+        const std::string lt = "cuBLASLt block-scaled FP8 GEMM";
+        const std::string fb = "prefill: weight blocks dequantized to BF16 + cuBLAS BF16 GEMM";
+        gemm->set_fp8_lt(false);
+        cudaDeviceProp p{};
+        check(cudaGetDeviceProperties(&p, 0), "cudaGetDeviceProperties");
+        if (p.major < 9) {
+            fp8_prefill = fb + " (" + lt + " needs sm_90; this device is sm_" + std::to_string(p.major * 10 + p.minor) + ")";
+            return;
+        }
+        if (const char* e = std::getenv("MOESCOPE_CUDA_FP8_PREFILL"); e && std::string(e) == "bf16") {
+            fp8_prefill = fb + " (MOESCOPE_CUDA_FP8_PREFILL=bf16)";
+            return;
+        }
+        if (Tc <= kGemvMaxRows) {
+            fp8_prefill = "prefill: FP8 GEMV (chunks of " + std::to_string(Tc) + " rows)";
+            return;
+        }
+        const DLayer& L0 = layers[0];
+        std::vector<std::pair<std::string, WRef>> ws{{"kv_a_proj", L0.kv_a}};
+        if (!L0.mlp_gu.empty()) ws.push_back({"gate|up", L0.mlp_gu});
+        else if (!L0.shared_gu.empty()) ws.push_back({"shared gate|up", L0.shared_gu});
+        else if (!L0.exp_gu.empty())
+            ws.push_back({"expert gate|up", fp8_ref(L0.exp_gu[0], 2 * cfg.moe_intermediate_size, cfg.hidden_size,
+                                                   cfg.moe_intermediate_size)});
+        double worst = 0;
+        std::string detail;
+        try {
+            for (const auto& [what, W] : ws)
+                for (int T : {std::min(Tc, 64), std::min(Tc, 37)}) {
+                    const double rel = fp8_compare(W, T);
+                    const std::string shape = what + " [" + std::to_string(W.rows) + " x " + std::to_string(W.cols) +
+                                              "], " + std::to_string(T) + " rows";
+                    if (!(rel <= 0.06)) {
+                        char b[64];
+                        std::snprintf(b, sizeof b, "%.3g", rel);
+                        fp8_prefill = fb + " (" + lt + " self-check failed on " + shape + ": relative error " + b +
+                                      " against the dequantized weights, more than 0.06)";
+                        return;
+                    }
+                    if (rel >= worst) {
+                        worst = rel;
+                        detail = shape;
+                    }
+                }
+        } catch (const std::exception& e) {
+            fp8_prefill = fb + " (" + lt + " unavailable: " + e.what() + ")";
+            cudaGetLastError();
+            return;
+        }
+        char b[64];
+        std::snprintf(b, sizeof b, "%.3g", worst);
+        fp8_prefill = "prefill: " + lt + " with 1x128 activation scales (self-check passed: relative error " + b +
+                      " on " + detail + ", e4m3 activation rounding)";
+        gemm->set_fp8_lt(true);
+    }
+
+    // Relative L2 difference of the cuBLASLt path against the fallback on W with T seeded rows;
+    // throws (with cuBLASLt's reason) when cuBLASLt refuses.
+    double fp8_compare(const WRef& W, int T) {
+        const int K = int(W.cols), out = int(W.rows);
+        std::vector<float> x(size_t(T) * K);
+        uint64_t st = 0x9e3779b97f4a7c15ull ^ uint64_t(K * 131 + T);
+        for (int t = 0; t < T; ++t)
+            for (int c = 0; c < K; ++c) {
+                st = st * 6364136223846793005ull + 1442695040888963407ull;
+                const float u = float(st >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
+                x[size_t(t) * K + c] = u * std::ldexp(1.0f, (c / kFp8Block + t) % 7 - 3);
+            }
+        struct Buf {
+            float* p = nullptr;
+            explicit Buf(size_t n) { check(cudaMalloc(&p, n * sizeof(float)), "cudaMalloc (FP8 self-check)"); }
+            ~Buf() { cudaFree(p); }
+        } dx(x.size()), da(size_t(T) * out), db(size_t(T) * out);
+        check(cudaMemcpyAsync(dx.p, x.data(), x.size() * 4, cudaMemcpyHostToDevice, stream), "upload self-check rows");
+        std::string why;
+        if (!gemm->linear_fp8(da.p, dx.p, W, T, false, K, Fp8Prefill::Lt, &why)) throw DeviceError(why);
+        gemm->linear_fp8(db.p, dx.p, W, T, false, K, Fp8Prefill::Fallback);
+        std::vector<float> a(size_t(T) * out), b(a.size());
+        check(cudaMemcpyAsync(a.data(), da.p, a.size() * 4, cudaMemcpyDeviceToHost, stream), "self-check result");
+        check(cudaMemcpyAsync(b.data(), db.p, b.size() * 4, cudaMemcpyDeviceToHost, stream), "self-check reference");
+        check(cudaStreamSynchronize(stream), "cudaStreamSynchronize (FP8 self-check)");
+        double num = 0, den = 0;
+        for (size_t i = 0; i < a.size(); ++i) {
+            if (!std::isfinite(a[i])) return INFINITY;
+            num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+            den += double(b[i]) * b[i];
+        }
+        return den > 0 ? std::sqrt(num / den) : (num > 0 ? INFINITY : 0.0);
+    }
+
     void upload_ids(const int* tokens, int n) {
         int* pi = static_cast<int*>(pin_ids.p);
         check(cudaStreamSynchronize(stream), "cudaStreamSynchronize (ids)");  // pin_ids is reused
@@ -764,18 +918,24 @@ CudaBackend::CudaBackend(std::shared_ptr<Model> model, int capacity, const CudaO
     Impl& I = *impl_;
     I.model = std::move(model);
     I.opt = o;
+    I.opt.dtype = resolve_dtype(&I.model->weights(), o);
     const ModelConfig& cfg = I.model->config();
-    I.plan = plan_for(cfg, &I.model->weights(), o, capacity);
+    I.plan = plan_for(cfg, &I.model->weights(), I.opt, capacity);
     I.init_common(cfg, capacity);
     const Weights& w = I.model->weights();
     std::vector<const Tensor*> parts;
     std::vector<uint16_t> staging;
+    std::vector<uint8_t> fp8_staging;
     I.build_weights([&](const TensorSpec& t, void* dst) {
         host_rows(w, cfg, t, parts);
+        if (t.stored_fp8(I.opt.dtype)) {
+            I.upload_fp8(t, parts, fp8_staging, dst);
+            return;
+        }
         char* d = static_cast<char*>(dst);
         for (const Tensor* p : parts) {
             const size_t n = size_t(p->numel());
-            if (t.big && o.dtype == WeightDtype::BF16) {
+            if (t.big && I.opt.dtype != WeightDtype::F32) {
                 staging.resize(n);
                 for (size_t i = 0; i < n; ++i) staging[i] = f32_to_bf16(p->data[i]);
                 check(cudaMemcpy(d, staging.data(), n * 2, cudaMemcpyHostToDevice), "upload weights");
@@ -789,6 +949,7 @@ CudaBackend::CudaBackend(std::shared_ptr<Model> model, int capacity, const CudaO
     I.build_activations();
     // Pageable uploads may still be in flight on the legacy stream when cudaMemcpy returns.
     check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (upload)");
+    if (I.opt.dtype == WeightDtype::FP8) I.fp8_self_check();
 }
 
 CudaBackend::CudaBackend(const ModelConfig& cfg, int capacity, const CudaOptions& o, uint64_t seed)
@@ -799,17 +960,39 @@ CudaBackend::CudaBackend(const ModelConfig& cfg, int capacity, const CudaOptions
     I.init_common(cfg, capacity);
     uint64_t n = 0;
     I.build_weights([&](const TensorSpec& t, void* dst) {
-        const bool bf16 = t.big && o.dtype == WeightDtype::BF16;
+        const bool bf16 = t.big && o.dtype != WeightDtype::F32;
+        const float bound = 1.0f / std::sqrt(float(t.cols));
         if (t.rows == 1) fill_constant(static_cast<float*>(dst), t.cols, 1.0f, I.stream);  // norm weights
-        else fill_uniform(dst, bf16, t.rows * t.cols, 1.0f / std::sqrt(float(t.cols)), seed + 977 * (++n), I.stream);
+        else if (t.stored_fp8(o.dtype)) fill_fp8_random(dst, t.grid(), bound, seed + 977 * (++n), I.stream);
+        else fill_uniform(dst, bf16, t.rows * t.cols, bound, seed + 977 * (++n), I.stream);
     });
     I.build_activations();
     check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (random weights)");
+    if (I.opt.dtype == WeightDtype::FP8) I.fp8_self_check();
 }
 
 CudaBackend::~CudaBackend() = default;
 
-std::string CudaBackend::name() const { return "cuda (" + impl_->device + ")"; }
+std::string CudaBackend::name() const {
+    // FP8: the prefill path in the name too, so that the CLI's "backend" field says it.
+    const Impl& I = *impl_;
+    if (I.opt.dtype != WeightDtype::FP8) return "cuda (" + I.device + ")";
+    return "cuda (" + I.device + ", fp8, prefill " + (I.gemm && I.gemm->fp8_lt() ? "cuBLASLt" : "bf16 fallback") + ")";
+}
+WeightDtype CudaBackend::weight_dtype() const { return impl_->opt.dtype; }
+std::string CudaBackend::notice() const {
+    const Impl& I = *impl_;
+    if (I.opt.dtype != WeightDtype::FP8) return "";
+    std::string n = "FP8 e4m3 weights with 128x128 block scales (decode: FP8 GEMV); " + I.fp8_prefill;
+    if (I.fp8_lossy > 0)
+        n += "; " + std::to_string(I.fp8_lossy) +
+             " weight matrices had no exact FP8 form (not from an FP8 checkpoint, or changed since loading) and "
+             "were quantized with new 128x128 scales";
+    if (I.gemm && I.gemm->fp8_lt_refusals() > 0)
+        n += "; " + std::to_string(I.gemm->fp8_lt_refusals()) +
+             " prefill products fell back to BF16 (last: " + I.gemm->fp8_lt_last_refusal() + ")";
+    return n;
+}
 const ModelConfig& CudaBackend::config() const { return impl_->cfg; }
 const std::vector<std::vector<int>>& CudaBackend::last_loads() const { return impl_->last_loads; }
 void CudaBackend::set_telemetry(bool on) { impl_->telemetry = on; }

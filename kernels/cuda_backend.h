@@ -1,10 +1,12 @@
 // The CUDA backend: moescope::Backend with every weight, the latent caches, routing and the
 // activations resident on the device. Weights are uploaded once (BF16 by default; F32 on
-// request for bit-level parity tests; FP8 checkpoints arrive dequantized by load_weights and
-// are stored as BF16), activations are f32 with f32 accumulation. Per forward call only the
-// token ids go up and the ForwardResult (hidden, raw_hidden, routing, latent norms, and the
-// logits unless the caller picks tokens on the device with pick()) comes down, copied
-// asynchronously into pinned host buffers.
+// request for bit-level parity tests; FP8 for FP8 checkpoints, see below), activations are f32
+// with f32 accumulation. Per forward call only the token ids go up and the ForwardResult
+// (hidden, raw_hidden, routing, latent norms, and the logits unless the caller picks tokens on
+// the device with pick()) comes down, copied asynchronously into pinned host buffers.
+// FP8 checkpoints stay FP8 on the device by default (kernels/fp8.h; docs/gpu.md "FP8 residency"):
+// decode reads the e4m3 bytes in our GEMV, prefill uses cuBLASLt's block-scaled FP8 GEMM after a
+// self-check at upload, or dequantizes weight blocks to BF16 when that is unavailable.
 // The library exports two extern "C" entry points that engine/backend.cpp finds with dlsym.
 #pragma once
 #include <cstddef>
@@ -20,10 +22,18 @@ namespace moescope::cuda {
 
 struct CudaOptions {
     WeightDtype dtype = WeightDtype::BF16;
-    // MOESCOPE_CUDA_WEIGHTS=f32|bf16 in the environment overrides dtype (the dlopen path
-    // has no other way to ask for F32 weights).
+    // With dtype BF16: a model loaded from an FP8 checkpoint keeps its quantized linear weights in
+    // FP8 (the plan becomes FP8). false: dequantized to BF16 like any other checkpoint.
+    bool keep_fp8 = true;
+    // MOESCOPE_CUDA_WEIGHTS=f32|bf16|fp8 in the environment overrides these (the dlopen path has
+    // no other way to choose): bf16 forces BF16 even for FP8 checkpoints (strict parity), fp8
+    // quantizes any checkpoint with our own 128x128 scales (lossy; benchmarks).
     static CudaOptions from_env();
 };
+
+// The weight dtype the backend uses for `w` (nullptr: a synthetic model) under `o`.
+WeightDtype resolve_dtype(const Weights* w, const CudaOptions& o);
+bool is_fp8_checkpoint(const Weights& w);
 
 // What the probe reports (also used by the extern "C" probe).
 int probe_devices(std::string& name, std::string& error);
@@ -59,6 +69,10 @@ public:
     void set_telemetry(bool on);
     const MemoryPlan& plan() const;
     std::string device_name() const;
+    // The weight dtype in use, and for FP8 what prefill uses and why (the self-check's result, a
+    // fallback's reason, weights that had to be re-quantized lossily). Empty for BF16 / F32.
+    WeightDtype weight_dtype() const;
+    std::string notice() const;
     // Decode steps (one token, absorbed attention) replayed from a captured CUDA graph, one per
     // cache; off by default, or MOESCOPE_CUDA_GRAPH=1 in the environment.
     void set_graphs(bool on);

@@ -1,5 +1,8 @@
-// GEMV kernels and the cuBLAS wrapper.
+// GEMV kernels, the cuBLAS wrapper and the FP8 prefill paths (cuBLASLt block-scaled GEMM, bf16
+// fallback).
 #include <cuda_bf16.h>
+
+#include <algorithm>
 
 #include "kernels/device_util.cuh"
 #include "kernels/gemm.h"
@@ -102,15 +105,19 @@ __global__ void cast_bf16_kernel(__nv_bfloat16* out, const float* x, int T, int 
 }  // namespace
 
 Gemm::Gemm(cudaStream_t stream, void* workspace, size_t workspace_bytes, void* cast, int64_t cast_elems)
-    : stream_(stream), cast_(cast), cast_elems_(cast_elems) {
+    : stream_(stream), workspace_(workspace), workspace_bytes_(workspace ? workspace_bytes : 0), cast_(cast),
+      cast_elems_(cast_elems) {
     cublas_check(cublasCreate(&handle_), "cublasCreate");
     cublas_check(cublasSetStream(handle_, stream_), "cublasSetStream");
     // Plain f32 math: no TF32, so F32 weights reproduce the CPU reference to rounding.
     cublas_check(cublasSetMathMode(handle_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
     if (workspace) cublas_check(cublasSetWorkspace(handle_, workspace, workspace_bytes), "cublasSetWorkspace");
+    // The same workspace serves cuBLASLt: both run in order on the one stream.
+    cublas_check(cublasLtCreate(&lt_), "cublasLtCreate");
 }
 
 Gemm::~Gemm() {
+    if (lt_) cublasLtDestroy(lt_);
     if (handle_) cublasDestroy(handle_);
 }
 
@@ -122,6 +129,22 @@ void Gemm::linear_path(float* y, const float* x, const WRef& W, int T, bool accu
     if (T <= 0) return;
     const int out = int(W.rows), in = int(W.cols);
     if (!ld_x) ld_x = in;
+    if (W.fp8()) {
+        if (gemv) {
+            for (int r0 = 0; r0 < T; r0 += kGemvMaxRows)
+                gemv_fp8(y + int64_t(r0) * out, x + int64_t(r0) * ld_x, static_cast<const uint8_t*>(W.ptr), W.scale,
+                         W.grid(), std::min(kGemvMaxRows, T - r0), ld_x, accumulate, stream_);
+            return;
+        }
+        std::string why;
+        if (lt_on_ && linear_fp8(y, x, W, T, accumulate, ld_x, Fp8Prefill::Lt, &why)) return;
+        if (lt_on_) {
+            ++lt_refusals_;
+            lt_last_refusal_ = why;
+        }
+        fp8_fallback(y, x, W, T, accumulate, ld_x);
+        return;
+    }
     if (gemv) {
         for (int r0 = 0; r0 < T; r0 += kGemvMaxRows) {
             const int R = T - r0 < kGemvMaxRows ? T - r0 : kGemvMaxRows;
@@ -154,6 +177,167 @@ void Gemm::linear_path(float* y, const float* x, const WRef& W, int T, bool accu
     cublas_check(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, out, T, in, &alpha, W.ptr, CUDA_R_16BF, in, xb,
                               CUDA_R_16BF, in, &beta, y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                  "cublasGemmEx (linear, bf16)");
+}
+
+namespace {
+
+// Largest power of two (<= 256) that divides the address: cuBLASLt's alignment preference.
+int alignment_of(const void* p) {
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    int al = 256;
+    while (al > 1 && (a % uintptr_t(al)) != 0) al >>= 1;
+    return al;
+}
+
+// Owns the descriptors of one cuBLASLt call.
+struct LtCall {
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulPreference_t pref = nullptr;
+    ~LtCall() {
+        if (pref) cublasLtMatmulPreferenceDestroy(pref);
+        if (c) cublasLtMatrixLayoutDestroy(c);
+        if (b) cublasLtMatrixLayoutDestroy(b);
+        if (a) cublasLtMatrixLayoutDestroy(a);
+        if (desc) cublasLtMatmulDescDestroy(desc);
+    }
+};
+
+}  // namespace
+
+// Column-major view of the row-major product y[T, m] = x[T, K] W[m, K]^T: D (m x T_pad, ld ld_y)
+// = A^T B with A = W as a K x m column-major matrix (TRANSA = T, 128x128 block scales: the
+// row-major [row_blocks, ld] grid is the column-major K-block x m-block grid) and B = the
+// quantized activations as K x T_pad (TRANSB = N, VEC128 scales [K-blocks, T_pad], token-major).
+bool Gemm::lt_gemm(float* y, int ld_y, const uint8_t* a, const float* a_scale, int m, int T, int T_pad, int K,
+                   bool accumulate, std::string* why) {
+    (void)T;
+    auto fail = [&](const std::string& w) {
+        if (why) *why = w;
+        return false;
+    };
+    auto st = [](cublasStatus_t s) { return std::string(cublasGetStatusString(s)); };
+    LtCall c;
+    cublasStatus_t e;
+    if ((e = cublasLtMatmulDescCreate(&c.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)) != CUBLAS_STATUS_SUCCESS)
+        return fail("cublasLtMatmulDescCreate: " + st(e));
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    const int32_t a_mode = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, b_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    const void* b_scale = fp8_.act_scale;
+    for (auto [attr, ptr, size] :
+         {std::tuple{CUBLASLT_MATMUL_DESC_TRANSA, static_cast<const void*>(&ta), sizeof ta},
+          std::tuple{CUBLASLT_MATMUL_DESC_TRANSB, static_cast<const void*>(&tb), sizeof tb},
+          std::tuple{CUBLASLT_MATMUL_DESC_A_SCALE_MODE, static_cast<const void*>(&a_mode), sizeof a_mode},
+          std::tuple{CUBLASLT_MATMUL_DESC_B_SCALE_MODE, static_cast<const void*>(&b_mode), sizeof b_mode},
+          std::tuple{CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, static_cast<const void*>(&a_scale), sizeof a_scale},
+          std::tuple{CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, static_cast<const void*>(&b_scale), sizeof b_scale}})
+        if ((e = cublasLtMatmulDescSetAttribute(c.desc, attr, ptr, size)) != CUBLAS_STATUS_SUCCESS)
+            return fail("cublasLtMatmulDescSetAttribute(" + std::to_string(int(attr)) + "): " + st(e));
+    if ((e = cublasLtMatrixLayoutCreate(&c.a, CUDA_R_8F_E4M3, uint64_t(K), uint64_t(m), K)) != CUBLAS_STATUS_SUCCESS ||
+        (e = cublasLtMatrixLayoutCreate(&c.b, CUDA_R_8F_E4M3, uint64_t(K), uint64_t(T_pad), K)) !=
+            CUBLAS_STATUS_SUCCESS ||
+        (e = cublasLtMatrixLayoutCreate(&c.c, CUDA_R_32F, uint64_t(m), uint64_t(T_pad), ld_y)) != CUBLAS_STATUS_SUCCESS)
+        return fail("cublasLtMatrixLayoutCreate: " + st(e));
+    const int al_a = alignment_of(a), al_b = alignment_of(fp8_.act_q), al_c = alignment_of(y);
+    const int al_code = (al_a << 18) | (al_b << 9) | al_c;
+    LtAlgo& algo = lt_algos_[std::tuple{m, T_pad, K, ld_y, accumulate, al_code}];
+    if (!algo.ok && algo.why.empty()) {
+        if ((e = cublasLtMatmulPreferenceCreate(&c.pref)) != CUBLAS_STATUS_SUCCESS)
+            return fail("cublasLtMatmulPreferenceCreate: " + st(e));
+        const uint64_t ws = workspace_bytes_;
+        const uint32_t aa = uint32_t(al_a), ab = uint32_t(al_b), ac = uint32_t(al_c);
+        cublasLtMatmulPreferenceSetAttribute(c.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+        cublasLtMatmulPreferenceSetAttribute(c.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aa, sizeof aa);
+        cublasLtMatmulPreferenceSetAttribute(c.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof ab);
+        cublasLtMatmulPreferenceSetAttribute(c.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof ac);
+        cublasLtMatmulPreferenceSetAttribute(c.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof ac);
+        cublasLtMatmulHeuristicResult_t h{};
+        int found = 0;
+        e = cublasLtMatmulAlgoGetHeuristic(lt_, c.desc, c.a, c.b, c.c, c.c, c.pref, 1, &h, &found);
+        const std::string shape = "[" + std::to_string(m) + " x " + std::to_string(K) + "] weight, " +
+                                  std::to_string(T_pad) + " rows";
+        if (e != CUBLAS_STATUS_SUCCESS) algo.why = "cublasLtMatmulAlgoGetHeuristic: " + st(e) + " for " + shape;
+        else if (found == 0) algo.why = "cuBLASLt has no block-scaled FP8 algorithm for " + shape;
+        else {
+            algo.ok = true;
+            algo.algo = h.algo;
+        }
+    }
+    if (!algo.ok) return fail(algo.why);
+    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    e = cublasLtMatmul(lt_, c.desc, &alpha, a, c.a, fp8_.act_q, c.b, &beta, y, c.c, y, c.c, &algo.algo, workspace_,
+                       workspace_bytes_, stream_);
+    if (e != CUBLAS_STATUS_SUCCESS) {
+        algo.ok = false;
+        algo.why = "cublasLtMatmul: " + st(e);
+        return fail(algo.why);
+    }
+    return true;
+}
+
+bool Gemm::linear_fp8(float* y, const float* x, const WRef& W, int T, bool accumulate, int ld_x, Fp8Prefill path,
+                      std::string* why) {
+    if (T <= 0) return true;
+    const int out = int(W.rows), K = int(W.cols);
+    if (!ld_x) ld_x = K;
+    if (path == Fp8Prefill::Fallback) {
+        fp8_fallback(y, x, W, T, accumulate, ld_x);
+        return true;
+    }
+    const int T_pad = (T + 3) / 4 * 4;  // the VEC128 scale tensor's leading dimension is the row count
+    if (!fp8_.act_q || T_pad > fp8_.rows || K > fp8_.max_k) {
+        if (why) *why = "the FP8 activation scratch holds " + std::to_string(fp8_.rows) + " x " +
+                        std::to_string(fp8_.max_k) + ", " + std::to_string(T) + " x " + std::to_string(K) + " needed";
+        return false;
+    }
+    quantize_act_fp8(fp8_.act_q, fp8_.act_scale, x, T, T_pad, K, ld_x, stream_);
+    const Fp8Grid g = W.grid();
+    // A stacked gate|up whose split is not on a block boundary is two block grids: two GEMMs.
+    const bool two = g.first_rows() < out && g.first_rows() % kFp8Block != 0;
+    const auto* w8 = static_cast<const uint8_t*>(W.ptr);
+    const bool direct = !two && T == T_pad && out % 4 == 0;
+    if (direct) return lt_gemm(y, out, w8, W.scale, out, T, T_pad, K, accumulate, why);
+    if (int64_t(T_pad) * out > int64_t(fp8_.rows) * fp8_.max_out) {
+        if (why) *why = "the FP8 output scratch is too small for " + std::to_string(T_pad) + " x " + std::to_string(out);
+        return false;
+    }
+    // Each part into its own contiguous [T_pad, m] block of the scratch; y is written only once
+    // every GEMM has been accepted, so a refusal leaves y untouched for the fallback.
+    const int parts[2][2] = {{0, two ? int(g.first_rows()) : out}, {two ? int(g.first_rows()) : out, out}};
+    for (const auto& p : parts) {
+        const int r0 = p[0], m = p[1] - p[0];
+        if (m <= 0) continue;
+        if (!lt_gemm(fp8_.out + int64_t(T_pad) * r0, m, w8 + int64_t(r0) * K, W.scale + g.scale_row(r0) * g.ld(), m, T,
+                     T_pad, K, false, why))
+            return false;
+    }
+    for (const auto& p : parts)
+        if (p[1] > p[0])
+            scatter_cols(y, out, p[0], fp8_.out + int64_t(T_pad) * p[0], T, p[1] - p[0], accumulate, stream_);
+    return true;
+}
+
+void Gemm::fp8_fallback(float* y, const float* x, const WRef& W, int T, bool accumulate, int ld_x) {
+    const int out = int(W.rows), K = int(W.cols);
+    if (!ld_x) ld_x = K;
+    if (int64_t(T) * K > cast_elems_)
+        throw DeviceError("linear (fp8 fallback): the bf16 cast buffer holds " + std::to_string(cast_elems_) +
+                          " values, " + std::to_string(int64_t(T) * K) + " needed");
+    if (!fp8_.dequant || fp8_.dequant_elems < K)
+        throw DeviceError("linear (fp8 fallback): no dequantization scratch for a row of " + std::to_string(K));
+    auto* xb = static_cast<__nv_bfloat16*>(cast_);
+    cast_bf16_kernel<<<blocks_for(int64_t(T) * K, 256), 256, 0, stream_>>>(xb, x, T, K, ld_x);
+    check_launch("cast_bf16_kernel");
+    const int64_t chunk = std::min<int64_t>(out, fp8_.dequant_elems / K);
+    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    for (int64_t r0 = 0; r0 < out; r0 += chunk) {
+        const int n = int(std::min<int64_t>(chunk, out - r0));
+        dequantize_fp8_rows(fp8_.dequant, static_cast<const uint8_t*>(W.ptr), W.scale, W.grid(), r0, n, stream_);
+        cublas_check(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, n, T, K, &alpha, fp8_.dequant, CUDA_R_16BF, K, xb,
+                                  CUDA_R_16BF, K, &beta, y + r0, CUDA_R_32F, out, CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT),
+                     "cublasGemmEx (linear, fp8 dequantized to bf16)");
+    }
 }
 
 void Gemm::batched_rowmajor(float* C, const float* A, const float* B, int M, int N, int K, int lda, int ldb, int ldc,

@@ -4,14 +4,36 @@
 // weights; BF16 x BF16 -> F32 GemmEx after casting the activations, for BF16 weights).
 // Experts: a grouped GEMV whose rows each name their expert (no host round trip, capturable
 // in a CUDA graph), or a host loop of cuBLAS GEMMs over the experts that received tokens.
+// FP8 weights (e4m3 + 128x128 block scales, kernels/fp8.h): few rows read the bytes in our
+// GEMV (dequantized to the CPU's f32 values in registers); many rows quantize the activations
+// per 1x128 block and run cuBLASLt's block-scaled FP8 GEMM (sm_90), or, when that is off or
+// refuses a shape, dequantize the weight rows chunk by chunk to bf16 and use cuBLAS BF16.
 #pragma once
+#include <cublasLt.h>
 #include <cublas_v2.h>
+
+#include <map>
+#include <string>
+#include <tuple>
 
 #include "kernels/common.h"
 
 namespace moescope::cuda {
 
 inline constexpr int kGemvMaxRows = 8;  // rows handled by the GEMV path in one pass
+
+// Device scratch of the FP8 prefill paths, for calls of at most `rows` token rows (sizes from
+// fp8_scratch_sizes in kernels/memory_plan.h).
+struct Fp8Scratch {
+    uint8_t* act_q = nullptr;      // [rows_pad, max_k] e4m3 activations
+    float* act_scale = nullptr;    // [ceil(max_k / 128), rows_pad] their 1x128 scales
+    float* out = nullptr;          // [rows_pad, max_out] f32 GEMM output when y cannot take it directly
+    void* dequant = nullptr;       // [dequant_elems] bf16 weight rows (fallback)
+    int rows = 0, max_k = 0, max_out = 0;
+    int64_t dequant_elems = 0;
+};
+
+enum class Fp8Prefill { Lt, Fallback };
 
 class Gemm {
 public:
@@ -35,16 +57,76 @@ public:
     cudaStream_t stream() const { return stream_; }
     cublasHandle_t handle() const { return handle_; }
 
+    // FP8 prefill: the scratch, and whether cuBLASLt is used (the backend turns it on after its
+    // self-check; off: the bf16 fallback).
+    void set_fp8_scratch(const Fp8Scratch& s) { fp8_ = s; }
+    void set_fp8_lt(bool on) { lt_on_ = on; }
+    bool fp8_lt() const { return lt_on_; }
+    // One FP8 many-row product on a chosen path. Lt returns false (nothing written to y) when
+    // cuBLASLt has no algorithm for the shape or fails, with the reason in *why.
+    bool linear_fp8(float* y, const float* x, const WRef& W, int T, bool accumulate, int ld_x, Fp8Prefill path,
+                    std::string* why = nullptr);
+    // Calls that cuBLASLt refused and the fallback computed (reported by the backend).
+    int64_t fp8_lt_refusals() const { return lt_refusals_; }
+    const std::string& fp8_lt_last_refusal() const { return lt_last_refusal_; }
+
 private:
+    bool lt_gemm(float* y, int ld_y, const uint8_t* a, const float* a_scale, int m, int T, int T_pad, int K,
+                 bool accumulate, std::string* why);
+    void fp8_fallback(float* y, const float* x, const WRef& W, int T, bool accumulate, int ld_x);
+
     cudaStream_t stream_;
     cublasHandle_t handle_ = nullptr;
+    cublasLtHandle_t lt_ = nullptr;
+    void* workspace_ = nullptr;
+    size_t workspace_bytes_ = 0;
     void* cast_;
     int64_t cast_elems_;
+    Fp8Scratch fp8_;
+    bool lt_on_ = false;
+    int64_t lt_refusals_ = 0;
+    std::string lt_last_refusal_;
+    // cuBLASLt algorithms by (m, n, k, ld_c, accumulate, alignments): heuristics run once per shape.
+    struct LtAlgo {
+        bool ok = false;
+        cublasLtMatmulAlgo_t algo{};
+        std::string why;
+    };
+    std::map<std::tuple<int, int, int, int, bool, int>, LtAlgo> lt_algos_;
 };
 
 // Grouped GEMV over experts: y[r, 0:out] = x[r, 0:in] W_{expert[r]}^T for r < R, where
 // weights[e] points at expert e's [out, in] matrix (device array of device pointers).
 void grouped_gemv(float* y, const float* x, const void* const* weights, bool bf16, const int* expert, int R,
                   int out, int in, cudaStream_t s);
+
+// ---- FP8 kernels (fp8.cu) -------------------------------------------------------------------
+
+// y[r, 0:out] (= or +=) x[r, 0:in] W^T for r < R <= kGemvMaxRows, W an FP8 matrix: each weight
+// is read once, dequantized as e4m3 * block scale in f32 (the CPU's value exactly) and
+// multiplied with the f32 activations, f32 accumulation.
+void gemv_fp8(float* y, const float* x, const uint8_t* w, const float* scales, const Fp8Grid& g, int R, int ld_x,
+              bool accumulate, cudaStream_t s);
+
+// Grouped GEMV over FP8 experts: y[r, 0:out] = x[r, 0:in] W_{expert[r]}^T; weights[e] is the
+// start of expert e's carve (its scales at Fp8Grid::scale_offset()).
+void grouped_gemv_fp8(float* y, const float* x, const void* const* weights, const int* expert, int R, int out, int in,
+                      int64_t split, cudaStream_t s);
+
+// DeepSeek's act_quant: per row t < T and 128-column block b, s = amax / 448 (1 when the block is
+// zero), q = e4m3(x / s). q: [T_pad, K] (rows T..T_pad zeroed); scales: [ceil(K/128), T_pad]
+// (token-major, as cuBLASLt's VEC128 scale tensor of the B operand; padding rows get 1).
+void quantize_act_fp8(uint8_t* q, float* scales, const float* x, int T, int T_pad, int K, int ld_x, cudaStream_t s);
+
+// Rows [r0, r0 + n) of an FP8 matrix dequantized to bf16 (row-major [n, cols]).
+void dequantize_fp8_rows(void* bf16_out, const uint8_t* w, const float* scales, const Fp8Grid& g, int64_t r0,
+                         int64_t n, cudaStream_t s);
+
+// y[t, col0 + j] (= or +=) src[t, j] for t < T, j < n; y rows are ld_y apart.
+void scatter_cols(float* y, int ld_y, int col0, const float* src, int T, int n, bool accumulate, cudaStream_t s);
+
+// Random FP8 matrix (benchmarks): values uniform in [-bound, bound], one scale bound / 448.
+void fill_fp8_random(void* carve, const Fp8Grid& g, float bound, uint64_t seed, cudaStream_t s);
+
 
 }  // namespace moescope::cuda

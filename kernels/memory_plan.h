@@ -11,12 +11,18 @@
 
 #include "engine/config.h"
 #include "engine/errors.h"
+#include "kernels/fp8.h"
 
 namespace moescope::cuda {
 
-enum class WeightDtype { BF16, F32 };
+// FP8: the linear weights that FP8 checkpoints quantize are e4m3 with 128x128 block scales
+// (kernels/fp8.h); the other big matrices (embeddings, heads, kv_b, which the absorbed
+// attention reads per head) are BF16; norms and the router f32.
+enum class WeightDtype { BF16, F32, FP8 };
 
-inline const char* weight_dtype_name(WeightDtype d) { return d == WeightDtype::BF16 ? "bf16" : "f32"; }
+inline const char* weight_dtype_name(WeightDtype d) {
+    return d == WeightDtype::BF16 ? "bf16" : d == WeightDtype::F32 ? "f32" : "fp8";
+}
 
 // What a device tensor is; (role, layer, expert) finds its host tensor in Weights.
 enum class Role {
@@ -34,7 +40,14 @@ struct TensorSpec {
     int expert = -1;    // routed expert index
     int64_t rows = 0, cols = 0;
     bool big = false;   // a matrix stored in the weight dtype; otherwise f32 (norms, router)
-    int64_t bytes(WeightDtype d) const { return rows * cols * (big && d == WeightDtype::BF16 ? 2 : 4); }
+    bool fp8 = false;   // a linear weight FP8 checkpoints quantize: e4m3 + block scales in an FP8 plan
+    int64_t split = 0;  // stacked gate|up: rows of the gate (each part keeps its own block grid)
+    Fp8Grid grid() const { return Fp8Grid{rows, cols, split}; }
+    bool stored_fp8(WeightDtype d) const { return fp8 && d == WeightDtype::FP8; }
+    int64_t bytes(WeightDtype d) const {
+        if (stored_fp8(d)) return grid().bytes();
+        return rows * cols * (big && d != WeightDtype::F32 ? 2 : 4);
+    }
 };
 
 inline constexpr int64_t kAlign = 256;  // every carved buffer starts on a 256-byte boundary
@@ -52,30 +65,30 @@ inline void layer_specs(std::vector<TensorSpec>& s, const ModelConfig& c, int l,
     s.push_back({Role::InNorm, l, -1, 1, D, false});
     s.push_back({Role::PostNorm, l, -1, 1, D, false});
     if (c.q_lora_rank > 0) {
-        s.push_back({Role::QA, l, -1, c.q_lora_rank, D, true});
+        s.push_back({Role::QA, l, -1, c.q_lora_rank, D, true, true});
         s.push_back({Role::QANorm, l, -1, 1, c.q_lora_rank, false});
-        s.push_back({Role::QB, l, -1, H * dq, c.q_lora_rank, true});
+        s.push_back({Role::QB, l, -1, H * dq, c.q_lora_rank, true, true});
     } else {
-        s.push_back({Role::QProj, l, -1, H * dq, D, true});
+        s.push_back({Role::QProj, l, -1, H * dq, D, true, true});
     }
-    s.push_back({Role::KVA, l, -1, c.kv_lora_rank + c.qk_rope_head_dim, D, true});
+    s.push_back({Role::KVA, l, -1, c.kv_lora_rank + c.qk_rope_head_dim, D, true, true});
     s.push_back({Role::KVANorm, l, -1, 1, c.kv_lora_rank, false});
     s.push_back({Role::KVB, l, -1, H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, true});
-    s.push_back({Role::OProj, l, -1, D, H * c.v_head_dim, true});
+    s.push_back({Role::OProj, l, -1, D, H * c.v_head_dim, true, true});
     if (!moe) {
-        s.push_back({Role::MlpGateUp, l, -1, 2 * int64_t(c.intermediate_size), D, true});
-        s.push_back({Role::MlpDown, l, -1, D, c.intermediate_size, true});
+        s.push_back({Role::MlpGateUp, l, -1, 2 * int64_t(c.intermediate_size), D, true, true, c.intermediate_size});
+        s.push_back({Role::MlpDown, l, -1, D, c.intermediate_size, true, true});
         return;
     }
     const int64_t I = c.moe_intermediate_size;
     s.push_back({Role::Router, l, -1, c.n_routed_experts, D, false});
     for (int e = 0; e < c.n_routed_experts; ++e) {
-        s.push_back({Role::ExpGateUp, l, e, 2 * I, D, true});
-        s.push_back({Role::ExpDown, l, e, D, I, true});
+        s.push_back({Role::ExpGateUp, l, e, 2 * I, D, true, true, I});
+        s.push_back({Role::ExpDown, l, e, D, I, true, true});
     }
     if (c.n_shared_experts > 0) {
-        s.push_back({Role::SharedGateUp, l, -1, 2 * I * c.n_shared_experts, D, true});
-        s.push_back({Role::SharedDown, l, -1, D, I * c.n_shared_experts, true});
+        s.push_back({Role::SharedGateUp, l, -1, 2 * I * c.n_shared_experts, D, true, true, I * c.n_shared_experts});
+        s.push_back({Role::SharedDown, l, -1, D, I * c.n_shared_experts, true, true});
     }
 }
 
@@ -91,7 +104,7 @@ inline std::vector<TensorSpec> device_tensors(const ModelConfig& c, const ModelP
         const int l = c.num_hidden_layers + k - 1;
         s.push_back({Role::MtpENorm, l, -1, 1, D, false});
         s.push_back({Role::MtpHNorm, l, -1, 1, D, false});
-        s.push_back({Role::MtpEh, l, -1, D, 2 * D, true});
+        s.push_back({Role::MtpEh, l, -1, D, 2 * D, true, true});
         if (p.mtp_embed) s.push_back({Role::MtpEmbed, l, -1, V, D, true});
         s.push_back({Role::MtpHeadNorm, l, -1, 1, D, false});
         if (p.mtp_head) s.push_back({Role::MtpHead, l, -1, V, D, true});
@@ -174,6 +187,31 @@ inline int64_t telemetry_bytes(const ModelConfig& c, const ActivationDims& a) {
 }
 
 inline constexpr int64_t kCublasWorkspace = 32ll << 20;
+inline constexpr int64_t kFp8DequantBytes = 64ll << 20;  // bf16 weight rows of the FP8 prefill fallback
+
+// Scratch of the FP8 prefill paths for GEMMs of at most `chunk` rows: quantized activations
+// and their scales, an f32 output block (awkward row counts, split gate|up), the fallback's
+// dequantized weight rows. Zero unless the plan is FP8.
+struct Fp8ScratchSizes {
+    int rows_pad = 0;     // chunk rounded up to 4 (cuBLASLt's scale tensor)
+    int max_k = 0;        // widest FP8 input (columns)
+    int max_out = 0;      // most FP8 output rows
+    int64_t bytes = 0;
+};
+
+inline Fp8ScratchSizes fp8_scratch_sizes(const ModelConfig& c, const ActivationDims& a, WeightDtype d) {
+    Fp8ScratchSizes z;
+    if (d != WeightDtype::FP8) return z;
+    for (const TensorSpec& t : device_tensors(c, ModelPresence{}))
+        if (t.fp8) {
+            z.max_k = std::max(z.max_k, int(t.cols));
+            z.max_out = std::max(z.max_out, int(t.rows));
+        }
+    z.rows_pad = (a.chunk + 3) / 4 * 4;
+    z.bytes = align_up(int64_t(z.rows_pad) * z.max_k) + align_up(fp8_cdiv(z.max_k, kFp8Block) * z.rows_pad * 4) +
+              align_up(int64_t(z.rows_pad) * z.max_out * 4) + align_up(kFp8DequantBytes);
+    return z;
+}
 inline constexpr int64_t kReserve = 512ll << 20;  // CUDA context, cuBLAS handles, fragmentation
 
 struct MemoryPlan {
@@ -206,7 +244,8 @@ inline MemoryPlan plan_memory(const ModelConfig& c, const ModelPresence& p, Weig
     m.cache = cache_bytes(c, c.num_hidden_layers, capacity) +
               int64_t(c.num_nextn_predict_layers) * cache_bytes(c, 1, capacity);
     m.dims = activation_dims(c, capacity);
-    m.activations = activation_bytes(c, m.dims) + 2 * telemetry_bytes(c, m.dims) + kCublasWorkspace;
+    m.activations = activation_bytes(c, m.dims) + 2 * telemetry_bytes(c, m.dims) + kCublasWorkspace +
+                    fp8_scratch_sizes(c, m.dims, dtype).bytes;
     return m;
 }
 

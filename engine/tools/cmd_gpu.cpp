@@ -28,7 +28,8 @@ int cmd_gpu_bench(const std::vector<std::string>& argv) {
     req["prompt"] = a.integer("prompt", 512);
     req["decode"] = a.integer("decode", 128);
     req["weights"] = a.get_or("weights", "bf16");
-    if (req["weights"] != "bf16" && req["weights"] != "f32") throw UsageError("--weights bf16|f32");
+    if (req["weights"] != "bf16" && req["weights"] != "f32" && req["weights"] != "fp8")
+        throw UsageError("--weights bf16|f32|fp8");
     CudaProbe p = probe_cuda();
     if (!p.library_found) throw DeviceError("gpu-bench: " + p.error);
     if (p.device_count <= 0) throw DeviceError("gpu-bench needs a CUDA device: " + p.error);
@@ -61,7 +62,7 @@ int cmd_gpu_bench(const std::vector<std::string>& argv) {
 
 CliCommand gpu_bench_cmd("gpu-bench",
                          "gpu-bench [--json] [--config synthetic-v2-lite|CONFIG.json] [--prompt N] [--decode N] "
-                         "[--weights bf16|f32]   CUDA backend benchmark",
+                         "[--weights bf16|f32|fp8]   CUDA backend benchmark",
                          cmd_gpu_bench);
 
 }  // namespace

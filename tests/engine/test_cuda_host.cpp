@@ -1,10 +1,13 @@
 // Host-side logic of the CUDA backend, tested without a GPU: the device memory plan (the
-// tensors it uploads against the model card and the loaded checkpoint, arena sizes), the
-// refusal of a model that does not fit, and backend selection falling back to the CPU.
+// tensors it uploads against the model card and the loaded checkpoint, arena sizes, FP8
+// residency's 1 byte per parameter plus block scales), the FP8 block grid and the exact
+// re-quantization of a loaded FP8 checkpoint, the refusal of a model that does not fit, and
+// backend selection falling back to the CPU.
 #include <QProcess>
 #include <QtTest>
 
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
@@ -14,7 +17,10 @@
 #include "engine/errors.h"
 #include "engine/loader.h"
 #include "engine/weights.h"
+#include "kernels/fp8.h"
 #include "kernels/memory_plan.h"
+
+#include <random>
 
 using namespace moescope;
 using namespace moescope::cuda;
@@ -38,6 +44,29 @@ int64_t bias_elements(const ModelConfig& c) {
     if (!c.has_bias()) return 0;
     int moe = c.num_moe_layers() + c.num_nextn_predict_layers;
     return int64_t(moe) * c.n_routed_experts;
+}
+
+// A random matrix that went through FP8: our own 128x128 scales, values e4m3 * scale, and the
+// scales as a checkpoint stores them ([ceil(rows/128), ceil(cols/128)], no padding).
+struct Fp8Matrix {
+    int64_t rows, cols;
+    std::vector<float> values, scale_inv;
+};
+Fp8Matrix fp8_matrix(int64_t rows, int64_t cols, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> u(-1, 1);
+    Fp8Matrix m{rows, cols, std::vector<float>(size_t(rows * cols)), {}};
+    for (int64_t i = 0; i < rows * cols; ++i)  // blocks of very different magnitudes
+        m.values[size_t(i)] = u(rng) * std::ldexp(1.0f, int((i / cols) / 128 * 3 + (i % cols) / 128) % 9 - 4);
+    const Fp8Grid g{rows, cols, 0};
+    std::vector<uint8_t> q(size_t(rows * cols));
+    std::vector<float> grid(size_t(g.scale_count()));
+    quantize_fp8_amax(q.data(), grid.data(), g.ld(), 0, m.values.data(), rows, cols);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) m.values[size_t(r * cols + c)] = fp8_value(q.data(), grid.data(), g, r, c);
+    for (int64_t br = 0; br < g.row_blocks(); ++br)
+        for (int64_t bc = 0; bc < g.col_blocks(); ++bc) m.scale_inv.push_back(grid[size_t(br * g.ld() + bc)]);
+    return m;
 }
 
 std::string cuda_library_path() {
@@ -105,6 +134,186 @@ private slots:
         QVERIFY(double(f.weights) < 4.0 * params * 1.001);
     }
 
+    // FP8 residency: every quantizable linear weight is 1 byte per parameter plus its 128x128
+    // block scales (f32, leading dimension padded to 4); everything else as in BF16. V3 then
+    // needs about half the BF16 bytes.
+    void fp8_weight_bytes_data() {
+        QTest::addColumn<QString>("config");
+        QTest::newRow("deepseek-v3") << "deepseek-v3";
+        QTest::newRow("deepseek-v2-lite") << "deepseek-v2-lite";
+        QTest::newRow("tiny-v3") << "tiny-v3";
+    }
+    void fp8_weight_bytes() {
+        QFETCH(QString, config);
+        ModelConfig c = load_cfg(config);
+        ModelPresence p;
+        p.mtp_embed = p.mtp_head = true;
+        int64_t fp8_params = 0, scale_bound = 0, other_bf16 = 0, n = 0;
+        for (const TensorSpec& t : device_tensors(c, p)) {
+            ++n;
+            if (t.fp8) {
+                fp8_params += t.rows * t.cols;
+                // each part's blocks, padded: at most (rows/128 + 2) x (cols/128 + 4) scales
+                scale_bound += (t.rows / 128 + 2) * (t.cols / 128 + 4) * 4;
+                QCOMPARE(t.bytes(WeightDtype::FP8), t.grid().scale_offset() + t.grid().scale_count() * 4);
+            } else {
+                QCOMPARE(t.bytes(WeightDtype::FP8), t.bytes(WeightDtype::BF16));
+                other_bf16 += t.bytes(WeightDtype::BF16);
+            }
+            // kv_b stays BF16 (the absorbed attention reads it per head), as do embeddings and heads.
+            if (t.role == Role::KVB || t.role == Role::Embed || t.role == Role::Head || t.role == Role::Router)
+                QVERIFY(!t.fp8);
+            if (t.role == Role::ExpGateUp || t.role == Role::MlpGateUp || t.role == Role::SharedGateUp)
+                QCOMPARE(t.split * 2, t.rows);
+        }
+        MemoryPlan f = plan_memory(c, p, WeightDtype::FP8, 4096), b = plan_memory(c, p, WeightDtype::BF16, 4096);
+        const int64_t tables = b.weights - [&] {
+            int64_t w = 0;
+            for (const TensorSpec& t : device_tensors(c, p)) w += align_up(t.bytes(WeightDtype::BF16));
+            return w;
+        }();  // expert pointer tables, router biases, rope frequencies: the same in both plans
+        QVERIFY(f.weights >= fp8_params + other_bf16 + tables);
+        QVERIFY(f.weights <= fp8_params + other_bf16 + tables + scale_bound + n * 2 * kAlign);
+        if (config == "deepseek-v3") {
+            QVERIFY2(double(f.weights) < 0.52 * double(b.weights), qPrintable(QString::fromStdString(gib(f.weights))));
+            // the prefill scratch: the widest input is the dense down_proj (18432), the most
+            // output rows the dense gate|up (2 x 18432), chunks of 256 rows
+            const Fp8ScratchSizes z = fp8_scratch_sizes(c, f.dims, WeightDtype::FP8);
+            QCOMPARE(z.max_k, 18432);
+            QCOMPARE(z.max_out, 2 * 18432);
+            QCOMPARE(z.rows_pad, 256);
+            QCOMPARE(f.activations - b.activations, z.bytes);
+        }
+        QCOMPARE(fp8_scratch_sizes(c, b.dims, WeightDtype::BF16).bytes, int64_t(0));
+    }
+
+    // The block grid: scale rows per part of a stacked gate|up, leading dimension padded to 4,
+    // scales 256-byte aligned after the values.
+    void fp8_grid() {
+        const Fp8Grid a{300, 200, 0};
+        QCOMPARE(a.row_blocks(), int64_t(3));
+        QCOMPARE(a.col_blocks(), int64_t(2));
+        QCOMPARE(a.ld(), int64_t(4));
+        QCOMPARE(a.scale_row(127), int64_t(0));
+        QCOMPARE(a.scale_row(128), int64_t(1));
+        QCOMPARE(a.scale_row(299), int64_t(2));
+        QCOMPARE(a.scale_offset(), int64_t(60160));  // 60000 rounded up to 256
+        QCOMPARE(a.bytes(), int64_t(60160 + 3 * 4 * 4));
+        // gate|up of V2-Lite experts: 1408 = 11 blocks each; of tiny-v3: 16 rows each
+        const Fp8Grid v2{2816, 2048, 1408}, tiny{32, 64, 16};
+        QCOMPARE(v2.row_blocks(), int64_t(22));
+        QCOMPARE(v2.scale_row(1407), int64_t(10));
+        QCOMPARE(v2.scale_row(1408), int64_t(11));
+        QCOMPARE(tiny.row_blocks(), int64_t(2));
+        QCOMPARE(tiny.scale_row(15), int64_t(0));
+        QCOMPARE(tiny.scale_row(16), int64_t(1));  // up starts its own block
+        QCOMPARE(tiny.scale_row(31), int64_t(1));
+        const Fp8Grid odd{2 * 200, 64, 200};      // a split inside a block
+        QCOMPARE(odd.row_blocks(), int64_t(4));
+        QCOMPARE(odd.scale_row(199), int64_t(1));
+        QCOMPARE(odd.scale_row(200), int64_t(2));
+        QCOMPARE(odd.scale_row(328), int64_t(3));
+        QCOMPARE(Fp8Grid({1408, 1408, 0}).ld(), int64_t(12));  // 11 blocks padded to 12
+        QCOMPARE(Fp8Grid({7168, 7168, 0}).ld(), int64_t(56));
+    }
+
+    // e4m3: every finite code survives decode -> encode; halfway values round to even.
+    void fp8_codec_round_trip() {
+        for (int b = 0; b < 256; ++b) {
+            if ((b & 0x7f) == 0x7f) continue;  // NaN
+            QCOMPARE(int(f32_to_fp8_e4m3(fp8_e4m3_to_f32(uint8_t(b)))), b);
+        }
+        QCOMPARE(fp8_e4m3_to_f32(f32_to_fp8_e4m3(1.0625f)), 1.0f);   // tie between 1 and 1.125 -> even
+        QCOMPARE(fp8_e4m3_to_f32(f32_to_fp8_e4m3(1.1875f)), 1.25f);  // tie between 1.125 and 1.25 -> even
+        QCOMPARE(fp8_e4m3_to_f32(f32_to_fp8_e4m3(1000.0f)), 448.0f); // saturates
+    }
+
+    // Values that came from FP8 re-quantize to the same bytes with their scales (so the device
+    // gets the checkpoint's bytes, not a second rounding); any change to a value is detected.
+    void fp8_requantize_exact_data() {
+        QTest::addColumn<int>("rows");
+        QTest::addColumn<int>("cols");
+        QTest::newRow("1 x 1") << 1 << 1;
+        QTest::newRow("3 x 63") << 3 << 63;
+        QTest::newRow("130 x 257") << 130 << 257;
+        QTest::newRow("384 x 512") << 384 << 512;
+    }
+    void fp8_requantize_exact() {
+        QFETCH(int, rows);
+        QFETCH(int, cols);
+        Fp8Matrix m = fp8_matrix(rows, cols, uint32_t(rows * 1000 + cols));
+        const Fp8Grid g{rows, cols, 0};
+        std::vector<uint8_t> q(size_t(rows) * cols), q2 = q;
+        std::vector<float> grid(size_t(g.scale_count()), -1.0f), grid2 = grid;
+        QVERIFY(requantize_fp8_exact(q.data(), grid.data(), g.ld(), 0, m.values.data(), rows, cols, m.scale_inv.data()));
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < cols; ++c)
+                QCOMPARE(fp8_value(q.data(), grid.data(), g, r, c), m.values[size_t(r * cols + c)]);
+        for (int64_t br = 0; br < g.row_blocks(); ++br)
+            for (int64_t bc = g.col_blocks(); bc < g.ld(); ++bc) QCOMPARE(grid[size_t(br * g.ld() + bc)], 0.0f);
+        // Our own amax scales of these values give the same bytes (the scales may differ in the
+        // last bit: 448 * s rounded, divided by 448).
+        quantize_fp8_amax(q2.data(), grid2.data(), g.ld(), 0, m.values.data(), rows, cols);
+        QVERIFY(q2 == q);
+        // One value nudged by one ulp no longer has an exact FP8 form.
+        std::vector<float> changed = m.values;
+        float& v = changed[changed.size() / 2];
+        v = std::nextafter(v, 2.0f * v + 1.0f);
+        QVERIFY(!requantize_fp8_exact(q.data(), grid.data(), g.ld(), 0, changed.data(), rows, cols,
+                                      m.scale_inv.data()));
+    }
+
+    // A stacked gate|up on the device keeps each part's grid: both parts re-quantize exactly
+    // into one grid and read back as the checkpoint's values.
+    void fp8_requantize_stacked() {
+        const int I = 200, D = 300;
+        Fp8Matrix gate = fp8_matrix(I, D, 7), up = fp8_matrix(I, D, 8);
+        const Fp8Grid g{2 * I, D, I};
+        std::vector<uint8_t> q(size_t(2 * I * D));
+        std::vector<float> grid(size_t(g.scale_count()));
+        QVERIFY(requantize_fp8_exact(q.data(), grid.data(), g.ld(), 0, gate.values.data(), I, D, gate.scale_inv.data()));
+        QVERIFY(requantize_fp8_exact(q.data() + I * D, grid.data(), g.ld(), fp8_cdiv(I, kFp8Block), up.values.data(), I,
+                                     D, up.scale_inv.data()));
+        for (int64_t r = 0; r < 2 * I; ++r)
+            for (int64_t c = 0; c < D; c += 7)
+                QCOMPARE(fp8_value(q.data(), grid.data(), g, r, c),
+                         r < I ? gate.values[size_t(r * D + c)] : up.values[size_t((r - I) * D + c)]);
+    }
+
+    // An FP8 checkpoint written by save_checkpoint and loaded again keeps its scale_inv beside
+    // the dequantized values, and every quantizable tensor re-quantizes exactly with it.
+    void fp8_checkpoint_keeps_scales() {
+        auto base = load_model(kFixtures + "/tiny-v3");
+        const std::filesystem::path dir =
+            std::filesystem::temp_directory_path() / ("moescope-test-fp8-" + std::to_string(::getpid()));
+        std::filesystem::remove_all(dir);
+        Weights w = base->weights();
+        save_checkpoint(dir, base->config(), w, SaveFormat::FP8);
+        auto model = load_model(dir);
+        int quantizable = 0;
+        for (const NamedTensor& t : tensor_table(const_cast<Weights&>(model->weights()), model->config())) {
+            if (t.tensor->empty()) continue;
+            if (!t.quantizable) {
+                QVERIFY2(t.tensor->block_scale.empty(), t.name.c_str());
+                continue;
+            }
+            ++quantizable;
+            const int64_t rows = t.shape[0], cols = t.shape[1];
+            QCOMPARE(int64_t(t.tensor->block_scale.size()), fp8_cdiv(rows, 128) * fp8_cdiv(cols, 128));
+            const Fp8Grid g{rows, cols, 0};
+            std::vector<uint8_t> q(size_t(rows * cols));
+            std::vector<float> grid(size_t(g.scale_count()));
+            QVERIFY2(requantize_fp8_exact(q.data(), grid.data(), g.ld(), 0, t.tensor->ptr(), rows, cols,
+                                          t.tensor->block_scale.data()),
+                     t.name.c_str());
+        }
+        QVERIFY(quantizable > 100);
+        // A BF16 checkpoint has no scales.
+        auto bf = load_model(kFixtures + "/tiny-v3");
+        QVERIFY(bf->weights().layers[0].attn.kv_a_proj_with_mqa.block_scale.empty());
+        std::filesystem::remove_all(dir);
+    }
+
     // The cache arena: (d_c + d_rope) f32 per position and layer, the main stack plus one layer
     // per MTP module; the activation arena does not grow with the context past its caps.
     void cache_and_activation_bytes_data() {
@@ -135,7 +344,7 @@ private slots:
     // A model that does not fit is refused with the sizes named, before anything is allocated.
     void refusal_data() {
         QTest::addColumn<QString>("config");
-        QTest::addColumn<int>("dtype");  // 0 bf16, 1 f32
+        QTest::addColumn<int>("dtype");  // 0 bf16, 1 f32, 2 fp8
         QTest::addColumn<int>("capacity");
         QTest::addColumn<double>("free_gib");
         QTest::addColumn<bool>("fits");
@@ -146,6 +355,9 @@ private slots:
         QTest::newRow("v2-lite f32 on 40 GiB") << "deepseek-v2-lite" << 1 << 4096 << 40.0 << false;
         QTest::newRow("tiny f32 on 1 GiB") << "tiny-v3" << 1 << 256 << 1.0 << true;
         QTest::newRow("tiny f32 on 100 MiB") << "tiny-v3" << 1 << 256 << 0.1 << false;
+        QTest::newRow("v3 fp8 on one H200") << "deepseek-v3" << 2 << 4096 << 139.0 << false;
+        QTest::newRow("v3 fp8 on 8 H200s' worth") << "deepseek-v3" << 2 << 4096 << 8 * 139.0 << true;
+        QTest::newRow("v2-lite fp8 on 24 GiB") << "deepseek-v2-lite" << 2 << 4096 << 24.0 << true;
     }
     void refusal() {
         QFETCH(QString, config);
@@ -154,7 +366,7 @@ private slots:
         QFETCH(double, free_gib);
         QFETCH(bool, fits);
         ModelConfig c = load_cfg(config);
-        const WeightDtype d = dtype ? WeightDtype::F32 : WeightDtype::BF16;
+        const WeightDtype d = dtype == 2 ? WeightDtype::FP8 : dtype ? WeightDtype::F32 : WeightDtype::BF16;
         MemoryPlan m = plan_memory(c, ModelPresence{}, d, capacity);
         const int64_t free_b = int64_t(free_gib * double(1ll << 30));
         QCOMPARE(m.total() <= free_b, fits);

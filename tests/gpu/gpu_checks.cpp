@@ -5,6 +5,10 @@
 // written at test time, greedy generation, selection, bias and refusal. Plain C++ (no Qt) so
 // it builds on the GPU machine. Without a device: "SKIP   : no CUDA device", exit 0.
 #include <cuda_runtime.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -19,6 +23,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/backend.h"
@@ -33,6 +38,7 @@
 #include "kernels/cuda_backend.h"
 #include "kernels/dispatch.h"
 #include "kernels/embedding.h"
+#include "kernels/fp8.h"
 #include "kernels/gemm.h"
 #include "kernels/mla.h"
 #include "kernels/norm.h"
@@ -260,6 +266,210 @@ void check_grouped_gemv() {
                       1e-4 * std::sqrt(double(in)), 1e-4);
                 expect(dy.pad_intact(), "grouped_gemv padding " + shp({R, out, in}));
                 cudaFree(dptr);
+            }
+}
+
+// ---- FP8 ---------------------------------------------------------------------------------
+
+// A random FP8 matrix in the device layout (kernels/fp8.h): blocks of very different magnitude
+// (2^-4 .. 2^4), so that a scale read from the wrong block shows. `values` are the f32 weights
+// the CPU would hold after load_weights (e4m3 * scale).
+struct HostFp8 {
+    Fp8Grid g;
+    std::vector<uint8_t> carve;  // values, then scales at g.scale_offset()
+    std::vector<float> values;   // [rows, cols]
+    const float* scales() const { return reinterpret_cast<const float*>(carve.data() + g.scale_offset()); }
+};
+HostFp8 host_fp8(std::mt19937& rng, int64_t rows, int64_t cols, int64_t split = 0) {
+    HostFp8 m{Fp8Grid{rows, cols, split}, {}, {}};
+    m.carve.assign(size_t(m.g.bytes()), 0);
+    std::uniform_real_distribution<float> u(-1, 1);
+    std::vector<float> w(size_t(rows * cols));
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c)
+            w[size_t(r * cols + c)] = u(rng) * std::ldexp(1.0f, int(m.g.scale_row(r) * 3 + c / 128) % 9 - 4);
+    auto* sc = reinterpret_cast<float*>(m.carve.data() + m.g.scale_offset());
+    const int64_t f = m.g.first_rows();
+    quantize_fp8_amax(m.carve.data(), sc, m.g.ld(), 0, w.data(), f, cols);
+    if (f < rows)
+        quantize_fp8_amax(m.carve.data() + f * cols, sc, m.g.ld(), fp8_cdiv(f, kFp8Block), w.data() + f * cols,
+                          rows - f, cols);
+    m.values.resize(w.size());
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) m.values[size_t(r * cols + c)] = fp8_value(m.carve.data(), sc, m.g, r, c);
+    return m;
+}
+
+// DeepSeek's act_quant on the host, as quantize_act_fp8 computes it: per row and 128-column
+// block s = amax / 448, q = e4m3(x / s); returns the dequantized activations q * s.
+std::vector<float> act_quant_host(const std::vector<float>& x, int T, int K) {
+    std::vector<float> out(x.size());
+    for (int t = 0; t < T; ++t)
+        for (int b = 0; b < K; b += 128) {
+            float amax = 0;
+            for (int c = b; c < std::min(K, b + 128); ++c) amax = std::max(amax, std::fabs(x[size_t(t) * K + c]));
+            const float s = amax > 0 ? amax / 448.0f : 1.0f;
+            for (int c = b; c < std::min(K, b + 128); ++c)
+                out[size_t(t) * K + c] = fp8_e4m3_to_f32(f32_to_fp8_e4m3(x[size_t(t) * K + c] / s)) * s;
+        }
+    return out;
+}
+
+// The FP8 GEMV (decode) against the CPU on the dequantized weights: the same f32 weights, so
+// only the summation order differs (the tolerance of the f32 GEMV check).
+void check_fp8_gemv() {
+    std::mt19937 rng(31);
+    const int64_t cast_elems = 1 << 20;
+    DBuf<uint16_t> cast(static_cast<size_t>(cast_elems));
+    DBuf<char> ws(size_t(32) << 20);
+    Gemm g(nullptr, ws.p, size_t(32) << 20, cast.p, cast_elems);
+    struct Shape {
+        int out, in, split;
+    };
+    for (Shape sh : {Shape{1, 1, 0}, Shape{3, 63, 0}, Shape{63, 130, 0}, Shape{513, 1408, 0}, Shape{400, 256, 200},
+                     Shape{2 * 1408, 2048, 1408}})
+        for (int T : {1, 3, 8})
+            for (bool acc : {false, true}) {
+                HostFp8 m = host_fp8(rng, sh.out, sh.in, sh.split);
+                auto x = randv(rng, size_t(T) * sh.in), y0 = randv(rng, size_t(T) * sh.out);
+                std::vector<float> ref = y0;
+                matmul_nt(ref.data(), x.data(), m.values.data(), T, sh.out, sh.in, acc);
+                DBuf<uint8_t> dw(m.carve);
+                DBuf<float> dx(x), dy(y0);
+                g.linear_path(dy.p, dx.p, fp8_ref(dw.p, sh.out, sh.in, sh.split), T, acc, 0, true);
+                const std::string op = std::string("linear fp8 gemv") + (acc ? " +=" : "") +
+                                       (sh.split ? " split " + std::to_string(sh.split) : "");
+                close(op, shp({T, sh.out, sh.in}), dy.down(), ref, 1e-4 * std::sqrt(double(sh.in)), 1e-4);
+                if (!dy.pad_intact()) fail(op + " padding " + shp({T, sh.out, sh.in}), "written past the end");
+            }
+}
+
+void check_fp8_grouped_gemv() {
+    std::mt19937 rng(32);
+    for (int R : {1, 6, 63})
+        for (auto [out, in, split] : {std::tuple{63, 17, 0}, {2816, 2048, 1408}, {130, 1408, 0}, {32, 64, 16}}) {
+            const int E = 5;
+            std::vector<HostFp8> w;
+            std::vector<std::unique_ptr<DBuf<uint8_t>>> dw;
+            std::vector<const void*> ptrs;
+            for (int e = 0; e < E; ++e) {
+                w.push_back(host_fp8(rng, out, in, split));
+                dw.push_back(std::make_unique<DBuf<uint8_t>>(w.back().carve));
+                ptrs.push_back(dw.back()->p);
+            }
+            std::vector<int> ex(static_cast<size_t>(R));
+            for (auto& e : ex) e = int(rng() % E);
+            auto x = randv(rng, size_t(R) * in);
+            std::vector<float> ref(size_t(R) * out);
+            for (int r = 0; r < R; ++r)
+                matmul_nt(ref.data() + size_t(r) * out, x.data() + size_t(r) * in, w[size_t(ex[size_t(r)])].values.data(),
+                          1, out, in);
+            const void** dptr = nullptr;
+            CUDA_CHECK(cudaMalloc(&dptr, sizeof(void*) * E));
+            CUDA_CHECK(cudaMemcpy(dptr, ptrs.data(), sizeof(void*) * E, cudaMemcpyHostToDevice));
+            DBuf<float> dx(x), dy(ref.size());
+            DBuf<int> dex(ex);
+            grouped_gemv_fp8(dy.p, dx.p, dptr, dex.p, R, out, in, split, nullptr);
+            close("grouped_gemv fp8", shp({R, out, in}) + (split ? " split " + std::to_string(split) : ""), dy.down(),
+                  ref, 1e-4 * std::sqrt(double(in)), 1e-4);
+            expect(dy.pad_intact(), "grouped_gemv fp8 padding " + shp({R, out, in}));
+            cudaFree(dptr);
+        }
+}
+
+// Prefill: cuBLASLt's block-scaled FP8 GEMM. (1) Against a host emulation of exactly what it
+// should compute (our act_quant, e4m3 x e4m3 products scaled per block, accumulated in f64
+// here): tight, |err| <= 2e-3 of the sum of |products| (tensor-core accumulation within a
+// block). (2) Against the f32 product of the unquantized activations: loose, relative L2
+// error <= 0.06, because e4m3 keeps 3 mantissa bits of each activation (~2.5% rms rounding).
+// The fallback (weights dequantized to bf16, activations bf16) is checked against f32 too.
+// Shapes that cuBLASLt refuses must still be computed (by the fallback) when the backend asks;
+// a refusal of a shape with 128-multiple K on sm_90 is a failure (the prefill would lose FP8).
+void check_fp8_gemm() {
+    cudaDeviceProp prop{};
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    std::mt19937 rng(33);
+    const int rows = 256, max_k = 7168, max_out = 2816;
+    const int64_t cast_elems = int64_t(rows) * max_k;
+    DBuf<uint16_t> cast(static_cast<size_t>(cast_elems));
+    DBuf<char> ws(size_t(32) << 20);
+    DBuf<uint8_t> aq(size_t(rows) * max_k);
+    DBuf<float> as(size_t(fp8_cdiv(max_k, 128)) * rows), ob(size_t(rows) * max_out);
+    DBuf<uint16_t> dq(size_t(16) << 20);
+    Gemm g(nullptr, ws.p, size_t(32) << 20, cast.p, cast_elems);
+    Fp8Scratch f;
+    f.act_q = aq.p;
+    f.act_scale = as.p;
+    f.out = ob.p;
+    f.dequant = dq.p;
+    f.rows = rows;
+    f.max_k = max_k;
+    f.max_out = max_out;
+    f.dequant_elems = int64_t(16) << 20;
+    g.set_fp8_scratch(f);
+    struct Shape {
+        int out, in, split;
+    };
+    for (Shape sh : {Shape{512, 1024, 0}, Shape{576, 7168, 0}, Shape{2816, 2048, 1408}, Shape{400, 256, 200},
+                     Shape{130, 257, 0}, Shape{64, 64, 0}})
+        for (int T : {9, 37, 64, 256})
+            for (bool acc : {false, true}) {
+                if (acc && T != 37) continue;
+                HostFp8 m = host_fp8(rng, sh.out, sh.in, sh.split);
+                auto x = randv(rng, size_t(T) * sh.in), y0 = randv(rng, size_t(T) * sh.out);
+                for (int t = 0; t < T; ++t)  // rows and blocks of different magnitude: act scales matter
+                    for (int c = 0; c < sh.in; ++c) x[size_t(t) * sh.in + c] *= std::ldexp(1.0f, (c / 128 + t) % 7 - 3);
+                const auto xq = act_quant_host(x, T, sh.in);
+                std::vector<float> emu(size_t(T) * sh.out), mag(emu.size()), f32 = y0;
+                for (int t = 0; t < T; ++t)
+                    for (int o = 0; o < sh.out; ++o) {
+                        double acc_d = acc ? y0[size_t(t) * sh.out + o] : 0.0, a = std::fabs(acc_d);
+                        for (int c = 0; c < sh.in; ++c) {
+                            const double p = double(xq[size_t(t) * sh.in + c]) * m.values[size_t(o) * sh.in + c];
+                            acc_d += p;
+                            a += std::fabs(p);
+                        }
+                        emu[size_t(t) * sh.out + o] = float(acc_d);
+                        mag[size_t(t) * sh.out + o] = float(a);
+                    }
+                matmul_nt(f32.data(), x.data(), m.values.data(), T, sh.out, sh.in, acc);
+                DBuf<uint8_t> dw(m.carve);
+                DBuf<float> dx(x), dy(y0), dfb(y0);
+                const WRef W = fp8_ref(dw.p, sh.out, sh.in, sh.split);
+                const std::string shape = shp({T, sh.out, sh.in}) + (sh.split ? " split " + std::to_string(sh.split) : "") +
+                                          (acc ? " +=" : "");
+                std::string why;
+                const bool ok = g.linear_fp8(dy.p, dx.p, W, T, acc, 0, Fp8Prefill::Lt, &why);
+                g.linear_fp8(dfb.p, dx.p, W, T, acc, 0, Fp8Prefill::Fallback);
+                auto rel_l2 = [&](const std::vector<float>& a, const std::vector<float>& b) {
+                    double n = 0, d = 0;
+                    for (size_t i = 0; i < a.size(); ++i) {
+                        n += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+                        d += double(b[i]) * b[i];
+                    }
+                    return std::sqrt(n / std::max(d, 1e-30));
+                };
+                const auto fb = dfb.down();
+                const double efb = rel_l2(fb, f32);
+                expect(efb <= 0.01, "fp8 gemm fallback (bf16) vs f32 " + shape,
+                       "relative L2 error " + std::to_string(efb));
+                if (!dfb.pad_intact()) fail("fp8 gemm fallback padding " + shape, "written past the end");
+                if (!ok) {
+                    const bool must = prop.major >= 9 && sh.in % 128 == 0 && sh.out % 16 == 0;
+                    if (must) fail("cuBLASLt fp8 gemm " + shape, "refused: " + why);
+                    else pass("cuBLASLt fp8 gemm " + shape + " refused (the fallback computes it)", why);
+                    continue;
+                }
+                const auto got = dy.down();
+                std::vector<float> gn(got.size()), en(got.size());
+                for (size_t i = 0; i < got.size(); ++i) {
+                    gn[i] = float(got[i] / std::max(mag[i], 1e-30f));
+                    en[i] = float(emu[i] / std::max(mag[i], 1e-30f));
+                }
+                close("cuBLASLt fp8 gemm vs act-quant emulation (|err| / sum |products|)", shape, gn, en, 2e-3, 0);
+                const double e = rel_l2(got, f32);
+                expect(e <= 0.06, "cuBLASLt fp8 gemm vs f32 " + shape, "relative L2 error " + std::to_string(e));
+                if (!dy.pad_intact()) fail("cuBLASLt fp8 gemm padding " + shape, "written past the end");
             }
 }
 
@@ -847,7 +1057,10 @@ void check_checkpoint(SaveFormat fmt, const std::string& name) {
     Run c = run_prompt(*cpu, toks, ForwardOptions{}, false);
     // BF16 device weights. On a BF16 checkpoint they equal the CPU's exactly; decode-shaped
     // calls keep f32 activations (our GEMV), so token by token matches tightly.
-    CudaBackend gb(model, 64, CudaOptions{});
+    CudaOptions bf;
+    bf.keep_fp8 = false;  // BF16 even for the FP8 checkpoint (MOESCOPE_CUDA_WEIGHTS=bf16)
+    CudaBackend gb(model, 64, bf);
+    expect(gb.weight_dtype() == WeightDtype::BF16, name + " checkpoint: keep_fp8 = false gives BF16 device weights");
     const bool exact_weights = fmt == SaveFormat::BF16;
     compare_runs(name + " checkpoint, bf16 device weights, token-by-token", run_prompt(gb, toks, ForwardOptions{}, true),
                  c, exact_weights ? 2e-4 : 5e-2, exact_weights);
@@ -861,6 +1074,33 @@ void check_checkpoint(SaveFormat fmt, const std::string& name) {
     if (exact_weights) {
         auto a = greedy(gb, toks, 16, true), b = greedy(*cpu, toks, 16);
         expect(a == b, name + " checkpoint: bf16 greedy generation of 16 tokens (prompt fed stepwise) identical to the CPU");
+    }
+    if (fmt == SaveFormat::FP8) {
+        // FP8-resident (the default for an FP8 checkpoint). Token by token every FP8 matrix goes
+        // through the FP8 GEMV, which multiplies the CPU's own f32 weights (e4m3 * scale, the
+        // checkpoint bytes recovered exactly) with f32 activations; the only rounded weights are
+        // kv_b's (BF16 on the device, 2^-9 relative: the absorbed attention reads them per head,
+        // as DeepSeek's inference dequantizes wkv_b) - far below the 5e-2 of all-BF16 weights,
+        // so 1e-2 with >= 95% of the routing ids equal (a near-tie may flip).
+        CudaBackend gp(model, 64, CudaOptions{});
+        expect(gp.weight_dtype() == WeightDtype::FP8 && gp.name().find("fp8") != std::string::npos,
+               name + " checkpoint: FP8 device weights by default", gp.name());
+        std::printf("         %s\n", gp.notice().c_str());
+        expect(gp.plan().weights < gb.plan().weights, name + " checkpoint: the FP8 plan is smaller than the BF16 one",
+               std::to_string(gp.plan().weights) + " vs " + std::to_string(gb.plan().weights));
+        compare_runs(name + " checkpoint, fp8 device weights, token-by-token",
+                     run_prompt(gp, toks, ForwardOptions{}, true), c, 1e-2, false);
+        // One pass (prefill GEMMs): the activations are rounded once per matrix, to e4m3 (3
+        // mantissa bits) on the cuBLASLt path or to bf16 on the fallback; the bf16 case keeps
+        // the 0.15 of the BF16 one-pass check, e4m3 rounding is ~16x coarser: 0.5.
+        const bool lt = gp.notice().find("prefill: cuBLASLt") != std::string::npos;
+        compare_runs(name + " checkpoint, fp8 device weights, one pass (" + (lt ? "cuBLASLt" : "bf16 fallback") + ")",
+                     run_prompt(gp, toks, ForwardOptions{}, false), c, lt ? 0.5 : 0.15, false);
+        // Strict parity still available: f32 device weights equal the CPU's.
+        CudaOptions f;
+        f.dtype = WeightDtype::F32;
+        CudaBackend gf2(model, 64, f);
+        expect(gf2.weight_dtype() == WeightDtype::F32, name + " checkpoint: f32 still selectable");
     }
     fs::remove_all(dir);
 }
@@ -937,41 +1177,135 @@ void check_selection_and_refusal() {
     expect(free1 + (64u << 20) >= free0, "the refusal allocated nothing");
 }
 
+struct Group {
+    const char* name;
+    std::function<void()> fn;
+};
+
+// Each group runs in a child process of its own (this executable with --group NAME): a kernel
+// that faults poisons its CUDA context and a hang never returns, and either would otherwise
+// take every later check with it. The parent tallies the children's PASS/FAIL lines.
+int run_group(const Group& g) {
+    std::string name, err;
+    if (probe_devices(name, err) <= 0) {
+        fail(std::string(g.name) + " (device)", err);
+        return 1;
+    }
+    try {
+        g.fn();
+    } catch (const std::exception& e) {
+        fail(std::string(g.name) + " (exception)", e.what());
+    }
+    std::fflush(stdout);
+    return g_failed ? 1 : 0;
+}
+
+// Runs `self --group name` with a deadline; echoes and counts its PASS/FAIL lines.
+void run_child(const char* self, const Group& g, int timeout_s) {
+    int fds[2];
+    if (pipe(fds) != 0) {
+        fail(g.name, "pipe failed");
+        return;
+    }
+    const pid_t pid = fork();
+    if (pid == 0) {
+        dup2(fds[1], STDOUT_FILENO);
+        dup2(fds[1], STDERR_FILENO);
+        ::close(fds[0]);
+        ::close(fds[1]);
+        execl(self, self, "--group", g.name, static_cast<char*>(nullptr));
+        _exit(127);
+    }
+    ::close(fds[1]);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+    std::string buf;
+    bool timed_out = false;
+    char chunk[4096];
+    for (;;) {
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+        if (left.count() <= 0) {
+            timed_out = true;
+            kill(pid, SIGKILL);
+            break;
+        }
+        pollfd pf{fds[0], POLLIN, 0};
+        if (poll(&pf, 1, int(std::min<long long>(left.count(), 1000))) <= 0) continue;
+        const ssize_t n = read(fds[0], chunk, sizeof chunk);
+        if (n <= 0) break;
+        buf.append(chunk, size_t(n));
+        for (size_t nl; (nl = buf.find('\n')) != std::string::npos; buf.erase(0, nl + 1)) {
+            const std::string line = buf.substr(0, nl);
+            if (line.rfind("PASS   :", 0) == 0) ++g_passed;
+            if (line.rfind("FAIL!  :", 0) == 0) ++g_failed;
+            std::printf("%s\n", line.c_str());
+        }
+    }
+    if (!buf.empty()) std::printf("%s\n", buf.c_str());
+    ::close(fds[0]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    if (timed_out) fail(std::string(g.name) + " (timeout)", "killed after " + std::to_string(timeout_s) + " s");
+    else if (WIFSIGNALED(status))
+        fail(std::string(g.name) + " (crash)", "the check process died of signal " + std::to_string(WTERMSIG(status)));
+    std::fflush(stdout);
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+    const std::vector<Group> groups = {
+        {"rmsnorm", check_rmsnorm},
+        {"rope", check_rope},
+        {"linear", check_linear},
+        {"grouped_gemv", check_grouped_gemv},
+        {"fp8-gemv", check_fp8_gemv},
+        {"fp8-grouped-gemv", check_fp8_grouped_gemv},
+        {"fp8-gemm-cublaslt", check_fp8_gemm},
+        {"router", check_router},
+        {"router-wide", check_router_wide},
+        {"dispatch-combine", check_dispatch_combine},
+        {"mla", check_mla},
+        {"sampling", check_sampling},
+        {"sampling-edges", check_sampling_edges},
+        {"tiny-v3-fixture", check_fixture},
+        {"bf16-checkpoint", [] { check_checkpoint(SaveFormat::BF16, "bf16"); }},
+        {"fp8-checkpoint", [] { check_checkpoint(SaveFormat::FP8, "fp8"); }},
+        {"session", check_session},
+        {"selection-and-refusal", check_selection_and_refusal},
+    };
+    // The harness on itself (CTest, no device needed): a passing, a failing, a crashing and a
+    // hanging group must come out as 1 passed, 3 failed.
+    const std::vector<Group> harness = {
+        {"harness-pass", [] { expect(true, "harness pass"); }},
+        {"harness-fail", [] { expect(false, "harness fail", "on purpose"); }},
+        {"harness-crash", [] { std::abort(); }},
+        {"harness-hang", [] { std::this_thread::sleep_for(std::chrono::seconds(60)); }},
+    };
+    if (argc == 3 && std::string(argv[1]) == "--group") {
+        for (const auto* set : {&groups, &harness})
+            for (const auto& g : *set)
+                if (argv[2] == std::string(g.name)) return set == &harness ? (g.fn(), g_failed ? 1 : 0) : run_group(g);
+        std::fprintf(stderr, "no check group %s\n", argv[2]);
+        return 2;
+    }
+    if (argc == 2 && std::string(argv[1]) == "--harness-selftest") {
+        for (const auto& g : harness) run_child("/proc/self/exe", g, 3);
+        std::printf("%d passed, %d failed\n", g_passed, g_failed);
+        return g_passed == 1 && g_failed == 3 ? 0 : 1;
+    }
+    std::string only = argc == 2 ? argv[1] : "";  // a substring of group names
     std::string name, err;
     if (probe_devices(name, err) <= 0) {
         std::printf("SKIP   : no CUDA device (%s)\n0 passed, 0 failed\n", err.c_str());
         return 0;
     }
     std::printf("device: %s\n", name.c_str());
+    std::fflush(stdout);
+    const char* t = std::getenv("MOESCOPE_GPU_CHECK_TIMEOUT");
+    const int timeout_s = t ? std::max(1, std::atoi(t)) : 60;
     const auto t0 = std::chrono::steady_clock::now();
-    const std::vector<std::pair<const char*, std::function<void()>>> groups = {
-        {"rmsnorm", check_rmsnorm},
-        {"rope", check_rope},
-        {"linear", check_linear},
-        {"grouped_gemv", check_grouped_gemv},
-        {"router", check_router},
-        {"router (wide)", check_router_wide},
-        {"dispatch/combine", check_dispatch_combine},
-        {"mla", check_mla},
-        {"sampling", check_sampling},
-        {"sampling edges", check_sampling_edges},
-        {"tiny-v3 fixture", check_fixture},
-        {"bf16 checkpoint", [] { check_checkpoint(SaveFormat::BF16, "bf16"); }},
-        {"fp8 checkpoint", [] { check_checkpoint(SaveFormat::FP8, "fp8"); }},
-        {"session", check_session},
-        {"selection and refusal", check_selection_and_refusal},
-    };
-    for (const auto& [gname, fn] : groups) {
-        try {
-            fn();
-        } catch (const std::exception& e) {
-            fail(std::string(gname) + " (exception)", e.what());
-            cudaGetLastError();
-        }
-    }
+    for (const auto& g : groups)
+        if (only.empty() || std::string(g.name).find(only) != std::string::npos) run_child("/proc/self/exe", g, timeout_s);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("%.1f s\n%d passed, %d failed\n", s, g_passed, g_failed);
     return g_failed ? 1 : 0;

@@ -1,0 +1,218 @@
+// FP8 kernels: the decode GEMV and grouped GEMV over e4m3 weights with 128x128 block scales,
+// the 1x128 activation quantization for cuBLASLt, dequantization to bf16 (the prefill
+// fallback), and random FP8 weights for the benchmark.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include "kernels/device_util.cuh"
+#include "kernels/fp8.h"
+#include "kernels/gemm.h"
+
+namespace moescope::cuda {
+namespace {
+
+// e4m3 -> f16 is exact (f16 has more exponent and mantissa bits), so is f16 -> f32.
+__device__ __forceinline__ float fp8_to_f32(uint8_t b) {
+    const __half_raw h = __nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t(b), __NV_E4M3);
+    return __half2float(__half(h));
+}
+
+// Four e4m3 values packed little-endian in v (byte 0 first).
+__device__ __forceinline__ void fp8x4_to_f32(uint32_t v, float* f) {
+    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(v & 0xffffu), __NV_E4M3);
+    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(v >> 16), __NV_E4M3);
+    const float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
+    f[0] = a.x;
+    f[1] = a.y;
+    f[2] = b.x;
+    f[3] = b.y;
+}
+
+// 16 weights of one row starting at a multiple of 16 (so inside one 128-column block), each
+// e4m3 * scale rounded to f32: exactly the value load_weights gives the CPU.
+__device__ __forceinline__ void load16(const uint8_t* p, float s, float* wv) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    fp8x4_to_f32(raw.x, wv);
+    fp8x4_to_f32(raw.y, wv + 4);
+    fp8x4_to_f32(raw.z, wv + 8);
+    fp8x4_to_f32(raw.w, wv + 12);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) wv[j] *= s;
+}
+
+// One warp per output row o (8 per block), all R <= 8 token rows at once: each weight byte is
+// read once. Lanes walk the row in 16-byte vectors when the row allows it.
+__global__ void gemv_fp8_kernel(float* y, const float* x, const uint8_t* w, const float* scales, Fp8Grid g, int R,
+                                int ld_x, bool acc) {
+    const int lane = threadIdx.x & 31;
+    const int64_t o = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (o >= g.rows) return;
+    const int in = int(g.cols);
+    const uint8_t* wr = w + o * in;
+    const float* srow = scales + g.scale_row(o) * g.ld();
+    float a[kGemvMaxRows];
+#pragma unroll
+    for (int r = 0; r < kGemvMaxRows; ++r) a[r] = 0.0f;
+    const bool vec = (in % 16 == 0) && (ld_x % 4 == 0) && ((reinterpret_cast<uintptr_t>(w) & 15) == 0) &&
+                     ((reinterpret_cast<uintptr_t>(x) & 15) == 0);
+    if (vec) {
+        for (int i = lane * 16; i < in; i += 32 * 16) {
+            float wv[16];
+            load16(wr + i, srow[i / kFp8Block], wv);
+#pragma unroll
+            for (int r = 0; r < kGemvMaxRows; ++r) {
+                if (r < R) {
+                    const float* xr = x + int64_t(r) * ld_x + i;
+#pragma unroll
+                    for (int j = 0; j < 16; j += 4) {
+                        const float4 xv = *reinterpret_cast<const float4*>(xr + j);
+                        a[r] += wv[j] * xv.x + wv[j + 1] * xv.y + wv[j + 2] * xv.z + wv[j + 3] * xv.w;
+                    }
+                }
+            }
+        }
+    } else {
+        for (int i = lane; i < in; i += 32) {
+            const float wv = fp8_to_f32(wr[i]) * srow[i / kFp8Block];
+#pragma unroll
+            for (int r = 0; r < kGemvMaxRows; ++r)
+                if (r < R) a[r] += wv * x[int64_t(r) * ld_x + i];
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < kGemvMaxRows; ++r) {
+        if (r < R) {
+            const float v = warp_sum(a[r]);
+            if (lane == 0) {
+                float* yr = y + int64_t(r) * g.rows + o;
+                *yr = acc ? *yr + v : v;
+            }
+        }
+    }
+}
+
+// Grid (ceil(out / 8), R): warp = output row o of token row r, weights of expert[r].
+__global__ void grouped_gemv_fp8_kernel(float* y, const float* x, const void* const* weights, const int* expert,
+                                        Fp8Grid g) {
+    const int lane = threadIdx.x & 31;
+    const int64_t o = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int r = blockIdx.y;
+    if (o >= g.rows) return;
+    const int in = int(g.cols);
+    const uint8_t* base = static_cast<const uint8_t*>(weights[expert[r]]);
+    const uint8_t* wr = base + o * in;
+    const float* srow = reinterpret_cast<const float*>(base + g.scale_offset()) + g.scale_row(o) * g.ld();
+    const float* xr = x + int64_t(r) * in;
+    float a = 0.0f;
+    if (in % 16 == 0 && ((reinterpret_cast<uintptr_t>(wr) & 15) == 0) && ((reinterpret_cast<uintptr_t>(xr) & 15) == 0)) {
+        for (int i = lane * 16; i < in; i += 32 * 16) {
+            float wv[16];
+            load16(wr + i, srow[i / kFp8Block], wv);
+#pragma unroll
+            for (int j = 0; j < 16; j += 4) {
+                const float4 xv = *reinterpret_cast<const float4*>(xr + i + j);
+                a += wv[j] * xv.x + wv[j + 1] * xv.y + wv[j + 2] * xv.z + wv[j + 3] * xv.w;
+            }
+        }
+    } else {
+        for (int i = lane; i < in; i += 32) a += fp8_to_f32(wr[i]) * srow[i / kFp8Block] * xr[i];
+    }
+    a = warp_sum(a);
+    if (lane == 0) y[int64_t(r) * g.rows + o] = a;
+}
+
+// Block (t, b) of 128 threads: row t, columns [128 b, 128 b + 128).
+__global__ void quantize_act_kernel(uint8_t* q, float* scales, const float* x, int T, int T_pad, int K, int ld_x) {
+    const int t = blockIdx.x, b = blockIdx.y, c = b * kFp8Block + threadIdx.x;
+    const bool real = t < T && c < K;
+    const float v = real ? x[int64_t(t) * ld_x + c] : 0.0f;
+    const float amax = block_max(fabsf(v));  // every thread takes part (it synchronizes)
+    const float s = amax > 0.0f ? amax / 448.0f : 1.0f;
+    if (c < K) q[int64_t(t) * K + c] = real ? __nv_cvt_float_to_fp8(v / s, __NV_SATFINITE, __NV_E4M3) : 0;
+    if (threadIdx.x == 0) scales[int64_t(b) * T_pad + t] = s;
+}
+
+__global__ void dequantize_rows_kernel(__nv_bfloat16* out, const uint8_t* w, const float* scales, Fp8Grid g, int64_t r0,
+                                       int64_t n) {
+    const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= n * g.cols) return;
+    const int64_t r = r0 + i / g.cols, c = i % g.cols;
+    out[i] = __float2bfloat16_rn(fp8_to_f32(w[r * g.cols + c]) * scales[g.scale_row(r) * g.ld() + c / kFp8Block]);
+}
+
+__global__ void scatter_cols_kernel(float* y, int ld_y, int col0, const float* src, int T, int n, bool acc) {
+    const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= int64_t(T) * n) return;
+    float* d = y + (i / n) * ld_y + col0 + i % n;
+    *d = acc ? *d + src[i] : src[i];
+}
+
+__device__ __forceinline__ uint64_t mix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+__global__ void fill_fp8_kernel(uint8_t* q, float* scales, Fp8Grid g, float bound, uint64_t seed) {
+    const int64_t n = g.rows * g.cols, ns = g.scale_count();
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n + ns; i += int64_t(gridDim.x) * blockDim.x) {
+        if (i < n) {
+            const float u = float(mix64(seed ^ (uint64_t(i) * 0x2545f4914f6cdd1dull)) >> 40) * (1.0f / 16777216.0f);
+            q[i] = __nv_cvt_float_to_fp8((2.0f * u - 1.0f) * 448.0f, __NV_SATFINITE, __NV_E4M3);
+        } else {
+            const int64_t j = i - n;
+            scales[j] = j % g.ld() < g.col_blocks() ? bound / 448.0f : 0.0f;
+        }
+    }
+}
+
+}  // namespace
+
+void gemv_fp8(float* y, const float* x, const uint8_t* w, const float* scales, const Fp8Grid& g, int R, int ld_x,
+              bool accumulate, cudaStream_t s) {
+    if (R <= 0 || g.rows <= 0) return;
+    gemv_fp8_kernel<<<blocks_for(g.rows, 8), 256, 0, s>>>(y, x, w, scales, g, R, ld_x, accumulate);
+    check_launch("gemv_fp8_kernel");
+}
+
+void grouped_gemv_fp8(float* y, const float* x, const void* const* weights, const int* expert, int R, int out, int in,
+                      int64_t split, cudaStream_t s) {
+    if (R <= 0) return;
+    dim3 grid(blocks_for(out, 8), unsigned(R));
+    grouped_gemv_fp8_kernel<<<grid, 256, 0, s>>>(y, x, weights, expert, Fp8Grid{out, in, split});
+    check_launch("grouped_gemv_fp8_kernel");
+}
+
+void quantize_act_fp8(uint8_t* q, float* scales, const float* x, int T, int T_pad, int K, int ld_x, cudaStream_t s) {
+    if (T_pad <= 0 || K <= 0) return;
+    dim3 grid(unsigned(T_pad), unsigned(fp8_cdiv(K, kFp8Block)));
+    quantize_act_kernel<<<grid, kFp8Block, 0, s>>>(q, scales, x, T, T_pad, K, ld_x ? ld_x : K);
+    check_launch("quantize_act_kernel");
+}
+
+void dequantize_fp8_rows(void* bf16_out, const uint8_t* w, const float* scales, const Fp8Grid& g, int64_t r0,
+                         int64_t n, cudaStream_t s) {
+    if (n <= 0) return;
+    dequantize_rows_kernel<<<blocks_for(n * g.cols, 256), 256, 0, s>>>(static_cast<__nv_bfloat16*>(bf16_out), w,
+                                                                        scales, g, r0, n);
+    check_launch("dequantize_rows_kernel");
+}
+
+void scatter_cols(float* y, int ld_y, int col0, const float* src, int T, int n, bool accumulate, cudaStream_t s) {
+    if (T <= 0 || n <= 0) return;
+    scatter_cols_kernel<<<blocks_for(int64_t(T) * n, 256), 256, 0, s>>>(y, ld_y, col0, src, T, n, accumulate);
+    check_launch("scatter_cols_kernel");
+}
+
+void fill_fp8_random(void* carve, const Fp8Grid& g, float bound, uint64_t seed, cudaStream_t s) {
+    auto* q = static_cast<uint8_t*>(carve);
+    auto* sc = reinterpret_cast<float*>(q + g.scale_offset());
+    const int64_t n = g.rows * g.cols + g.scale_count();
+    const unsigned blocks = unsigned(n / 256 + 1 < 65536 ? n / 256 + 1 : 65536);
+    fill_fp8_kernel<<<blocks, 256, 0, s>>>(q, sc, g, bound, seed);
+    check_launch("fill_fp8_kernel");
+}
+
+}  // namespace moescope::cuda
