@@ -42,6 +42,7 @@ __global__ void fill_constant_kernel(float* data, int64_t n, float value) {
 
 void embed(float* out, const WRef& table, const int* ids, int T, cudaStream_t s) {
     if (T <= 0) return;
+    if (table.fp8()) throw DeviceError("embed: the table must be BF16 or F32 (the FP8 plan keeps it BF16)");
     const int D = int(table.cols);
     dim3 grid(blocks_for(D, 256), unsigned(T));
     if (table.bf16)

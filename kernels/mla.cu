@@ -16,7 +16,8 @@ __global__ void latent_append_kernel(float* cache_c, float* cache_kpe, const flo
     double ss = 0;
     for (int i = threadIdx.x; i < d_c; i += blockDim.x) ss += double(row[i]) * double(row[i]);
     ss = block_sum(ss);
-    const float r = float(1.0 / sqrt(ss / d_c + 1e-6));
+    // eps as the CPU passes it (the float 1e-6f widened to double), not the double 1e-6.
+    const float r = float(1.0 / sqrt(ss / d_c + double(1e-6f)));
     float* c = cache_c + int64_t(start + t) * d_c;
     for (int i = threadIdx.x; i < d_c; i += blockDim.x) c[i] = row[i] * r * w[i];
     float* kp = cache_kpe + int64_t(start + t) * d_rope;
@@ -194,6 +195,7 @@ void latent_append(float* cache_c, float* cache_kpe, const float* kv, const floa
 void absorb_query(float* q_lat, const float* q, const WRef& kv_b, int T, const MlaShape& m, cudaStream_t s) {
     const int64_t n = int64_t(T) * m.H * m.d_c;
     if (n <= 0) return;
+    if (kv_b.fp8()) throw DeviceError("absorb_query: kv_b must be BF16 or F32 (the FP8 plan keeps it BF16)");
     const int dq = m.d_nope + m.d_rope, dkvb = m.d_nope + m.d_v;
     if (kv_b.bf16)
         absorb_query_kernel<<<blocks_for(n, 256), 256, 0, s>>>(q_lat, q, static_cast<const __nv_bfloat16*>(kv_b.ptr),
@@ -229,6 +231,7 @@ void attention_absorbed(float* o_lat, float* partial, const float* q_lat, const 
 void project_values(float* o, const float* o_lat, const WRef& kv_b, int T, const MlaShape& m, cudaStream_t s) {
     const int64_t warps = int64_t(T) * m.H * m.d_v;
     if (warps <= 0) return;
+    if (kv_b.fp8()) throw DeviceError("project_values: kv_b must be BF16 or F32 (the FP8 plan keeps it BF16)");
     const unsigned blocks = blocks_for(warps * 32, 256);
     if (kv_b.bf16)
         project_values_kernel<<<blocks, 256, 0, s>>>(o, o_lat, static_cast<const __nv_bfloat16*>(kv_b.ptr), T, m.H,

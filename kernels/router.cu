@@ -1,6 +1,12 @@
-// Router kernel: one thread per token, the CPU algorithm line by line (E is at most a few
-// hundred, so a sequential scan per token is cheap and keeps the decisions identical).
+// Router kernel: one warp per token. Lane l owns experts e = l, l + 32, ...; each selection
+// round (top groups, then top experts) every lane proposes its best candidate and a warp
+// argmax picks the winner, ties to the lower index. The sums (softmax denominator, group
+// scores, weights) run in the CPU's sequential order, so every value and decision is the one
+// route() of engine/model/moe.cpp makes. (One thread per token, the first version, scanned
+// E experts k times with a k-long "already taken" check of global memory each: ~10^4 serial
+// L2 reads per token and MoE layer, milliseconds per decoded token.)
 #include <cfloat>
+#include <climits>
 #include <cmath>
 
 #include "kernels/device_util.cuh"
@@ -9,86 +15,133 @@
 namespace moescope::cuda {
 namespace {
 
+constexpr int kRouterThreads = 128;  // 4 tokens per block
+
+// (va, ia) ranks before (vb, ib): larger value first, ties to the lower index (top_n's order).
+__device__ __forceinline__ bool ranks_before(float va, int ia, float vb, int ib) {
+    return va > vb || (va == vb && ia < ib);
+}
+
+// Warp argmax of (v, i) under ranks_before; every lane gets lane 0's result (so the warp
+// agrees even if a NaN made the order partial).
+__device__ __forceinline__ void warp_best(float& v, int& i) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (ranks_before(ov, oi, v, i)) {
+            v = ov;
+            i = oi;
+        }
+    }
+    v = __shfl_sync(0xffffffffu, v, 0);
+    i = __shfl_sync(0xffffffffu, i, 0);
+}
+
 __global__ void route_kernel(int* ids_out, float* w_out, float* scores, uint8_t* kept_out, const float* logits,
                              const float* bias, int T, RouterParams p) {
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= T) return;
+    const int lane = threadIdx.x & 31;
+    const int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+    if (t >= T) return;  // whole warps: every shuffle below has all 32 lanes
     const int E = p.E, k = p.k;
     const bool grouped = p.method != 0;
     const int G = grouped ? p.n_group : 1, gs = E / G;
-    float* s = scores + int64_t(t) * E;
-    const float* lg = logits + int64_t(t) * E;
+    float* s = scores + t * E;
+    const float* lg = logits + t * E;
     if (p.sigmoid) {
-        for (int e = 0; e < E; ++e) s[e] = 1.0f / (1.0f + expf(-lg[e]));
-    } else {  // softmax_inplace: f32 max and exp, f64 sum, multiply by the f32 inverse
-        float m = lg[0];
-        for (int e = 1; e < E; ++e) m = fmaxf(m, lg[e]);
-        double sum = 0;
-        for (int e = 0; e < E; ++e) {
-            s[e] = expf(lg[e] - m);
-            sum += s[e];
+        for (int e = lane; e < E; e += 32) s[e] = 1.0f / (1.0f + expf(-lg[e]));
+    } else {  // softmax_inplace: f32 max and exp, f64 sum in index order, multiply by the f32 inverse
+        float m = -INFINITY;
+        for (int e = lane; e < E; e += 32) m = fmaxf(m, lg[e]);
+        m = warp_max(m);
+        for (int e = lane; e < E; e += 32) s[e] = expf(lg[e] - m);
+        __syncwarp();
+        float inv = 0.0f;
+        if (lane == 0) {
+            double sum = 0;
+            for (int e = 0; e < E; ++e) sum += s[e];
+            inv = float(1.0 / sum);
         }
-        const float inv = float(1.0 / sum);
-        for (int e = 0; e < E; ++e) s[e] *= inv;
+        inv = __shfl_sync(0xffffffffu, inv, 0);
+        for (int e = lane; e < E; e += 32) s[e] *= inv;
     }
+    __syncwarp();  // from here lanes read scores other lanes wrote
     const bool add_bias = p.use_bias && bias != nullptr;
     auto choose = [&](int e) { return s[e] + (add_bias ? bias[e] : 0.0f); };
-    uint8_t kept[kRouterMaxGroups];
-    for (int g = 0; g < G; ++g) kept[g] = grouped ? 0 : 1;
+    uint64_t kept = grouped ? 0 : 1;  // bit g: group g kept (G <= 64)
     if (grouped) {
-        float gscore[kRouterMaxGroups];
-        for (int g = 0; g < G; ++g) {
-            if (p.method == 2) {
-                float a = -INFINITY, b = a;  // two largest
-                for (int i = 0; i < gs; ++i) {
-                    const float v = choose(g * gs + i);
-                    if (v > a) {
-                        b = a;
-                        a = v;
-                    } else if (v > b) {
-                        b = v;
+        float gscore[2];  // groups lane and lane + 32, each scored sequentially like the CPU
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int g = lane + 32 * j;
+            float score = -INFINITY;
+            if (g < G) {
+                if (p.method == 2) {
+                    float a = -INFINITY, b = a;  // two largest
+                    for (int i = 0; i < gs; ++i) {
+                        const float v = choose(g * gs + i);
+                        if (v > a) {
+                            b = a;
+                            a = v;
+                        } else if (v > b) {
+                            b = v;
+                        }
                     }
+                    score = a + b;
+                } else {
+                    float a = choose(g * gs);
+                    for (int i = 1; i < gs; ++i) a = fmaxf(a, choose(g * gs + i));  // max_element
+                    score = a;
                 }
-                gscore[g] = a + b;
-            } else {
-                float a = choose(g * gs);
-                for (int i = 1; i < gs; ++i) a = fmaxf(a, choose(g * gs + i));  // max_element
-                gscore[g] = a;
             }
+            gscore[j] = score;
         }
         for (int n = 0; n < p.topk_group; ++n) {  // top groups, ties to the lower index
-            int best = -1;
-            for (int g = 0; g < G; ++g)
-                if (!kept[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
-            kept[best] = 1;
+            float bv = -INFINITY;
+            int bi = INT_MAX;  // no candidate
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int g = lane + 32 * j;
+                if (g < G && !((kept >> g) & 1) && ranks_before(gscore[j], g, bv, bi)) {
+                    bv = gscore[j];
+                    bi = g;
+                }
+            }
+            warp_best(bv, bi);
+            if (bi < G) kept |= uint64_t(1) << bi;  // always, as topk_group <= n_group
         }
     }
-    int* ids = ids_out + int64_t(t) * k;
-    float* w = w_out + int64_t(t) * k;
+    // Top-k: round n takes the best expert ranking after round n-1's pick, i.e. the n-th of
+    // top_n's order; experts of dropped groups score -inf (never chosen: k <= kept experts).
+    int* ids = ids_out + t * k;
+    float pv = INFINITY;
+    int pi = -1;
     for (int n = 0; n < k; ++n) {
-        int best = -1;
-        float bv = 0.0f;
-        for (int e = 0; e < E; ++e) {
-            bool taken = false;
-            for (int i = 0; i < n; ++i) taken |= ids[i] == e;
-            if (taken) continue;
-            const float v = kept[e / gs] ? choose(e) : -INFINITY;
-            if (best < 0 || v > bv) {
-                best = e;
+        float bv = -INFINITY;
+        int bi = INT_MAX;
+        for (int e = lane; e < E; e += 32) {
+            const float v = ((kept >> (e / gs)) & 1) ? choose(e) : -INFINITY;
+            if (ranks_before(pv, pi, v, e) && ranks_before(v, e, bv, bi)) {
                 bv = v;
+                bi = e;
             }
         }
-        ids[n] = best;
+        warp_best(bv, bi);
+        if (lane == 0) ids[n] = bi;
+        pv = bv;
+        pi = bi;
     }
-    float sum = 0.0f;
-    for (int i = 0; i < k; ++i) {
-        w[i] = s[ids[i]];
-        sum += w[i];
+    if (lane == 0) {  // the CPU's arithmetic, in its order
+        float* w = w_out + t * k;
+        float sum = 0.0f;
+        for (int i = 0; i < k; ++i) {
+            w[i] = s[ids[i]];
+            sum += w[i];
+        }
+        if (p.norm_topk_prob && k > 1)
+            for (int i = 0; i < k; ++i) w[i] /= (sum + 1e-20f);
+        for (int i = 0; i < k; ++i) w[i] *= p.routed_scaling_factor;
     }
-    if (p.norm_topk_prob && k > 1)
-        for (int i = 0; i < k; ++i) w[i] /= (sum + 1e-20f);
-    for (int i = 0; i < k; ++i) w[i] *= p.routed_scaling_factor;
-    for (int g = 0; g < G; ++g) kept_out[int64_t(t) * G + g] = kept[g];
+    for (int g = lane; g < G; g += 32) kept_out[t * G + g] = uint8_t((kept >> g) & 1);
 }
 
 }  // namespace
@@ -99,7 +152,8 @@ void route(int* ids, float* weights, float* scores, uint8_t* kept, const float* 
     if (p.k > kRouterMaxK || (p.method != 0 && p.n_group > kRouterMaxGroups))
         throw DeviceError("route: at most " + std::to_string(kRouterMaxK) + " experts per token and " +
                           std::to_string(kRouterMaxGroups) + " groups are supported on the device");
-    route_kernel<<<blocks_for(T, 64), 64, 0, s>>>(ids, weights, scores, kept, logits, bias, T, p);
+    route_kernel<<<blocks_for(int64_t(T) * 32, kRouterThreads), kRouterThreads, 0, s>>>(ids, weights, scores, kept,
+                                                                                       logits, bias, T, p);
     check_launch("route_kernel");
 }
 

@@ -1,5 +1,6 @@
 // Sampling kernel: one block of 1024 threads per row.
 #include <cfloat>
+#include <cmath>
 
 #include "kernels/device_util.cuh"
 #include "kernels/sampling.h"
@@ -9,7 +10,10 @@ namespace {
 
 constexpr int kThreads = 1024;
 
+// Order-preserving key of a logit; -0 takes +0's key, so a tie between them (equal
+// probabilities on the host) stays a tie at a threshold.
 __device__ __forceinline__ uint32_t key_of(float v) {
+    if (v == 0.0f) return 0x80000000u;
     const uint32_t b = __float_as_uint(v);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
@@ -35,7 +39,8 @@ __global__ void sample_kernel(int* ids, const float* logits, const float* u, int
     __shared__ int best_i[kThreads];
     const float* lg = logits + int64_t(blockIdx.x) * V;
     if (p.temperature <= 0.0f) {
-        float bv = -FLT_MAX;
+        // (-inf, V) is "no candidate": any real logit, -inf included, beats it (lower index).
+        float bv = -INFINITY;
         int bi = V;
         for (int i = threadIdx.x; i < V; i += blockDim.x)
             if (bi == V || lg[i] > bv) {  // ascending i: strict > keeps the lower id on ties
@@ -74,14 +79,17 @@ __global__ void sample_kernel(int* ids, const float* logits, const float* u, int
         }
         Kk = uint32_t(lo);
     }
-    // top-p: the largest key K >= Kk whose kept mass reaches top_p of the top-k mass.
+    // top-p: the largest key K >= Kk whose kept mass reaches top_p of the top-k mass. The mass
+    // must also be positive (the largest logit, exp(0) = 1, is always kept): top_p <= 0 keeps
+    // the top ties, as the host does, instead of nothing (which drew token 0).
     uint32_t K = Kk;
     if (p.top_p < 1.0f) {
         const float target = p.top_p * block_mass_ge(lg, V, Kk, Kk, m, inv_temp);
         uint64_t lo = Kk, hi = 0xffffffffull;
         while (lo < hi) {
             const uint64_t mid = lo + (hi - lo + 1) / 2;
-            if (block_mass_ge(lg, V, uint32_t(mid), Kk, m, inv_temp) >= target) lo = mid;
+            const float mass = block_mass_ge(lg, V, uint32_t(mid), Kk, m, inv_temp);
+            if (mass >= target && mass > 0.0f) lo = mid;
             else hi = mid - 1;
         }
         K = uint32_t(lo);

@@ -520,6 +520,37 @@ void check_router() {
     }
 }
 
+// The warp router at its limits: 64 groups (two per lane), k = 16, a lone expert per lane
+// round (E = 256 over 32 lanes), rows that fill several blocks; ties decided by index.
+void check_router_wide() {
+    std::mt19937 rng(15);
+    ModelConfig cfg = ModelConfig::load(kFixtures + "/configs/deepseek-v3.json");
+    cfg.n_group = 64;
+    cfg.topk_group = 20;
+    cfg.num_experts_per_tok = 16;
+    RouterDims d(cfg);
+    for (int T : {1, 5, 130})
+        for (bool ties : {false, true}) {
+            auto logits = randv(rng, size_t(T) * d.E, -4, 4);
+            auto bias = randv(rng, size_t(d.E), -0.5f, 0.5f);
+            if (ties) {
+                for (auto& v : logits) v = std::round(v);
+                for (auto& v : bias) v = std::round(v * 4) / 4;
+            }
+            Routing r;
+            route(r, logits.data(), T, bias.data(), d);
+            DBuf<float> dl(logits), db(bias), dw(size_t(T) * d.k), ds(size_t(T) * d.E);
+            DBuf<int> di(size_t(T) * d.k);
+            DBuf<uint8_t> dk(size_t(T) * d.n_group);
+            moescope::cuda::route(di.p, dw.p, ds.p, dk.p, dl.p, db.p, T, params_of(d), nullptr);
+            const std::string sh = shp({T, d.E}) + " 64 groups k 16" + (ties ? " ties" : "");
+            expect(di.down() == r.ids, "router ids " + sh, "ids differ from route()");
+            expect(dk.down() == r.kept_groups, "router kept groups " + sh);
+            close("router weights", sh, dw.down(), r.weights, 1e-6, 1e-5);
+            expect(di.pad_intact() && dw.pad_intact() && dk.pad_intact(), "router padding " + sh);
+        }
+}
+
 void check_dispatch_combine() {
     std::mt19937 rng(6);
     for (auto [T, k, E, D] : {std::array{1, 6, 64, 63}, {3, 8, 256, 130}, {63, 4, 16, 64}, {40, 6, 64, 2048}}) {
@@ -734,6 +765,26 @@ void check_sampling() {
             expect(why.empty(), name, why);
         }
     }
+}
+
+// Sampling corner cases the host sampler (engine/session.cpp) defines: top_p = 0 (the GUI
+// allows it) keeps the top token rather than nothing; -0 and +0 logits are one tie at a
+// top-k boundary (equal probabilities on the host).
+void check_sampling_edges() {
+    const std::vector<float> lg = {-1.0f, 3.0f, 0.5f, 2.0f, -0.0f, 0.0f, -2.0f};
+    const int V = int(lg.size());
+    DBuf<float> dl(lg), du(std::vector<float>{0.1f, 0.9f});
+    DBuf<int> dids(2);
+    sample(dids.p, dl.p, du.p, 2, V, SampleParams{1.0f, 0, 0.0f}, nullptr);  // the same row twice
+    auto g = dids.down();
+    expect(g[0] == 1 && g[1] == 1, "sample top_p=0 keeps the most likely token",
+           "ids " + std::to_string(g[0]) + ", " + std::to_string(g[1]));
+    // Logits <= 0 only: -0 and +0 tie for the top; top_k = 1 keeps both, u = 0.1 draws the first.
+    const std::vector<float> lz = {-1.0f, -0.0f, 0.0f, -3.0f};
+    DBuf<float> dz(lz);
+    sample(dids.p, dz.p, du.p, 1, int(lz.size()), SampleParams{1.0f, 1, 1.0f}, nullptr);
+    auto z = dids.down();
+    expect(z[0] == 1, "sample top_k boundary: -0 and +0 are one tie", "id " + std::to_string(z[0]));
 }
 
 // ---- the whole backend ----------------------------------------------------------------
@@ -1211,9 +1262,11 @@ int main(int argc, char** argv) {
         {"fp8-grouped-gemv", check_fp8_grouped_gemv},
         {"fp8-gemm-cublaslt", check_fp8_gemm},
         {"router", check_router},
+        {"router-wide", check_router_wide},
         {"dispatch-combine", check_dispatch_combine},
         {"mla", check_mla},
         {"sampling", check_sampling},
+        {"sampling-edges", check_sampling_edges},
         {"tiny-v3-fixture", check_fixture},
         {"bf16-checkpoint", [] { check_checkpoint(SaveFormat::BF16, "bf16"); }},
         {"fp8-checkpoint", [] { check_checkpoint(SaveFormat::FP8, "fp8"); }},
