@@ -145,6 +145,7 @@ inline int64_t activation_bytes(const ModelConfig& c, const ActivationDims& a) {
                   Id = c.intermediate_size, Sn = a.naive_positions;
     int64_t f = 0;  // f32 elements
     auto add = [&](int64_t n) { f += align_up(n * 4) / 4; };
+    add(T);                                         // token ids
     for (int i = 0; i < 5; ++i) add(T * D);        // h, xn, y, hidden, raw (f32)
     add(T * 2 * D);                                 // MTP concat
     add(T * H * dq);                                // q
@@ -160,8 +161,9 @@ inline int64_t activation_bytes(const ModelConfig& c, const ActivationDims& a) {
     add(T * E);                                     // router scores
     add(T * k * 2);                                 // ids, weights
     add(T * G);                                     // kept groups (bytes, padded as floats)
-    add(E + 1 + E);                                 // counts, offsets
-    add(T * k * 2);                                 // perm, row_of_slot
+    add(E);                                         // counts
+    add(E + 1);                                     // offsets
+    for (int i = 0; i < 3; ++i) add(T * k);         // perm, row_of_slot, row_expert
     add(T * k * D);                                 // gathered expert inputs
     add(T * k * 2 * I);                             // expert gate|up
     add(T * k * I);                                 // expert SwiGLU output
@@ -170,7 +172,7 @@ inline int64_t activation_bytes(const ModelConfig& c, const ActivationDims& a) {
     add(T * 2 * std::max(Is, Id));                  // shared / dense gate|up
     add(T * std::max(Is, Id));                      // shared / dense SwiGLU output
     add(T * V);                                     // logits
-    add(T * 3);                                     // sampling: uniforms, ids, log-probabilities
+    for (int i = 0; i < 3; ++i) add(T);            // sampling: uniforms, ids, log-probabilities
     add(1);                                         // the decode position read by a CUDA graph
     // BF16 copies of GEMM inputs for cuBLAS (half-size elements).
     const int64_t cast = std::max({T * 2 * D, T * std::max<int64_t>(1, c.q_lora_rank), T * H * dv, T * k * I,
