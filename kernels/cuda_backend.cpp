@@ -233,12 +233,18 @@ struct CudaBackend::Impl {
     int* d_start = nullptr;        // [1] decode position for graph replays
     const int* dyn_start = nullptr;  // set while enqueuing a graph body: kernels read the position here
     Pinned pin_start;
-    bool use_graphs = false;
+    // CUDA graphs replay the absorbed steps of at most kGraphRows tokens (decode, MTP drafts,
+    // verification), one graph per cache, stack and shape. A new graph's first replay is checked
+    // against the same kernels launched one by one; a difference turns graphs off (graph_notice).
+    static constexpr int kGraphRows = 4;
+    bool use_graphs = true;
+    std::string graph_notice;
     struct GraphEntry {
         const float *c0, *kpe0;    // the cache's first buffers: same pointers = same layout
-        int layers, cap;
+        int layers, cap, first, n, head_rows;
         bool telemetry, want_scores, host_logits;
         cudaGraphExec_t exec;
+        bool verified;
     };
     std::vector<GraphEntry> graphs;
     void* cast = nullptr;          // bf16 staging for cuBLAS
@@ -399,7 +405,7 @@ struct CudaBackend::Impl {
         sample_logprob = act_arena.carve<float>(T);
         d_start = act_arena.carve<int>(1);
         pin_start.reserve(sizeof(int));
-        if (const char* g = std::getenv("MOESCOPE_CUDA_GRAPH")) use_graphs = std::string(g) == "1";
+        if (const char* g = std::getenv("MOESCOPE_CUDA_GRAPH")) use_graphs = std::string(g) != "0";
         const int64_t cast_elems = std::max({T * 2 * D, T * std::max<int64_t>(1, cfg.q_lora_rank), T * H * dv,
                                              T * k * I, T * k * D, T * std::max(Is, Id), Sn * dc, T * D});
         cast = act_arena.carve<uint16_t>(cast_elems);
@@ -566,16 +572,16 @@ struct CudaBackend::Impl {
         combine(h, shared, ye, ids_d, w_d, row_of_slot, n, k, D, s);
     }
 
-    // Runs chunks of the stack [first, first + count) of layers; `prepare(c0, n)` fills h.
-    // The graph replaying one decode step of the main model over `cache`, captured on first use.
-    cudaGraphExec_t decode_graph(CudaCache& cache, const ForwardOptions& o, bool host_logits,
-                                 const std::function<void()>& enqueue) {
-        for (const auto& g : graphs)
+    // The graph of one absorbed step of `n` tokens through the stack starting at layer `first`
+    // over `cache`, captured on first use (the position is read from d_start).
+    GraphEntry& step_graph(CudaCache& cache, int first, int n, int head_rows, const ForwardOptions& o,
+                           bool host_logits, const std::function<void()>& enqueue) {
+        for (auto& g : graphs)
             if (g.c0 == cache.c_[0] && g.kpe0 == cache.kpe_[0] && g.layers == int(cache.c_.size()) &&
-                g.cap == cache.cap_ && g.telemetry == telemetry && g.want_scores == o.want_scores &&
-                g.host_logits == host_logits)
-                return g.exec;
-        if (graphs.size() >= 8) {  // a bounded set: drop the oldest
+                g.cap == cache.cap_ && g.first == first && g.n == n && g.head_rows == head_rows &&
+                g.telemetry == telemetry && g.want_scores == o.want_scores && g.host_logits == host_logits)
+                return g;
+        if (graphs.size() >= 16) {  // a bounded set: drop the oldest
             cudaGraphExecDestroy(graphs.front().exec);
             graphs.erase(graphs.begin());
         }
@@ -597,9 +603,55 @@ struct CudaBackend::Impl {
         const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
         cudaGraphDestroy(graph);
         check(e, "cudaGraphInstantiate");
-        graphs.push_back(
-            {cache.c_[0], cache.kpe_[0], int(cache.c_.size()), cache.cap_, telemetry, o.want_scores, host_logits, exec});
-        return exec;
+        graphs.push_back({cache.c_[0], cache.kpe_[0], int(cache.c_.size()), cache.cap_, first, n, head_rows, telemetry,
+                          o.want_scores, host_logits, exec, false});
+        return graphs.back();
+    }
+
+    // After the first replay of `g`: the same step launched kernel by kernel (the same kernels,
+    // the position read from the device in both, so the results must agree to the bit, up to
+    // float atomics we do not use). The launched run comes second, so the cache rows it writes
+    // are right whatever the graph did. On a difference graphs are off for this backend.
+    void verify_graph(GraphEntry& g, int n, int head_rows, const float* po, const std::function<void()>& enqueue) {
+        const int D = cfg.hidden_size, V = cfg.vocab_size;
+        auto results = [&] {
+            check(cudaStreamSynchronize(stream), "cudaStreamSynchronize (graph check)");
+            const size_t nh = size_t(2 * n) * size_t(D), nl = size_t(head_rows) * size_t(V);
+            std::vector<float> r(nh + nl);
+            std::memcpy(r.data(), po, sizeof(float) * nh);
+            check(cudaMemcpy(r.data() + nh, logits, sizeof(float) * nl,
+                             cudaMemcpyDeviceToHost),
+                  "copy logits (graph check)");
+            return r;
+        };
+        const std::vector<float> replayed = results();
+        dyn_start = d_start;
+        try {
+            enqueue();
+        } catch (...) {
+            dyn_start = nullptr;
+            throw;
+        }
+        dyn_start = nullptr;
+        const std::vector<float> launched = results();
+        size_t worst = 0;
+        double worst_err = 0;
+        for (size_t i = 0; i < launched.size(); ++i) {
+            const double err = std::fabs(double(replayed[i]) - double(launched[i]));
+            if (!(err <= 1e-6 + 1e-5 * std::fabs(double(launched[i])))) {
+                worst = i;
+                worst_err = std::isnan(err) ? INFINITY : err;
+                break;
+            }
+        }
+        if (worst_err == 0) {
+            g.verified = true;
+            return;
+        }
+        use_graphs = false;
+        graph_notice = "CUDA graphs off: the replay of a " + std::to_string(n) + "-token step differed from its launches (" +
+                       (worst < size_t(2 * n) * D ? "hidden" : "logits") + " element " + std::to_string(worst) +
+                       ", |diff| " + std::to_string(worst_err) + "); steps run kernel by kernel";
     }
 
     // upload(c0, n): host -> device inputs of a chunk (may wait); body(n): the device-only start
@@ -663,12 +715,14 @@ struct CudaBackend::Impl {
                     check(cudaMemcpyAsync(pin_tele.p, tele, size_t(tl.end), cudaMemcpyDeviceToHost, stream),
                           "copy telemetry");
             };
-            // A decode step of the main model (one token, absorbed attention) may replay a graph.
-            if (use_graphs && T == 1 && first == 0 && o.absorbed) {
+            // A small absorbed step (decode, an MTP draft, a verification) may replay a graph.
+            if (use_graphs && o.absorbed && T <= kGraphRows && T <= Tc) {
                 *static_cast<int*>(pin_start.p) = pos;
                 check(cudaMemcpyAsync(d_start, pin_start.p, sizeof(int), cudaMemcpyHostToDevice, stream),
                       "upload position");
-                check(cudaGraphLaunch(decode_graph(cache, o, host_logits, enqueue), stream), "cudaGraphLaunch");
+                GraphEntry& g = step_graph(cache, first, n, head_rows, o, host_logits, enqueue);
+                check(cudaGraphLaunch(g.exec, stream), "cudaGraphLaunch");
+                if (!g.verified) verify_graph(g, n, head_rows, po, enqueue);
             } else {
                 enqueue();
             }
@@ -982,8 +1036,8 @@ std::string CudaBackend::name() const {
 WeightDtype CudaBackend::weight_dtype() const { return impl_->opt.dtype; }
 std::string CudaBackend::notice() const {
     const Impl& I = *impl_;
-    if (I.opt.dtype != WeightDtype::FP8) return "";
-    std::string n = "FP8 e4m3 weights with 128x128 block scales (decode: FP8 GEMV); " + I.fp8_prefill;
+    if (I.opt.dtype != WeightDtype::FP8) return I.graph_notice;
+    std::string n = (I.graph_notice.empty() ? "" : I.graph_notice + "; ") + "FP8 e4m3 weights with 128x128 block scales (decode: FP8 GEMV); " + I.fp8_prefill;
     if (I.fp8_lossy > 0)
         n += "; " + std::to_string(I.fp8_lossy) +
              " weight matrices had no exact FP8 form (not from an FP8 checkpoint, or changed since loading) and "
@@ -998,7 +1052,10 @@ const std::vector<std::vector<int>>& CudaBackend::last_loads() const { return im
 void CudaBackend::set_telemetry(bool on) { impl_->telemetry = on; }
 const MemoryPlan& CudaBackend::plan() const { return impl_->plan; }
 std::string CudaBackend::device_name() const { return impl_->device; }
-void CudaBackend::set_graphs(bool on) { impl_->use_graphs = on; }
+void CudaBackend::set_graphs(bool on) {
+    impl_->use_graphs = on;
+    if (on) impl_->graph_notice.clear();
+}
 bool CudaBackend::graphs() const { return impl_->use_graphs; }
 void CudaBackend::synchronize() { check(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize"); }
 

@@ -69,12 +69,15 @@ public:
     void set_telemetry(bool on);
     const MemoryPlan& plan() const;
     std::string device_name() const;
-    // The weight dtype in use, and for FP8 what prefill uses and why (the self-check's result, a
-    // fallback's reason, weights that had to be re-quantized lossily). Empty for BF16 / F32.
+    // The weight dtype in use; what the backend changed from its defaults and why: for FP8
+    // what prefill uses (the self-check's result, a fallback's reason, weights re-quantized
+    // lossily), and CUDA graphs turned off after a replay that differed from its launches.
     WeightDtype weight_dtype() const;
     std::string notice() const;
-    // Decode steps (one token, absorbed attention) replayed from a captured CUDA graph, one per
-    // cache; off by default, or MOESCOPE_CUDA_GRAPH=1 in the environment.
+    // Small absorbed steps (decode, MTP drafts, verification: up to 4 tokens) replayed from CUDA
+    // graphs captured on first use, one per cache, stack and shape, each checked on its first
+    // replay against the same kernels launched one by one. On by default; MOESCOPE_CUDA_GRAPH=0
+    // in the environment turns them off.
     void set_graphs(bool on);
     bool graphs() const;
     // Waits for the device (benchmark timing).

@@ -49,11 +49,12 @@ int cmd_gpu_bench(const std::vector<std::string>& argv) {
               << "copy bandwidth    " << r.value("copy_bandwidth_GBps", 0.0) << " GB/s\n"
               << "prefill           " << r.value("prefill_tokens_per_s", 0.0) << " tokens/s ("
               << r.value("prompt_tokens", 0) << " tokens)\n"
-              << "decode            " << r.value("decode_tokens_per_s", 0.0) << " tokens/s, "
-              << r.value("decode_bandwidth_GBps", 0.0) << " GB/s = "
+              << "decode            " << r.value("decode_tokens_per_s", 0.0) << " tokens/s ("
+              << r.value("decode_path", "") << "), " << r.value("decode_bandwidth_GBps", 0.0) << " GB/s = "
               << 100.0 * r.value("decode_fraction_of_copy_bandwidth", 0.0) << "% of copy bandwidth\n"
-              << "decode (graph)    " << r.value("decode_tokens_per_s_cuda_graph", 0.0) << " tokens/s\n"
+              << "decode (launched) " << r.value("decode_tokens_per_s_launches", 0.0) << " tokens/s\n"
               << "telemetry         " << r.value("telemetry_overhead_percent", 0.0) << "% of decode time\n";
+    if (r.contains("cuda_graph_error")) std::cout << "cuda graphs       " << r["cuda_graph_error"].get<std::string>() << "\n";
     if (r.contains("mtp"))
         std::cout << "mtp               draft " << r["mtp"].value("draft_ms", 0.0) << " ms, projected speed-up "
                   << r["mtp"].value("projected_speedup", 0.0) << "x at 85% acceptance\n";

@@ -908,6 +908,7 @@ void check_fixture() {
     CudaOptions f32;
     f32.dtype = WeightDtype::F32;
     CudaBackend gpu(model, 256, f32);
+    gpu.set_graphs(false);  // kernels launched one by one; the graph block below compares the two
     const int V = model->config().vocab_size;
     for (bool absorbed : {true, false})
         for (bool tbt : {false, true}) {
@@ -1010,6 +1011,23 @@ void check_fixture() {
         Run nr = run_prompt(gpu, toks, ForwardOptions{}, true);
         compare_runs("tiny-v3 f32 CUDA-graph decode vs launches", gr, nr, 1e-5, true);
         expect(ag == a, "tiny-v3 f32 greedy generation with CUDA graphs identical");
+        // Verification steps and drafts (2-4 tokens) replay graphs too.
+        gpu.set_graphs(true);
+        auto cache = gpu.new_cache(0, 64);
+        ForwardOptions o;
+        ForwardResult gr4, nr4;
+        gpu.forward(toks.data(), 8, *cache, o, gr4);
+        for (int n = 2; n <= 4; ++n) {
+            gpu.forward(toks.data() + 8, n, *cache, o, gr4);
+            cache->truncate(8);
+        }
+        gpu.forward(toks.data() + 8, 3, *cache, o, gr4);  // replayed: verified above
+        gpu.set_graphs(false);
+        cache->truncate(8);
+        gpu.forward(toks.data() + 8, 3, *cache, o, nr4);
+        close("tiny-v3 f32 3-token absorbed step, CUDA graph vs launches", "", gr4.logits, nr4.logits, 1e-5, 1e-5);
+        expect(gpu.notice().find("CUDA graphs off") == std::string::npos,
+               "every CUDA graph agreed with its launches on its first replay", gpu.notice());
     }
     // The bias: set on both, routing follows; reset restores the checkpoint's.
     const int l = model->config().first_k_dense_replace;
@@ -1119,7 +1137,8 @@ void check_session() {
         p.max_tokens = 40;
         p.mtp = mtp;
         Session sc(std::shared_ptr<Backend>(make_cpu_backend(model)), nullptr, 128);
-        Session sg(std::make_shared<CudaBackend>(model, 128, f32), nullptr, 128);
+        auto gpu = std::make_shared<CudaBackend>(model, 128, f32);  // CUDA graphs on (the default)
+        Session sg(gpu, nullptr, 128);
         std::vector<float> surp_c, surp_g;
         GenerationResult rc = sc.generate(toks, p, [&](const TokenEvent& e) { surp_c.push_back(e.surprisal); return true; });
         GenerationResult rg = sg.generate(toks, p, [&](const TokenEvent& e) { surp_g.push_back(e.surprisal); return true; });
@@ -1138,6 +1157,8 @@ void check_session() {
         p.max_tokens = 12;
         GenerationResult rc2 = sc.generate(p), rg2 = sg.generate(p);
         expect(rg2.tokens == rc2.tokens && sg.tokens() == sc.tokens(), what + ": a second generate continues identically");
+        expect(gpu->graphs() && gpu->notice().empty(), what + ": CUDA graphs stayed on (every replay verified)",
+               gpu->notice());
     }
     // Sampling (no MTP, so every token is drawn on the device): the same seed gives the same
     // text as the CPU's host sampler, unless a uniform falls within float rounding of a
