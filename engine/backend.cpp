@@ -145,6 +145,7 @@ BackendSelection select_backend(const std::string& request, std::shared_ptr<Mode
             if (b) {
                 s.backend.reset(b);
                 s.notice = "running on " + b->name();
+                if (!b->notice().empty()) s.notice += ": " + b->notice();
                 return s;
             }
             why = err;

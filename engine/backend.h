@@ -53,6 +53,9 @@ public:
     virtual std::vector<float> bias(int layer) const = 0;
     virtual void set_bias(int layer, const std::vector<float>& b) = 0;
     virtual void reset_bias() = 0;
+    // What the backend changed from its defaults and why (e.g. a GPU path it turned off after a
+    // self-check); empty when nothing. May change as the backend runs.
+    virtual std::string notice() const { return ""; }
     // Whether pick() works; when it does not, the caller samples the host logits.
     virtual bool can_pick() const { return false; }
     // One token from every logits row of the last forward / forward_mtp call. u: one uniform in

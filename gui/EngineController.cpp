@@ -186,6 +186,7 @@ void EngineController::generate(const std::vector<int>& context, const SamplingP
             sum.acceptedTokens = st.mtp.accepted_tokens;
             sum.acceptance = st.mtp.acceptance_rate();
             sum.stopReason = QString::fromStdString(st.stop_reason);
+            sum.backendNotice = QString::fromStdString(m_backend->notice());
             // Positions past the final context (drafts verified beyond a stop) were recorded: drop them.
             m_store->sink()->truncate(s.length());
         } catch (const CancelledError&) {

@@ -118,6 +118,12 @@ MainWindow::MainWindow(bool persistent, QWidget* parent) : QMainWindow(parent), 
         m_progress->setFormat(what.isEmpty() ? QStringLiteral("%p%") : what);
     });
     connect(m_engine, &EngineController::modelLoaded, this, &MainWindow::onModelLoaded);
+    // A backend may change its path while it runs (a GPU self-check): the status bar says so.
+    connect(m_engine, &EngineController::generationFinished, this, [this](const GenerationSummary& s) {
+        if (s.backendNotice.isEmpty() || m_backend->toolTip().contains(s.backendNotice)) return;
+        m_backend->setToolTip(m_backend->toolTip() + QStringLiteral("\n") + s.backendNotice);
+        statusBar()->showMessage(tr("Backend: %1").arg(s.backendNotice), 15000);
+    });
     connect(m_engine, &EngineController::loadFailed, this, [this](const QString& dir, const QString& msg) {
         m_progress->setVisible(false);
         const QString prev = m_engine->isLoaded() ? tr(" The previous model (%1) is still loaded.").arg(m_engine->info().dir) : QString();

@@ -42,6 +42,7 @@ struct GenerationSummary {
     qint64 draftTokens = 0, acceptedTokens = 0;
     double acceptance = 0;
     QString stopReason;
+    QString backendNotice;           // Backend::notice() after the run (e.g. CUDA graphs turned off)
 };
 
 class TelemetryStore : public QObject {

@@ -73,7 +73,7 @@ public:
     // what prefill uses (the self-check's result, a fallback's reason, weights re-quantized
     // lossily), and CUDA graphs turned off after a replay that differed from its launches.
     WeightDtype weight_dtype() const;
-    std::string notice() const;
+    std::string notice() const override;
     // Small absorbed steps (decode, MTP drafts, verification: up to 4 tokens) replayed from CUDA
     // graphs captured on first use, one per cache, stack and shape, each checked on its first
     // replay against the same kernels launched one by one. On by default; MOESCOPE_CUDA_GRAPH=0

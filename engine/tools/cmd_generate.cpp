@@ -129,6 +129,7 @@ int cmd_generate(const std::vector<std::string>& argv) {
                       {"generated_tokens", st.generated_tokens},
                       {"stop_reason", st.stop_reason},
                       {"backend", m.backend->name()},
+                      {"backend_notice", m.backend->notice()},
                       {"mtp",
                        {{"drafts", st.mtp.drafts},
                         {"draft_tokens", st.mtp.draft_tokens},
@@ -145,6 +146,8 @@ int cmd_generate(const std::vector<std::string>& argv) {
                      st.time_to_first_token, st.stop_reason.c_str(), p.mtp && cfg.num_nextn_predict_layers ? "on" : "off",
                      static_cast<long long>(st.mtp.drafts), 100.0 * st.mtp.acceptance_rate(),
                      st.mtp.mean_acceptance_length());
+        const std::string bn = m.backend->notice();
+        if (!bn.empty() && m.notice.find(bn) == std::string::npos) std::fprintf(stderr, "[backend: %s]\n", bn.c_str());
     }
     return 0;
 }
