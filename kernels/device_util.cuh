@@ -47,6 +47,23 @@ __device__ __forceinline__ float block_max(float v) {
     return r;
 }
 
+// The end of a GEMV warp: each row's partial sums a[r] (r < R) reduced over the warp; lane 0
+// writes y[r, o] (row stride ld_y), or adds to it when acc.
+template <int N>
+__device__ __forceinline__ void warp_store_rows(float* y, const float (&a)[N], int R, int64_t ld_y, int64_t o,
+                                                bool acc) {
+#pragma unroll
+    for (int r = 0; r < N; ++r) {
+        if (r < R) {  // R is the same for the whole warp: every lane joins the shuffles
+            const float v = warp_sum(a[r]);
+            if ((threadIdx.x & 31) == 0) {
+                float* yr = y + int64_t(r) * ld_y + o;
+                *yr = acc ? *yr + v : v;
+            }
+        }
+    }
+}
+
 inline unsigned blocks_for(long long n, int threads) { return unsigned((n + threads - 1) / threads); }
 
 }  // namespace moescope::cuda

@@ -80,16 +80,7 @@ __global__ void gemv_fp8_kernel(float* y, const float* x, const uint8_t* w, cons
                 if (r < R) a[r] += wv * x[int64_t(r) * ld_x + i];
         }
     }
-#pragma unroll
-    for (int r = 0; r < kGemvMaxRows; ++r) {
-        if (r < R) {
-            const float v = warp_sum(a[r]);
-            if (lane == 0) {
-                float* yr = y + int64_t(r) * g.rows + o;
-                *yr = acc ? *yr + v : v;
-            }
-        }
-    }
+    warp_store_rows(y, a, R, g.rows, o, acc);
 }
 
 // Grid (ceil(out / 8), R): warp = output row o of token row r, weights of expert[r].

@@ -54,16 +54,7 @@ __global__ void gemv_kernel(float* y, const float* x, const W* w, int R, int out
                 if (r < R) a[r] += wv * x[int64_t(r) * ld_x + i];
         }
     }
-#pragma unroll
-    for (int r = 0; r < kGemvMaxRows; ++r) {
-        if (r < R) {
-            const float v = warp_sum(a[r]);
-            if (lane == 0) {
-                float* yr = y + int64_t(r) * out + o;
-                *yr = acc ? *yr + v : v;
-            }
-        }
-    }
+    warp_store_rows(y, a, R, out, o, acc);
 }
 
 // Grid (ceil(out / 8), R): warp = output row o of token row r, weights of expert[r].
