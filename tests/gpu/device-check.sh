@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # device-check.sh: everything the GPU machine should run, in one call, within ~8 minutes.
-# Time caps: build 200 s, checks 130 s (40 s a group), bench 80 s, FP8 bench 60 s, peer 100 s;
-# the build takes about a minute on the machine's 16 cores, so a run ends well inside 9 minutes.
+# Time caps: build 200 s, checks 130 s (40 s a group), bench 80 s, FP8 bench 60 s, peer 100 s,
+# then compute-sanitizer memcheck group by group until 560 s; the build takes about a minute on
+# the machine's 16 cores, so a run ends inside 9.5 minutes (run it with timeout_s=590).
 # Configures without Qt, builds the CUDA backend, the CLI and moescope-gpu-checks for sm_90,
 # runs the parity checks, gpu-bench and the PyTorch/transformers peer, and prints a short
 # table last. The full log goes to $OUT/device-check.log when $OUT is set.
@@ -148,9 +149,39 @@ print(s)')
   [ $peer_ok = 1 ] || RESULT[peer]="${RESULT[peer]} (rc != 0)"
 fi
 
+# compute-sanitizer's memcheck over the check groups, one process each, for what time is left
+# (it finds out-of-bounds and misaligned accesses that parity alone can miss; it slows kernels
+# 10-100x, so the small kernel groups come first). Needs a runtime that supports it.
+RESULT[memcheck]="not run"
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [ -n "$SANITIZER" ] && [ -x "$BUILD/tests/gpu/moescope-gpu-checks" ] && [ "${RESULT[build]}" != "FAILED" ] \
+   && ! grep -q "^SKIP" "$OUTDIR/gpu-checks.log" 2>/dev/null; then
+  step "compute-sanitizer memcheck"
+  clean=0; dirty=""; skipped=0
+  for g in $(with_deps "$BUILD/tests/gpu/moescope-gpu-checks" --list); do
+    left=$(( 560 - $(elapsed) ))
+    if [ $left -lt 30 ]; then skipped=$((skipped + 1)); continue; fi
+    with_deps timeout $(( left - 15 )) "$SANITIZER" --tool memcheck --error-exitcode 99 \
+      "$BUILD/tests/gpu/moescope-gpu-checks" --group "$g" > "$LOGS/memcheck-$g.log" 2>&1
+    rc=$?
+    errors=$(grep -o "ERROR SUMMARY: [0-9]* error" "$LOGS/memcheck-$g.log" | grep -o "[0-9]*" | tail -1)
+    if [ "$rc" = 0 ] && [ "${errors:-0}" = 0 ]; then
+      clean=$((clean + 1))
+    else
+      dirty="$dirty $g(${errors:-rc $rc})"
+      grep -m 12 -E "^========= (Invalid|Misaligned|Program hit|  +at |Address)" "$LOGS/memcheck-$g.log" \
+        || tail -5 "$LOGS/memcheck-$g.log"
+    fi
+  done
+  RESULT[memcheck]="$clean groups clean"
+  [ -n "$dirty" ] && RESULT[memcheck]+="; errors in:$dirty"
+  [ "$skipped" -gt 0 ] && RESULT[memcheck]+="; $skipped groups not reached (time)"
+  echo "${RESULT[memcheck]}"
+fi
+
 step "summary"
 printf '%-14s %s\n' "build" "${RESULT[build]}" "gpu-checks" "${RESULT[checks]}" "gpu-bench" "${RESULT[bench]}" \
-  "gpu-bench fp8" "${RESULT[bench-fp8]}" \
+  "gpu-bench fp8" "${RESULT[bench-fp8]}" "memcheck" "${RESULT[memcheck]}" \
   "hf peer" "${RESULT[peer]}" "total" "$(elapsed) s"
 # Let tee write the whole log before the machine collects $OUT.
 exec >&- 2>&-

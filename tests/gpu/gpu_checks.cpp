@@ -1309,6 +1309,10 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "no check group %s\n", argv[2]);
         return 2;
     }
+    if (argc == 2 && std::string(argv[1]) == "--list") {  // group names, one a line (device-check.sh)
+        for (const auto& g : groups) std::printf("%s\n", g.name);
+        return 0;
+    }
     if (argc == 2 && std::string(argv[1]) == "--harness-selftest") {
         for (const auto& g : harness) run_child("/proc/self/exe", g, 3);
         std::printf("%d passed, %d failed\n", g_passed, g_failed);
