@@ -157,7 +157,7 @@ SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanit
 if [ -n "$SANITIZER" ] && [ -x "$BUILD/tests/gpu/moescope-gpu-checks" ] && [ "${RESULT[build]}" != "FAILED" ] \
    && ! grep -q "^SKIP" "$OUTDIR/gpu-checks.log" 2>/dev/null; then
   step "compute-sanitizer memcheck"
-  clean=0; dirty=""; skipped=0
+  clean=0; dirty=""; skipped=0; tool_error=""
   for g in $(with_deps "$BUILD/tests/gpu/moescope-gpu-checks" --list); do
     left=$(( 560 - $(elapsed) ))
     if [ $left -lt 30 ]; then skipped=$((skipped + 1)); continue; fi
@@ -165,6 +165,11 @@ if [ -n "$SANITIZER" ] && [ -x "$BUILD/tests/gpu/moescope-gpu-checks" ] && [ "${
       "$BUILD/tests/gpu/moescope-gpu-checks" --group "$g" > "$LOGS/memcheck-$g.log" 2>&1
     rc=$?
     errors=$(grep -o "ERROR SUMMARY: [0-9]* error" "$LOGS/memcheck-$g.log" | grep -o "[0-9]*" | tail -1)
+    if [ -z "$errors" ] && [ $clean = 0 ] && [ -z "$dirty" ]; then  # the tool itself cannot run here
+      tool_error="compute-sanitizer did not run: $(tail -1 "$LOGS/memcheck-$g.log")"
+      tail -5 "$LOGS/memcheck-$g.log"
+      break
+    fi
     if [ "$rc" = 0 ] && [ "${errors:-0}" = 0 ]; then
       clean=$((clean + 1))
     else
@@ -176,6 +181,7 @@ if [ -n "$SANITIZER" ] && [ -x "$BUILD/tests/gpu/moescope-gpu-checks" ] && [ "${
   RESULT[memcheck]="$clean groups clean"
   [ -n "$dirty" ] && RESULT[memcheck]+="; errors in:$dirty"
   [ "$skipped" -gt 0 ] && RESULT[memcheck]+="; $skipped groups not reached (time)"
+  [ -n "$tool_error" ] && RESULT[memcheck]="$tool_error"
   echo "${RESULT[memcheck]}"
 fi
 
