@@ -20,7 +20,7 @@ using namespace moescope;
 class TestGuiScale : public QObject {
     Q_OBJECT
 private slots:
-    void v3StreamWithinFrameBudget() {
+    void v3StreamAtScale() {
         const ModelConfig cfg = ModelConfig::load(MOESCOPE_FIXTURES "/configs/deepseek-v3.json");
         QCOMPARE(cfg.num_moe_layers(), 58);
         QCOMPARE(cfg.n_routed_experts, 256);
