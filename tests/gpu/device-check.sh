@@ -187,8 +187,8 @@ fi
 
 step "summary"
 printf '%-14s %s\n' "build" "${RESULT[build]}" "gpu-checks" "${RESULT[checks]}" "gpu-bench" "${RESULT[bench]}" \
-  "gpu-bench fp8" "${RESULT[bench-fp8]}" "memcheck" "${RESULT[memcheck]}" \
-  "hf peer" "${RESULT[peer]}" "total" "$(elapsed) s"
+  "gpu-bench fp8" "${RESULT[bench-fp8]}" "hf peer" "${RESULT[peer]}" "memcheck" "${RESULT[memcheck]}" \
+  "total" "$(elapsed) s"
 # Let tee write the whole log before the machine collects $OUT.
 exec >&- 2>&-
 wait "$TEE_PID" 2>/dev/null
