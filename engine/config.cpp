@@ -445,7 +445,8 @@ std::string ModelCard::to_text(const ModelConfig& c) const {
     o << "context         " << c.max_position_embeddings << " tokens\n";
     if (!weight_storage.empty()) {
         char b[64];
-        std::snprintf(b, sizeof b, "%.2f GB", double(weight_bytes) / 1e9);
+        if (weight_bytes >= 1000000000) std::snprintf(b, sizeof b, "%.2f GB", double(weight_bytes) / 1e9);
+        else std::snprintf(b, sizeof b, "%.1f MB", double(weight_bytes) / 1e6);
         o << "weights         " << weight_storage << ", " << b << " resident (" << weight_bytes << " bytes)\n";
     }
     return o.str();

@@ -165,8 +165,8 @@ int cmd_generate(const std::vector<std::string>& argv) {
                      st.mtp.mean_acceptance_length());
         const std::string bn = m.backend->notice();
         if (!bn.empty() && m.notice.find(bn) == std::string::npos) std::fprintf(stderr, "[backend: %s]\n", bn.c_str());
-        std::fprintf(stderr, "[weights: %s, %.2f GB resident]\n", card.weight_storage.c_str(),
-                     double(card.weight_bytes) / 1e9);
+        std::fprintf(stderr, "[weights: %s, %.1f MB resident]\n", card.weight_storage.c_str(),
+                     double(card.weight_bytes) / 1e6);
     }
     return 0;
 }
