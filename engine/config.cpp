@@ -385,7 +385,7 @@ std::string human_count(int64_t n) {
 }
 
 json ModelCard::to_json(const ModelConfig& c) const {
-    return json{{"model_type", c.model_type},
+    json j{{"model_type", c.model_type},
                 {"total_params", total_params},
                 {"active_params", active_params},
                 {"mtp_params", mtp_params},
@@ -408,6 +408,11 @@ json ModelCard::to_json(const ModelConfig& c) const {
                 {"n_shared_experts", c.n_shared_experts},
                 {"num_experts_per_tok", c.num_experts_per_tok},
                 {"max_position_embeddings", c.max_position_embeddings}};
+    if (!weight_storage.empty()) {
+        j["weight_storage"] = weight_storage;
+        j["weight_bytes"] = weight_bytes;
+    }
+    return j;
 }
 
 std::string ModelCard::to_text(const ModelConfig& c) const {
@@ -438,6 +443,12 @@ std::string ModelCard::to_text(const ModelConfig& c) const {
                                                    : 0)
       << "x more)\n";
     o << "context         " << c.max_position_embeddings << " tokens\n";
+    if (!weight_storage.empty()) {
+        char b[64];
+        if (weight_bytes >= 1000000000) std::snprintf(b, sizeof b, "%.2f GB", double(weight_bytes) / 1e9);
+        else std::snprintf(b, sizeof b, "%.1f MB", double(weight_bytes) / 1e6);
+        o << "weights         " << weight_storage << ", " << b << " resident (" << weight_bytes << " bytes)\n";
+    }
     return o.str();
 }
 

@@ -84,6 +84,10 @@ struct ModelCard {
     int64_t mha_cache_bytes_per_token = 0;     // K (H*(d_nope+d_rope)) + V (H*d_v), BF16
     int64_t gqa8_cache_bytes_per_token = 0;    // the same with 8 KV heads
     int num_moe_layers = 0, num_dense_layers = 0;
+    // Filled only where weights are known (a loaded model, or a checkpoint being inspected):
+    // "f32" / "bf16" / "mixed" (weight_memory in weights.h) and the bytes the weights occupy.
+    std::string weight_storage;
+    int64_t weight_bytes = 0;
     nlohmann::json to_json(const ModelConfig& cfg) const;
     std::string to_text(const ModelConfig& cfg) const;
 };

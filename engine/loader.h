@@ -8,8 +8,19 @@
 
 namespace moescope {
 
+struct LoadOptions {
+    // How the large linear weights are held (see WeightStorage in weights.h). Auto: BF16 for
+    // a BF16 checkpoint of more than kAutoBf16Params parameters, else f32. Inference only:
+    // training and gradients load their own f32 weights.
+    WeightStorage weights = WeightStorage::Auto;
+};
+
 // progress(fraction, what) is called while loading (may be empty).
 std::shared_ptr<Model> load_model(const std::filesystem::path& dir,
-                                  const std::function<void(double, const std::string&)>& progress = {});
+                                  const std::function<void(double, const std::string&)>& progress = {},
+                                  const LoadOptions& options = {});
+inline std::shared_ptr<Model> load_model(const std::filesystem::path& dir, const LoadOptions& options) {
+    return load_model(dir, {}, options);
+}
 
 }  // namespace moescope

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <set>
 #include <sstream>
@@ -79,6 +80,58 @@ std::string scale_name(const std::string& weight_name) {
 
 }  // namespace
 
+const char* storage_name(WeightStorage s) {
+    switch (s) {
+        case WeightStorage::F32: return "f32";
+        case WeightStorage::BF16: return "bf16";
+        case WeightStorage::Auto: return "auto";
+    }
+    return "?";
+}
+
+WeightStorage storage_from_string(const std::string& s) {
+    if (s == "f32") return WeightStorage::F32;
+    if (s == "bf16") return WeightStorage::BF16;
+    if (s == "auto") return WeightStorage::Auto;
+    throw ConfigError("weight storage '" + s + "': expected f32, bf16 or auto");
+}
+
+void Tensor::throw_bf16_read() const {
+    throw Error("a BF16-stored weight of shape " + shape_str(shape) +
+                " was read as f32 (this code path needs f32 weights: load with WeightStorage::F32)");
+}
+
+void Tensor::copy_row(float* out, int64_t r) const {
+    const int64_t cols = shape.size() == 2 ? shape[1] : numel();
+    if (is_bf16()) {
+        const uint16_t* src = bf16.data() + size_t(r * cols);
+        for (int64_t i = 0; i < cols; ++i) out[i] = bf16_to_f32(src[i]);
+    } else {
+        std::copy(data.begin() + r * cols, data.begin() + (r + 1) * cols, out);
+    }
+}
+
+std::vector<float> Tensor::to_f32() const {
+    if (!is_bf16()) return data;
+    std::vector<float> v(bf16.size());
+    for (size_t i = 0; i < v.size(); ++i) v[i] = bf16_to_f32(bf16[i]);
+    return v;
+}
+
+void Tensor::store_bf16() {
+    if (is_bf16() || data.empty()) return;
+    bf16.resize(data.size());
+    for (size_t i = 0; i < data.size(); ++i) bf16[i] = f32_to_bf16(data[i]);
+    std::vector<float>().swap(data);
+    std::vector<float>().swap(block_scale);
+}
+
+void Tensor::store_f32() {
+    if (!is_bf16()) return;
+    data = to_f32();
+    std::vector<uint16_t>().swap(bf16);
+}
+
 std::vector<NamedTensor> tensor_table(Weights& w, const ModelConfig& c) {
     std::vector<NamedTensor> out;
     TableBuilder b{out};
@@ -100,6 +153,14 @@ std::vector<NamedTensor> tensor_table(Weights& w, const ModelConfig& c) {
         b.layer(p, m.layer, c, c.n_routed_experts > 0);
         b.add(p + "shared_head.norm.weight", m.shared_head_norm, {D}, "[hidden_size]");
         b.add(p + "shared_head.head.weight", m.shared_head_head, {V, D}, "[vocab_size, hidden_size]", true);
+    }
+    for (auto& nt : out) {
+        auto ends = [&](const char* suffix) {
+            const std::string sfx(suffix);
+            return nt.name.size() >= sfx.size() && nt.name.compare(nt.name.size() - sfx.size(), sfx.size(), sfx) == 0;
+        };
+        nt.bf16_storable = nt.quantizable || ends("embed_tokens.weight") || ends("lm_head.weight") ||
+                           ends("shared_head.head.weight");
     }
     return out;
 }
@@ -127,7 +188,8 @@ void dequantize_fp8_blocks(const uint8_t* q, const float* scale_inv, int64_t row
     }
 }
 
-Weights load_weights(const ModelConfig& cfg, const Checkpoint& ck) {
+Weights load_weights(const ModelConfig& cfg, const Checkpoint& ck, WeightStorage storage) {
+    if (storage == WeightStorage::Auto) storage = resolve_storage(storage, cfg, ck);
     Weights w;
     auto table = tensor_table(w, cfg);
     std::set<std::string> used;
@@ -146,6 +208,13 @@ Weights load_weights(const ModelConfig& cfg, const Checkpoint& ck) {
                              nt.shape_expr + " = " + shape_str(nt.shape));
         }
         nt.tensor->shape = nt.shape;
+        const bool keep_bf16 = storage == WeightStorage::BF16 && nt.bf16_storable;
+        if (keep_bf16 && t->dtype == DType::BF16) {
+            // The checkpoint's bits as they are: no f32 copy of the largest tensors ever exists.
+            nt.tensor->bf16.resize(size_t(t->numel()));
+            std::memcpy(nt.tensor->bf16.data(), t->data, size_t(t->numel()) * 2);
+            continue;
+        }
         nt.tensor->data.resize(size_t(t->numel()));
         if (t->dtype == DType::F8_E4M3) {
             const std::string sn = scale_name(nt.name);
@@ -169,6 +238,7 @@ Weights load_weights(const ModelConfig& cfg, const Checkpoint& ck) {
             throw FormatError(t->file + ": tensor '" + nt.name + "' has dtype " + dtype_name(t->dtype) +
                               ", expected a floating-point type");
         }
+        if (keep_bf16) nt.tensor->store_bf16();  // one tensor's f32 copy at a time
     }
     std::vector<std::string> unexpected;
     for (const auto& n : ck.names()) {
@@ -210,6 +280,20 @@ void save_checkpoint(const std::filesystem::path& dir, const ModelConfig& cfg_in
     for (auto& nt : tensor_table(w, cfg)) {
         Tensor& t = *nt.tensor;
         if (t.empty()) continue;
+        if (format == SaveFormat::BF16 && t.is_bf16()) {  // BF16-stored values as they are
+            TensorToWrite tw;
+            tw.name = nt.name;
+            tw.dtype = DType::BF16;
+            tw.shape = t.shape;
+            tw.bytes.resize(t.bf16.size() * 2);
+            std::memcpy(tw.bytes.data(), t.bf16.data(), tw.bytes.size());
+            tensors.push_back(std::move(tw));
+            continue;
+        }
+        // Every other case encodes f32 values (BF16-stored ones widened, exactly).
+        std::vector<float> wide;
+        if (t.is_bf16()) wide = t.to_f32();
+        const float* v = t.is_bf16() ? wide.data() : t.data.data();
         if (format == SaveFormat::FP8 && nt.quantizable) {
             // Scale each 128x128 block so that its largest magnitude maps to 448.
             const int64_t rows = t.shape[0], cols = t.shape[1];
@@ -220,19 +304,19 @@ void save_checkpoint(const std::filesystem::path& dir, const ModelConfig& cfg_in
                     float amax = 0;
                     for (int64_t r = bi * blk; r < std::min(rows, (bi + 1) * blk); ++r)
                         for (int64_t cc = bj * blk; cc < std::min(cols, (bj + 1) * blk); ++cc)
-                            amax = std::max(amax, std::fabs(t.data[size_t(r * cols + cc)]));
+                            amax = std::max(amax, std::fabs(v[size_t(r * cols + cc)]));
                     float s = amax > 0 ? amax / 448.0f : 1.0f;
                     scale[size_t(bi * sc + bj)] = s;
                     for (int64_t r = bi * blk; r < std::min(rows, (bi + 1) * blk); ++r)
                         for (int64_t cc = bj * blk; cc < std::min(cols, (bj + 1) * blk); ++cc)
-                            q[size_t(r * cols + cc)] = t.data[size_t(r * cols + cc)] / s;
+                            q[size_t(r * cols + cc)] = v[size_t(r * cols + cc)] / s;
                 }
             tensors.push_back(make_tensor(nt.name, DType::F8_E4M3, t.shape, q.data()));
             tensors.push_back(make_tensor(scale_name(nt.name), DType::F32, {sr, sc}, scale.data()));
         } else {
             DType dt = format == SaveFormat::F32 ? DType::F32 : DType::BF16;
             if (t.shape.size() == 1) dt = DType::F32;  // norms and biases stay exact
-            tensors.push_back(make_tensor(nt.name, dt, t.shape, t.ptr()));
+            tensors.push_back(make_tensor(nt.name, dt, t.shape, v));
         }
     }
     if (max_shard_bytes <= 0) {
@@ -263,6 +347,72 @@ void save_checkpoint(const std::filesystem::path& dir, const ModelConfig& cfg_in
     if (format != SaveFormat::FP8) cj.erase("quantization_config");
     cj["torch_dtype"] = format == SaveFormat::F32 ? "float32" : "bfloat16";
     write_file_atomic(dir / "config.json", cj.dump(2));
+}
+
+WeightStorage resolve_storage(WeightStorage requested, const ModelConfig& cfg, const Checkpoint& ck) {
+    if (requested != WeightStorage::Auto) return requested;
+    const ModelCard card = model_card(cfg);
+    if (card.total_params + card.mtp_params <= kAutoBf16Params) return WeightStorage::F32;
+    // Only when every storable tensor is BF16 in the file: Auto never rounds a value.
+    Weights w;
+    bool any = false;
+    for (const auto& nt : tensor_table(w, cfg)) {
+        if (!nt.bf16_storable) continue;
+        const TensorInfo* t = ck.find(nt.name);
+        if (!t) continue;
+        if (t->dtype != DType::BF16) return WeightStorage::F32;
+        any = true;
+    }
+    return any ? WeightStorage::BF16 : WeightStorage::F32;
+}
+
+namespace {
+
+WeightMemory summarize(int64_t bf16_params, int64_t f32_params, int64_t storable_f32_params) {
+    WeightMemory m;
+    m.bf16_params = bf16_params;
+    m.f32_params = f32_params;
+    m.bytes = 2 * bf16_params + 4 * f32_params;
+    m.storage = bf16_params == 0 ? "f32" : storable_f32_params == 0 ? "bf16" : "mixed";
+    return m;
+}
+
+}  // namespace
+
+WeightMemory weight_memory(const Weights& w, const ModelConfig& cfg) {
+    int64_t b = 0, f = 0, sf = 0;
+    // tensor_table only hands out pointers into w; nothing is written.
+    for (const auto& nt : tensor_table(const_cast<Weights&>(w), cfg)) {
+        const Tensor& t = *nt.tensor;
+        if (t.is_bf16()) b += t.numel();
+        else {
+            f += t.numel();
+            if (nt.bf16_storable) sf += t.numel();
+        }
+    }
+    return summarize(b, f, sf);
+}
+
+WeightMemory planned_weight_memory(const ModelConfig& cfg, const Checkpoint& ck, WeightStorage resolved) {
+    if (resolved == WeightStorage::Auto) resolved = resolve_storage(resolved, cfg, ck);
+    int64_t b = 0, f = 0;
+    Weights w;
+    for (const auto& nt : tensor_table(w, cfg)) {
+        if (nt.optional && !ck.find(nt.name)) continue;
+        int64_t n = 1;
+        for (auto d : nt.shape) n *= d;
+        (resolved == WeightStorage::BF16 && nt.bf16_storable ? b : f) += n;
+    }
+    return summarize(b, f, resolved == WeightStorage::BF16 ? 0 : b + f);
+}
+
+void convert_storage(Weights& w, const ModelConfig& cfg, WeightStorage s) {
+    if (s == WeightStorage::Auto) throw ConfigError("convert_storage: give f32 or bf16, not auto");
+    for (auto& nt : tensor_table(w, cfg)) {
+        if (!nt.bf16_storable) continue;
+        if (s == WeightStorage::BF16) nt.tensor->store_bf16();
+        else nt.tensor->store_f32();
+    }
 }
 
 }  // namespace moescope

@@ -775,11 +775,14 @@ struct CudaBackend::Impl {
         uint8_t* q = staging.data();
         auto* sc = reinterpret_cast<float*>(q + g.scale_offset());
         int64_t row = 0, brow = 0;
+        std::vector<float> wide;  // a BF16-stored part widened (it has no block scales)
         for (const Tensor* p : parts) {
             const int64_t pr = p->shape.at(0), pc = p->shape.at(1);
             const bool scaled = int64_t(p->block_scale.size()) == fp8_cdiv(pr, kFp8Block) * fp8_cdiv(pc, kFp8Block);
-            if (!scaled || !requantize_fp8_exact(q + row * pc, sc, g.ld(), brow, p->ptr(), pr, pc, p->block_scale.data())) {
-                quantize_fp8_amax(q + row * pc, sc, g.ld(), brow, p->ptr(), pr, pc);
+            if (p->is_bf16()) wide = p->to_f32();
+            const float* v = p->is_bf16() ? wide.data() : p->ptr();
+            if (!scaled || !requantize_fp8_exact(q + row * pc, sc, g.ld(), brow, v, pr, pc, p->block_scale.data())) {
+                quantize_fp8_amax(q + row * pc, sc, g.ld(), brow, v, pr, pc);
                 ++fp8_lossy;
             }
             row += pr;
@@ -990,10 +993,19 @@ CudaBackend::CudaBackend(std::shared_ptr<Model> model, int capacity, const CudaO
         for (const Tensor* p : parts) {
             const size_t n = size_t(p->numel());
             if (t.big && I.opt.dtype != WeightDtype::F32) {
-                staging.resize(n);
-                for (size_t i = 0; i < n; ++i) staging[i] = f32_to_bf16(p->data[i]);
-                check(cudaMemcpy(d, staging.data(), n * 2, cudaMemcpyHostToDevice), "upload weights");
+                // A BF16-stored host tensor (WeightStorage::BF16) goes up as it is.
+                const uint16_t* src = p->is_bf16() ? p->bf16.data() : nullptr;
+                if (!src) {
+                    staging.resize(n);
+                    for (size_t i = 0; i < n; ++i) staging[i] = f32_to_bf16(p->data[i]);
+                    src = staging.data();
+                }
+                check(cudaMemcpy(d, src, n * 2, cudaMemcpyHostToDevice), "upload weights");
                 d += n * 2;
+            } else if (p->is_bf16()) {
+                const std::vector<float> wide = p->to_f32();
+                check(cudaMemcpy(d, wide.data(), n * 4, cudaMemcpyHostToDevice), "upload weights");
+                d += n * 4;
             } else {
                 check(cudaMemcpy(d, p->ptr(), n * 4, cudaMemcpyHostToDevice), "upload weights");
                 d += n * 4;

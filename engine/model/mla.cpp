@@ -97,15 +97,23 @@ void mla_forward(float* out, const float* x, int T, int start, const AttentionWe
         // one-token decoding): q_lat of every head, scores of all heads against the cached
         // latents as one product (each c_j read once for all heads), softmax and the latent
         // output per head in parallel, then W_UV.
-        const float* Wkvb = w.kv_b_proj.ptr();  // [H*(d_nope+d_v), d_c]
+        // W_UK / W_UV slices of kv_b_proj [H*(d_nope+d_v), d_c], f32 or BF16-stored (same results).
+        const Tensor& Wkvb = w.kv_b_proj;
+        auto uk_times = [&](float* y, const float* qh, size_t off) {  // y[d_c] = W_UK_h^T q_nope_h
+            if (Wkvb.is_bf16()) matvec_t_bf16(y, qh, Wkvb.bf16.data() + off, d.d_nope, d.d_c, d.d_c);
+            else matvec_t(y, qh, Wkvb.ptr() + off, d.d_nope, d.d_c, d.d_c);
+        };
+        auto uv_times = [&](float* y, const float* ol, size_t off) {  // y[d_v] = W_UV_h ol
+            if (Wkvb.is_bf16()) matmul_nt_rows_bf16(y, ol, Wkvb.bf16.data() + off, 1, d.d_v, d.d_c);
+            else matmul_nt_rows(y, ol, Wkvb.ptr() + off, 1, d.d_v, d.d_c);
+        };
         std::vector<float> qlat(size_t(H) * d.d_c), qpe(size_t(H) * d.d_rope);  // [H, d_c], [H, d_rope]
         std::vector<float> P(size_t(H) * S), sr(size_t(H) * S), olat(size_t(H) * d.d_c);  // [H, n], [H, n], [H, d_c]
         for (int t = 0; t < T; ++t) {
             const int n = start + t + 1;
             for (int h = 0; h < H; ++h) {
                 const float* qh = q.data() + (size_t(t) * H + h) * dq;
-                const float* Wuk = Wkvb + size_t(h) * dkvb * d.d_c;  // [d_nope, d_c]
-                matvec_t(qlat.data() + size_t(h) * d.d_c, qh, Wuk, d.d_nope, d.d_c, d.d_c);
+                uk_times(qlat.data() + size_t(h) * d.d_c, qh, size_t(h) * dkvb * d.d_c);  // W_UK_h [d_nope, d_c]
                 std::memcpy(qpe.data() + size_t(h) * d.d_rope, qh + d.d_nope, sizeof(float) * size_t(d.d_rope));
             }
             matmul_nt_rows(P.data(), qlat.data(), C, H, n, d.d_c);       // [H, n]
@@ -118,8 +126,8 @@ void mla_forward(float* out, const float* x, int T, int start, const AttentionWe
                     softmax_fast(p, n);
                     float* ol = olat.data() + size_t(h) * d.d_c;
                     matvec_t(ol, p, C, n, d.d_c, d.d_c);
-                    const float* Wuv = Wkvb + (size_t(h) * dkvb + d.d_nope) * d.d_c;  // [d_v, d_c]
-                    matmul_nt_rows(o.data() + (size_t(t) * H + h) * d.d_v, ol, Wuv, 1, d.d_v, d.d_c);
+                    uv_times(o.data() + (size_t(t) * H + h) * d.d_v, ol,
+                             (size_t(h) * dkvb + d.d_nope) * d.d_c);  // W_UV_h [d_v, d_c]
                 }
             });
         }

@@ -116,7 +116,7 @@ void Model::forward(const int* tokens, int T, KvCache& cache, const ForwardOptio
         if (tokens[t] < 0 || tokens[t] >= V)
             throw Error("token id " + std::to_string(tokens[t]) + " is outside the vocabulary [0, " +
                         std::to_string(V) + ")");
-        std::memcpy(h.data() + size_t(t) * D, w_.embed_tokens.ptr() + size_t(tokens[t]) * D, sizeof(float) * D);
+        w_.embed_tokens.copy_row(h.data() + size_t(t) * D, tokens[t]);  // f32 or BF16-stored
     }
     for (int l = 0; l < cfg_.num_hidden_layers; ++l)
         layer_forward(h.data(), T, start, w_.layers[size_t(l)], l, cache.layers[size_t(l)], opt, out);
@@ -141,12 +141,13 @@ void Model::forward_mtp(int k, const float* h_prev, const int* next_tokens, int 
     out.T = T;
     out.start = start;
     const Tensor& embed = m.embed_tokens.empty() ? w_.embed_tokens : m.embed_tokens;
-    std::vector<float> cat(size_t(T) * 2 * D), h(size_t(T) * D);
+    std::vector<float> cat(size_t(T) * 2 * D), h(size_t(T) * D), e(static_cast<size_t>(D));  // [T, 2D], [T, D], [D]
     for (int t = 0; t < T; ++t) {
         if (next_tokens[t] < 0 || next_tokens[t] >= V) throw Error("MTP: token id outside the vocabulary");
         float* row = cat.data() + size_t(t) * 2 * D;
         // concat(enorm(embed[t_{i+k}]), hnorm(h_i)): the embedding half first.
-        rmsnorm_forward(row, embed.ptr() + size_t(next_tokens[t]) * D, m.enorm.ptr(), 1, D, eps);
+        embed.copy_row(e.data(), next_tokens[t]);
+        rmsnorm_forward(row, e.data(), m.enorm.ptr(), 1, D, eps);
         rmsnorm_forward(row + D, h_prev + size_t(t) * D, m.hnorm.ptr(), 1, D, eps);
     }
     linear_forward(h.data(), cat.data(), m.eh_proj, T);

@@ -161,15 +161,13 @@ void moe_experts_forward(float* out, const float* x, int T, const MoeWeights& w,
         // Rows [0, I) are the gate product's, [I, 2I) the up product's.
         split(true, [&](Task& tk, int o0, int o1) {
             if (o0 < tk.I)
-                matmul_nt_rows_range(tk.gate.data(), tk.xin.data(), tk.w->gate_proj.ptr(), tk.n, o0, std::min(o1, tk.I),
-                                     tk.I, D);
+                linear_rows_range(tk.gate.data(), tk.xin.data(), tk.w->gate_proj, tk.n, o0, std::min(o1, tk.I));
             if (o1 > tk.I)
-                matmul_nt_rows_range(tk.up.data(), tk.xin.data(), tk.w->up_proj.ptr(), tk.n, std::max(o0, tk.I) - tk.I,
-                                     o1 - tk.I, tk.I, D);
+                linear_rows_range(tk.up.data(), tk.xin.data(), tk.w->up_proj, tk.n, std::max(o0, tk.I) - tk.I, o1 - tk.I);
         });
         for (auto& tk : tasks) swiglu_forward(tk.gate.data(), tk.gate.data(), tk.up.data(), int64_t(tk.n) * tk.I);
         split(false, [&](Task& tk, int o0, int o1) {
-            matmul_nt_rows_range(tk.y.data(), tk.gate.data(), tk.w->down_proj.ptr(), tk.n, o0, o1, D, tk.I);
+            linear_rows_range(tk.y.data(), tk.gate.data(), tk.w->down_proj, tk.n, o0, o1);
         });
     } else {
         // Prefill: experts with many rows through sgemm (OpenBLAS's threads), big ones with
@@ -182,10 +180,10 @@ void moe_experts_forward(float* out, const float* x, int T, const MoeWeights& w,
             }
             tk.gate.resize(size_t(tk.n) * tk.I);
             tk.up.resize(size_t(tk.n) * tk.I);
-            matmul_nt_rows_range(tk.gate.data(), tk.xin.data(), tk.w->gate_proj.ptr(), tk.n, 0, tk.I, tk.I, D);
-            matmul_nt_rows_range(tk.up.data(), tk.xin.data(), tk.w->up_proj.ptr(), tk.n, 0, tk.I, tk.I, D);
+            linear_rows_range(tk.gate.data(), tk.xin.data(), tk.w->gate_proj, tk.n, 0, tk.I);
+            linear_rows_range(tk.up.data(), tk.xin.data(), tk.w->up_proj, tk.n, 0, tk.I);
             swiglu_forward(tk.gate.data(), tk.gate.data(), tk.up.data(), int64_t(tk.n) * tk.I);
-            matmul_nt_rows_range(tk.y.data(), tk.gate.data(), tk.w->down_proj.ptr(), tk.n, 0, D, D, tk.I);
+            linear_rows_range(tk.y.data(), tk.gate.data(), tk.w->down_proj, tk.n, 0, D);
         }
     }
     // Combine in a fixed order: the shared expert, then the routed ones by expert id.

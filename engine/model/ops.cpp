@@ -27,18 +27,24 @@ namespace {
 // the blocking or the thread, so the result is a function of (x[t], W[o]) alone.
 constexpr int kLanes = 16;
 
+// A weight as f32: BF16 is the upper half of an f32 (bf16 << 16), so widening is exact and a
+// BF16 weight row goes through the same arithmetic as the f32 row holding the same values.
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) { return bf16_to_f32(v); }
+
 // Portable path (x86-64-v2: SSE; the compiler vectorizes the lane loops). ops.cpp is built
-// with -ffp-contract=off so the multiply and the add are never fused here.
-template <int TT>
-void rows_generic(float* y, const float* x, const float* W, int o0, int o1, int out, int in, bool accumulate) {
+// with -ffp-contract=off so the multiply and the add are never fused here. WT: float or
+// uint16_t (BF16 bits).
+template <int TT, typename WT>
+void rows_generic(float* y, const float* x, const WT* W, int o0, int o1, int out, int in, bool accumulate) {
     const int n16 = in / kLanes * kLanes;
     for (int o = o0; o < o1; ++o) {
-        const float* w = W + size_t(o) * in;
+        const WT* w = W + size_t(o) * in;
         float acc[TT][kLanes] = {};
         for (int i = 0; i < n16; i += kLanes)
             for (int t = 0; t < TT; ++t) {
                 const float* xt = x + size_t(t) * in + i;
-                for (int l = 0; l < kLanes; ++l) acc[t][l] += w[i + l] * xt[l];
+                for (int l = 0; l < kLanes; ++l) acc[t][l] += widen(w[i + l]) * xt[l];
             }
         for (int t = 0; t < TT; ++t) {
             float* a = acc[t];
@@ -47,7 +53,7 @@ void rows_generic(float* y, const float* x, const float* W, int o0, int o1, int 
             for (int l = 0; l < 2; ++l) a[l] += a[l + 2];
             float s = a[0] + a[1];
             const float* xt = x + size_t(t) * in;
-            for (int i = n16; i < in; ++i) s += w[i] * xt[i];
+            for (int i = n16; i < in; ++i) s += widen(w[i]) * xt[i];
             float& yo = y[size_t(t) * out + o];
             yo = accumulate ? yo + s : s;
         }
@@ -62,9 +68,17 @@ __attribute__((target("avx2,fma"))) inline float reduce16_avx2(__m256 a0, __m256
     return _mm_cvtss_f32(u);
 }
 
+// 8 weights as f32 lanes: a plain load, or 8 BF16 values zero-extended to 32 bits and shifted
+// into the upper half (exact).
+__attribute__((target("avx2,fma"))) inline __m256 load8_avx2(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load8_avx2(const uint16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 // TT rows of x against R rows of W at once: each weight row is loaded once for TT tokens.
-template <int TT, int R>
-__attribute__((target("avx2,fma"))) void block_avx2(float* y, const float* x, const float* W, int o, int out, int in,
+template <int TT, int R, typename WT>
+__attribute__((target("avx2,fma"))) void block_avx2(float* y, const float* x, const WT* W, int o, int out, int in,
                                                     bool accumulate) {
     const int n16 = in / kLanes * kLanes;
     __m256 acc[TT][R][2];
@@ -73,9 +87,9 @@ __attribute__((target("avx2,fma"))) void block_avx2(float* y, const float* x, co
     for (int i = 0; i < n16; i += kLanes) {
         __m256 w[R][2];
         for (int r = 0; r < R; ++r) {
-            const float* wr = W + size_t(o + r) * in + i;
-            w[r][0] = _mm256_loadu_ps(wr);
-            w[r][1] = _mm256_loadu_ps(wr + 8);
+            const WT* wr = W + size_t(o + r) * in + i;
+            w[r][0] = load8_avx2(wr);
+            w[r][1] = load8_avx2(wr + 8);
         }
         for (int t = 0; t < TT; ++t) {
             const float* xt = x + size_t(t) * in + i;
@@ -89,50 +103,52 @@ __attribute__((target("avx2,fma"))) void block_avx2(float* y, const float* x, co
     for (int t = 0; t < TT; ++t)
         for (int r = 0; r < R; ++r) {
             float s = reduce16_avx2(acc[t][r][0], acc[t][r][1]);
-            const float* wr = W + size_t(o + r) * in;
+            const WT* wr = W + size_t(o + r) * in;
             const float* xt = x + size_t(t) * in;
             for (int i = n16; i < in; ++i)
-                s = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(wr[i]), _mm_set_ss(xt[i]), _mm_set_ss(s)));
+                s = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(widen(wr[i])), _mm_set_ss(xt[i]), _mm_set_ss(s)));
             float& yo = y[size_t(t) * out + o + r];
             yo = accumulate ? yo + s : s;
         }
 }
 
 // Output rows per block: enough independent FMA chains to hide latency within 16 registers.
-template <int TT>
-__attribute__((target("avx2,fma"))) void rows_avx2(float* y, const float* x, const float* W, int o0, int o1, int out,
+template <int TT, typename WT>
+__attribute__((target("avx2,fma"))) void rows_avx2(float* y, const float* x, const WT* W, int o0, int o1, int out,
                                                    int in, bool accumulate) {
     constexpr int R = TT == 1 ? 4 : TT == 2 ? 2 : 1;
     int o = o0;
-    for (; o + R <= o1; o += R) block_avx2<TT, R>(y, x, W, o, out, in, accumulate);
-    for (; o < o1; ++o) block_avx2<TT, 1>(y, x, W, o, out, in, accumulate);
+    for (; o + R <= o1; o += R) block_avx2<TT, R, WT>(y, x, W, o, out, in, accumulate);
+    for (; o < o1; ++o) block_avx2<TT, 1, WT>(y, x, W, o, out, in, accumulate);
 }
 
 // ---- attention helpers: y = sum_j p[j] X[j], and softmax with a vectorized exp ----
 // Each y[i] accumulates p[j] X[j, i] over j in ascending order (fused on the AVX2 path).
-void rows_axpy_generic(float* y, const float* p, const float* X, int rows, int n, int64_t ld, bool accumulate) {
+template <typename XT>
+void rows_axpy_generic(float* y, const float* p, const XT* X, int rows, int n, int64_t ld, bool accumulate) {
     if (!accumulate) std::fill(y, y + n, 0.0f);
     for (int j = 0; j < rows; ++j) {
-        const float* xj = X + j * ld;
+        const XT* xj = X + j * ld;
         const float pj = p[j];
-        for (int i = 0; i < n; ++i) y[i] += pj * xj[i];
+        for (int i = 0; i < n; ++i) y[i] += pj * widen(xj[i]);
     }
 }
 
-template <int W>  // W ymm accumulators: 8 W columns at once
-__attribute__((target("avx2,fma"))) void rows_axpy_block(float* y, const float* p, const float* X, int rows, int64_t ld,
+template <int W, typename XT>  // W ymm accumulators: 8 W columns at once
+__attribute__((target("avx2,fma"))) void rows_axpy_block(float* y, const float* p, const XT* X, int rows, int64_t ld,
                                                          bool accumulate) {
     __m256 acc[W];
     for (int w = 0; w < W; ++w) acc[w] = accumulate ? _mm256_loadu_ps(y + 8 * w) : _mm256_setzero_ps();
     for (int j = 0; j < rows; ++j) {
         const __m256 pj = _mm256_set1_ps(p[j]);
-        const float* xj = X + j * ld;
-        for (int w = 0; w < W; ++w) acc[w] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(xj + 8 * w), acc[w]);
+        const XT* xj = X + j * ld;
+        for (int w = 0; w < W; ++w) acc[w] = _mm256_fmadd_ps(pj, load8_avx2(xj + 8 * w), acc[w]);
     }
     for (int w = 0; w < W; ++w) _mm256_storeu_ps(y + 8 * w, acc[w]);
 }
 
-__attribute__((target("avx2,fma"))) void rows_axpy_avx2(float* y, const float* p, const float* X, int rows, int n,
+template <typename XT>
+__attribute__((target("avx2,fma"))) void rows_axpy_avx2(float* y, const float* p, const XT* X, int rows, int n,
                                                         int64_t ld, bool accumulate) {
     int i = 0;
     for (; i + 64 <= n; i += 64) rows_axpy_block<8>(y + i, p, X + i, rows, ld, accumulate);
@@ -141,7 +157,8 @@ __attribute__((target("avx2,fma"))) void rows_axpy_avx2(float* y, const float* p
     for (; i + 8 <= n; i += 8) rows_axpy_block<1>(y + i, p, X + i, rows, ld, accumulate);
     for (; i < n; ++i) {
         float s = accumulate ? y[i] : 0.0f;
-        for (int j = 0; j < rows; ++j) s = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(p[j]), _mm_set_ss(X[j * ld + i]), _mm_set_ss(s)));
+        for (int j = 0; j < rows; ++j)
+            s = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(p[j]), _mm_set_ss(widen(X[j * ld + i])), _mm_set_ss(s)));
         y[i] = s;
     }
 }
@@ -215,18 +232,36 @@ double log_sum_exp_generic(const float* x, int n) {
     return m + std::log(s);
 }
 
-using RowsFn = void (*)(float*, const float*, const float*, int, int, int, int, bool);
+template <typename WT>
+using RowsFn = void (*)(float*, const float*, const WT*, int, int, int, int, bool);
+template <typename XT>
+using AxpyFn = void (*)(float*, const float*, const XT*, int, int, int64_t, bool);
 
 struct Kernels {
-    RowsFn fn[4];
-    void (*rows_axpy)(float*, const float*, const float*, int, int, int64_t, bool);
+    RowsFn<float> fn[4];
+    RowsFn<uint16_t> fn_bf16[4];
+    AxpyFn<float> rows_axpy;
+    AxpyFn<uint16_t> rows_axpy_bf16;
     void (*softmax)(float*, int);
     double (*lse)(const float*, int);
+
+    const RowsFn<float>* rows(const float*) const { return fn; }
+    const RowsFn<uint16_t>* rows(const uint16_t*) const { return fn_bf16; }
 };
 
-constexpr Kernels kPortable{{rows_generic<1>, rows_generic<2>, rows_generic<3>, rows_generic<4>}, rows_axpy_generic,
-                            softmax_inplace, log_sum_exp_generic};
-constexpr Kernels kAvx2{{rows_avx2<1>, rows_avx2<2>, rows_avx2<3>, rows_avx2<4>}, rows_axpy_avx2, softmax_avx2, log_sum_exp_avx2};
+constexpr Kernels kPortable{
+    {rows_generic<1, float>, rows_generic<2, float>, rows_generic<3, float>, rows_generic<4, float>},
+    {rows_generic<1, uint16_t>, rows_generic<2, uint16_t>, rows_generic<3, uint16_t>, rows_generic<4, uint16_t>},
+    rows_axpy_generic<float>,
+    rows_axpy_generic<uint16_t>,
+    softmax_inplace,
+    log_sum_exp_generic};
+constexpr Kernels kAvx2{{rows_avx2<1, float>, rows_avx2<2, float>, rows_avx2<3, float>, rows_avx2<4, float>},
+                        {rows_avx2<1, uint16_t>, rows_avx2<2, uint16_t>, rows_avx2<3, uint16_t>, rows_avx2<4, uint16_t>},
+                        rows_axpy_avx2<float>,
+                        rows_axpy_avx2<uint16_t>,
+                        softmax_avx2,
+                        log_sum_exp_avx2};
 
 bool have_avx2_fma() {
     __builtin_cpu_init();
@@ -241,11 +276,12 @@ std::atomic<const Kernels*>& kernel_slot() {
 const Kernels& kernels() { return *kernel_slot().load(std::memory_order_relaxed); }
 
 // Output rows o0..o1 for all T rows of x, 4 rows of x at a time.
-void rows_range(float* y, const float* x, const float* W, int T, int o0, int o1, int out, int in, bool accumulate) {
-    const Kernels& k = kernels();
+template <typename WT>
+void rows_range(float* y, const float* x, const WT* W, int T, int o0, int o1, int out, int in, bool accumulate) {
+    const auto* fn = kernels().rows(W);
     for (int t = 0; t < T; t += 4) {
         const int tt = std::min(4, T - t);
-        k.fn[tt - 1](y + size_t(t) * out, x + size_t(t) * in, W, o0, o1, out, in, accumulate);
+        fn[tt - 1](y + size_t(t) * out, x + size_t(t) * in, W, o0, o1, out, in, accumulate);
     }
 }
 
@@ -372,6 +408,10 @@ void matmul_nt_rows(float* y, const float* x, const float* W, int T, int out, in
     parallel_range(out, int64_t(T) * out * in, [&](int o0, int o1) { rows_range(y, x, W, T, o0, o1, out, in, accumulate); });
 }
 
+void matmul_nt_rows_bf16(float* y, const float* x, const uint16_t* W, int T, int out, int in, bool accumulate) {
+    parallel_range(out, int64_t(T) * out * in, [&](int o0, int o1) { rows_range(y, x, W, T, o0, o1, out, in, accumulate); });
+}
+
 const char* row_kernel_name() { return &kernels() == &kAvx2 ? "avx2-fma" : "portable"; }
 
 void use_portable_row_kernel(bool on) { kernel_slot().store(on || !have_avx2_fma() ? &kPortable : &kAvx2); }
@@ -381,8 +421,23 @@ void matmul_nt_rows_range(float* y, const float* x, const float* W, int T, int o
     rows_range(y, x, W, T, o0, o1, out, in, accumulate);
 }
 
+void matmul_nt_rows_range_bf16(float* y, const float* x, const uint16_t* W, int T, int o0, int o1, int out, int in,
+                               bool accumulate) {
+    rows_range(y, x, W, T, o0, o1, out, in, accumulate);
+}
+
+void linear_rows_range(float* y, const float* x, const Tensor& W, int T, int o0, int o1, bool accumulate) {
+    const int out = int(W.shape[0]), in = int(W.shape[1]);
+    if (W.is_bf16()) rows_range(y, x, W.bf16.data(), T, o0, o1, out, in, accumulate);
+    else rows_range(y, x, W.ptr(), T, o0, o1, out, in, accumulate);
+}
+
 void matvec_t(float* y, const float* p, const float* X, int rows, int n, int64_t ld, bool accumulate) {
     kernels().rows_axpy(y, p, X, rows, n, ld, accumulate);
+}
+
+void matvec_t_bf16(float* y, const float* p, const uint16_t* X, int rows, int n, int64_t ld, bool accumulate) {
+    kernels().rows_axpy_bf16(y, p, X, rows, n, ld, accumulate);
 }
 
 void softmax_fast(float* x, int n) { kernels().softmax(x, n); }
@@ -404,8 +459,33 @@ void matmul_nt(float* y, const float* x, const float* W, int T, int out, int in,
                 out);
 }
 
+void matmul_nt_bf16(float* y, const float* x, const uint16_t* W, int T, int out, int in, bool accumulate) {
+    if (T <= kSmallT) {
+        matmul_nt_rows_bf16(y, x, W, T, out, in, accumulate);
+        return;
+    }
+    // Panels of kBf16PanelValues weights (at least 16 rows) widened into f32 scratch, each one
+    // sgemm writing its own columns of y: the f32 values and f32 accumulation of the f32 path,
+    // only the product is cut along `out` (OpenBLAS sums each y[t, o] over `in` the same way
+    // whatever the width, so in practice the bits agree; tests allow sgemm's rounding).
+    const int rows = std::min(out, std::max(16, int(kBf16PanelValues / std::max(1, in))));
+    thread_local std::vector<float> panel;  // [rows, in]
+    panel.resize(size_t(rows) * size_t(in));
+    for (int o0 = 0; o0 < out; o0 += rows) {
+        const int n = std::min(rows, out - o0);
+        const uint16_t* src = W + size_t(o0) * size_t(in);
+        float* dst = panel.data();
+        parallel_range(n, int64_t(n) * in, [&](int r0, int r1) {
+            for (size_t i = size_t(r0) * size_t(in); i < size_t(r1) * size_t(in); ++i) dst[i] = bf16_to_f32(src[i]);
+        });
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, n, in, 1.0f, x, in, dst, in, accumulate ? 1.0f : 0.0f,
+                    y + o0, out);
+    }
+}
+
 void linear_forward(float* y, const float* x, const Tensor& W, int T, bool accumulate) {
-    matmul_nt(y, x, W.ptr(), T, int(W.shape[0]), int(W.shape[1]), accumulate);
+    if (W.is_bf16()) matmul_nt_bf16(y, x, W.bf16.data(), T, int(W.shape[0]), int(W.shape[1]), accumulate);
+    else matmul_nt(y, x, W.ptr(), T, int(W.shape[0]), int(W.shape[1]), accumulate);
 }
 
 void rmsnorm_forward(float* out, const float* x, const float* w, int T, int n, float eps) {

@@ -11,7 +11,11 @@
 namespace moescope {
 
 // y[T, out] = x[T, in] W^T  (W stored [out, in], PyTorch nn.Linear); accumulate adds to y.
+// W may be f32 or BF16-stored (matmul_nt or matmul_nt_bf16).
 void linear_forward(float* y, const float* x, const Tensor& W, int T, bool accumulate = false);
+// Output columns [o0, o1) of linear_forward by the row kernel (y keeps its [T, out] layout), on
+// the calling thread, for f32 or BF16 W: the MoE decode path splits experts' rows with it.
+void linear_rows_range(float* y, const float* x, const Tensor& W, int T, int o0, int o1, bool accumulate = false);
 // For T <= kSmallT this is matmul_nt_rows, so a row's result does not depend on T: MTP
 // verification (pending token + drafts) gives the same logits as one-token decoding.
 void matmul_nt(float* y, const float* x, const float* W, int T, int out, int in, bool accumulate = false);
@@ -26,6 +30,19 @@ void matmul_nt_rows(float* y, const float* x, const float* W, int T, int out, in
 // thread: the building block for callers that split several products over the pool.
 void matmul_nt_rows_range(float* y, const float* x, const float* W, int T, int o0, int o1, int out, int in,
                           bool accumulate = false);
+
+// The same products with W (or X below) as BF16 bit patterns [out, in]. The row kernel widens
+// each weight in registers (bf16 << 16, exact) and keeps the f32 kernel's accumulation order,
+// so y is bit-identical to the f32 kernels on a W holding the same (BF16-representable)
+// values. matmul_nt_bf16 with T > kSmallT widens panels of kBf16PanelValues weights into a
+// per-thread f32 scratch and runs sgemm on each: f32 inputs identical to the f32 path and f32
+// accumulation, so results agree with matmul_nt to within sgemm's rounding.
+void matmul_nt_bf16(float* y, const float* x, const uint16_t* W, int T, int out, int in, bool accumulate = false);
+void matmul_nt_rows_bf16(float* y, const float* x, const uint16_t* W, int T, int out, int in, bool accumulate = false);
+void matmul_nt_rows_range_bf16(float* y, const float* x, const uint16_t* W, int T, int o0, int o1, int out, int in,
+                               bool accumulate = false);
+void matvec_t_bf16(float* y, const float* p, const uint16_t* X, int rows, int n, int64_t ld, bool accumulate = false);
+constexpr int64_t kBf16PanelValues = int64_t(1) << 20;  // 4 MiB of f32 per widened panel
 
 // The row kernel's dot product: dot(a, b, n) == y[t, o] of matmul_nt_rows for x[t] = a, W[o] = b.
 float dot(const float* a, const float* b, int n);

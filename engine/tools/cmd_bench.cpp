@@ -156,17 +156,22 @@ ModelConfig synthetic_config(ModelConfig c, int hidden, int layers) {
 
 int cmd_bench(const std::vector<std::string>& argv) {
     Args a(argv, {"json", "quick", "no-train"});
-    a.check_known({"backend", "contexts", "tokens", "repeats", "threads", "prompt", "synthetic", "layers", "step-reps"});
+    a.check_known({"backend", "contexts", "tokens", "repeats", "threads", "prompt", "synthetic", "layers", "step-reps",
+                   "weights"});
     if (a.positional().size() != 1) throw UsageError("expected one MODEL_DIR");
     const std::string dir = a.positional()[0];
     const std::string backend = a.get_or("backend", "cpu");
     if (a.has("threads")) set_num_threads(int(a.integer("threads", 0)));
-    LoadedModel m = open_model(dir, backend, 0);
+    const WeightStorage weights = weights_from_args(a);
+    LoadedModel m = open_model(dir, backend, 0, weights);
     if (a.has("synthetic")) {
         // Random weights: throughput and step costs are meaningful, MTP acceptance is not.
+        // --weights bf16 rounds them to BF16 storage (auto and f32 keep f32).
         ModelConfig sc = synthetic_config(m.backend->config(), int(a.integer("synthetic", 1024)),
                                           int(a.integer("layers", 0)));
-        m.model = std::make_shared<Model>(sc, init_weights(sc, 1));
+        Weights sw = init_weights(sc, 1);
+        if (weights == WeightStorage::BF16) convert_storage(sw, sc, WeightStorage::BF16);
+        m.model = std::make_shared<Model>(sc, std::move(sw));
         m.backend = make_cpu_backend(m.model);
         m.notice = "synthetic random-weight model on the CPU";
     }
@@ -204,6 +209,9 @@ int cmd_bench(const std::vector<std::string>& argv) {
         int64_t params = 0;
         for (const auto& e : tensor_table(m.model->mutable_weights(), cfg)) params += e.tensor->numel();
         out["parameters"] = params;
+        const ModelCard card = loaded_card(*m.model);
+        out["weight_storage"] = card.weight_storage;
+        out["weight_bytes"] = card.weight_bytes;
     }
     out["decode_tokens"] = n;
     nlohmann::json rows = nlohmann::json::array();
@@ -282,7 +290,8 @@ int cmd_bench(const std::vector<std::string>& argv) {
 
 CliCommand bench_cmd("bench",
                      "bench MODEL_DIR [--json] [--quick] [--contexts 16,128,512] [--tokens N] [--repeats R] "
-                     "[--threads T] [--no-train] [--step-reps N] [--synthetic HIDDEN [--layers L]] [--backend cpu|cuda|auto]   "
+                     "[--threads T] [--no-train] [--step-reps N] [--synthetic HIDDEN [--layers L]] [--backend cpu|cuda|auto] "
+                     "[--weights f32|bf16|auto]   "
                      "throughput benchmark (JSON)",
                      cmd_bench);
 

@@ -17,9 +17,9 @@
 
 namespace moescope::cli {
 
-LoadedModel open_model(const std::string& dir, const std::string& backend, int context) {
+LoadedModel open_model(const std::string& dir, const std::string& backend, int context, WeightStorage weights) {
     LoadedModel m;
-    m.model = load_model(dir);
+    m.model = load_model(dir, LoadOptions{weights});
     namespace fs = std::filesystem;
     if (fs::exists(fs::path(dir) / "tokenizer.json"))
         m.tokenizer = std::make_shared<Tokenizer>(Tokenizer::load(dir));
@@ -27,6 +27,20 @@ LoadedModel open_model(const std::string& dir, const std::string& backend, int c
     m.backend = std::shared_ptr<Backend>(std::move(sel.backend));
     m.notice = sel.notice;
     return m;
+}
+
+WeightStorage weights_from_args(const Args& a) {
+    const std::string v = a.get_or("weights", "auto");
+    if (v != "f32" && v != "bf16" && v != "auto") throw UsageError("--weights f32|bf16|auto; got '" + v + "'");
+    return storage_from_string(v);
+}
+
+ModelCard loaded_card(const Model& m) {
+    ModelCard card = model_card(m.config());
+    const WeightMemory wm = weight_memory(m.weights(), m.config());
+    card.weight_storage = wm.storage;
+    card.weight_bytes = wm.bytes;
+    return card;
 }
 
 SamplingParams sampling_from_args(const Args& a, const ModelConfig& cfg) {
@@ -86,11 +100,12 @@ int cmd_generate(const std::vector<std::string>& argv) {
     Args a(argv, {"json", "chat", "mtp", "no-mtp", "no-eos", "quiet"});
     a.check_known({"prompt", "prompt-tokens", "system", "max-tokens", "temperature", "top-k", "top-p", "min-p",
                    "repetition-penalty", "frequency-penalty", "presence-penalty", "seed", "telemetry", "backend",
-                   "context", "stop", "mtp-depth", "latent-layer"});
+                   "context", "stop", "mtp-depth", "latent-layer", "weights"});
     if (a.positional().size() != 1) throw UsageError("expected one MODEL_DIR");
     const std::string dir = a.positional()[0];
-    LoadedModel m = open_model(dir, a.get_or("backend", "auto"), int(a.integer("context", 0)));
+    LoadedModel m = open_model(dir, a.get_or("backend", "auto"), int(a.integer("context", 0)), weights_from_args(a));
     const ModelConfig& cfg = m.backend->config();
+    const ModelCard card = loaded_card(*m.model);
     SamplingParams p = sampling_from_args(a, cfg);
     std::vector<int> prompt = prompt_tokens(a, m);
     if (!a.has("json")) std::fprintf(stderr, "[%s]\n", m.notice.c_str());
@@ -98,7 +113,7 @@ int cmd_generate(const std::vector<std::string>& argv) {
     Session s(m.backend, m.tokenizer, int(a.integer("context", 0)));
     if (auto path = a.get("telemetry")) {
         trace = std::make_unique<JsonlWriter>(*path);
-        trace->record(MetaRecord{model_card(cfg).to_json(cfg), cfg.to_json(), meta_settings(m, dir, p)});
+        trace->record(MetaRecord{card.to_json(cfg), cfg.to_json(), meta_settings(m, dir, p)});
         s.set_sink(trace.get());
         s.set_latent_layer(int(a.integer("latent-layer", 0)));
     }
@@ -130,6 +145,8 @@ int cmd_generate(const std::vector<std::string>& argv) {
                       {"stop_reason", st.stop_reason},
                       {"backend", m.backend->name()},
                       {"backend_notice", m.backend->notice()},
+                      {"weight_storage", card.weight_storage},
+                      {"weight_bytes", card.weight_bytes},
                       {"mtp",
                        {{"drafts", st.mtp.drafts},
                         {"draft_tokens", st.mtp.draft_tokens},
@@ -148,18 +165,20 @@ int cmd_generate(const std::vector<std::string>& argv) {
                      st.mtp.mean_acceptance_length());
         const std::string bn = m.backend->notice();
         if (!bn.empty() && m.notice.find(bn) == std::string::npos) std::fprintf(stderr, "[backend: %s]\n", bn.c_str());
+        std::fprintf(stderr, "[weights: %s, %.1f MB resident]\n", card.weight_storage.c_str(),
+                     double(card.weight_bytes) / 1e6);
     }
     return 0;
 }
 
 int cmd_balance(const std::vector<std::string>& argv) {
     Args a(argv, {"json"});
-    a.check_known({"corpus", "gamma", "steps", "telemetry", "backend", "chunk", "reset-bias"});
+    a.check_known({"corpus", "gamma", "steps", "telemetry", "backend", "chunk", "reset-bias", "weights"});
     if (a.positional().size() != 1) throw UsageError("expected one MODEL_DIR");
     const std::string dir = a.positional()[0];
     auto corpus = a.get("corpus");
     if (!corpus) throw UsageError("--corpus FILE is required");
-    LoadedModel m = open_model(dir, a.get_or("backend", "auto"), 0);
+    LoadedModel m = open_model(dir, a.get_or("backend", "auto"), 0, weights_from_args(a));
     const ModelConfig& cfg = m.backend->config();
     if (cfg.n_routed_experts == 0) throw Error(dir + ": the model has no MoE layers to balance");
     std::ifstream in(*corpus);
@@ -181,7 +200,7 @@ int cmd_balance(const std::vector<std::string>& argv) {
     Session s(m.backend, m.tokenizer, chunk);
     if (auto path = a.get("telemetry")) {
         trace = std::make_unique<JsonlWriter>(*path);
-        trace->record(MetaRecord{model_card(cfg).to_json(cfg), cfg.to_json(),
+        trace->record(MetaRecord{loaded_card(*m.model).to_json(cfg), cfg.to_json(),
                                  {{"model", dir}, {"mode", "balance"}, {"gamma", gamma}, {"corpus", *corpus}}});
         tee.add(trace.get());
     }
@@ -220,11 +239,11 @@ CliCommand generate_cmd(
     "generate",
     "generate MODEL_DIR (--prompt T [--chat] [--system S] | --prompt-tokens 1,2,3) [--max-tokens N --temperature T "
     "--top-k K --top-p P --min-p P --repetition-penalty R --frequency-penalty F --presence-penalty P --seed S "
-    "--mtp|--no-mtp --stop STR --telemetry OUT.jsonl --latent-layer L --backend cpu|cuda|auto --context N --json]",
+    "--mtp|--no-mtp --stop STR --telemetry OUT.jsonl --latent-layer L --backend cpu|cuda|auto --context N --weights f32|bf16|auto --json]",
     cmd_generate);
 CliCommand balance_cmd("balance",
                        "balance MODEL_DIR --corpus FILE [--gamma G --steps N --chunk TOKENS --telemetry OUT.jsonl "
-                       "--json]   online aux-loss-free balancing",
+                       "--weights f32|bf16|auto --json]   online aux-loss-free balancing",
                        cmd_balance);
 
 }  // namespace

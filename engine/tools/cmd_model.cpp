@@ -1,5 +1,6 @@
 // moescope-cli inspect / forward: the model card and one full-sequence forward pass.
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 
 #include <nlohmann/json.hpp>
@@ -7,17 +8,27 @@
 #include "engine/backend.h"
 #include "engine/config.h"
 #include "engine/loader.h"
+#include "engine/safetensors.h"
 #include "engine/tools/cli.h"
+#include "engine/tools/cli_model.h"
 
 namespace moescope::cli {
 namespace {
 
 int cmd_inspect(const std::vector<std::string>& argv) {
     Args a(argv, {"json"});
-    a.check_known({});
+    a.check_known({"weights"});
     if (a.positional().size() != 1) throw UsageError("expected one MODEL_DIR or config.json");
     ModelConfig cfg = ModelConfig::load(a.positional()[0]);
     ModelCard card = model_card(cfg);
+    if (std::filesystem::is_directory(a.positional()[0])) {
+        // The storage a load would choose and its resident bytes, from the safetensors headers
+        // (nothing is read but the headers).
+        Checkpoint ck = Checkpoint::open(a.positional()[0]);
+        const WeightMemory wm = planned_weight_memory(cfg, ck, resolve_storage(weights_from_args(a), cfg, ck));
+        card.weight_storage = wm.storage;
+        card.weight_bytes = wm.bytes;
+    }
     if (a.has("json")) {
         std::cout << card.to_json(cfg).dump(2) << "\n";
     } else {
@@ -28,14 +39,14 @@ int cmd_inspect(const std::vector<std::string>& argv) {
 
 int cmd_forward(const std::vector<std::string>& argv) {
     Args a(argv, {"json", "naive"});
-    a.check_known({"tokens", "backend"});
+    a.check_known({"tokens", "backend", "weights"});
     if (a.positional().size() != 1) throw UsageError("expected one MODEL_DIR");
     std::vector<int> tokens = a.int_list("tokens");
     if (tokens.empty()) throw UsageError("--tokens 1,2,3 is required");
     std::string backend = a.get_or("backend", "cpu");
     if (backend != "cpu" && backend != "cuda" && backend != "auto")
         throw UsageError("--backend cpu|cuda|auto; got '" + backend + "'");
-    auto model = load_model(a.positional()[0]);
+    auto model = load_model(a.positional()[0], LoadOptions{weights_from_args(a)});
     const ModelConfig& cfg = model->config();
     const int T = int(tokens.size()), V = cfg.vocab_size;
     BackendSelection sel = select_backend(backend, model, T);
@@ -100,8 +111,8 @@ int cmd_forward(const std::vector<std::string>& argv) {
     return 0;
 }
 
-CliCommand inspect_cmd("inspect", "inspect MODEL_DIR|config.json [--json]   the model card", cmd_inspect);
-CliCommand forward_cmd("forward", "forward MODEL_DIR --tokens 1,2,3 [--json] [--naive] [--backend cpu|cuda|auto]   one full-sequence forward",
+CliCommand inspect_cmd("inspect", "inspect MODEL_DIR|config.json [--json] [--weights f32|bf16|auto]   the model card", cmd_inspect);
+CliCommand forward_cmd("forward", "forward MODEL_DIR --tokens 1,2,3 [--json] [--naive] [--backend cpu|cuda|auto] [--weights f32|bf16|auto]   one full-sequence forward",
                        cmd_forward);
 
 }  // namespace
