@@ -24,6 +24,13 @@ std::vector<float> randv(std::mt19937_64& rng, size_t n, double s = 1.0) {
     return v;
 }
 
+Tensor f32_tensor(std::vector<int64_t> shape, std::vector<float> values) {
+    Tensor t;
+    t.shape = std::move(shape);
+    t.data = std::move(values);
+    return t;
+}
+
 double dot(const std::vector<float>& a, const std::vector<float>& b) {
     double s = 0;
     for (size_t i = 0; i < a.size(); ++i) s += double(a[i]) * b[i];
@@ -77,10 +84,10 @@ private slots:
 void TestBackward::linear() {
     std::mt19937_64 rng(1);
     const int T = 3, in = 5, out = 4;
-    Tensor W{{out, in}, randv(rng, out * in)};
+    Tensor W = f32_tensor({out, in}, randv(rng, out * in));
     auto x = randv(rng, T * in), R = randv(rng, T * out);
     std::vector<float> y(T * out), dx(T * in);
-    Tensor dW{{out, in}, std::vector<float>(out * in, 0.0f)};
+    Tensor dW = f32_tensor({out, in}, std::vector<float>(out * in, 0.0f));
     linear_backward(dx.data(), &dW, R.data(), x.data(), W, T);
     auto f = [&] {
         linear_forward(y.data(), x.data(), W, T);
@@ -144,7 +151,7 @@ void TestBackward::cross_entropy() {
 }
 
 void TestBackward::embedding() {
-    Tensor dE{{5, 2}, std::vector<float>(10, 0.0f)};
+    Tensor dE = f32_tensor({5, 2}, std::vector<float>(10, 0.0f));
     std::vector<int> tok = {3, 1, 3};
     std::vector<float> dh = {1, 2, 3, 4, 5, 6};
     embedding_backward(dE, dh.data(), tok.data(), 3);
@@ -157,10 +164,10 @@ void TestBackward::embedding() {
 void TestBackward::mlp() {
     std::mt19937_64 rng(5);
     const int T = 3, D = 6, I = 5;
-    MlpWeights w{{{I, D}, randv(rng, I * D)}, {{I, D}, randv(rng, I * D)}, {{D, I}, randv(rng, D * I)}};
-    MlpWeights dw{{{I, D}, std::vector<float>(I * D, 0.0f)},
-                  {{I, D}, std::vector<float>(I * D, 0.0f)},
-                  {{D, I}, std::vector<float>(D * I, 0.0f)}};
+    MlpWeights w{f32_tensor({I, D}, randv(rng, I * D)), f32_tensor({I, D}, randv(rng, I * D)),
+                 f32_tensor({D, I}, randv(rng, D * I))};
+    MlpWeights dw{f32_tensor({I, D}, std::vector<float>(I * D, 0.0f)), f32_tensor({I, D}, std::vector<float>(I * D, 0.0f)),
+                  f32_tensor({D, I}, std::vector<float>(D * I, 0.0f))};
     auto x = randv(rng, T * D), R = randv(rng, T * D);
     std::vector<float> y(T * D), dx(T * D);
     MlpActs acts;
