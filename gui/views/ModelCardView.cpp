@@ -51,6 +51,10 @@ void ModelCardView::refresh() {
     try {
         ModelConfig cfg = ModelConfig::from_json(meta->config, "meta record");
         ModelCard card = model_card(cfg);
+        if (meta->card.is_object() && meta->card.contains("weight_storage")) {  // how the loaded weights are held
+            card.weight_storage = meta->card.value("weight_storage", std::string());
+            card.weight_bytes = meta->card.value("weight_bytes", int64_t(0));
+        }
         QString text = QString::fromStdString(card.to_text(cfg));
         if (meta->settings.is_object()) {
             text += QStringLiteral("\nsource          %1\nbackend         %2\n")
