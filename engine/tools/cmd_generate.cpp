@@ -155,7 +155,7 @@ int cmd_generate(const std::vector<std::string>& argv) {
                         {"mean_acceptance_length", st.mtp.mean_acceptance_length()}}}};
         std::cout << j.dump() << "\n";
     } else {
-        std::cout << "\n";
+        std::cout << std::endl;  // the text ends before the statistics on stderr begin
         std::fprintf(stderr,
                      "-- %d tokens, %.1f tokens/s (prefill %d tokens at %.1f tokens/s), first token after %.3f s, "
                      "stop: %s; MTP %s: %lld drafts, acceptance rate %.1f%%, mean acceptance length %.2f\n",
