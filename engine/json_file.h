@@ -16,7 +16,7 @@ nlohmann::json read_json_file(const std::filesystem::path& file) {
     ss << in.rdbuf();
     try {
         return nlohmann::json::parse(ss.str());
-    } catch (const nlohmann::json::parse_error& e) {
+    } catch (const nlohmann::json::exception& e) {  // syntax, or a number out of range
         throw ErrorT(file.string() + ": invalid JSON: " + e.what());
     }
 }

@@ -61,7 +61,7 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path
         json header;
         try {
             header = json::parse(base + 8, base + 8 + n);
-        } catch (const json::parse_error& e) {
+        } catch (const json::exception& e) {
             fail(std::string("header is not valid JSON: ") + e.what());
         }
         if (!header.is_object()) fail("header is not a JSON object");

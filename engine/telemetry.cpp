@@ -236,7 +236,7 @@ std::vector<Record> read_trace(const std::filesystem::path& path) {
         if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
         try {
             out.push_back(record_from_json(json::parse(line)));
-        } catch (const json::parse_error& e) {
+        } catch (const json::exception& e) {
             throw FormatError(path.string() + ": line " + std::to_string(n) + ": invalid JSON: " + e.what());
         } catch (const FormatError& e) {
             throw FormatError(path.string() + ": line " + std::to_string(n) + ": " + e.what());

@@ -380,7 +380,7 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& confi
     json j;
     try {
         j = json::parse(text);
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {
         throw FormatError(origin + ": not valid JSON: " + e.what());
     }
     if (!j.is_object()) r.fail("(root)", "expected a JSON object");
@@ -513,7 +513,7 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& confi
         json c;
         try {
             c = json::parse(config_text);
-        } catch (const json::parse_error& e) {
+        } catch (const json::exception& e) {
             throw FormatError(config_origin + ": not valid JSON: " + e.what());
         }
         Reader cr{config_origin};

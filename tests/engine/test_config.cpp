@@ -132,6 +132,11 @@ private slots:
             std::ofstream(d / "config.json") << "{\"vocab_size\": 12,";
         }
         MOESCOPE_VERIFY_THROWS_WITH(ModelConfig::load(d), ConfigError, std::vector<std::string>{"config.json", "JSON"});
+        {  // found by scripts/fuzz: a number too large for a double is a JSON error, not a crash
+            std::ofstream(d / "config.json", std::ios::trunc) << "{\"vocab_size\": 1e22222}";
+        }
+        MOESCOPE_VERIFY_THROWS_WITH(ModelConfig::load(d), ConfigError,
+                                    std::vector<std::string>{"config.json", "JSON", "overflow"});
         MOESCOPE_VERIFY_THROWS_WITH(ModelConfig::load(d / "nope.json"), ConfigError,
                                     std::vector<std::string>{"nope.json"});
     }

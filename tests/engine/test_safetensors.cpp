@@ -179,6 +179,9 @@ private slots:
         QTest::newRow("binary garbage header") << st_bytes(std::string("\xff\xfe\x00\x01", 4), d32)
                                                << QStringList{"JSON"};
         QTest::newRow("header not an object") << st_bytes("[1, 2, 3]", d32) << QStringList{"not a JSON object"};
+        // Found by scripts/fuzz: a JSON number too large for a double escaped as json::out_of_range.
+        QTest::newRow("number overflowing a double") << st_bytes(R"({"a": {"dtype": "F32", "shape": [999999990000020037642052068e6638], "data_offsets": [0, 24]}})", d32)
+                                                     << QStringList{"JSON", "overflow"};
         QTest::newRow("__metadata__ not an object") << st_bytes(R"({"__metadata__": [1]})", d32)
                                                     << QStringList{"__metadata__"};
     }
