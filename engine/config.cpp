@@ -2,6 +2,7 @@
 #include "engine/config.h"
 
 #include <cmath>
+#include <limits>
 #include <fstream>
 #include <sstream>
 
@@ -27,10 +28,17 @@ public:
     int integer(const char* f) const {
         if (!present(f)) fail(f, "is missing");
         const json& v = j_[f];
-        if (v.is_number_integer()) return v.get<int>();
-        if (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>())
-            return static_cast<int>(v.get<double>());
-        fail(f, "must be an integer, found " + v.dump());
+        // Whole numbers written as integers or as floats (1e3), within int's range: a larger
+        // value would wrap (or, from a double, be undefined) instead of being refused.
+        double d = 0;
+        if (v.is_number_unsigned()) d = double(v.get<uint64_t>());
+        else if (v.is_number_integer()) d = double(v.get<int64_t>());
+        else if (v.is_number_float()) d = v.get<double>();
+        else fail(f, "must be an integer, found " + v.dump());
+        if (std::floor(d) != d) fail(f, "must be an integer, found " + v.dump());
+        if (d < double(std::numeric_limits<int>::min()) || d > double(std::numeric_limits<int>::max()))
+            fail(f, "is out of range, found " + v.dump());
+        return static_cast<int>(d);
     }
     int integer(const char* f, int fallback) const { return present(f) ? integer(f) : fallback; }
     double number(const char* f) const {

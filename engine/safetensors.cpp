@@ -225,6 +225,7 @@ std::vector<std::string> Checkpoint::files() const {
 
 void convert_to_f32(const TensorInfo& t, float* out) {
     const int64_t n = t.numel();
+    if (n == 0) return;  // an empty tensor may have no data pointer at all
     const uint8_t* p = t.data;
     switch (t.dtype) {
         case DType::F32: std::memcpy(out, p, size_t(n) * 4); break;

@@ -106,6 +106,12 @@ private slots:
         QTest::newRow("odd qk_rope_head_dim") << R"({"qk_rope_head_dim": 63})" << QStringList{"'qk_rope_head_dim'", "even"};
         QTest::newRow("negative q_lora_rank") << R"({"q_lora_rank": -5})" << QStringList{"'q_lora_rank'"};
         QTest::newRow("negative rms_norm_eps") << R"({"rms_norm_eps": -1e-6})" << QStringList{"'rms_norm_eps'"};
+        // Found by scripts/fuzz: integers beyond int were cast (1e74: undefined; 2^32+1 wrapped to 1).
+        QTest::newRow("integer beyond int, as a double") << R"({"eos_token_id": 100000000000000000000000000000000000000000000000000000000000000000000000001})"
+                                                         << QStringList{"'eos_token_id'", "out of range"};
+        QTest::newRow("integer beyond int (would wrap to 1)") << R"({"vocab_size": 4294967297})"
+                                                              << QStringList{"'vocab_size'", "out of range", "4294967297"};
+        QTest::newRow("fraction for an integer") << R"({"hidden_size": 7168.5})" << QStringList{"'hidden_size'", "integer"};
     }
     void invalid() {
         QFETCH(QString, patch);

@@ -96,6 +96,10 @@ private slots:
         // An empty header is a valid file with no tensors.
         write_bytes(p, st_bytes("{}", {}));
         QVERIFY(Checkpoint::open(p).names().empty());
+        // A tensor with no elements reads as an empty vector (found by scripts/fuzz: converting
+        // it passed a null pointer to memcpy, undefined behaviour that UBSan reports).
+        write_bytes(p, st_bytes(R"({"e": {"dtype": "F32", "shape": [0, 4], "data_offsets": [0, 0]}})", {}));
+        QVERIFY(Checkpoint::open(p).read_f32("e").empty());
     }
 
     // ---- corrupted single files ---------------------------------------------------------
