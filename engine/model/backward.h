@@ -91,8 +91,11 @@ struct MoeActs {
 // The mixing weights w_i = rsf * s_i / sum_chosen(s) (or rsf * s_i) carry the gradient into the
 // router: ds from dw through the normalization, then through sigmoid / softmax into the gate.
 // The bias only chose the experts: it gets no gradient.
+// expert_threads 0 runs the routed experts one after the other (BLAS threaded inside each);
+// n >= 1 runs them as parallel_tasks on n threads (ops.h). Identical bits either way: each
+// expert's gradients are its own, and its dx rows are added in expert order afterwards.
 void moe_backward(float* dx, MoeWeights& dw, const float* dout, const MoeWeights& w, const MoeActs& acts,
-                  const RouterDims& rd, const ModelConfig& cfg, bool accumulate_dx = false);
+                  const RouterDims& rd, const ModelConfig& cfg, bool accumulate_dx = false, int expert_threads = 0);
 
 // Mixing-weight gradient into router-logit gradient for one token: dweights[k] -> dlogits[E]
 // (adds dscores[E] of extra losses first when given).

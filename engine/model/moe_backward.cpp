@@ -46,19 +46,21 @@ void router_backward(float* dlogits, const float* dweights, const float* dscores
 }
 
 void moe_backward(float* dx, MoeWeights& dw, const float* dout, const MoeWeights& w, const MoeActs& a,
-                  const RouterDims& rd, const ModelConfig& cfg, bool accumulate_dx) {
+                  const RouterDims& rd, const ModelConfig& cfg, bool accumulate_dx, int expert_threads) {
     const int T = a.T, D = cfg.hidden_size, E = rd.E, k = rd.k;
     if (!accumulate_dx) std::fill(dx, dx + size_t(T) * D, 0.0f);
     if (!w.shared.gate_proj.empty()) mlp_backward(dx, dw.shared, dout, w.shared, a.shared, true);
     std::vector<float> dweights(size_t(T) * k, 0.0f);  // [T, k]
-    std::vector<float> dy, dxin;
-    for (int e = 0; e < E; ++e) {
+    std::vector<std::vector<float>> dxin(static_cast<size_t>(E));  // per expert [n_e, D]: d loss / d its input rows
+    // Expert e writes only its own gradients, its dxin and the dweights of its own slots.
+    auto expert = [&](int e) {
         const auto& rows = a.rows[size_t(e)];
-        if (rows.empty()) continue;
+        if (rows.empty()) return;
         const int n = int(rows.size());
         const float* y = a.y[size_t(e)].data();  // [n, D]
+        thread_local std::vector<float> dy;      // [n, D]
         dy.resize(size_t(n) * D);
-        dxin.resize(size_t(n) * D);
+        dxin[size_t(e)].resize(size_t(n) * D);
         for (int i = 0; i < n; ++i) {
             const int slot = rows[size_t(i)], t = slot / k;
             const float wt = a.r.weights[size_t(slot)];
@@ -71,10 +73,24 @@ void moe_backward(float* dx, MoeWeights& dw, const float* dout, const MoeWeights
             }
             dweights[size_t(slot)] = float(dot);
         }
-        mlp_backward(dxin.data(), dw.experts[size_t(e)], dy.data(), w.experts[size_t(e)], a.experts[size_t(e)]);
-        for (int i = 0; i < n; ++i) {
-            float* o = dx + size_t(rows[size_t(i)] / k) * D;
-            const float* gi = dxin.data() + size_t(i) * D;
+        mlp_backward(dxin[size_t(e)].data(), dw.experts[size_t(e)], dy.data(), w.experts[size_t(e)],
+                     a.experts[size_t(e)]);
+    };
+    if (expert_threads > 0) {
+        std::vector<int> order(static_cast<size_t>(E));  // busiest experts first: they bound the wall time
+        for (int e = 0; e < E; ++e) order[size_t(e)] = e;
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int p, int q) { return a.rows[size_t(p)].size() > a.rows[size_t(q)].size(); });
+        parallel_tasks(E, expert_threads, [&](int i) { expert(order[size_t(i)]); });
+    } else {
+        for (int e = 0; e < E; ++e) expert(e);
+    }
+    // A token's rows are summed into dx in expert order, whatever ran them.
+    for (int e = 0; e < E; ++e) {
+        const auto& rows = a.rows[size_t(e)];
+        for (size_t i = 0; i < rows.size(); ++i) {
+            float* o = dx + size_t(rows[i] / k) * D;
+            const float* gi = dxin[size_t(e)].data() + i * D;
             for (int j = 0; j < D; ++j) o[j] += gi[j];
         }
     }

@@ -301,8 +301,9 @@ public:
     int threads() const { return threads_.load(std::memory_order_relaxed); }
     void set_threads(int n) { threads_.store(std::max(1, n), std::memory_order_relaxed); }
 
-    // fn(begin, end) over chunks covering [0, n) once, on up to nt threads (the caller included).
-    void run(int n, int nt, const std::function<void(int, int)>& fn) {
+    // fn(begin, end) over chunks covering [0, n) once, on up to nt threads (the caller included);
+    // `chunks` > 0 asks for that many chunks (at most n) instead of 4 per thread.
+    void run(int n, int nt, const std::function<void(int, int)>& fn, int chunks = 0) {
         nt = std::min({nt, n, kMaxThreads});
         if (nt <= 1 || busy_.exchange(true)) {  // nested or concurrent use runs inline
             if (n > 0) fn(0, n);
@@ -311,7 +312,7 @@ public:
         ensure_workers(nt - 1);
         job_ = &fn;
         n_ = n;
-        chunks_ = std::min(n, 4 * nt);
+        chunks_ = chunks > 0 ? std::min(n, chunks) : std::min(n, 4 * nt);
         next_.store(0);
         {
             std::lock_guard<std::mutex> lk(m_);
@@ -402,6 +403,18 @@ void parallel_range(int n, int64_t work, const std::function<void(int, int)>& fn
     Pool& p = Pool::get();
     const int nt = work >= kParallelWork ? p.threads() : 1;
     p.run(n, nt, fn);
+}
+
+void parallel_tasks(int n, int threads, const std::function<void(int)>& fn) {
+    const int blas = openblas_get_num_threads();
+    if (blas != 1) openblas_set_num_threads(1);
+    Pool::get().run(
+        n, threads,
+        [&](int i0, int i1) {
+            for (int i = i0; i < i1; ++i) fn(i);
+        },
+        n);
+    if (blas != 1) openblas_set_num_threads(blas);
 }
 
 void matmul_nt_rows(float* y, const float* x, const float* W, int T, int out, int in, bool accumulate) {

@@ -72,6 +72,15 @@ void use_portable_row_kernel(bool on);
 // disjoint outputs; fn must not throw. Nested and concurrent calls run inline.
 void parallel_range(int n, int64_t work, const std::function<void(int, int)>& fn);
 
+// Runs fn(i) once for every i in [0, n) on up to `threads` threads of the same pool (the caller
+// included), claimed one task at a time (callers put the longest first), with OpenBLAS held at
+// one thread meanwhile: for independent tasks made of small sgemm products (the routed experts
+// of training), where every task's BLAS call waking OpenBLAS's own threads would oversubscribe
+// the cores. OpenBLAS's sums do not depend on its thread count, so neither do the results.
+// The BLAS setting is process-wide: products of other threads during the call run on one
+// thread. Nested and concurrent calls run inline, in order; fn must not throw.
+void parallel_tasks(int n, int threads, const std::function<void(int)>& fn);
+
 // out[T, n] = x / sqrt(mean(x^2) + eps) * w
 void rmsnorm_forward(float* out, const float* x, const float* w, int T, int n, float eps);
 

@@ -105,7 +105,7 @@ void mla_forward_train(float* out, const float* x, int B, int T, const Attention
 }
 
 void moe_forward_train(float* out, const float* x, int T, const MoeWeights& w, const float* bias,
-                       const RouterDims& rd, const ModelConfig& cfg, MoeActs& a) {
+                       const RouterDims& rd, const ModelConfig& cfg, MoeActs& a, int expert_threads) {
     const int D = cfg.hidden_size, E = rd.E, k = rd.k;
     a.T = T;
     a.x.assign(x, x + size_t(T) * D);
@@ -118,24 +118,37 @@ void moe_forward_train(float* out, const float* x, int T, const MoeWeights& w, c
     else std::fill(out, out + size_t(T) * D, 0.0f);
     a.experts.resize(size_t(E));
     a.y.resize(size_t(E));
-    std::vector<float> xin;
-    for (int e = 0; e < E; ++e) {
+    // Expert e writes only its own activations a.experts[e] and outputs a.y[e].
+    auto expert = [&](int e) {
         const auto& rows = a.rows[size_t(e)];
         const int n = int(rows.size());
-        auto& y = a.y[size_t(e)];
-        y.resize(size_t(n) * D);
+        a.y[size_t(e)].resize(size_t(n) * D);
         a.experts[size_t(e)].T = 0;
-        if (n == 0) continue;
+        if (n == 0) return;
+        thread_local std::vector<float> xin;  // [n, D] the expert's rows of x
         xin.resize(size_t(n) * D);
         for (int i = 0; i < n; ++i)
             std::copy(x + size_t(rows[size_t(i)] / k) * D, x + size_t(rows[size_t(i)] / k + 1) * D,
                       xin.begin() + size_t(i) * D);
-        mlp_forward_train(y.data(), xin.data(), n, w.experts[size_t(e)], a.experts[size_t(e)]);
-        for (int i = 0; i < n; ++i) {
-            const int slot = rows[size_t(i)];
+        mlp_forward_train(a.y[size_t(e)].data(), xin.data(), n, w.experts[size_t(e)], a.experts[size_t(e)]);
+    };
+    if (expert_threads > 0) {
+        std::vector<int> order(static_cast<size_t>(E));  // busiest experts first: they bound the wall time
+        for (int e = 0; e < E; ++e) order[size_t(e)] = e;
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int p, int q) { return a.rows[size_t(p)].size() > a.rows[size_t(q)].size(); });
+        parallel_tasks(E, expert_threads, [&](int i) { expert(order[size_t(i)]); });
+    } else {
+        for (int e = 0; e < E; ++e) expert(e);
+    }
+    // A token's outputs are summed in expert order, whatever ran the experts.
+    for (int e = 0; e < E; ++e) {
+        const auto& rows = a.rows[size_t(e)];
+        for (size_t i = 0; i < rows.size(); ++i) {
+            const int slot = rows[i];
             const float wt = a.r.weights[size_t(slot)];
             float* o = out + size_t(slot / k) * D;
-            const float* yi = y.data() + size_t(i) * D;
+            const float* yi = a.y[size_t(e)].data() + i * D;
             for (int j = 0; j < D; ++j) o[j] += wt * yi[j];
         }
     }
@@ -193,6 +206,12 @@ Weights zeros_like(Weights& w, const ModelConfig& cfg) {
 
 TrainGraph::TrainGraph(const ModelConfig& cfg) : cfg_(cfg), rope_(cfg), mla_(cfg), router_(cfg) {}
 
+int TrainGraph::expert_threads() const {
+    if (expert_threads_ >= 0) return expert_threads_;
+    const int nt = num_threads();
+    return nt > 1 && router_.E >= 2 * nt ? nt : 0;
+}
+
 void TrainGraph::layer_forward(float* h, int B, int T, const LayerWeights& L, LayerActs& a) const {
     const int N = B * T, D = cfg_.hidden_size;
     const float eps = float(cfg_.rms_norm_eps);
@@ -206,7 +225,7 @@ void TrainGraph::layer_forward(float* h, int B, int T, const LayerWeights& L, La
     rmsnorm_forward(xn.data(), h, L.post_attention_layernorm.ptr(), N, D, eps);
     if (L.is_moe) {
         const float* bias = L.moe.e_score_correction_bias.empty() ? nullptr : L.moe.e_score_correction_bias.ptr();
-        moe_forward_train(y.data(), xn.data(), N, L.moe, bias, router_, cfg_, a.moe);
+        moe_forward_train(y.data(), xn.data(), N, L.moe, bias, router_, cfg_, a.moe, expert_threads());
     } else {
         mlp_forward_train(y.data(), xn.data(), N, L.mlp, a.mlp);
     }
@@ -217,7 +236,7 @@ void TrainGraph::layer_backward(float* dh, LayerWeights& dL, const LayerWeights&
     const int N = int(a.h_in.size()) / cfg_.hidden_size, D = cfg_.hidden_size;
     const float eps = float(cfg_.rms_norm_eps);
     std::vector<float> dxn(size_t(N) * D);  // [N, D]
-    if (a.is_moe) moe_backward(dxn.data(), dL.moe, dh, L.moe, a.moe, router_, cfg_);
+    if (a.is_moe) moe_backward(dxn.data(), dL.moe, dh, L.moe, a.moe, router_, cfg_, false, expert_threads());
     else mlp_backward(dxn.data(), dL.mlp, dh, L.mlp, a.mlp);
     rmsnorm_backward(dh, dL.post_attention_layernorm.ptr(), dxn.data(), a.h_mid.data(),
                      L.post_attention_layernorm.ptr(), N, D, eps, true);

@@ -40,9 +40,12 @@ struct LayerActs {
 void mlp_forward_train(float* out, const float* x, int T, const MlpWeights& w, MlpActs& acts);
 void mla_forward_train(float* out, const float* x, int B, int T, const AttentionWeights& w, const MlaDims& d,
                        const Rope& rope, MlaActs& acts);
-// bias may be null (no noaux_tc bias).
+// bias may be null (no noaux_tc bias). expert_threads 0 runs the routed experts one after the
+// other (BLAS threaded inside each); n >= 1 runs them as parallel_tasks on n threads (ops.h).
+// The bits are the same: each expert's activations are its own, and the token outputs add the
+// experts' rows in expert order afterwards.
 void moe_forward_train(float* out, const float* x, int T, const MoeWeights& w, const float* bias,
-                       const RouterDims& rd, const ModelConfig& cfg, MoeActs& acts);
+                       const RouterDims& rd, const ModelConfig& cfg, MoeActs& acts, int expert_threads = 0);
 
 // The balance loss alpha * E * sum_e f_e * P_e of the tokens [t0, t1) of one MoE layer:
 // f_e = share of the (token, slot) assignments that went to e, P_e = mean normalized score
@@ -76,6 +79,12 @@ public:
     explicit TrainGraph(const ModelConfig& cfg);
     const ModelConfig& config() const { return cfg_; }
 
+    // How the routed experts of the MoE layers run (moe_forward_train, moe_backward): -1 (the
+    // default) picks by the thread count, 0 forces the serial loop, n >= 1 the expert-parallel
+    // path on n threads. Changes speed only, never a bit of the results.
+    void set_expert_threads(int n) { expert_threads_ = n; }
+    int expert_threads() const;  // the resolved choice for the next run
+
     // tokens[B, T]. When `grads` is given, adds grad_scale * dLoss/dParam to it (same layout
     // as `w`, see zeros_like). The routers use the e_score_correction_bias tensors of `w`.
     LossResult run(const Weights& w, const int* tokens, int B, int T, const LossOptions& opt, Weights* grads,
@@ -96,6 +105,7 @@ private:
     std::vector<LayerActs> acts_;      // main layers
     std::vector<LayerActs> mtp_acts_;  // one per MTP module
     std::vector<float> logits_;
+    int expert_threads_ = -1;
 };
 
 // Zero tensors shaped like every non-empty tensor of w (optional MTP copies included).

@@ -99,6 +99,8 @@ public:
     const ModelConfig& config() const { return cfg_; }
     const Weights& weights() const { return w_; }
     const EvalStats& last_eval() const { return last_eval_; }
+    // See TrainGraph::set_expert_threads: a speed setting, not part of the run's state.
+    void set_expert_threads(int n) { graph_.set_expert_threads(n); }
     const TokenDataset& data() const { return data_; }
     // A copy of the current weights as an inference Model (router bias included).
     std::shared_ptr<Model> model() const;
