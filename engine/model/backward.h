@@ -91,9 +91,14 @@ struct MoeActs {
 // The mixing weights w_i = rsf * s_i / sum_chosen(s) (or rsf * s_i) carry the gradient into the
 // router: ds from dw through the normalization, then through sigmoid / softmax into the gate.
 // The bias only chose the experts: it gets no gradient.
+// The task order of the expert-parallel path: the shared experts (-1) when present, then the
+// routed experts, most rows first (they bound the wall time).
+std::vector<int> busiest_first(const std::vector<std::vector<int>>& rows, bool shared);
+
 // expert_threads 0 runs the routed experts one after the other (BLAS threaded inside each);
-// n >= 1 runs them as parallel_tasks on n threads (ops.h). Identical bits either way: each
-// expert's gradients are its own, and its dx rows are added in expert order afterwards.
+// n >= 1 runs them, the shared experts included, as parallel_tasks on n threads (ops.h).
+// Identical bits either way: each expert's gradients are its own, and the routed experts' dx
+// rows are added after the shared experts' part, in expert order.
 void moe_backward(float* dx, MoeWeights& dw, const float* dout, const MoeWeights& w, const MoeActs& acts,
                   const RouterDims& rd, const ModelConfig& cfg, bool accumulate_dx = false, int expert_threads = 0);
 

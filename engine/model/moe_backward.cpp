@@ -45,15 +45,29 @@ void router_backward(float* dlogits, const float* dweights, const float* dscores
     }
 }
 
+std::vector<int> busiest_first(const std::vector<std::vector<int>>& rows, bool shared) {
+    std::vector<int> order;  // the shared expert (-1) sees every token: the longest task
+    if (shared) order.push_back(-1);
+    for (int e = 0; e < int(rows.size()); ++e) order.push_back(e);
+    std::stable_sort(order.begin() + (shared ? 1 : 0), order.end(),
+                     [&](int p, int q) { return rows[size_t(p)].size() > rows[size_t(q)].size(); });
+    return order;
+}
+
 void moe_backward(float* dx, MoeWeights& dw, const float* dout, const MoeWeights& w, const MoeActs& a,
                   const RouterDims& rd, const ModelConfig& cfg, bool accumulate_dx, int expert_threads) {
     const int T = a.T, D = cfg.hidden_size, E = rd.E, k = rd.k;
     if (!accumulate_dx) std::fill(dx, dx + size_t(T) * D, 0.0f);
-    if (!w.shared.gate_proj.empty()) mlp_backward(dx, dw.shared, dout, w.shared, a.shared, true);
+    const bool shared = !w.shared.gate_proj.empty();
     std::vector<float> dweights(size_t(T) * k, 0.0f);  // [T, k]
     std::vector<std::vector<float>> dxin(static_cast<size_t>(E));  // per expert [n_e, D]: d loss / d its input rows
-    // Expert e writes only its own gradients, its dxin and the dweights of its own slots.
+    // Expert e writes only its own gradients, its dxin and the dweights of its own slots; the
+    // shared expert (e = -1) adds into dx, which the routed experts' dxin rows follow.
     auto expert = [&](int e) {
+        if (e < 0) {
+            mlp_backward(dx, dw.shared, dout, w.shared, a.shared, true);
+            return;
+        }
         const auto& rows = a.rows[size_t(e)];
         if (rows.empty()) return;
         const int n = int(rows.size());
@@ -77,13 +91,10 @@ void moe_backward(float* dx, MoeWeights& dw, const float* dout, const MoeWeights
                      a.experts[size_t(e)]);
     };
     if (expert_threads > 0) {
-        std::vector<int> order(static_cast<size_t>(E));  // busiest experts first: they bound the wall time
-        for (int e = 0; e < E; ++e) order[size_t(e)] = e;
-        std::stable_sort(order.begin(), order.end(),
-                         [&](int p, int q) { return a.rows[size_t(p)].size() > a.rows[size_t(q)].size(); });
-        parallel_tasks(E, expert_threads, [&](int i) { expert(order[size_t(i)]); });
+        const std::vector<int> order = busiest_first(a.rows, shared);
+        parallel_tasks(int(order.size()), expert_threads, [&](int i) { expert(order[size_t(i)]); });
     } else {
-        for (int e = 0; e < E; ++e) expert(e);
+        for (int e = shared ? -1 : 0; e < E; ++e) expert(e);
     }
     // A token's rows are summed into dx in expert order, whatever ran them.
     for (int e = 0; e < E; ++e) {

@@ -114,12 +114,17 @@ void moe_forward_train(float* out, const float* x, int T, const MoeWeights& w, c
     route(a.r, logits.data(), T, bias, rd);
     a.rows.assign(size_t(E), {});
     for (int s = 0; s < T * k; ++s) a.rows[size_t(a.r.ids[size_t(s)])].push_back(s);
-    if (!w.shared.gate_proj.empty()) mlp_forward_train(out, x, T, w.shared, a.shared);
-    else std::fill(out, out + size_t(T) * D, 0.0f);
+    const bool shared = !w.shared.gate_proj.empty();
+    if (!shared) std::fill(out, out + size_t(T) * D, 0.0f);
     a.experts.resize(size_t(E));
     a.y.resize(size_t(E));
-    // Expert e writes only its own activations a.experts[e] and outputs a.y[e].
+    // Expert e writes only its own activations a.experts[e] and outputs a.y[e]; the shared
+    // expert (e = -1) writes out, which the routed experts' rows are added to afterwards.
     auto expert = [&](int e) {
+        if (e < 0) {
+            mlp_forward_train(out, x, T, w.shared, a.shared);
+            return;
+        }
         const auto& rows = a.rows[size_t(e)];
         const int n = int(rows.size());
         a.y[size_t(e)].resize(size_t(n) * D);
@@ -133,13 +138,10 @@ void moe_forward_train(float* out, const float* x, int T, const MoeWeights& w, c
         mlp_forward_train(a.y[size_t(e)].data(), xin.data(), n, w.experts[size_t(e)], a.experts[size_t(e)]);
     };
     if (expert_threads > 0) {
-        std::vector<int> order(static_cast<size_t>(E));  // busiest experts first: they bound the wall time
-        for (int e = 0; e < E; ++e) order[size_t(e)] = e;
-        std::stable_sort(order.begin(), order.end(),
-                         [&](int p, int q) { return a.rows[size_t(p)].size() > a.rows[size_t(q)].size(); });
-        parallel_tasks(E, expert_threads, [&](int i) { expert(order[size_t(i)]); });
+        const std::vector<int> order = busiest_first(a.rows, shared);
+        parallel_tasks(int(order.size()), expert_threads, [&](int i) { expert(order[size_t(i)]); });
     } else {
-        for (int e = 0; e < E; ++e) expert(e);
+        for (int e = shared ? -1 : 0; e < E; ++e) expert(e);
     }
     // A token's outputs are summed in expert order, whatever ran the experts.
     for (int e = 0; e < E; ++e) {

@@ -40,10 +40,11 @@ struct LayerActs {
 void mlp_forward_train(float* out, const float* x, int T, const MlpWeights& w, MlpActs& acts);
 void mla_forward_train(float* out, const float* x, int B, int T, const AttentionWeights& w, const MlaDims& d,
                        const Rope& rope, MlaActs& acts);
-// bias may be null (no noaux_tc bias). expert_threads 0 runs the routed experts one after the
-// other (BLAS threaded inside each); n >= 1 runs them as parallel_tasks on n threads (ops.h).
-// The bits are the same: each expert's activations are its own, and the token outputs add the
-// experts' rows in expert order afterwards.
+// bias may be null (no noaux_tc bias). expert_threads 0 runs the experts one after the other
+// (BLAS threaded inside each); n >= 1 runs them, the shared experts included, as
+// parallel_tasks on n threads (ops.h). The bits are the same: each expert's activations are
+// its own, and the routed experts' rows are added to the shared experts' output afterwards,
+// in expert order.
 void moe_forward_train(float* out, const float* x, int T, const MoeWeights& w, const float* bias,
                        const RouterDims& rd, const ModelConfig& cfg, MoeActs& acts, int expert_threads = 0);
 
