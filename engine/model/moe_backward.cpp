@@ -60,7 +60,12 @@ void moe_backward(float* dx, MoeWeights& dw, const float* dout, const MoeWeights
     if (!accumulate_dx) std::fill(dx, dx + size_t(T) * D, 0.0f);
     const bool shared = !w.shared.gate_proj.empty();
     std::vector<float> dweights(size_t(T) * k, 0.0f);  // [T, k]
-    std::vector<std::vector<float>> dxin(static_cast<size_t>(E));  // per expert [n_e, D]: d loss / d its input rows
+    // Per expert [n_e, D]: d loss / d its input rows. The calling thread's buffers, kept between
+    // calls; the tasks reach them through this reference (a thread_local named inside a task
+    // would be the worker's own).
+    thread_local std::vector<std::vector<float>> dxin_kept;
+    std::vector<std::vector<float>>& dxin = dxin_kept;
+    dxin.resize(size_t(E));
     // Expert e writes only its own gradients, its dxin and the dweights of its own slots; the
     // shared expert (e = -1) adds into dx, which the routed experts' dxin rows follow.
     auto expert = [&](int e) {
