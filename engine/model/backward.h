@@ -95,12 +95,13 @@ struct MoeActs {
 // routed experts, most rows first (they bound the wall time).
 std::vector<int> busiest_first(const std::vector<std::vector<int>>& rows, bool shared);
 
-// expert_threads 0 runs the routed experts one after the other (BLAS threaded inside each);
-// n >= 1 runs them, the shared experts included, as parallel_tasks on n threads (ops.h).
-// Identical bits either way: each expert's gradients are its own, and the routed experts' dx
-// rows are added after the shared experts' part, in expert order.
+// The experts (shared ones included) run as parallel_tasks on expert_threads threads (ops.h),
+// so each one's products are single-threaded sgemm calls whatever the thread count: threaded
+// OpenBLAS cuts long sums (dW over T rows) into other blocks and rounds differently. The bits
+// do not depend on expert_threads: each expert's gradients are its own, and the routed
+// experts' dx rows are added after the shared experts' part, in expert order.
 void moe_backward(float* dx, MoeWeights& dw, const float* dout, const MoeWeights& w, const MoeActs& acts,
-                  const RouterDims& rd, const ModelConfig& cfg, bool accumulate_dx = false, int expert_threads = 0);
+                  const RouterDims& rd, const ModelConfig& cfg, bool accumulate_dx = false, int expert_threads = 1);
 
 // Mixing-weight gradient into router-logit gradient for one token: dweights[k] -> dlogits[E]
 // (adds dscores[E] of extra losses first when given).

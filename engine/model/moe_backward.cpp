@@ -95,12 +95,8 @@ void moe_backward(float* dx, MoeWeights& dw, const float* dout, const MoeWeights
         mlp_backward(dxin[size_t(e)].data(), dw.experts[size_t(e)], dy.data(), w.experts[size_t(e)],
                      a.experts[size_t(e)]);
     };
-    if (expert_threads > 0) {
-        const std::vector<int> order = busiest_first(a.rows, shared);
-        parallel_tasks(int(order.size()), expert_threads, [&](int i) { expert(order[size_t(i)]); });
-    } else {
-        for (int e = shared ? -1 : 0; e < E; ++e) expert(e);
-    }
+    const std::vector<int> order = busiest_first(a.rows, shared);
+    parallel_tasks(int(order.size()), std::max(1, expert_threads), [&](int i) { expert(order[size_t(i)]); });
     // A token's rows are summed into dx in expert order, whatever ran them.
     for (int e = 0; e < E; ++e) {
         const auto& rows = a.rows[size_t(e)];

@@ -76,7 +76,9 @@ void parallel_range(int n, int64_t work, const std::function<void(int, int)>& fn
 // included), claimed one task at a time (callers put the longest first), with OpenBLAS held at
 // one thread meanwhile: for independent tasks made of small sgemm products (the routed experts
 // of training), where every task's BLAS call waking OpenBLAS's own threads would oversubscribe
-// the cores. OpenBLAS's sums do not depend on its thread count, so neither do the results.
+// the cores. It also keeps the bits: threaded OpenBLAS splits long sums into other blocks than
+// single-threaded OpenBLAS (results differ in the last bits), so a task's products give the
+// same results whatever `threads` is.
 // The BLAS setting is process-wide: products of other threads during the call run on one
 // thread. Nested and concurrent calls run inline, in order; fn must not throw.
 void parallel_tasks(int n, int threads, const std::function<void(int)>& fn);

@@ -137,12 +137,8 @@ void moe_forward_train(float* out, const float* x, int T, const MoeWeights& w, c
                       xin.begin() + size_t(i) * D);
         mlp_forward_train(a.y[size_t(e)].data(), xin.data(), n, w.experts[size_t(e)], a.experts[size_t(e)]);
     };
-    if (expert_threads > 0) {
-        const std::vector<int> order = busiest_first(a.rows, shared);
-        parallel_tasks(int(order.size()), expert_threads, [&](int i) { expert(order[size_t(i)]); });
-    } else {
-        for (int e = shared ? -1 : 0; e < E; ++e) expert(e);
-    }
+    const std::vector<int> order = busiest_first(a.rows, shared);
+    parallel_tasks(int(order.size()), std::max(1, expert_threads), [&](int i) { expert(order[size_t(i)]); });
     // A token's outputs are summed in expert order, whatever ran the experts.
     for (int e = 0; e < E; ++e) {
         const auto& rows = a.rows[size_t(e)];
@@ -208,11 +204,6 @@ Weights zeros_like(Weights& w, const ModelConfig& cfg) {
 
 TrainGraph::TrainGraph(const ModelConfig& cfg) : cfg_(cfg), rope_(cfg), mla_(cfg), router_(cfg) {}
 
-int TrainGraph::expert_threads() const {
-    if (expert_threads_ >= 0) return expert_threads_;
-    const int nt = num_threads();
-    return nt > 1 && router_.E >= 2 * nt ? nt : 0;
-}
 
 void TrainGraph::layer_forward(float* h, int B, int T, const LayerWeights& L, LayerActs& a) const {
     const int N = B * T, D = cfg_.hidden_size;

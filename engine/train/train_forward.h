@@ -6,6 +6,7 @@
 // CE_main the mean next-token CE over positions 0..T-2 of every sequence, CE_k the mean CE of
 // MTP module k over the positions where its target t_{i+k+1} exists.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include "engine/model/backward.h"
 #include "engine/model/mla.h"
 #include "engine/model/moe.h"
+#include "engine/model/ops.h"
 #include "engine/model/rope.h"
 #include "engine/weights.h"
 
@@ -40,13 +42,13 @@ struct LayerActs {
 void mlp_forward_train(float* out, const float* x, int T, const MlpWeights& w, MlpActs& acts);
 void mla_forward_train(float* out, const float* x, int B, int T, const AttentionWeights& w, const MlaDims& d,
                        const Rope& rope, MlaActs& acts);
-// bias may be null (no noaux_tc bias). expert_threads 0 runs the experts one after the other
-// (BLAS threaded inside each); n >= 1 runs them, the shared experts included, as
-// parallel_tasks on n threads (ops.h). The bits are the same: each expert's activations are
-// its own, and the routed experts' rows are added to the shared experts' output afterwards,
-// in expert order.
+// bias may be null (no noaux_tc bias). The experts (shared ones included) run as
+// parallel_tasks on expert_threads threads (ops.h), each with single-threaded sgemm, as in
+// moe_backward. The bits do not depend on expert_threads: each expert's activations are its
+// own, and the routed experts' rows are added to the shared experts' output afterwards, in
+// expert order.
 void moe_forward_train(float* out, const float* x, int T, const MoeWeights& w, const float* bias,
-                       const RouterDims& rd, const ModelConfig& cfg, MoeActs& acts, int expert_threads = 0);
+                       const RouterDims& rd, const ModelConfig& cfg, MoeActs& acts, int expert_threads = 1);
 
 // The balance loss alpha * E * sum_e f_e * P_e of the tokens [t0, t1) of one MoE layer:
 // f_e = share of the (token, slot) assignments that went to e, P_e = mean normalized score
@@ -80,11 +82,11 @@ public:
     explicit TrainGraph(const ModelConfig& cfg);
     const ModelConfig& config() const { return cfg_; }
 
-    // How the routed experts of the MoE layers run (moe_forward_train, moe_backward): -1 (the
-    // default) picks by the thread count, 0 forces the serial loop, n >= 1 the expert-parallel
-    // path on n threads. Changes speed only, never a bit of the results.
-    void set_expert_threads(int n) { expert_threads_ = n; }
-    int expert_threads() const;  // the resolved choice for the next run
+    // How many threads run the experts of a MoE layer at once (moe_forward_train,
+    // moe_backward): 0 (the default) follows num_threads(), n >= 1 fixes it (1: one after the
+    // other). Changes speed only, never a bit of the results.
+    void set_expert_threads(int n) { expert_threads_ = std::max(0, n); }
+    int expert_threads() const { return expert_threads_ > 0 ? expert_threads_ : num_threads(); }
 
     // tokens[B, T]. When `grads` is given, adds grad_scale * dLoss/dParam to it (same layout
     // as `w`, see zeros_like). The routers use the e_score_correction_bias tensors of `w`.
@@ -106,7 +108,7 @@ private:
     std::vector<LayerActs> acts_;      // main layers
     std::vector<LayerActs> mtp_acts_;  // one per MTP module
     std::vector<float> logits_;
-    int expert_threads_ = -1;
+    int expert_threads_ = 0;
 };
 
 // Zero tensors shaped like every non-empty tensor of w (optional MTP copies included).
