@@ -405,16 +405,49 @@ void parallel_range(int n, int64_t work, const std::function<void(int, int)>& fn
     p.run(n, nt, fn);
 }
 
+namespace {
+
+// OpenBLAS's thread count is process-wide. parallel_tasks regions hold it at 1 (counted, so
+// regions on several threads overlap safely) and set_num_threads during a region only records
+// the count, applied when the last region ends.
+struct BlasThreads {
+    std::mutex m;
+    int holds = 0;
+    int wanted = 0;  // the count to restore
+    static BlasThreads& get() {
+        static BlasThreads b;
+        return b;
+    }
+};
+
+struct BlasSingleThreaded {
+    BlasSingleThreaded() {
+        BlasThreads& b = BlasThreads::get();
+        std::lock_guard<std::mutex> lk(b.m);
+        if (b.holds++ == 0) {
+            b.wanted = openblas_get_num_threads();
+            if (b.wanted != 1) openblas_set_num_threads(1);
+        }
+    }
+    ~BlasSingleThreaded() {
+        BlasThreads& b = BlasThreads::get();
+        std::lock_guard<std::mutex> lk(b.m);
+        if (--b.holds == 0 && b.wanted != 1) openblas_set_num_threads(b.wanted);
+    }
+    BlasSingleThreaded(const BlasSingleThreaded&) = delete;
+    BlasSingleThreaded& operator=(const BlasSingleThreaded&) = delete;
+};
+
+}  // namespace
+
 void parallel_tasks(int n, int threads, const std::function<void(int)>& fn) {
-    const int blas = openblas_get_num_threads();
-    if (blas != 1) openblas_set_num_threads(1);
+    BlasSingleThreaded hold;
     Pool::get().run(
         n, threads,
         [&](int i0, int i1) {
             for (int i = i0; i < i1; ++i) fn(i);
         },
         n);
-    if (blas != 1) openblas_set_num_threads(blas);
 }
 
 void matmul_nt_rows(float* y, const float* x, const float* W, int T, int out, int in, bool accumulate) {
@@ -530,10 +563,19 @@ void softmax_inplace(float* x, int n) {
 
 void set_num_threads(int n) {
     if (n <= 0) n = int(std::max(1u, std::thread::hardware_concurrency()));
-    openblas_set_num_threads(n);
+    BlasThreads& b = BlasThreads::get();
+    {
+        std::lock_guard<std::mutex> lk(b.m);
+        if (b.holds > 0) b.wanted = n;  // a parallel_tasks region applies it when it ends
+        else openblas_set_num_threads(n);
+    }
     Pool::get().set_threads(n);
 }
 
-int num_threads() { return openblas_get_num_threads(); }
+int num_threads() {
+    BlasThreads& b = BlasThreads::get();
+    std::lock_guard<std::mutex> lk(b.m);
+    return b.holds > 0 ? b.wanted : openblas_get_num_threads();
+}
 
 }  // namespace moescope

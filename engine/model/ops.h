@@ -80,7 +80,9 @@ void parallel_range(int n, int64_t work, const std::function<void(int, int)>& fn
 // single-threaded OpenBLAS (results differ in the last bits), so a task's products give the
 // same results whatever `threads` is.
 // The BLAS setting is process-wide: products of other threads during the call run on one
-// thread. Nested and concurrent calls run inline, in order; fn must not throw.
+// thread too; overlapping calls keep it at 1 until the last one ends, and num_threads() still
+// reports the configured count. Nested calls, and calls while the pool is busy, run inline,
+// in order. fn must not throw.
 void parallel_tasks(int n, int threads, const std::function<void(int)>& fn);
 
 // out[T, n] = x / sqrt(mean(x^2) + eps) * w
@@ -96,6 +98,6 @@ inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 void softmax_inplace(float* x, int n);
 
 void set_num_threads(int n);  // BLAS and pool threads; 0 = all cores
-int num_threads();
+int num_threads();            // the configured count (also inside parallel_tasks)
 
 }  // namespace moescope

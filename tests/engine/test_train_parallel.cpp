@@ -11,12 +11,16 @@
 #include <atomic>
 #include <cstring>
 #include <random>
+#include <thread>
 
 #include "engine/model/backward.h"
 #include "engine/model/ops.h"
 #include "engine/train/optimizer.h"
 #include "engine/train/trainer.h"
 #include "test_train_util.h"
+
+// OpenBLAS's own count (the engine links OpenBLAS; its cblas.h is not on the tests' path).
+extern "C" int openblas_get_num_threads(void);
 
 using namespace moescope;
 
@@ -105,22 +109,44 @@ private:
 
 void TestTrainParallel::parallel_tasks_runs_each_once() {
     set_num_threads(2);
-    const int blas = num_threads();
     for (int threads : {1, 2, 4}) {
         std::vector<std::atomic<int>> hits(37);
-        std::atomic<int> blas_inside{0};  // tasks that saw BLAS on more than one thread
+        std::atomic<int> blas_inside{0}, reported{0};  // tasks that saw OpenBLAS threaded / a wrong num_threads()
         parallel_tasks(37, threads, [&](int i) {
-            if (num_threads() != 1) blas_inside.fetch_add(1);
+            if (openblas_get_num_threads() != 1) blas_inside.fetch_add(1);
+            if (num_threads() != 2) reported.fetch_add(1);
             hits[size_t(i)].fetch_add(1);
         });
         for (size_t i = 0; i < hits.size(); ++i) QCOMPARE(hits[i].load(), 1);
         QCOMPARE(blas_inside.load(), 0);
-        QCOMPARE(num_threads(), blas);  // and restored after it
+        QCOMPARE(reported.load(), 0);
+        QCOMPARE(openblas_get_num_threads(), 2);  // restored after the region
     }
     // A nested call runs inline on the calling task's thread, each index once.
     std::vector<std::atomic<int>> inner(8 * 5);
     parallel_tasks(8, 2, [&](int i) { parallel_tasks(5, 2, [&](int j) { inner[size_t(i * 5 + j)].fetch_add(1); }); });
     for (auto& h : inner) QCOMPARE(h.load(), 1);
+    // Overlapping regions on two threads: OpenBLAS stays at 1 until the last one ends, and a
+    // count set meanwhile is applied then.
+    std::atomic<int> stage{0}, blas_inside{0};
+    std::thread other([&] {
+        parallel_tasks(1, 1, [&](int) {
+            stage = 1;
+            while (stage.load() < 2) std::this_thread::yield();
+            if (openblas_get_num_threads() != 1) blas_inside.fetch_add(1);
+        });
+    });
+    while (stage.load() < 1) std::this_thread::yield();
+    parallel_tasks(3, 2, [&](int) {
+        if (openblas_get_num_threads() != 1) blas_inside.fetch_add(1);
+    });
+    set_num_threads(3);
+    QCOMPARE(num_threads(), 3);
+    stage = 2;  // the first region ended before this: the other one must still see 1
+    other.join();
+    QCOMPARE(blas_inside.load(), 0);
+    QCOMPARE(openblas_get_num_threads(), 3);
+    set_num_threads(2);
 }
 
 void TestTrainParallel::moe_layer_independent_of_threads_data() {
