@@ -488,8 +488,17 @@ struct CudaBackend::Impl {
                                    int64_t(n) * S, dkvb, mla.d_v, H, false, 1.0f, 0.0f);
         } else {
             absorb_query(q_lat, q, L.kv_b, n, mla, s);
-            // A graph replays one launch for every length: the most splits (empty ones are skipped).
-            const int splits = dyn_start ? plan.dims.max_splits : attention_splits(n, S, plan.dims.max_splits);
+            // A graph replays one launch for every length, so its split count cannot follow the
+            // sequence: it takes the most that n rows may use (empty splits are skipped). Like
+            // attention_splits, n * splits <= max_splits: the partial buffer holds
+            // H * max(max_splits, chunk) rows, so max_splits per row (n = 4 at a capacity below
+            // 256) would write past it into the buffers carved after it, d_start included.
+            const int splits = dyn_start ? std::max(1, plan.dims.max_splits / n)
+                                         : attention_splits(n, S, plan.dims.max_splits);
+            if (int64_t(n) * splits * H > attention_partial_rows(cfg, plan.dims))
+                throw DeviceError("attention: " + std::to_string(n) + " rows x " + std::to_string(splits) +
+                                  " splits exceed the partial buffer of " +
+                                  std::to_string(attention_partial_rows(cfg, plan.dims)) + " rows");
             attention_absorbed(o_lat, partial, q_lat, q, cache_c, cache_kpe, n, start, splits, mla, s, dyn_start);
             project_values(attn_out, o_lat, L.kv_b, n, mla, s);
         }

@@ -1178,6 +1178,49 @@ void check_session() {
     }
 }
 
+// CUDA graphs at capacities below 256: the activation chunk, and with it the attention's split
+// buffer (H * max(64, chunk) rows), shrinks with the capacity. Steps of 2-4 tokens replayed from
+// graphs (main stack and MTP module) against the CPU backend, every output of each step. A graph
+// that gave each of 4 rows 64 splits wrote 4x that buffer, over d_start and the telemetry block.
+void check_graph_small_capacity() {
+    auto model = load_model(kFixtures + "/tiny-v3");
+    nlohmann::json ex = nlohmann::json::parse(std::ifstream(kFixtures + "/tiny-v3/expected.json"));
+    std::vector<int> toks = ex["prompt_tokens"].get<std::vector<int>>();
+    auto cpu = make_cpu_backend(model);
+    CudaOptions f32;
+    f32.dtype = WeightDtype::F32;
+    const int dc = model->config().kv_lora_rank;
+    for (int cap : {8, 16, 128}) {
+        CudaBackend gpu(model, cap, f32);  // graphs on (the default)
+        auto gc = gpu.new_cache(0, cap), cc = cpu->new_cache(0, cap);
+        auto gm = gpu.new_cache(1, cap), cm = cpu->new_cache(1, cap);
+        ForwardOptions o;  // absorbed, all logits
+        int at = 0;
+        for (int n : {4, 2, 3, 4, 3}) {
+            if (at + n > cap || at + n + 1 > int(toks.size())) break;
+            const std::string what = "capacity " + std::to_string(cap) + ", " + std::to_string(n) +
+                                     "-token step at " + std::to_string(at) + " (CUDA graph) vs CPU";
+            Run g, c;
+            gpu.forward(toks.data() + at, n, *gc, o, g.main);
+            cpu->forward(toks.data() + at, n, *cc, o, c.main);
+            compare_runs(what, g, c, 1e-4, true);
+            // The MTP module over the same rows (its graph has its own key).
+            Run gd, cd;
+            gpu.forward_mtp(1, c.main.hidden.data(), toks.data() + at + 1, n, *gm, o, gd.main);
+            cpu->forward_mtp(1, c.main.hidden.data(), toks.data() + at + 1, n, *cm, o, cd.main);
+            compare_runs("MTP " + what, gd, cd, 1e-4, true);
+            at += n;
+        }
+        std::vector<float> gl(static_cast<size_t>(dc)), cl(static_cast<size_t>(dc));
+        gc->read_latent(0, at - 1, at, gl.data(), nullptr);
+        cc->read_latent(0, at - 1, at, cl.data(), nullptr);
+        close("capacity " + std::to_string(cap) + " CUDA graphs: cached latent of the last position", "", gl, cl, 1e-5,
+              1e-5);
+        expect(gpu.graphs() && gpu.notice().find("CUDA graphs off") == std::string::npos,
+               "capacity " + std::to_string(cap) + ": every CUDA graph agreed with its launches", gpu.notice());
+    }
+}
+
 void check_selection_and_refusal() {
     auto model = load_model(kFixtures + "/tiny-v3");
     BackendSelection s = select_backend("auto", model, 64);
@@ -1292,6 +1335,7 @@ int main(int argc, char** argv) {
         {"bf16-checkpoint", [] { check_checkpoint(SaveFormat::BF16, "bf16"); }},
         {"fp8-checkpoint", [] { check_checkpoint(SaveFormat::FP8, "fp8"); }},
         {"session", check_session},
+        {"graph-small-capacity", check_graph_small_capacity},
         {"selection-and-refusal", check_selection_and_refusal},
     };
     // The harness on itself (CTest, no device needed): a passing, a failing, a crashing and a
