@@ -92,6 +92,15 @@ inline void layer_specs(std::vector<TensorSpec>& s, const ModelConfig& c, int l,
     }
 }
 
+// Whether layer l of the device stacks is MoE (MTP module k: l = num_hidden_layers + k - 1).
+// The same rule as tensor_table (engine/weights.cpp) and the model card: a main layer by
+// first_k_dense_replace / moe_layer_freq, an MTP module's layer whenever the model has routed
+// experts. Anything else uploads tensors the checkpoint does not have (a ShapeError at upload)
+// and asks the CPU model for a router bias it does not keep.
+inline bool stack_layer_is_moe(const ModelConfig& c, int l) {
+    return l >= c.num_hidden_layers ? c.n_routed_experts > 0 : c.is_moe_layer(l);
+}
+
 // Every tensor the backend keeps on the device, in upload order.
 inline std::vector<TensorSpec> device_tensors(const ModelConfig& c, const ModelPresence& p) {
     std::vector<TensorSpec> s;
@@ -108,8 +117,7 @@ inline std::vector<TensorSpec> device_tensors(const ModelConfig& c, const ModelP
         if (p.mtp_embed) s.push_back({Role::MtpEmbed, l, -1, V, D, true});
         s.push_back({Role::MtpHeadNorm, l, -1, 1, D, false});
         if (p.mtp_head) s.push_back({Role::MtpHead, l, -1, V, D, true});
-        // The MTP layer is MoE exactly when the main model's layer of that index would be.
-        layer_specs(s, c, l, c.n_routed_experts > 0 && l >= c.first_k_dense_replace && l % c.moe_layer_freq == 0);
+        layer_specs(s, c, l, stack_layer_is_moe(c, l));
     }
     return s;
 }
@@ -238,7 +246,7 @@ inline MemoryPlan plan_memory(const ModelConfig& c, const ModelPresence& p, Weig
     // Per MoE layer: two device tables of expert pointers and the router bias; the rope frequencies.
     const int64_t E = c.n_routed_experts;
     for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l)
-        if (E > 0 && l >= c.first_k_dense_replace && l % c.moe_layer_freq == 0)
+        if (stack_layer_is_moe(c, l))
             m.weights += 2 * align_up(E * 8) + align_up(E * 4);
     m.weights += align_up(int64_t(c.qk_rope_head_dim / 2) * 4);
     m.cache_per_position = int64_t(c.num_hidden_layers + c.num_nextn_predict_layers) *

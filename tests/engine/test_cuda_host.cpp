@@ -11,11 +11,13 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 
 #include "engine/backend.h"
 #include "engine/config.h"
 #include "engine/errors.h"
 #include "engine/loader.h"
+#include "engine/model/model.h"
 #include "engine/weights.h"
 #include "kernels/fp8.h"
 #include "kernels/memory_plan.h"
@@ -118,6 +120,50 @@ private slots:
                 QCOMPARE(t.rows, 2 * int64_t(model->config().moe_intermediate_size));
             }
         QCOMPARE(gate_up, (model->config().num_moe_layers() + 1) * model->config().n_routed_experts);
+    }
+
+    // Which layers are MoE on the device is what the checkpoint and the CPU model say, also
+    // for an MTP module past a moe_layer_freq / first_k_dense_replace pattern (tensor_table: an
+    // MTP layer is MoE whenever the model has routed experts). A dense MTP spec there made the
+    // upload throw ShapeError (its gate_proj is empty) and read a router bias the model lacks.
+    void device_layers_follow_tensor_table_data() {
+        QTest::addColumn<int>("layers");
+        QTest::addColumn<int>("freq");
+        QTest::addColumn<int>("first_dense");
+        QTest::newRow("tiny-v3 as is") << 4 << 1 << 1;
+        QTest::newRow("moe_layer_freq 2, MTP at an odd index") << 3 << 2 << 0;
+        QTest::newRow("moe_layer_freq 2, MTP at an even index") << 4 << 2 << 1;
+        QTest::newRow("every main layer dense") << 2 << 1 << 5;
+    }
+    void device_layers_follow_tensor_table() {
+        QFETCH(int, layers);
+        QFETCH(int, freq);
+        QFETCH(int, first_dense);
+        nlohmann::json j = nlohmann::json::parse(std::ifstream(kFixtures + "/tiny-v3/config.json"));
+        j["num_hidden_layers"] = layers;
+        j["moe_layer_freq"] = freq;
+        j["first_k_dense_replace"] = first_dense;
+        const ModelConfig c = ModelConfig::from_json(j, "tiny-v3 variant");
+        Weights w = allocate_weights(c);
+        int64_t host = 0;
+        for (const NamedTensor& t : tensor_table(w, c))
+            if (!t.tensor->empty() && t.name.find("e_score_correction_bias") == std::string::npos)
+                host += t.tensor->numel();
+        ModelPresence p;
+        p.lm_head = !c.tie_word_embeddings;  // allocate_weights leaves the optional MTP copies empty
+        const std::vector<TensorSpec> specs = device_tensors(c, p);
+        QCOMPARE(elements(specs), host);
+        const Model model(c, w);
+        for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l) {
+            const bool host_moe = l < c.num_hidden_layers ? w.layers[size_t(l)].is_moe
+                                                          : w.mtp[size_t(l - c.num_hidden_layers)].layer.is_moe;
+            QCOMPARE(stack_layer_is_moe(c, l), host_moe);
+            QCOMPARE(!model.bias(l).empty(), host_moe);  // build_weights uploads this bias
+            const bool router = std::any_of(specs.begin(), specs.end(), [&](const TensorSpec& t) {
+                return t.role == Role::Router && t.layer == l;
+            });
+            QCOMPARE(router, host_moe);
+        }
     }
 
     // BF16 halves the big matrices; norms and the router stay f32. V3 in BF16 is ~1.37 TB.
