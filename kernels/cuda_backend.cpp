@@ -409,7 +409,7 @@ struct CudaBackend::Impl {
         const int64_t cast_elems = std::max({T * 2 * D, T * std::max<int64_t>(1, cfg.q_lora_rank), T * H * dv,
                                              T * k * I, T * k * D, T * std::max(Is, Id), Sn * dc, T * D});
         cast = act_arena.carve<uint16_t>(cast_elems);
-        tele_bytes = 2 * telemetry_bytes(cfg, a);
+        tele_bytes = telemetry_bytes(cfg, a);
         tele = act_arena.carve<char>(tele_bytes);
         void* ws = act_arena.carve<char>(kCublasWorkspace);
         gemm = std::make_unique<Gemm>(stream, ws, size_t(kCublasWorkspace), cast, cast_elems);
@@ -430,30 +430,6 @@ struct CudaBackend::Impl {
         pin_tele.reserve(size_t(tele_bytes));
         pin_ids.reserve(sizeof(int) * size_t(T));
         pin_offsets.reserve(sizeof(int) * size_t(E + 1));
-    }
-
-    // Telemetry block of one chunk of n rows for `nm` MoE layers and `nl` layers (norms).
-    struct TeleLayout {
-        int64_t ids, weights, kept, counts, norms, scores, end;
-    };
-    TeleLayout tele_layout(int n, int nm, int nl, bool want_scores) const {
-        const int64_t k = std::max(1, cfg.num_experts_per_tok), E = std::max(1, cfg.n_routed_experts),
-                      G = std::max(1, cfg.n_group);
-        TeleLayout t{};
-        int64_t at = 0;
-        auto take = [&](int64_t bytes) {
-            const int64_t p = at;
-            at += align_up(bytes);
-            return p;
-        };
-        t.ids = take(int64_t(nm) * n * k * 4);
-        t.weights = take(int64_t(nm) * n * k * 4);
-        t.kept = take(int64_t(nm) * n * G);
-        t.counts = take(int64_t(nm) * E * 4);
-        t.norms = take(int64_t(nl) * n * 4);
-        t.scores = want_scores ? take(int64_t(nm) * n * E * 4) : -1;
-        t.end = at;
-        return t;
     }
 
     // One decoder layer (deepseek-v3.md 2): h[n, D] in place at positions start.., cache layer l.
@@ -694,7 +670,11 @@ struct CudaBackend::Impl {
         out.raw_hidden.resize(size_t(T) * D);
         for (int c0 = 0; c0 < T; c0 += Tc) {
             const int n = std::min(Tc, T - c0), pos = start + c0;
-            const TeleLayout tl = tele_layout(n, nm, count, o.want_scores);
+            const TeleLayout tl = telemetry_layout(cfg, n, nm, count, o.want_scores);
+            // The kernels write the block and the copy fills pin_tele: both are tele_bytes long.
+            if (tl.end > tele_bytes)
+                throw DeviceError("telemetry: a chunk of " + std::to_string(n) + " rows needs " +
+                                  std::to_string(tl.end) + " bytes, the block has " + std::to_string(tele_bytes));
             const bool last_chunk = c0 + n == T;
             const int head_rows = o.all_logits ? n : (last_chunk ? 1 : 0);
             float* po = static_cast<float*>(pin_out.p);

@@ -387,6 +387,74 @@ private slots:
         QVERIFY(m.dims.naive_positions <= 2048);
     }
 
+    // The telemetry block: every section 256-byte aligned, in order, large enough for what the
+    // kernels write into it, and the allocated block (telemetry_bytes) holds the layout of any
+    // chunk of the main stack or an MTP module, scores included. The old size, 2 * layers *
+    // align_up(per-layer bytes), was below the six aligned sections of a model with few layers
+    // (1536 bytes against 512 for one MoE layer at capacity 1): the router wrote past the block
+    // into the cuBLAS workspace and the copy overran its pinned host buffer.
+    void telemetry_layout_fits_data() {
+        QTest::addColumn<QString>("config");
+        QTest::addColumn<int>("layers");  // 0: as configured
+        QTest::addColumn<int>("capacity");
+        for (int cap : {1, 3, 63, 4096}) {
+            const QByteArray c = QByteArray::number(cap);
+            QTest::newRow("tiny-v3 " + c) << "tiny-v3" << 0 << cap;
+            QTest::newRow("tiny-v3 one MoE layer, no MTP " + c) << "tiny-v3" << 1 << cap;
+            QTest::newRow("deepseek-v3 " + c) << "deepseek-v3" << 0 << cap;
+            QTest::newRow("deepseek-v2-lite " + c) << "deepseek-v2-lite" << 0 << cap;
+        }
+    }
+    void telemetry_layout_fits() {
+        QFETCH(QString, config);
+        QFETCH(int, layers);
+        QFETCH(int, capacity);
+        ModelConfig c = load_cfg(config);
+        if (layers > 0) {
+            nlohmann::json j = c.to_json();
+            j["num_hidden_layers"] = layers;
+            j["first_k_dense_replace"] = 0;
+            j["num_nextn_predict_layers"] = 0;
+            c = ModelConfig::from_json(j, "one-layer variant");
+        }
+        const MemoryPlan m = plan_memory(c, ModelPresence{}, WeightDtype::BF16, capacity);
+        const int64_t block = telemetry_bytes(c, m.dims);
+        const int L = c.num_hidden_layers;
+        int main_moe = 0;
+        for (int l = 0; l < L; ++l) main_moe += stack_layer_is_moe(c, l);
+        // What moe_forward / layer_forward write per chunk of n rows (G and k as the router uses them).
+        const int64_t k = c.num_experts_per_tok, E = c.n_routed_experts,
+                      G = c.topk_method == "greedy" ? 1 : c.n_group;
+        struct Stack {
+            int moe, layers;
+        };
+        std::vector<Stack> stacks{{main_moe, L}};
+        if (c.num_nextn_predict_layers > 0) stacks.push_back({stack_layer_is_moe(c, L) ? 1 : 0, 1});
+        for (const Stack& st : stacks)
+            for (int n : {1, std::min(3, m.dims.chunk), m.dims.chunk})
+                for (bool scores : {false, true}) {
+                    const TeleLayout t = telemetry_layout(c, n, st.moe, st.layers, scores);
+                    const std::string what = "n " + std::to_string(n) + " moe " + std::to_string(st.moe) +
+                                             " layers " + std::to_string(st.layers) + (scores ? " scores" : "");
+                    QVERIFY2(t.end <= block, (what + ": end " + std::to_string(t.end) + " > block " +
+                                              std::to_string(block)).c_str());
+                    std::vector<std::pair<int64_t, int64_t>> sec{{t.ids, st.moe * n * k * 4},
+                                                                 {t.weights, st.moe * n * k * 4},
+                                                                 {t.kept, st.moe * n * G},
+                                                                 {t.counts, st.moe * E * 4},
+                                                                 {t.norms, int64_t(st.layers) * n * 4}};
+                    if (scores) sec.push_back({t.scores, st.moe * n * E * 4});
+                    else QCOMPARE(t.scores, int64_t(-1));
+                    for (size_t i = 0; i < sec.size(); ++i) {
+                        QVERIFY2(sec[i].first % kAlign == 0, what.c_str());
+                        const int64_t next = i + 1 < sec.size() ? sec[i + 1].first : t.end;
+                        QVERIFY2(sec[i].first + sec[i].second <= next, (what + " section " + std::to_string(i)).c_str());
+                    }
+                }
+        // The plan counts the block the backend carves.
+        QVERIFY(m.activations >= activation_bytes(c, m.dims) + block + kCublasWorkspace);
+    }
+
     // A model that does not fit is refused with the sizes named, before anything is allocated.
     void refusal_data() {
         QTest::addColumn<QString>("config");
