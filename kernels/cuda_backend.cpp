@@ -73,7 +73,16 @@ class DeviceArena {
 public:
     DeviceArena() = default;
     DeviceArena(int64_t bytes, const char* what) : size_(bytes) {
-        if (bytes > 0) check(cudaMalloc(&base_, size_t(bytes)), what);
+        if (bytes <= 0) return;
+        const cudaError_t e = cudaMalloc(&base_, size_t(bytes));
+        if (e != cudaSuccess) {
+            // cudaMalloc's error is also the runtime's "last error": left there, the next
+            // check_launch (cudaGetLastError) would blame an unrelated kernel for it.
+            cudaGetLastError();
+            base_ = nullptr;
+            throw DeviceError(std::string(what) + " of " + gib(bytes) + ": " + cudaGetErrorName(e) + " (" +
+                              cudaGetErrorString(e) + ")");
+        }
     }
     ~DeviceArena() {
         if (base_) cudaFree(base_);
@@ -170,7 +179,13 @@ struct Pinned {
         if (n <= bytes) return;
         if (p) cudaFreeHost(p);
         p = nullptr;
-        check(cudaMallocHost(&p, n), "cudaMallocHost");
+        bytes = 0;  // a failed allocation must not leave a size that a later reserve trusts
+        const cudaError_t e = cudaMallocHost(&p, n);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            p = nullptr;
+            check(e, "cudaMallocHost");
+        }
         bytes = n;
     }
     ~Pinned() {
@@ -895,6 +910,12 @@ void check_tokens(const int* tokens, int T, int V, const char* what) {
                         " is outside the vocabulary [0, " + std::to_string(V) + ")");
 }
 
+// A non-sticky error that an earlier runtime call left behind (a refused cudaMalloc, ours or
+// the application's, already reported through its own return value) would otherwise surface
+// at our first check_launch (cudaGetLastError) and fail this call with someone else's error.
+// Sticky errors (a device fault) come back from every later call anyway.
+void clear_stale_error() { cudaGetLastError(); }
+
 void check_room(const CudaCache& c, int T, const ModelConfig& cfg) {
     if (T <= 0) throw Error("forward: no tokens");
     if (c.length_ + T > c.cap_)
@@ -1069,6 +1090,7 @@ std::vector<TokenPick> CudaBackend::pick(const PickParams& p, const std::vector<
                     " keeps on the device");
     if (p.temperature > 0 && int(u.size()) < R)
         throw Error("pick: " + std::to_string(R) + " uniforms needed, " + std::to_string(u.size()) + " given");
+    clear_stale_error();
     if (p.temperature > 0)
         check(cudaMemcpyAsync(I.sample_u, u.data(), sizeof(float) * size_t(R), cudaMemcpyHostToDevice, I.stream),
               "upload uniforms");
@@ -1100,6 +1122,7 @@ void CudaBackend::forward(const int* tokens, int T, BackendCache& cache, const F
     Impl& I = *impl_;
     auto& c = static_cast<CudaCache&>(cache);
     check_room(c, T, I.cfg);
+    clear_stale_error();
     check_tokens(tokens, T, I.cfg.vocab_size, "");
     out = ForwardResult{};
     out.T = T;
@@ -1119,6 +1142,7 @@ void CudaBackend::forward_mtp(int k, const float* h_prev, const int* next_tokens
     auto& c = static_cast<CudaCache&>(cache);
     check_room(c, T, cfg);
     check_tokens(next_tokens, T, cfg.vocab_size, "MTP: ");
+    clear_stale_error();
     const DMtp& m = I.mtp[size_t(k - 1)];
     const int D = cfg.hidden_size;
     const float eps = float(cfg.rms_norm_eps);
