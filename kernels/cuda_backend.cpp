@@ -916,6 +916,17 @@ void check_tokens(const int* tokens, int T, int V, const char* what) {
 // Sticky errors (a device fault) come back from every later call anyway.
 void clear_stale_error() { cudaGetLastError(); }
 
+// The cache of a forward call: this backend's, with the stack's number of layers (an MTP
+// module's one-layer cache in the main model would index layers it does not have).
+CudaCache& cache_of(BackendCache& cache, int layers, const char* call) {
+    auto* c = dynamic_cast<CudaCache*>(&cache);
+    if (!c) throw Error(std::string(call) + ": the cache was not made by the CUDA backend's new_cache");
+    if (int(c->c_.size()) != layers)
+        throw Error(std::string(call) + ": the cache holds " + std::to_string(c->c_.size()) + " layers, this stack has " +
+                    std::to_string(layers) + " (new_cache(0) for the main model, new_cache(k) for MTP module k)");
+    return *c;
+}
+
 void check_room(const CudaCache& c, int T, const ModelConfig& cfg) {
     if (T <= 0) throw Error("forward: no tokens");
     if (c.length_ + T > c.cap_)
@@ -1120,7 +1131,7 @@ std::unique_ptr<BackendCache> CudaBackend::new_cache(int mtp_module, int capacit
 void CudaBackend::forward(const int* tokens, int T, BackendCache& cache, const ForwardOptions& opt,
                           ForwardResult& out) {
     Impl& I = *impl_;
-    auto& c = static_cast<CudaCache&>(cache);
+    CudaCache& c = cache_of(cache, I.cfg.num_hidden_layers, "forward");
     check_room(c, T, I.cfg);
     clear_stale_error();
     check_tokens(tokens, T, I.cfg.vocab_size, "");
@@ -1139,7 +1150,7 @@ void CudaBackend::forward_mtp(int k, const float* h_prev, const int* next_tokens
     if (k < 1 || k > cfg.num_nextn_predict_layers)
         throw Error("MTP module " + std::to_string(k) + " does not exist (the model has " +
                     std::to_string(cfg.num_nextn_predict_layers) + ")");
-    auto& c = static_cast<CudaCache&>(cache);
+    CudaCache& c = cache_of(cache, 1, "forward_mtp");
     check_room(c, T, cfg);
     check_tokens(next_tokens, T, cfg.vocab_size, "MTP: ");
     clear_stale_error();
