@@ -763,6 +763,9 @@ struct CudaBackend::Impl {
         }
         out.latent_norms.clear();
         for (auto& v : norms) out.latent_norms.insert(out.latent_norms.end(), v.begin(), v.end());
+        // Without telemetry nothing was copied: no routing at all, rather than layers that claim
+        // T rows and hold none.
+        if (!telemetry) out.routing.clear();
         cache.length_ = start + T;
     }
 
