@@ -241,5 +241,8 @@ extern "C" int moescope_cuda_bench(const char* request_json, char* out, size_t o
     } catch (const std::exception& e) {
         if (err && err_len) std::snprintf(err, err_len, "%s", e.what());
         return 1;
+    } catch (...) {  // nothing may unwind through a C entry point
+        if (err && err_len) std::snprintf(err, err_len, "%s", "gpu-bench: unknown exception");
+        return 1;
     }
 }

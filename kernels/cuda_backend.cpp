@@ -1233,6 +1233,9 @@ extern "C" int moescope_cuda_probe(char* name, size_t name_len, char* err, size_
     } catch (const std::exception& ex) {
         write_str(err, err_len, ex.what());
         return 0;
+    } catch (...) {  // nothing may unwind through a C entry point
+        write_str(err, err_len, "moescope_cuda_probe: unknown exception");
+        return 0;
     }
 }
 
@@ -1244,6 +1247,9 @@ extern "C" moescope::Backend* moescope_cuda_create_backend(std::shared_ptr<moesc
         return new moescope::cuda::CudaBackend(*model, capacity, moescope::cuda::CudaOptions::from_env());
     } catch (const std::exception& ex) {
         write_str(err, err_len, ex.what());
+        return nullptr;
+    } catch (...) {
+        write_str(err, err_len, "moescope_cuda_create_backend: unknown exception");
         return nullptr;
     }
 }
