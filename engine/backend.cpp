@@ -66,12 +66,20 @@ private:
 using CreateFn = Backend* (*)(std::shared_ptr<Model>*, int capacity, char* err, size_t err_len);
 using ProbeFn = int (*)(char* name, size_t name_len, char* err, size_t err_len);
 
+// Why the library did not load (dlerror of the most telling attempt: a file that exists but
+// cannot be loaded, e.g. for a missing libcublasLt, over a name that is not on the path).
+std::string& cuda_library_error() {
+    static std::string e;
+    return e;
+}
+
 void* cuda_library() {
     static void* handle = [] {
         const char* name = MOESCOPE_CUDA_LIBRARY_NAME;
         if (!name[0]) return static_cast<void*>(nullptr);
         void* h = dlopen(name, RTLD_NOW | RTLD_LOCAL);
         if (!h) {
+            if (const char* e = dlerror()) cuda_library_error() = e;
             // Next to the executable's build tree (kernels/) or installed beside it.
             for (const char* p : {"kernels/libmoescope_cuda.so", "../kernels/libmoescope_cuda.so",
                                   "../lib/libmoescope_cuda.so"}) {
@@ -81,11 +89,12 @@ void* cuda_library() {
                 exe[n] = 0;
                 std::string dir(exe);
                 dir = dir.substr(0, dir.rfind('/'));
-                std::string candidate = dir + "/" + p;
-                h = dlopen(candidate.c_str(), RTLD_NOW | RTLD_LOCAL);
-                if (h) break;
-                candidate = dir + "/../" + p;
-                h = dlopen(candidate.c_str(), RTLD_NOW | RTLD_LOCAL);
+                for (const std::string& candidate : {dir + "/" + p, dir + "/../" + p}) {
+                    h = dlopen(candidate.c_str(), RTLD_NOW | RTLD_LOCAL);
+                    if (h) break;
+                    const char* e = dlerror();
+                    if (e && access(candidate.c_str(), F_OK) == 0) cuda_library_error() = e;
+                }
                 if (h) break;
             }
         }
@@ -108,8 +117,9 @@ CudaProbe probe_cuda() {
     CudaProbe p;
     void* lib = cuda_library();
     if (!lib) {
-        p.error = MOESCOPE_CUDA_LIBRARY_NAME[0] ? "the CUDA backend library (libmoescope_cuda.so) could not be loaded"
-                                                : "this build has no CUDA backend";
+        p.error = MOESCOPE_CUDA_LIBRARY_NAME[0]
+                      ? "the CUDA backend library (libmoescope_cuda.so) could not be loaded: " + cuda_library_error()
+                      : "this build has no CUDA backend";
         return p;
     }
     p.library_found = true;

@@ -46,24 +46,31 @@ double now_s() {
 // Device-to-device copy bandwidth (bytes read + written per second) over 1 GiB buffers.
 double copy_bandwidth() {
     const size_t bytes = size_t(1) << 30;
-    void *a = nullptr, *b = nullptr;
-    check(cudaMalloc(&a, bytes), "cudaMalloc (bandwidth)");
-    check(cudaMalloc(&b, bytes), "cudaMalloc (bandwidth)");
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0);
-    cudaEventCreate(&e1);
-    check(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice), "warm-up copy");
+    // Freed on every path: a failed second allocation or copy must not keep 1 GiB from the
+    // backend that is created next.
+    struct Buffers {
+        void *a = nullptr, *b = nullptr;
+        cudaEvent_t e0 = nullptr, e1 = nullptr;
+        ~Buffers() {
+            if (e0) cudaEventDestroy(e0);
+            if (e1) cudaEventDestroy(e1);
+            cudaFree(a);
+            cudaFree(b);
+        }
+    } m;
+    check(cudaMalloc(&m.a, bytes), "cudaMalloc (bandwidth)");
+    check(cudaMalloc(&m.b, bytes), "cudaMalloc (bandwidth)");
+    check(cudaEventCreate(&m.e0), "cudaEventCreate");
+    check(cudaEventCreate(&m.e1), "cudaEventCreate");
+    check(cudaMemcpy(m.b, m.a, bytes, cudaMemcpyDeviceToDevice), "warm-up copy");
     const int iters = 20;
-    cudaEventRecord(e0);
-    for (int i = 0; i < iters; ++i) cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
-    cudaEventRecord(e1);
-    check(cudaEventSynchronize(e1), "bandwidth copies");
+    check(cudaEventRecord(m.e0), "cudaEventRecord");
+    for (int i = 0; i < iters; ++i)
+        check(cudaMemcpyAsync(m.b, m.a, bytes, cudaMemcpyDeviceToDevice), "bandwidth copy");
+    check(cudaEventRecord(m.e1), "cudaEventRecord");
+    check(cudaEventSynchronize(m.e1), "bandwidth copies");
     float ms = 0;
-    cudaEventElapsedTime(&ms, e0, e1);
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
-    cudaFree(a);
-    cudaFree(b);
+    check(cudaEventElapsedTime(&ms, m.e0, m.e1), "cudaEventElapsedTime");
     return 2.0 * double(bytes) * iters / (double(ms) / 1e3);
 }
 
@@ -97,7 +104,17 @@ json run_bench(const json& req) {
     if (wname != "bf16" && wname != "f32" && wname != "fp8")
         throw ConfigError("gpu-bench: --weights '" + wname + "': expected bf16, f32 or fp8");
     opt.dtype = wname == "f32" ? WeightDtype::F32 : wname == "fp8" ? WeightDtype::FP8 : WeightDtype::BF16;
+    // decode steps are averaged (0 gives NaN rates, which the JSON report turns into null) and
+    // the MTP part feeds prompt - 1 tokens; a context past the model's would only fail after
+    // the weights were generated.
+    if (prompt < 2 || decode < 1)
+        throw ConfigError("gpu-bench: --prompt must be at least 2 and --decode at least 1 (got " +
+                          std::to_string(prompt) + ", " + std::to_string(decode) + ")");
     const int capacity = prompt + 2 * decode + 16;  // the longest of the runs below
+    if (capacity > cfg.max_position_embeddings)
+        throw ConfigError("gpu-bench: --prompt " + std::to_string(prompt) + " and --decode " + std::to_string(decode) +
+                          " need " + std::to_string(capacity) + " positions, past the model's context of " +
+                          std::to_string(cfg.max_position_embeddings) + " (max_position_embeddings)");
 
     json out;
     out["device"] = name;
@@ -240,6 +257,9 @@ extern "C" int moescope_cuda_bench(const char* request_json, char* out, size_t o
         return 0;
     } catch (const std::exception& e) {
         if (err && err_len) std::snprintf(err, err_len, "%s", e.what());
+        return 1;
+    } catch (...) {  // nothing may unwind through a C entry point
+        if (err && err_len) std::snprintf(err, err_len, "%s", "gpu-bench: unknown exception");
         return 1;
     }
 }

@@ -73,7 +73,16 @@ class DeviceArena {
 public:
     DeviceArena() = default;
     DeviceArena(int64_t bytes, const char* what) : size_(bytes) {
-        if (bytes > 0) check(cudaMalloc(&base_, size_t(bytes)), what);
+        if (bytes <= 0) return;
+        const cudaError_t e = cudaMalloc(&base_, size_t(bytes));
+        if (e != cudaSuccess) {
+            // cudaMalloc's error is also the runtime's "last error": left there, the next
+            // check_launch (cudaGetLastError) would blame an unrelated kernel for it.
+            cudaGetLastError();
+            base_ = nullptr;
+            throw DeviceError(std::string(what) + " of " + gib(bytes) + ": " + cudaGetErrorName(e) + " (" +
+                              cudaGetErrorString(e) + ")");
+        }
     }
     ~DeviceArena() {
         if (base_) cudaFree(base_);
@@ -170,7 +179,13 @@ struct Pinned {
         if (n <= bytes) return;
         if (p) cudaFreeHost(p);
         p = nullptr;
-        check(cudaMallocHost(&p, n), "cudaMallocHost");
+        bytes = 0;  // a failed allocation must not leave a size that a later reserve trusts
+        const cudaError_t e = cudaMallocHost(&p, n);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            p = nullptr;
+            check(e, "cudaMallocHost");
+        }
         bytes = n;
     }
     ~Pinned() {
@@ -409,7 +424,7 @@ struct CudaBackend::Impl {
         const int64_t cast_elems = std::max({T * 2 * D, T * std::max<int64_t>(1, cfg.q_lora_rank), T * H * dv,
                                              T * k * I, T * k * D, T * std::max(Is, Id), Sn * dc, T * D});
         cast = act_arena.carve<uint16_t>(cast_elems);
-        tele_bytes = 2 * telemetry_bytes(cfg, a);
+        tele_bytes = telemetry_bytes(cfg, a);
         tele = act_arena.carve<char>(tele_bytes);
         void* ws = act_arena.carve<char>(kCublasWorkspace);
         gemm = std::make_unique<Gemm>(stream, ws, size_t(kCublasWorkspace), cast, cast_elems);
@@ -430,30 +445,6 @@ struct CudaBackend::Impl {
         pin_tele.reserve(size_t(tele_bytes));
         pin_ids.reserve(sizeof(int) * size_t(T));
         pin_offsets.reserve(sizeof(int) * size_t(E + 1));
-    }
-
-    // Telemetry block of one chunk of n rows for `nm` MoE layers and `nl` layers (norms).
-    struct TeleLayout {
-        int64_t ids, weights, kept, counts, norms, scores, end;
-    };
-    TeleLayout tele_layout(int n, int nm, int nl, bool want_scores) const {
-        const int64_t k = std::max(1, cfg.num_experts_per_tok), E = std::max(1, cfg.n_routed_experts),
-                      G = std::max(1, cfg.n_group);
-        TeleLayout t{};
-        int64_t at = 0;
-        auto take = [&](int64_t bytes) {
-            const int64_t p = at;
-            at += align_up(bytes);
-            return p;
-        };
-        t.ids = take(int64_t(nm) * n * k * 4);
-        t.weights = take(int64_t(nm) * n * k * 4);
-        t.kept = take(int64_t(nm) * n * G);
-        t.counts = take(int64_t(nm) * E * 4);
-        t.norms = take(int64_t(nl) * n * 4);
-        t.scores = want_scores ? take(int64_t(nm) * n * E * 4) : -1;
-        t.end = at;
-        return t;
     }
 
     // One decoder layer (deepseek-v3.md 2): h[n, D] in place at positions start.., cache layer l.
@@ -488,8 +479,17 @@ struct CudaBackend::Impl {
                                    int64_t(n) * S, dkvb, mla.d_v, H, false, 1.0f, 0.0f);
         } else {
             absorb_query(q_lat, q, L.kv_b, n, mla, s);
-            // A graph replays one launch for every length: the most splits (empty ones are skipped).
-            const int splits = dyn_start ? plan.dims.max_splits : attention_splits(n, S, plan.dims.max_splits);
+            // A graph replays one launch for every length, so its split count cannot follow the
+            // sequence: it takes the most that n rows may use (empty splits are skipped). Like
+            // attention_splits, n * splits <= max_splits: the partial buffer holds
+            // H * max(max_splits, chunk) rows, so max_splits per row (n = 4 at a capacity below
+            // 256) would write past it into the buffers carved after it, d_start included.
+            const int splits = dyn_start ? std::max(1, plan.dims.max_splits / n)
+                                         : attention_splits(n, S, plan.dims.max_splits);
+            if (int64_t(n) * splits * H > attention_partial_rows(cfg, plan.dims))
+                throw DeviceError("attention: " + std::to_string(n) + " rows x " + std::to_string(splits) +
+                                  " splits exceed the partial buffer of " +
+                                  std::to_string(attention_partial_rows(cfg, plan.dims)) + " rows");
             attention_absorbed(o_lat, partial, q_lat, q, cache_c, cache_kpe, n, start, splits, mla, s, dyn_start);
             project_values(attn_out, o_lat, L.kv_b, n, mla, s);
         }
@@ -685,7 +685,11 @@ struct CudaBackend::Impl {
         out.raw_hidden.resize(size_t(T) * D);
         for (int c0 = 0; c0 < T; c0 += Tc) {
             const int n = std::min(Tc, T - c0), pos = start + c0;
-            const TeleLayout tl = tele_layout(n, nm, count, o.want_scores);
+            const TeleLayout tl = telemetry_layout(cfg, n, nm, count, o.want_scores);
+            // The kernels write the block and the copy fills pin_tele: both are tele_bytes long.
+            if (tl.end > tele_bytes)
+                throw DeviceError("telemetry: a chunk of " + std::to_string(n) + " rows needs " +
+                                  std::to_string(tl.end) + " bytes, the block has " + std::to_string(tele_bytes));
             const bool last_chunk = c0 + n == T;
             const int head_rows = o.all_logits ? n : (last_chunk ? 1 : 0);
             float* po = static_cast<float*>(pin_out.p);
@@ -759,6 +763,9 @@ struct CudaBackend::Impl {
         }
         out.latent_norms.clear();
         for (auto& v : norms) out.latent_norms.insert(out.latent_norms.end(), v.begin(), v.end());
+        // Without telemetry nothing was copied: no routing at all, rather than layers that claim
+        // T rows and hold none.
+        if (!telemetry) out.routing.clear();
         cache.length_ = start + T;
     }
 
@@ -904,6 +911,23 @@ void check_tokens(const int* tokens, int T, int V, const char* what) {
         if (tokens[t] < 0 || tokens[t] >= V)
             throw Error(std::string(what) + "token id " + std::to_string(tokens[t]) +
                         " is outside the vocabulary [0, " + std::to_string(V) + ")");
+}
+
+// A non-sticky error that an earlier runtime call left behind (a refused cudaMalloc, ours or
+// the application's, already reported through its own return value) would otherwise surface
+// at our first check_launch (cudaGetLastError) and fail this call with someone else's error.
+// Sticky errors (a device fault) come back from every later call anyway.
+void clear_stale_error() { cudaGetLastError(); }
+
+// The cache of a forward call: this backend's, with the stack's number of layers (an MTP
+// module's one-layer cache in the main model would index layers it does not have).
+CudaCache& cache_of(BackendCache& cache, int layers, const char* call) {
+    auto* c = dynamic_cast<CudaCache*>(&cache);
+    if (!c) throw Error(std::string(call) + ": the cache was not made by the CUDA backend's new_cache");
+    if (int(c->c_.size()) != layers)
+        throw Error(std::string(call) + ": the cache holds " + std::to_string(c->c_.size()) + " layers, this stack has " +
+                    std::to_string(layers) + " (new_cache(0) for the main model, new_cache(k) for MTP module k)");
+    return *c;
 }
 
 void check_room(const CudaCache& c, int T, const ModelConfig& cfg) {
@@ -1080,6 +1104,7 @@ std::vector<TokenPick> CudaBackend::pick(const PickParams& p, const std::vector<
                     " keeps on the device");
     if (p.temperature > 0 && int(u.size()) < R)
         throw Error("pick: " + std::to_string(R) + " uniforms needed, " + std::to_string(u.size()) + " given");
+    clear_stale_error();
     if (p.temperature > 0)
         check(cudaMemcpyAsync(I.sample_u, u.data(), sizeof(float) * size_t(R), cudaMemcpyHostToDevice, I.stream),
               "upload uniforms");
@@ -1109,8 +1134,9 @@ std::unique_ptr<BackendCache> CudaBackend::new_cache(int mtp_module, int capacit
 void CudaBackend::forward(const int* tokens, int T, BackendCache& cache, const ForwardOptions& opt,
                           ForwardResult& out) {
     Impl& I = *impl_;
-    auto& c = static_cast<CudaCache&>(cache);
+    CudaCache& c = cache_of(cache, I.cfg.num_hidden_layers, "forward");
     check_room(c, T, I.cfg);
+    clear_stale_error();
     check_tokens(tokens, T, I.cfg.vocab_size, "");
     out = ForwardResult{};
     out.T = T;
@@ -1127,9 +1153,10 @@ void CudaBackend::forward_mtp(int k, const float* h_prev, const int* next_tokens
     if (k < 1 || k > cfg.num_nextn_predict_layers)
         throw Error("MTP module " + std::to_string(k) + " does not exist (the model has " +
                     std::to_string(cfg.num_nextn_predict_layers) + ")");
-    auto& c = static_cast<CudaCache&>(cache);
+    CudaCache& c = cache_of(cache, 1, "forward_mtp");
     check_room(c, T, cfg);
     check_tokens(next_tokens, T, cfg.vocab_size, "MTP: ");
+    clear_stale_error();
     const DMtp& m = I.mtp[size_t(k - 1)];
     const int D = cfg.hidden_size;
     const float eps = float(cfg.rms_norm_eps);
@@ -1206,6 +1233,9 @@ extern "C" int moescope_cuda_probe(char* name, size_t name_len, char* err, size_
     } catch (const std::exception& ex) {
         write_str(err, err_len, ex.what());
         return 0;
+    } catch (...) {  // nothing may unwind through a C entry point
+        write_str(err, err_len, "moescope_cuda_probe: unknown exception");
+        return 0;
     }
 }
 
@@ -1217,6 +1247,9 @@ extern "C" moescope::Backend* moescope_cuda_create_backend(std::shared_ptr<moesc
         return new moescope::cuda::CudaBackend(*model, capacity, moescope::cuda::CudaOptions::from_env());
     } catch (const std::exception& ex) {
         write_str(err, err_len, ex.what());
+        return nullptr;
+    } catch (...) {
+        write_str(err, err_len, "moescope_cuda_create_backend: unknown exception");
         return nullptr;
     }
 }

@@ -92,6 +92,15 @@ inline void layer_specs(std::vector<TensorSpec>& s, const ModelConfig& c, int l,
     }
 }
 
+// Whether layer l of the device stacks is MoE (MTP module k: l = num_hidden_layers + k - 1).
+// The same rule as tensor_table (engine/weights.cpp) and the model card: a main layer by
+// first_k_dense_replace / moe_layer_freq, an MTP module's layer whenever the model has routed
+// experts. Anything else uploads tensors the checkpoint does not have (a ShapeError at upload)
+// and asks the CPU model for a router bias it does not keep.
+inline bool stack_layer_is_moe(const ModelConfig& c, int l) {
+    return l >= c.num_hidden_layers ? c.n_routed_experts > 0 : c.is_moe_layer(l);
+}
+
 // Every tensor the backend keeps on the device, in upload order.
 inline std::vector<TensorSpec> device_tensors(const ModelConfig& c, const ModelPresence& p) {
     std::vector<TensorSpec> s;
@@ -108,8 +117,7 @@ inline std::vector<TensorSpec> device_tensors(const ModelConfig& c, const ModelP
         if (p.mtp_embed) s.push_back({Role::MtpEmbed, l, -1, V, D, true});
         s.push_back({Role::MtpHeadNorm, l, -1, 1, D, false});
         if (p.mtp_head) s.push_back({Role::MtpHead, l, -1, V, D, true});
-        // The MTP layer is MoE exactly when the main model's layer of that index would be.
-        layer_specs(s, c, l, c.n_routed_experts > 0 && l >= c.first_k_dense_replace && l % c.moe_layer_freq == 0);
+        layer_specs(s, c, l, stack_layer_is_moe(c, l));
     }
     return s;
 }
@@ -181,11 +189,45 @@ inline int64_t activation_bytes(const ModelConfig& c, const ActivationDims& a) {
     return f * 4;
 }
 
-// Routing telemetry of one chunk for every MoE layer (device buffers and pinned mirrors).
+// The telemetry block of one chunk of n rows through a stack of `layers` layers, `moe_layers`
+// of them MoE: routing ids [moe][n][k] (int), mixing weights [moe][n][k] (f32), kept groups
+// [moe][n][G] (bytes), per-expert counts [moe][E] (int), latent norms [layers][n] (f32), and
+// the router scores [moe][n][E] (f32) only when asked. Each section starts on a 256-byte
+// boundary. The backend writes and copies exactly this; the plan sizes the block with it.
+struct TeleLayout {
+    int64_t ids, weights, kept, counts, norms, scores, end;  // byte offsets; scores -1 when absent
+};
+
+inline TeleLayout telemetry_layout(const ModelConfig& c, int n, int moe_layers, int layers, bool want_scores) {
+    const int64_t k = std::max(1, c.num_experts_per_tok), E = std::max(1, c.n_routed_experts),
+                  G = std::max(1, c.n_group), nm = moe_layers;
+    TeleLayout t{};
+    int64_t at = 0;
+    auto take = [&](int64_t bytes) {
+        const int64_t p = at;
+        at += align_up(bytes);
+        return p;
+    };
+    t.ids = take(nm * n * k * 4);
+    t.weights = take(nm * n * k * 4);
+    t.kept = take(nm * n * G);
+    t.counts = take(nm * E * 4);
+    t.norms = take(int64_t(layers) * n * 4);
+    t.scores = want_scores ? take(nm * n * E * 4) : -1;
+    t.end = at;
+    return t;
+}
+
+// The telemetry block the backend allocates: the larger of the main stack's and an MTP
+// module's at a full chunk, with scores (the layout only grows with n and want_scores).
 inline int64_t telemetry_bytes(const ModelConfig& c, const ActivationDims& a) {
-    const int64_t T = a.chunk, E = std::max(1, c.n_routed_experts), k = std::max(1, c.num_experts_per_tok),
-                  G = std::max(1, c.n_group), L = c.num_hidden_layers + c.num_nextn_predict_layers;
-    return L * align_up(T * (2 * k + E + G + 1) * 4 + E * 4);
+    const int L = c.num_hidden_layers;
+    int moe = 0;
+    for (int l = 0; l < L; ++l) moe += stack_layer_is_moe(c, l);
+    int64_t b = telemetry_layout(c, a.chunk, moe, L, true).end;
+    if (c.num_nextn_predict_layers > 0)
+        b = std::max(b, telemetry_layout(c, a.chunk, stack_layer_is_moe(c, L) ? 1 : 0, 1, true).end);
+    return b;
 }
 
 inline constexpr int64_t kCublasWorkspace = 32ll << 20;
@@ -238,7 +280,7 @@ inline MemoryPlan plan_memory(const ModelConfig& c, const ModelPresence& p, Weig
     // Per MoE layer: two device tables of expert pointers and the router bias; the rope frequencies.
     const int64_t E = c.n_routed_experts;
     for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l)
-        if (E > 0 && l >= c.first_k_dense_replace && l % c.moe_layer_freq == 0)
+        if (stack_layer_is_moe(c, l))
             m.weights += 2 * align_up(E * 8) + align_up(E * 4);
     m.weights += align_up(int64_t(c.qk_rope_head_dim / 2) * 4);
     m.cache_per_position = int64_t(c.num_hidden_layers + c.num_nextn_predict_layers) *
@@ -246,7 +288,7 @@ inline MemoryPlan plan_memory(const ModelConfig& c, const ModelPresence& p, Weig
     m.cache = cache_bytes(c, c.num_hidden_layers, capacity) +
               int64_t(c.num_nextn_predict_layers) * cache_bytes(c, 1, capacity);
     m.dims = activation_dims(c, capacity);
-    m.activations = activation_bytes(c, m.dims) + 2 * telemetry_bytes(c, m.dims) + kCublasWorkspace +
+    m.activations = activation_bytes(c, m.dims) + telemetry_bytes(c, m.dims) + kCublasWorkspace +
                     fp8_scratch_sizes(c, m.dims, dtype).bytes;
     return m;
 }

@@ -11,11 +11,13 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 
 #include "engine/backend.h"
 #include "engine/config.h"
 #include "engine/errors.h"
 #include "engine/loader.h"
+#include "engine/model/model.h"
 #include "engine/weights.h"
 #include "kernels/fp8.h"
 #include "kernels/memory_plan.h"
@@ -118,6 +120,50 @@ private slots:
                 QCOMPARE(t.rows, 2 * int64_t(model->config().moe_intermediate_size));
             }
         QCOMPARE(gate_up, (model->config().num_moe_layers() + 1) * model->config().n_routed_experts);
+    }
+
+    // Which layers are MoE on the device is what the checkpoint and the CPU model say, also
+    // for an MTP module past a moe_layer_freq / first_k_dense_replace pattern (tensor_table: an
+    // MTP layer is MoE whenever the model has routed experts). A dense MTP spec there made the
+    // upload throw ShapeError (its gate_proj is empty) and read a router bias the model lacks.
+    void device_layers_follow_tensor_table_data() {
+        QTest::addColumn<int>("layers");
+        QTest::addColumn<int>("freq");
+        QTest::addColumn<int>("first_dense");
+        QTest::newRow("tiny-v3 as is") << 4 << 1 << 1;
+        QTest::newRow("moe_layer_freq 2, MTP at an odd index") << 3 << 2 << 0;
+        QTest::newRow("moe_layer_freq 2, MTP at an even index") << 4 << 2 << 1;
+        QTest::newRow("every main layer dense") << 2 << 1 << 5;
+    }
+    void device_layers_follow_tensor_table() {
+        QFETCH(int, layers);
+        QFETCH(int, freq);
+        QFETCH(int, first_dense);
+        nlohmann::json j = nlohmann::json::parse(std::ifstream(kFixtures + "/tiny-v3/config.json"));
+        j["num_hidden_layers"] = layers;
+        j["moe_layer_freq"] = freq;
+        j["first_k_dense_replace"] = first_dense;
+        const ModelConfig c = ModelConfig::from_json(j, "tiny-v3 variant");
+        Weights w = allocate_weights(c);
+        int64_t host = 0;
+        for (const NamedTensor& t : tensor_table(w, c))
+            if (!t.tensor->empty() && t.name.find("e_score_correction_bias") == std::string::npos)
+                host += t.tensor->numel();
+        ModelPresence p;
+        p.lm_head = !c.tie_word_embeddings;  // allocate_weights leaves the optional MTP copies empty
+        const std::vector<TensorSpec> specs = device_tensors(c, p);
+        QCOMPARE(elements(specs), host);
+        const Model model(c, w);
+        for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l) {
+            const bool host_moe = l < c.num_hidden_layers ? w.layers[size_t(l)].is_moe
+                                                          : w.mtp[size_t(l - c.num_hidden_layers)].layer.is_moe;
+            QCOMPARE(stack_layer_is_moe(c, l), host_moe);
+            QCOMPARE(!model.bias(l).empty(), host_moe);  // build_weights uploads this bias
+            const bool router = std::any_of(specs.begin(), specs.end(), [&](const TensorSpec& t) {
+                return t.role == Role::Router && t.layer == l;
+            });
+            QCOMPARE(router, host_moe);
+        }
     }
 
     // BF16 halves the big matrices; norms and the router stay f32. V3 in BF16 is ~1.37 TB.
@@ -339,6 +385,74 @@ private slots:
         if (capacity >= 2048) QCOMPARE(big.activations, m.activations);
         QVERIFY(m.dims.chunk >= 1 && m.dims.chunk <= 256 && m.dims.chunk <= capacity);
         QVERIFY(m.dims.naive_positions <= 2048);
+    }
+
+    // The telemetry block: every section 256-byte aligned, in order, large enough for what the
+    // kernels write into it, and the allocated block (telemetry_bytes) holds the layout of any
+    // chunk of the main stack or an MTP module, scores included. The old size, 2 * layers *
+    // align_up(per-layer bytes), was below the six aligned sections of a model with few layers
+    // (1536 bytes against 512 for one MoE layer at capacity 1): the router wrote past the block
+    // into the cuBLAS workspace and the copy overran its pinned host buffer.
+    void telemetry_layout_fits_data() {
+        QTest::addColumn<QString>("config");
+        QTest::addColumn<int>("layers");  // 0: as configured
+        QTest::addColumn<int>("capacity");
+        for (int cap : {1, 3, 63, 4096}) {
+            const QByteArray c = QByteArray::number(cap);
+            QTest::newRow("tiny-v3 " + c) << "tiny-v3" << 0 << cap;
+            QTest::newRow("tiny-v3 one MoE layer, no MTP " + c) << "tiny-v3" << 1 << cap;
+            QTest::newRow("deepseek-v3 " + c) << "deepseek-v3" << 0 << cap;
+            QTest::newRow("deepseek-v2-lite " + c) << "deepseek-v2-lite" << 0 << cap;
+        }
+    }
+    void telemetry_layout_fits() {
+        QFETCH(QString, config);
+        QFETCH(int, layers);
+        QFETCH(int, capacity);
+        ModelConfig c = load_cfg(config);
+        if (layers > 0) {
+            nlohmann::json j = c.to_json();
+            j["num_hidden_layers"] = layers;
+            j["first_k_dense_replace"] = 0;
+            j["num_nextn_predict_layers"] = 0;
+            c = ModelConfig::from_json(j, "one-layer variant");
+        }
+        const MemoryPlan m = plan_memory(c, ModelPresence{}, WeightDtype::BF16, capacity);
+        const int64_t block = telemetry_bytes(c, m.dims);
+        const int L = c.num_hidden_layers;
+        int main_moe = 0;
+        for (int l = 0; l < L; ++l) main_moe += stack_layer_is_moe(c, l);
+        // What moe_forward / layer_forward write per chunk of n rows (G and k as the router uses them).
+        const int64_t k = c.num_experts_per_tok, E = c.n_routed_experts,
+                      G = c.topk_method == "greedy" ? 1 : c.n_group;
+        struct Stack {
+            int moe, layers;
+        };
+        std::vector<Stack> stacks{{main_moe, L}};
+        if (c.num_nextn_predict_layers > 0) stacks.push_back({stack_layer_is_moe(c, L) ? 1 : 0, 1});
+        for (const Stack& st : stacks)
+            for (int n : {1, std::min(3, m.dims.chunk), m.dims.chunk})
+                for (bool scores : {false, true}) {
+                    const TeleLayout t = telemetry_layout(c, n, st.moe, st.layers, scores);
+                    const std::string what = "n " + std::to_string(n) + " moe " + std::to_string(st.moe) +
+                                             " layers " + std::to_string(st.layers) + (scores ? " scores" : "");
+                    QVERIFY2(t.end <= block, (what + ": end " + std::to_string(t.end) + " > block " +
+                                              std::to_string(block)).c_str());
+                    std::vector<std::pair<int64_t, int64_t>> sec{{t.ids, st.moe * n * k * 4},
+                                                                 {t.weights, st.moe * n * k * 4},
+                                                                 {t.kept, st.moe * n * G},
+                                                                 {t.counts, st.moe * E * 4},
+                                                                 {t.norms, int64_t(st.layers) * n * 4}};
+                    if (scores) sec.push_back({t.scores, st.moe * n * E * 4});
+                    else QCOMPARE(t.scores, int64_t(-1));
+                    for (size_t i = 0; i < sec.size(); ++i) {
+                        QVERIFY2(sec[i].first % kAlign == 0, what.c_str());
+                        const int64_t next = i + 1 < sec.size() ? sec[i + 1].first : t.end;
+                        QVERIFY2(sec[i].first + sec[i].second <= next, (what + " section " + std::to_string(i)).c_str());
+                    }
+                }
+        // The plan counts the block the backend carves.
+        QVERIFY(m.activations >= activation_bytes(c, m.dims) + block + kCublasWorkspace);
     }
 
     // A model that does not fit is refused with the sizes named, before anything is allocated.

@@ -1178,6 +1178,197 @@ void check_session() {
     }
 }
 
+// CUDA graphs at capacities below 256: the activation chunk, and with it the attention's split
+// buffer (H * max(64, chunk) rows), shrinks with the capacity. Steps of 2-4 tokens replayed from
+// graphs (main stack and MTP module) against the CPU backend, every output of each step. A graph
+// that gave each of 4 rows 64 splits wrote 4x that buffer, over d_start and the telemetry block.
+void check_graph_small_capacity() {
+    auto model = load_model(kFixtures + "/tiny-v3");
+    nlohmann::json ex = nlohmann::json::parse(std::ifstream(kFixtures + "/tiny-v3/expected.json"));
+    std::vector<int> toks = ex["prompt_tokens"].get<std::vector<int>>();
+    auto cpu = make_cpu_backend(model);
+    CudaOptions f32;
+    f32.dtype = WeightDtype::F32;
+    const int dc = model->config().kv_lora_rank;
+    for (int cap : {8, 16, 128}) {
+        CudaBackend gpu(model, cap, f32);  // graphs on (the default)
+        auto gc = gpu.new_cache(0, cap), cc = cpu->new_cache(0, cap);
+        auto gm = gpu.new_cache(1, cap), cm = cpu->new_cache(1, cap);
+        ForwardOptions o;  // absorbed, all logits
+        int at = 0;
+        for (int n : {4, 2, 3, 4, 3}) {
+            if (at + n > cap || at + n + 1 > int(toks.size())) break;
+            const std::string what = "capacity " + std::to_string(cap) + ", " + std::to_string(n) +
+                                     "-token step at " + std::to_string(at) + " (CUDA graph) vs CPU";
+            Run g, c;
+            gpu.forward(toks.data() + at, n, *gc, o, g.main);
+            cpu->forward(toks.data() + at, n, *cc, o, c.main);
+            compare_runs(what, g, c, 1e-4, true);
+            // The MTP module over the same rows (its graph has its own key).
+            Run gd, cd;
+            gpu.forward_mtp(1, c.main.hidden.data(), toks.data() + at + 1, n, *gm, o, gd.main);
+            cpu->forward_mtp(1, c.main.hidden.data(), toks.data() + at + 1, n, *cm, o, cd.main);
+            compare_runs("MTP " + what, gd, cd, 1e-4, true);
+            at += n;
+        }
+        std::vector<float> gl(static_cast<size_t>(dc)), cl(static_cast<size_t>(dc));
+        gc->read_latent(0, at - 1, at, gl.data(), nullptr);
+        cc->read_latent(0, at - 1, at, cl.data(), nullptr);
+        close("capacity " + std::to_string(cap) + " CUDA graphs: cached latent of the last position", "", gl, cl, 1e-5,
+              1e-5);
+        expect(gpu.graphs() && gpu.notice().find("CUDA graphs off") == std::string::npos,
+               "capacity " + std::to_string(cap) + ": every CUDA graph agreed with its launches", gpu.notice());
+    }
+}
+
+// run_stack's chunking and the host code around it, against the CPU backend. A backend of
+// capacity 10 works in chunks of 10 rows with naive-path scratch for 10 positions, over caches
+// of 32: the 24-token prompt runs as chunks of 10, 10 and 4 (positions, per-chunk hidden /
+// raw_hidden / logits / routing / latent-norm copies into [T, ...] and [layers, T]), the naive
+// path for the first chunk and the absorbed one after it, the MTP module over 23 rows in
+// chunks too. Then: last-row logits, picks from logits left on the device after a chunked
+// call, telemetry off, a stale runtime error left by someone else's failed cudaMalloc, caches
+// of the wrong stack, read_latent bounds and truncate.
+void check_chunked_forward() {
+    auto model = load_model(kFixtures + "/tiny-v3");
+    nlohmann::json ex = nlohmann::json::parse(std::ifstream(kFixtures + "/tiny-v3/expected.json"));
+    std::vector<int> toks = ex["prompt_tokens"].get<std::vector<int>>();
+    auto cpu = make_cpu_backend(model);
+    CudaOptions f32;
+    f32.dtype = WeightDtype::F32;
+    CudaBackend gpu(model, 10, f32);
+    const ModelConfig& cfg = model->config();
+    const int T = int(toks.size()), V = cfg.vocab_size, L = cfg.num_hidden_layers;
+    expect(gpu.plan().dims.chunk == 10 && T > 2 * 10, "chunked: 24 tokens span three chunks of 10",
+           "chunk " + std::to_string(gpu.plan().dims.chunk));
+    for (bool absorbed : {true, false}) {
+        const std::string what = std::string("chunked (10) ") + (absorbed ? "absorbed" : "naive then absorbed");
+        ForwardOptions o;
+        o.absorbed = absorbed;
+        Run g = run_prompt(gpu, toks, o, false), c = run_prompt(*cpu, toks, o, false);
+        expect(g.main.logits.size() == size_t(T) * V && g.main.latent_norms.size() == size_t(L) * T,
+               what + ": logits [T, V], latent norms [layers, T]");
+        compare_runs(what, g, c, 1e-4, true);
+        // Router scores, per chunk into [T, E].
+        o.want_scores = true;
+        ForwardResult gs, cs;
+        auto gc = gpu.new_cache(0, 32), cc = cpu->new_cache(0, 32);
+        gpu.forward(toks.data(), T, *gc, o, gs);
+        cpu->forward(toks.data(), T, *cc, o, cs);
+        expect(gc->length() == T, what + ": cache length after the chunks", std::to_string(gc->length()));
+        bool shapes = gs.routing.size() == cs.routing.size();
+        for (size_t m = 0; shapes && m < cs.routing.size(); ++m) {
+            shapes &= gs.routing[m].r.scores.size() == cs.routing[m].r.scores.size();
+            if (shapes)
+                close(what + " router scores layer " + std::to_string(cs.routing[m].layer), "", gs.routing[m].r.scores,
+                      cs.routing[m].r.scores, 1e-5, 1e-5);
+        }
+        expect(shapes, what + ": router scores [T, E] for every MoE layer");
+        // Only the last row's logits, from the last chunk.
+        ForwardOptions last = o;
+        last.all_logits = false;
+        ForwardResult gl, cl;
+        auto gc2 = gpu.new_cache(0, 32), cc2 = cpu->new_cache(0, 32);
+        gpu.forward(toks.data(), T, *gc2, last, gl);
+        cpu->forward(toks.data(), T, *cc2, last, cl);
+        expect(gl.logits.size() == size_t(V), what + ": all_logits false returns one row", std::to_string(gl.logits.size()));
+        close(what + " last-row logits", "", gl.logits, cl.logits, 1e-4, 1e-4);
+        close(what + " hidden with all_logits false", "", gl.hidden, cl.hidden, 1e-4, 1e-4);
+        // The same call leaving the logits on the device: pick() reads the last chunk's row.
+        last.host_logits = false;
+        ForwardResult gd;
+        auto gc3 = gpu.new_cache(0, 32);
+        gpu.forward(toks.data(), T, *gc3, last, gd);
+        auto pk = gpu.pick(PickParams{}, {});
+        const int want = int(std::max_element(cl.logits.begin(), cl.logits.end()) - cl.logits.begin());
+        expect(gd.logits.empty() && pk.size() == 1 && pk[0].id == want,
+               what + ": host_logits false over chunks: pick = the CPU's argmax of the last row",
+               pk.empty() ? "no pick" : "picked " + std::to_string(pk[0].id) + ", CPU " + std::to_string(want));
+    }
+    // All logits of a chunked call cannot stay on the device: they come back, and pick() refuses.
+    {
+        ForwardOptions o;
+        o.host_logits = false;
+        ForwardResult r;
+        auto c = gpu.new_cache(0, 32);
+        gpu.forward(toks.data(), T, *c, o, r);
+        bool refused = false;
+        try {
+            gpu.pick(PickParams{}, {});
+        } catch (const Error& e) {
+            refused = std::string(e.what()).find("more logits rows than one chunk") != std::string::npos;
+        }
+        expect(r.logits.size() == size_t(T) * V && refused,
+               "chunked all-logits call with host_logits false: logits copied, pick refuses");
+    }
+    // Telemetry off: the same numbers, and no routing rather than layers without rows.
+    {
+        ForwardResult on, off;
+        auto c1 = gpu.new_cache(0, 32), c2 = gpu.new_cache(0, 32);
+        gpu.forward(toks.data(), T, *c1, ForwardOptions{}, on);
+        gpu.set_telemetry(false);
+        gpu.forward(toks.data(), T, *c2, ForwardOptions{}, off);
+        gpu.set_telemetry(true);
+        close("telemetry off: logits", "", off.logits, on.logits, 1e-6, 1e-6);
+        expect(off.routing.empty() && off.latent_norms.empty() && !on.routing.empty(),
+               "telemetry off: routing and latent norms empty", std::to_string(off.routing.size()) + " routing layers");
+    }
+    // A failed cudaMalloc elsewhere in the process leaves its error as the runtime's last error;
+    // it must not fail the next forward (or pick) as if a kernel of ours had failed.
+    {
+        ForwardResult a, b;
+        auto c1 = gpu.new_cache(0, 32), c2 = gpu.new_cache(0, 32);
+        gpu.forward(toks.data(), 5, *c1, ForwardOptions{}, a);
+        void* p = nullptr;
+        const cudaError_t e = cudaMalloc(&p, size_t(1) << 52);
+        expect(e != cudaSuccess, "a 4 PiB cudaMalloc fails");
+        std::string err;
+        try {
+            gpu.forward(toks.data(), 5, *c2, ForwardOptions{}, b);
+            gpu.pick(PickParams{}, {});
+        } catch (const std::exception& x) {
+            err = x.what();
+        }
+        expect(err.empty(), "a forward after someone else's failed cudaMalloc runs", err);
+        if (err.empty()) close("forward after a stale runtime error", "", b.logits, a.logits, 1e-6, 1e-6);
+    }
+    // Caches of the wrong stack: an Error, not an access past the cache's layer list.
+    {
+        auto main_c = gpu.new_cache(0, 32), mtp_c = gpu.new_cache(1, 32), cpu_c = cpu->new_cache(0, 32);
+        ForwardResult r;
+        const std::vector<float> h(size_t(cfg.hidden_size), 0.5f);
+        auto throws = [&](const std::function<void()>& f) {
+            try {
+                f();
+            } catch (const Error&) {
+                return true;
+            }
+            return false;
+        };
+        expect(throws([&] { gpu.forward(toks.data(), 2, *mtp_c, ForwardOptions{}, r); }),
+               "forward with an MTP module's cache throws Error");
+        expect(throws([&] { gpu.forward_mtp(1, h.data(), toks.data(), 1, *main_c, ForwardOptions{}, r); }),
+               "forward_mtp with the main model's cache throws Error");
+        expect(throws([&] { gpu.forward(toks.data(), 2, *cpu_c, ForwardOptions{}, r); }),
+               "forward with the CPU backend's cache throws Error");
+        // read_latent: bounds, and truncate keeps the rows before n.
+        gpu.forward(toks.data(), 12, *main_c, ForwardOptions{}, r);
+        const int dc = cfg.kv_lora_rank, dr = cfg.qk_rope_head_dim;
+        std::vector<float> c0(size_t(12) * dc), k0(size_t(12) * dr), c1(c0.size()), k1(k0.size());
+        main_c->read_latent(L - 1, 0, 12, c0.data(), k0.data());
+        expect(throws([&] { main_c->read_latent(L, 0, 1, c1.data(), nullptr); }) &&
+                   throws([&] { main_c->read_latent(0, 0, 13, c1.data(), nullptr); }) &&
+                   throws([&] { main_c->read_latent(0, 5, 4, c1.data(), nullptr); }),
+               "read_latent refuses a layer or positions out of range");
+        main_c->truncate(7);
+        gpu.forward(toks.data() + 7, 5, *main_c, ForwardOptions{}, r);
+        main_c->read_latent(L - 1, 0, 12, c1.data(), k1.data());
+        expect(main_c->length() == 12, "truncate(7) + 5 tokens: length 12");
+        close("latents after truncate and re-forward (last layer, c)", "", c1, c0, 1e-4, 1e-4);
+        close("latents after truncate and re-forward (last layer, k_pe)", "", k1, k0, 1e-4, 1e-4);
+    }
+}
+
 void check_selection_and_refusal() {
     auto model = load_model(kFixtures + "/tiny-v3");
     BackendSelection s = select_backend("auto", model, 64);
@@ -1292,6 +1483,8 @@ int main(int argc, char** argv) {
         {"bf16-checkpoint", [] { check_checkpoint(SaveFormat::BF16, "bf16"); }},
         {"fp8-checkpoint", [] { check_checkpoint(SaveFormat::FP8, "fp8"); }},
         {"session", check_session},
+        {"graph-small-capacity", check_graph_small_capacity},
+        {"chunked-forward", check_chunked_forward},
         {"selection-and-refusal", check_selection_and_refusal},
     };
     // The harness on itself (CTest, no device needed): a passing, a failing, a crashing and a
