@@ -88,13 +88,14 @@ struct MoeActs {
     std::vector<float> dscores_extra;      // [T, E] gradient of extra losses w.r.t. scores (aux losses), or empty
 };
 
-// The mixing weights w_i = rsf * s_i / sum_chosen(s) (or rsf * s_i) carry the gradient into the
-// router: ds from dw through the normalization, then through sigmoid / softmax into the gate.
-// The bias only chose the experts: it gets no gradient.
 // The task order of the expert-parallel path: the shared experts (-1) when present, then the
 // routed experts, most rows first (they bound the wall time).
 std::vector<int> busiest_first(const std::vector<std::vector<int>>& rows, bool shared);
 
+// The mixing weights w_i = rsf * s_i / sum_chosen(s) (or rsf * s_i) carry the gradient into the
+// router: ds from dw through the normalization, then through sigmoid / softmax into the gate.
+// The bias only chose the experts: it gets no gradient.
+//
 // The experts (shared ones included) run as parallel_tasks on expert_threads threads (ops.h),
 // so each one's products are single-threaded sgemm calls whatever the thread count: threaded
 // OpenBLAS cuts long sums (dW over T rows) into other blocks and rounds differently. The bits

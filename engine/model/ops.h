@@ -74,11 +74,11 @@ void parallel_range(int n, int64_t work, const std::function<void(int, int)>& fn
 
 // Runs fn(i) once for every i in [0, n) on up to `threads` threads of the same pool (the caller
 // included), claimed one task at a time (callers put the longest first), with OpenBLAS held at
-// one thread meanwhile: for independent tasks made of small sgemm products (the routed experts
-// of training), where every task's BLAS call waking OpenBLAS's own threads would oversubscribe
-// the cores. It also keeps the bits: threaded OpenBLAS splits long sums into other blocks than
-// single-threaded OpenBLAS (results differ in the last bits), so a task's products give the
-// same results whatever `threads` is.
+// one thread meanwhile: for independent tasks of small sgemm products (the experts of the
+// trainer's MoE layers), whose BLAS calls would each wake OpenBLAS's own threads and
+// oversubscribe the cores. It also keeps the bits: threaded OpenBLAS splits long sums into
+// other blocks than single-threaded OpenBLAS (results differ in the last bits), so a task's
+// products give the same results whatever `threads` is.
 // The BLAS setting is process-wide: products of other threads during the call run on one
 // thread too; overlapping calls keep it at 1 until the last one ends, and num_threads() still
 // reports the configured count. Nested calls, and calls while the pool is busy, run inline,

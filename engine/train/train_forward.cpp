@@ -204,7 +204,6 @@ Weights zeros_like(Weights& w, const ModelConfig& cfg) {
 
 TrainGraph::TrainGraph(const ModelConfig& cfg) : cfg_(cfg), rope_(cfg), mla_(cfg), router_(cfg) {}
 
-
 void TrainGraph::layer_forward(float* h, int B, int T, const LayerWeights& L, LayerActs& a) const {
     const int N = B * T, D = cfg_.hidden_size;
     const float eps = float(cfg_.rms_norm_eps);
