@@ -21,4 +21,12 @@ std::shared_ptr<Model> load_model(const std::filesystem::path& dir,
     return std::make_shared<Model>(std::move(cfg), std::move(w));
 }
 
+ModelCard loaded_model_card(const Model& m) {
+    ModelCard card = model_card(m.config());
+    const WeightMemory wm = weight_memory(m.weights(), m.config());
+    card.weight_storage = wm.storage;
+    card.weight_bytes = wm.bytes;
+    return card;
+}
+
 }  // namespace moescope

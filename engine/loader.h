@@ -23,4 +23,8 @@ inline std::shared_ptr<Model> load_model(const std::filesystem::path& dir, const
     return load_model(dir, {}, options);
 }
 
+// The model card of a loaded model: model_card(config) plus how its weights are held in
+// memory (f32 / bf16) and their resident bytes.
+ModelCard loaded_model_card(const Model& m);
+
 }  // namespace moescope

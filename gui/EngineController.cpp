@@ -72,11 +72,7 @@ void EngineController::loadModel(const QString& dir, const QString& backendReque
             ModelInfo info;
             info.dir = dir;
             info.config = cfg.to_json();
-            ModelCard card = model_card(cfg);
-            const WeightMemory wm = weight_memory(model->weights(), cfg);  // f32, or BF16 for large BF16 checkpoints
-            card.weight_storage = wm.storage;
-            card.weight_bytes = wm.bytes;
-            info.card = card.to_json(cfg);
+            info.card = loaded_model_card(*model).to_json(cfg);
             info.vocabSize = cfg.vocab_size;
             info.eosId = cfg.eos_token_id.value_or(-1);
             info.mtpDepth = cfg.num_nextn_predict_layers;

@@ -30,7 +30,6 @@ LoadedModel open_model(const std::string& dir, const std::string& backend, int c
 // --weights f32|bf16|auto (default auto); a UsageError for anything else.
 WeightStorage weights_from_args(const Args& a);
 // The model card with the loaded weights' storage and resident bytes filled in.
-ModelCard loaded_card(const Model& m);
 SamplingParams sampling_from_args(const Args& a, const ModelConfig& cfg);
 std::vector<int> prompt_tokens(const Args& a, const LoadedModel& m);
 nlohmann::json meta_settings(const LoadedModel& m, const std::string& dir, const SamplingParams& p);

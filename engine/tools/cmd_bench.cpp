@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/errors.h"
+#include "engine/loader.h"
 #include "engine/model/ops.h"
 #include "engine/session.h"
 #include "engine/tokenizer/tokenizer.h"
@@ -209,7 +210,7 @@ int cmd_bench(const std::vector<std::string>& argv) {
         int64_t params = 0;
         for (const auto& e : tensor_table(m.model->mutable_weights(), cfg)) params += e.tensor->numel();
         out["parameters"] = params;
-        const ModelCard card = loaded_card(*m.model);
+        const ModelCard card = loaded_model_card(*m.model);
         out["weight_storage"] = card.weight_storage;
         out["weight_bytes"] = card.weight_bytes;
     }

@@ -35,14 +35,6 @@ WeightStorage weights_from_args(const Args& a) {
     return storage_from_string(v);
 }
 
-ModelCard loaded_card(const Model& m) {
-    ModelCard card = model_card(m.config());
-    const WeightMemory wm = weight_memory(m.weights(), m.config());
-    card.weight_storage = wm.storage;
-    card.weight_bytes = wm.bytes;
-    return card;
-}
-
 SamplingParams sampling_from_args(const Args& a, const ModelConfig& cfg) {
     SamplingParams p;
     p.temperature = a.number("temperature", 0.7);
@@ -105,7 +97,7 @@ int cmd_generate(const std::vector<std::string>& argv) {
     const std::string dir = a.positional()[0];
     LoadedModel m = open_model(dir, a.get_or("backend", "auto"), int(a.integer("context", 0)), weights_from_args(a));
     const ModelConfig& cfg = m.backend->config();
-    const ModelCard card = loaded_card(*m.model);
+    const ModelCard card = loaded_model_card(*m.model);
     SamplingParams p = sampling_from_args(a, cfg);
     std::vector<int> prompt = prompt_tokens(a, m);
     if (!a.has("json")) std::fprintf(stderr, "[%s]\n", m.notice.c_str());
@@ -200,7 +192,7 @@ int cmd_balance(const std::vector<std::string>& argv) {
     Session s(m.backend, m.tokenizer, chunk);
     if (auto path = a.get("telemetry")) {
         trace = std::make_unique<JsonlWriter>(*path);
-        trace->record(MetaRecord{loaded_card(*m.model).to_json(cfg), cfg.to_json(),
+        trace->record(MetaRecord{loaded_model_card(*m.model).to_json(cfg), cfg.to_json(),
                                  {{"model", dir}, {"mode", "balance"}, {"gamma", gamma}, {"corpus", *corpus}}});
         tee.add(trace.get());
     }
