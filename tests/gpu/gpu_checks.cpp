@@ -881,6 +881,27 @@ void compare_runs(const std::string& what, const Run& gpu, const Run& cpu, doubl
 }
 
 // Greedy decoding; `stepwise` feeds the prompt one token per call (decode-shaped calls only).
+// The tiny-v3 fixture: the model, expected.json and its prompt.
+struct TinyV3 {
+    std::shared_ptr<Model> model;
+    nlohmann::json expected;
+    std::vector<int> prompt;
+};
+TinyV3 tiny_v3() {
+    TinyV3 t;
+    t.model = load_model(kFixtures + "/tiny-v3");
+    t.expected = nlohmann::json::parse(std::ifstream(kFixtures + "/tiny-v3/expected.json"));
+    t.prompt = t.expected["prompt_tokens"].get<std::vector<int>>();
+    return t;
+}
+
+// F32 weights on the device: the CPU's numbers to the last bits of summation order.
+CudaOptions f32_weights() {
+    CudaOptions o;
+    o.dtype = WeightDtype::F32;
+    return o;
+}
+
 std::vector<int> greedy(Backend& be, const std::vector<int>& prompt, int n, bool stepwise = false) {
     auto cache = be.new_cache(0, int(prompt.size()) + n + 1);
     ForwardOptions o;
@@ -901,12 +922,9 @@ std::vector<int> greedy(Backend& be, const std::vector<int>& prompt, int n, bool
 }
 
 void check_fixture() {
-    auto model = load_model(kFixtures + "/tiny-v3");
-    nlohmann::json ex = nlohmann::json::parse(std::ifstream(kFixtures + "/tiny-v3/expected.json"));
-    std::vector<int> toks = ex["prompt_tokens"].get<std::vector<int>>();
+    auto [model, ex, toks] = tiny_v3();
     auto cpu = make_cpu_backend(model);
-    CudaOptions f32;
-    f32.dtype = WeightDtype::F32;
+    const CudaOptions f32 = f32_weights();
     CudaBackend gpu(model, 256, f32);
     gpu.set_graphs(false);  // kernels launched one by one; the graph block below compares the two
     const int V = model->config().vocab_size;
@@ -1085,8 +1103,7 @@ void check_checkpoint(SaveFormat fmt, const std::string& name) {
     // One pass: cuBLAS rounds the activations to bf16: looser.
     compare_runs(name + " checkpoint, bf16 device weights, one pass", run_prompt(gb, toks, ForwardOptions{}, false), c,
                  0.15, false);
-    CudaOptions f32;
-    f32.dtype = WeightDtype::F32;
+    const CudaOptions f32 = f32_weights();
     CudaBackend gf(model, 64, f32);
     compare_runs(name + " checkpoint, f32 device weights", run_prompt(gf, toks, ForwardOptions{}, false), c, 1e-4, true);
     if (exact_weights) {
@@ -1126,11 +1143,8 @@ void check_checkpoint(SaveFormat fmt, const std::string& name) {
 // The Session (prefill decompressed, decode absorbed, MTP speculative decoding) over both
 // backends: the same greedy tokens and the same MTP acceptance.
 void check_session() {
-    auto model = load_model(kFixtures + "/tiny-v3");
-    nlohmann::json ex = nlohmann::json::parse(std::ifstream(kFixtures + "/tiny-v3/expected.json"));
-    std::vector<int> toks = ex["prompt_tokens"].get<std::vector<int>>();
-    CudaOptions f32;
-    f32.dtype = WeightDtype::F32;
+    auto [model, ex, toks] = tiny_v3();
+    const CudaOptions f32 = f32_weights();
     for (bool mtp : {false, true}) {
         SamplingParams p;
         p.temperature = 0;
@@ -1183,12 +1197,9 @@ void check_session() {
 // graphs (main stack and MTP module) against the CPU backend, every output of each step. A graph
 // that gave each of 4 rows 64 splits wrote 4x that buffer, over d_start and the telemetry block.
 void check_graph_small_capacity() {
-    auto model = load_model(kFixtures + "/tiny-v3");
-    nlohmann::json ex = nlohmann::json::parse(std::ifstream(kFixtures + "/tiny-v3/expected.json"));
-    std::vector<int> toks = ex["prompt_tokens"].get<std::vector<int>>();
+    auto [model, ex, toks] = tiny_v3();
     auto cpu = make_cpu_backend(model);
-    CudaOptions f32;
-    f32.dtype = WeightDtype::F32;
+    const CudaOptions f32 = f32_weights();
     const int dc = model->config().kv_lora_rank;
     for (int cap : {8, 16, 128}) {
         CudaBackend gpu(model, cap, f32);  // graphs on (the default)
@@ -1230,12 +1241,9 @@ void check_graph_small_capacity() {
 // call, telemetry off, a stale runtime error left by someone else's failed cudaMalloc, caches
 // of the wrong stack, read_latent bounds and truncate.
 void check_chunked_forward() {
-    auto model = load_model(kFixtures + "/tiny-v3");
-    nlohmann::json ex = nlohmann::json::parse(std::ifstream(kFixtures + "/tiny-v3/expected.json"));
-    std::vector<int> toks = ex["prompt_tokens"].get<std::vector<int>>();
+    auto [model, ex, toks] = tiny_v3();
     auto cpu = make_cpu_backend(model);
-    CudaOptions f32;
-    f32.dtype = WeightDtype::F32;
+    const CudaOptions f32 = f32_weights();
     CudaBackend gpu(model, 10, f32);
     const ModelConfig& cfg = model->config();
     const int T = int(toks.size()), V = cfg.vocab_size, L = cfg.num_hidden_layers;
