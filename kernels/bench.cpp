@@ -144,6 +144,15 @@ json run_bench(const json& req) {
         int tk = argmax(r.logits.data(), cfg.vocab_size);
         for (int i = 0; i < 4; ++i) be.forward(&tk, 1, *c, fo, r);
     }
+    if (be.grouped_experts()) {  // the same prefill through the per-expert loop, for comparison
+        be.set_grouped_experts(false);
+        auto c = be.new_cache(0, capacity);
+        be.synchronize();
+        const double s = now_s();
+        be.forward(tokens.data(), prompt, *c, fo, r);
+        out["prefill_tokens_per_s_per_expert_loop"] = prompt / (now_s() - s);
+        be.set_grouped_experts(true);
+    }
     auto cache = be.new_cache(0, capacity);
     be.synchronize();
     t0 = now_s();
@@ -151,6 +160,8 @@ json run_bench(const json& req) {
     const double t_prefill = now_s() - t0;
     out["prefill_tokens_per_s"] = prompt / t_prefill;
     out["prefill_seconds"] = t_prefill;
+    out["prefill_experts"] = be.grouped_experts() ? "grouped GEMM" : "one cuBLAS GEMM per expert";
+    if (!be.grouped_experts() && !be.notice().empty()) out["prefill_experts_why"] = be.notice();
 
     // Decoding as the Session does it: the logits stay on the device and pick() returns the id.
     const int first_token = argmax(r.logits.data(), cfg.vocab_size);

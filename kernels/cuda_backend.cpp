@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <iterator>
 
 #include "engine/dtype.h"
 #include "engine/errors.h"
@@ -238,6 +239,7 @@ struct CudaBackend::Impl {
     float *kvb_full, *scores;      // naive: [Sn, H*(dn+dv)], [H, Tc, Sn]
     float *logits_r, *scores_scratch;  // router logits / scores [Tc, E]
     int *counts, *offsets, *perm, *row_of_slot, *row_expert;  // [E], [E+1], [Tc*k] x3
+    int2* tile_map = nullptr;      // [grouped_max_tiles(Tc*k, E)] tiles of the grouped expert GEMM
     float *xin, *gu, *act, *ye, *sh_out, *sh_gu, *sh_act;  // experts and shared / dense MLP
     float* logits;                 // [Tc, V]
     float* sample_u = nullptr;     // [Tc]
@@ -404,6 +406,7 @@ struct CudaBackend::Impl {
         scores_scratch = act_arena.carve<float>(T * E);
         counts = act_arena.carve<int>(E);
         offsets = act_arena.carve<int>(E + 1);
+        tile_map = act_arena.carve<int2>(grouped_max_tiles(T * k, E));
         perm = act_arena.carve<int>(T * k);
         row_of_slot = act_arena.carve<int>(T * k);
         row_expert = act_arena.carve<int>(T * k);
@@ -531,9 +534,6 @@ struct CudaBackend::Impl {
         dispatch(counts_d, offsets, perm, row_of_slot, row_expert, ids_d, n, k, E, s);
         gather_rows(xin, xn, perm, R, k, D, s);
         const bool bf16 = opt.dtype == WeightDtype::BF16, fp8 = opt.dtype == WeightDtype::FP8;
-        auto expert_ref = [&](const void* p, int64_t rows, int64_t cols, int64_t split) {
-            return fp8 ? fp8_ref(p, rows, cols, split) : WRef{p, bf16, rows, cols};
-        };
         if (R <= 64) {
             // Decode: every row names its expert; no host round trip (capturable in a graph).
             if (fp8) grouped_gemv_fp8(gu, xin, L.exp_gu_dev, row_expert, R, 2 * I, D, I, s);
@@ -541,25 +541,22 @@ struct CudaBackend::Impl {
             swiglu(act, gu, R, I, s);
             if (fp8) grouped_gemv_fp8(ye, act, L.exp_down_dev, row_expert, R, D, I, 0, s);
             else grouped_gemv(ye, act, L.exp_down_dev, bf16, row_expert, R, D, I, s);
+        } else if (bf16 && grouped) {
+            // Prefill, BF16 experts: two grouped GEMMs over the device offsets, no host round trip.
+            const int tiles = grouped_max_tiles(R, E);
+            expert_tiles(tile_map, offsets, E, tiles, s);
+            grouped_gemm_bf16(gu, xin, L.exp_gu_dev, offsets, tile_map, tiles, 2 * I, D, s);
+            swiglu(act, gu, R, I, s);
+            grouped_gemm_bf16(ye, act, L.exp_down_dev, offsets, tile_map, tiles, D, I, s);
         } else {
             // Prefill: one cuBLAS GEMM per expert that received tokens.
             int* off = static_cast<int*>(pin_offsets.p);
             check(cudaMemcpyAsync(off, offsets, sizeof(int) * size_t(E + 1), cudaMemcpyDeviceToHost, s),
                   "copy expert offsets");
             check(cudaStreamSynchronize(s), "cudaStreamSynchronize (expert offsets)");
-            for (int e = 0; e < E; ++e) {
-                const int cnt = off[e + 1] - off[e];
-                if (cnt == 0) continue;
-                gemm->linear(gu + int64_t(off[e]) * 2 * I, xin + int64_t(off[e]) * D,
-                             expert_ref(L.exp_gu[size_t(e)], 2 * I, D, I), cnt);
-            }
+            expert_gemms(gu, xin, L.exp_gu, off, 2 * I, D, I);
             swiglu(act, gu, R, I, s);
-            for (int e = 0; e < E; ++e) {
-                const int cnt = off[e + 1] - off[e];
-                if (cnt == 0) continue;
-                gemm->linear(ye + int64_t(off[e]) * D, act + int64_t(off[e]) * I,
-                             expert_ref(L.exp_down[size_t(e)], D, I, 0), cnt);
-            }
+            expert_gemms(ye, act, L.exp_down, off, D, I, 0);
         }
         const float* shared = nullptr;
         if (!L.shared_gu.empty()) {
@@ -570,6 +567,21 @@ struct CudaBackend::Impl {
             shared = sh_out;
         }
         combine(h, shared, ye, ids_d, w_d, row_of_slot, n, k, D, s);
+    }
+
+    // y = each expert's rows x its [out, in] matrix, one product per expert with rows (off: host
+    // offsets; split: the gate rows of a stacked FP8 gate|up): cuBLAS, or our GEMV for an expert
+    // of a few rows unless blas_only.
+    void expert_gemms(float* y, const float* x, const std::vector<const void*>& ws, const int* off, int out, int in,
+                      int64_t split, bool blas_only = false) {
+        const bool bf16 = opt.dtype == WeightDtype::BF16, fp8 = opt.dtype == WeightDtype::FP8;
+        for (size_t e = 0; e < ws.size(); ++e) {
+            const int cnt = off[e + 1] - off[e];
+            if (cnt == 0) continue;
+            const WRef W = fp8 ? fp8_ref(ws[e], out, in, split) : WRef{ws[e], bf16, out, in};
+            gemm->linear_path(y + int64_t(off[e]) * out, x + int64_t(off[e]) * in, W, cnt, false, 0,
+                              !blas_only && cnt <= kGemvMaxRows);
+        }
     }
 
     // The graph of one absorbed step of `n` tokens through the stack starting at layer `first`
@@ -770,6 +782,107 @@ struct CudaBackend::Impl {
     }
 
     // ---- FP8 residency ----------------------------------------------------------------------
+    // Prefill of BF16 experts through the grouped GEMM, on once grouped_self_check has compared
+    // it with the per-expert cuBLAS loop on this device; grouped_notice says why when it is off.
+    bool grouped = false, grouped_ok = false;  // in use; passed the self-check
+    std::string grouped_notice;
+
+    // The grouped GEMM against one cuBLAS BF16 GEMM per expert (whatever its row count), on the
+    // first MoE layer's real weights, with seeded rows spread over the experts in awkward counts
+    // (0, 1, 3, 63, 64, 65, 130 ...: partial, full and several tiles) and NaN in every output row
+    // before the call (a row left unwritten shows). Both round the activations to bf16 and
+    // accumulate in f32; only the summation order differs (~1e-6 relative), so more than 1e-3
+    // means a wrong tile.
+    void grouped_self_check() {
+        grouped = grouped_ok = false;
+        if (opt.dtype != WeightDtype::BF16) return;
+        const DLayer* L = nullptr;
+        for (const DLayer& l : layers)
+            if (l.moe && !l.exp_gu.empty()) {
+                L = &l;
+                break;
+            }
+        const int E = router.E, D = cfg.hidden_size, I = cfg.moe_intermediate_size, Rmax = Tc * router.k;
+        if (!L || Rmax <= 64) return;  // every MoE product takes the grouped GEMV
+        if (const char* e = std::getenv("MOESCOPE_CUDA_GROUPED"); e && std::string(e) == "0") {
+            grouped_notice = "prefill experts: one cuBLAS GEMM per expert (MOESCOPE_CUDA_GROUPED=0)";
+            return;
+        }
+        static constexpr int kCounts[] = {0, 1, 3, 63, 64, 65, 130, 17, 2, 0, 127, 5};
+        std::vector<int> off(size_t(E) + 1, 0);
+        for (int e = 0; e < E; ++e) {
+            const int want = kCounts[e % int(std::size(kCounts))];
+            off[size_t(e) + 1] = off[size_t(e)] + std::min(want, Rmax - off[size_t(e)]);
+        }
+        const int R = off[size_t(E)];
+        std::vector<float> x(size_t(R) * std::max(D, I));
+        uint64_t st = 0x2545f4914f6cdd1dull;
+        for (auto& v : x) {
+            st = st * 6364136223846793005ull + 1442695040888963407ull;
+            v = float(st >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
+        }
+        struct Buf {
+            float* p = nullptr;
+            explicit Buf(size_t n) { check(cudaMalloc(&p, n * sizeof(float)), "cudaMalloc (grouped GEMM self-check)"); }
+            ~Buf() { cudaFree(p); }
+        };
+        const char* loop = "prefill experts: one cuBLAS GEMM per expert";
+        double worst = 0;
+        std::string where;
+        try {
+            check(cudaMemcpyAsync(offsets, off.data(), sizeof(int) * off.size(), cudaMemcpyHostToDevice, stream),
+                  "upload self-check offsets");
+            const int tiles = grouped_max_tiles(R, E);
+            expert_tiles(tile_map, offsets, E, tiles, stream);
+            struct Case {
+                const char* what;
+                const void* const* dev;
+                const std::vector<const void*>& host;
+                int out, in;
+            };
+            for (const Case& c : {Case{"gate|up", L->exp_gu_dev, L->exp_gu, 2 * I, D},
+                                  Case{"down", L->exp_down_dev, L->exp_down, D, I}}) {
+                Buf dx(size_t(R) * c.in), da(size_t(R) * c.out), db(size_t(R) * c.out);
+                check(cudaMemcpyAsync(dx.p, x.data(), sizeof(float) * size_t(R) * c.in, cudaMemcpyHostToDevice, stream),
+                      "upload self-check rows");
+                check(cudaMemsetAsync(da.p, 0xff, sizeof(float) * size_t(R) * c.out, stream), "poison self-check");
+                grouped_gemm_bf16(da.p, dx.p, c.dev, offsets, tile_map, tiles, c.out, c.in, stream);
+                expert_gemms(db.p, dx.p, c.host, off.data(), c.out, c.in, 0, true);
+                std::vector<float> a(size_t(R) * c.out), b(a.size());
+                check(cudaMemcpyAsync(a.data(), da.p, a.size() * 4, cudaMemcpyDeviceToHost, stream), "self-check result");
+                check(cudaMemcpyAsync(b.data(), db.p, b.size() * 4, cudaMemcpyDeviceToHost, stream),
+                      "self-check reference");
+                check(cudaStreamSynchronize(stream), "cudaStreamSynchronize (grouped GEMM self-check)");
+                double num = 0, den = 0;
+                for (size_t i = 0; i < a.size(); ++i) {
+                    const double d = double(a[i]) - b[i];
+                    num += std::isfinite(a[i]) ? d * d : INFINITY;
+                    den += double(b[i]) * b[i];
+                }
+                const double rel = den > 0 ? std::sqrt(num / den) : (num > 0 ? INFINITY : 0.0);
+                const std::string shape = std::string(c.what) + " [" + std::to_string(c.out) + " x " +
+                                          std::to_string(c.in) + "], " + std::to_string(R) + " rows over " +
+                                          std::to_string(E) + " experts";
+                char b64[32];
+                std::snprintf(b64, sizeof b64, "%.3g", rel);
+                if (!(rel <= 1e-3)) {
+                    grouped_notice = std::string(loop) + " (the grouped GEMM's self-check failed on " + shape +
+                                     ": relative error " + b64 + ", more than 1e-3)";
+                    return;
+                }
+                if (rel >= worst) {
+                    worst = rel;
+                    where = shape;
+                }
+            }
+        } catch (const std::exception& e) {
+            grouped_notice = std::string(loop) + " (the grouped GEMM failed its self-check: " + e.what() + ")";
+            cudaGetLastError();
+            return;
+        }
+        grouped = grouped_ok = true;
+    }
+
     int fp8_lossy = 0;         // matrices quantized with new scales (no exact FP8 form)
     std::string fp8_prefill;   // what prefill uses, and why
 
@@ -1040,6 +1153,7 @@ CudaBackend::CudaBackend(std::shared_ptr<Model> model, int capacity, const CudaO
     // Pageable uploads may still be in flight on the legacy stream when cudaMemcpy returns.
     check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (upload)");
     if (I.opt.dtype == WeightDtype::FP8) I.fp8_self_check();
+    I.grouped_self_check();
 }
 
 CudaBackend::CudaBackend(const ModelConfig& cfg, int capacity, const CudaOptions& o, uint64_t seed)
@@ -1059,6 +1173,7 @@ CudaBackend::CudaBackend(const ModelConfig& cfg, int capacity, const CudaOptions
     I.build_activations();
     check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (random weights)");
     if (I.opt.dtype == WeightDtype::FP8) I.fp8_self_check();
+    I.grouped_self_check();
 }
 
 CudaBackend::~CudaBackend() = default;
@@ -1072,7 +1187,8 @@ std::string CudaBackend::name() const {
 WeightDtype CudaBackend::weight_dtype() const { return impl_->opt.dtype; }
 std::string CudaBackend::notice() const {
     const Impl& I = *impl_;
-    if (I.opt.dtype != WeightDtype::FP8) return I.graph_notice;
+    if (I.opt.dtype != WeightDtype::FP8)
+        return I.graph_notice + (I.graph_notice.empty() || I.grouped_notice.empty() ? "" : "; ") + I.grouped_notice;
     std::string n = (I.graph_notice.empty() ? "" : I.graph_notice + "; ") + "FP8 e4m3 weights with 128x128 block scales (decode: FP8 GEMV); " + I.fp8_prefill;
     if (I.fp8_lossy > 0)
         n += "; " + std::to_string(I.fp8_lossy) +
@@ -1093,6 +1209,8 @@ void CudaBackend::set_graphs(bool on) {
     if (on) impl_->graph_notice.clear();
 }
 bool CudaBackend::graphs() const { return impl_->use_graphs; }
+bool CudaBackend::grouped_experts() const { return impl_->grouped; }
+void CudaBackend::set_grouped_experts(bool on) { impl_->grouped = on && impl_->grouped_ok; }
 void CudaBackend::synchronize() { check(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize"); }
 
 std::vector<TokenPick> CudaBackend::pick(const PickParams& p, const std::vector<float>& u) {

@@ -1,6 +1,7 @@
 // GEMV kernels, the cuBLAS wrapper and the FP8 prefill paths (cuBLASLt block-scaled GEMM, bf16
 // fallback).
 #include <cuda_bf16.h>
+#include <mma.h>
 
 #include <algorithm>
 
@@ -349,6 +350,138 @@ void grouped_gemv(float* y, const float* x, const void* const* weights, bool bf1
     else
         grouped_gemv_kernel<float><<<grid, 256, 0, s>>>(y, x, weights, expert, out, in);
     check_launch("grouped_gemv_kernel");
+}
+
+// ---- Grouped GEMM over experts ------------------------------------------------------------
+
+namespace {
+
+constexpr int kGN = 64;          // output columns of a block
+constexpr int kGK = 32;          // k step
+constexpr int kGLd = kGK + 8;    // smem row of bf16: a multiple of 8 elements (WMMA), 80 bytes
+
+__global__ void expert_tiles_kernel(int2* map, const int* offsets, int E, int max_tiles) {
+    __shared__ int scan[1024];
+    __shared__ int base;
+    const int tid = threadIdx.x;
+    if (tid == 0) base = 0;
+    __syncthreads();
+    for (int e0 = 0; e0 < E; e0 += 1024) {
+        const int e = e0 + tid;
+        const int tiles = e < E ? (offsets[e + 1] - offsets[e] + kGroupedRows - 1) / kGroupedRows : 0;
+        scan[tid] = tiles;
+        __syncthreads();
+        for (int d = 1; d < 1024; d <<= 1) {  // inclusive scan (Hillis-Steele)
+            const int v = tid >= d ? scan[tid - d] : 0;
+            __syncthreads();
+            scan[tid] += v;
+            __syncthreads();
+        }
+        const int first = base + scan[tid] - tiles;
+        for (int j = 0; j < tiles && first + j < max_tiles; ++j) map[first + j] = make_int2(e, j);
+        __syncthreads();  // every thread has read base
+        if (tid == 1023) base += scan[1023];
+        __syncthreads();
+    }
+    for (int t = base + tid; t < max_tiles; t += 1024) map[t] = make_int2(-1, 0);
+}
+
+// Block = 4 warps over a 64-row x 64-column tile of y (2 x 2 warps of 32 x 32, WMMA 16x16x16
+// bf16 fragments, f32 accumulators); grid (column blocks, max_tiles). Rows past the expert's
+// count and columns past `out` are computed on zeros and not stored.
+__global__ void __launch_bounds__(128) grouped_gemm_bf16_kernel(float* y, const float* x, const void* const* weights,
+                                                                 const int* offsets, const int2* map, int out,
+                                                                 int in) {
+    using namespace nvcuda;
+    const int2 tile = map[blockIdx.y];
+    if (tile.x < 0) return;
+    const int row0 = offsets[tile.x] + tile.y * kGroupedRows;
+    const int rows = min(kGroupedRows, offsets[tile.x + 1] - row0);
+    const int o0 = blockIdx.x * kGN;
+    const auto* w = static_cast<const __nv_bfloat16*>(weights[tile.x]);
+    __shared__ __align__(32) __nv_bfloat16 As[kGroupedRows][kGLd];  // activations [row][k]
+    __shared__ __align__(32) __nv_bfloat16 Bs[kGN][kGLd];           // weights [output][k]
+    __shared__ __align__(32) float Cs[kGroupedRows][kGN + 4];
+    const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+    const bool vec = in % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 &&
+                     (reinterpret_cast<uintptr_t>(w) & 15) == 0;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    const __nv_bfloat16 zero = __float2bfloat16_rn(0.0f);
+    for (int k0 = 0; k0 < in; k0 += kGK) {
+        if (vec) {  // whole vectors: in % 8 == 0 keeps each one inside or outside the row
+            for (int i = tid; i < kGroupedRows * kGK / 4; i += 128) {
+                const int r = i / (kGK / 4), c = (i % (kGK / 4)) * 4;
+                float4 v = make_float4(0, 0, 0, 0);
+                if (r < rows && k0 + c < in) v = *reinterpret_cast<const float4*>(x + int64_t(row0 + r) * in + k0 + c);
+                As[r][c] = __float2bfloat16_rn(v.x);
+                As[r][c + 1] = __float2bfloat16_rn(v.y);
+                As[r][c + 2] = __float2bfloat16_rn(v.z);
+                As[r][c + 3] = __float2bfloat16_rn(v.w);
+            }
+            for (int i = tid; i < kGN * kGK / 8; i += 128) {
+                const int r = i / (kGK / 8), c = (i % (kGK / 8)) * 8;
+                int4 v = make_int4(0, 0, 0, 0);  // +0.0 in bf16 is all-zero bits
+                if (o0 + r < out && k0 + c < in) v = *reinterpret_cast<const int4*>(w + int64_t(o0 + r) * in + k0 + c);
+                *reinterpret_cast<int4*>(&Bs[r][c]) = v;
+            }
+        } else {
+            for (int i = tid; i < kGroupedRows * kGK; i += 128) {
+                const int r = i / kGK, c = i % kGK;
+                As[r][c] = __float2bfloat16_rn(r < rows && k0 + c < in ? x[int64_t(row0 + r) * in + k0 + c] : 0.0f);
+            }
+            for (int i = tid; i < kGN * kGK; i += 128) {
+                const int r = i / kGK, c = i % kGK;
+                Bs[r][c] = o0 + r < out && k0 + c < in ? w[int64_t(o0 + r) * in + k0 + c] : zero;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < kGK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[wm * 32 + i * 16][kk], kGLd);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[wn * 32 + j * 16][kk], kGLd);
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            wmma::store_matrix_sync(&Cs[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kGN + 4, wmma::mem_row_major);
+    __syncthreads();
+    for (int i = tid; i < kGroupedRows * kGN; i += 128) {
+        const int r = i / kGN, c = i % kGN;
+        if (r < rows && o0 + c < out) y[int64_t(row0 + r) * out + o0 + c] = Cs[r][c];
+    }
+}
+
+}  // namespace
+
+void expert_tiles(int2* map, const int* offsets, int E, int max_tiles, cudaStream_t s) {
+    if (max_tiles <= 0) return;
+    expert_tiles_kernel<<<1, 1024, 0, s>>>(map, offsets, E, max_tiles);
+    check_launch("expert_tiles_kernel");
+}
+
+void grouped_gemm_bf16(float* y, const float* x, const void* const* weights, const int* offsets, const int2* map,
+                       int max_tiles, int out, int in, cudaStream_t s) {
+    if (max_tiles <= 0 || out <= 0) return;
+    if (max_tiles > 65535)
+        throw DeviceError("grouped_gemm_bf16: " + std::to_string(max_tiles) + " row tiles, at most 65535 per launch");
+    grouped_gemm_bf16_kernel<<<dim3(blocks_for(out, kGN), unsigned(max_tiles)), 128, 0, s>>>(y, x, weights, offsets,
+                                                                                          map, out, in);
+    check_launch("grouped_gemm_bf16_kernel");
 }
 
 }  // namespace moescope::cuda

@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "kernels/common.h"
+#include "kernels/memory_plan.h"
 
 namespace moescope::cuda {
 
@@ -99,6 +100,25 @@ private:
 // weights[e] points at expert e's [out, in] matrix (device array of device pointers).
 void grouped_gemv(float* y, const float* x, const void* const* weights, bool bf16, const int* expert, int R,
                   int out, int in, cudaStream_t s);
+
+// ---- Grouped GEMM over experts (prefill) ------------------------------------------------------
+// The rows of one MoE layer sorted by expert (expert e owns rows [offsets[e], offsets[e+1])),
+// multiplied by each expert's BF16 matrix in one launch, with the offsets read on the device:
+// no host round trip and no launch per expert. Rows go in tiles of kGroupedRows; tile t of the
+// layer is (expert, tile within the expert) from a tile map that expert_tiles builds on the
+// device. The same products as the cuBLAS BF16 path (activations rounded to bf16, bf16 x bf16
+// on tensor cores, f32 accumulation), summed in another order.
+
+// (kGroupedRows and grouped_max_tiles, which size the tile map, are in kernels/memory_plan.h.)
+
+// map[t] = {expert, tile within it} for the layer's tiles in expert order; {-1, 0} after the
+// last, up to max_tiles. One block; E is any size.
+void expert_tiles(int2* map, const int* offsets, int E, int max_tiles, cudaStream_t s);
+
+// y[r, 0:out] = x[r, 0:in] W_e^T for every row r of every expert e (rows and y are [R, in] and
+// [R, out], contiguous); weights[e]: device pointer to expert e's [out, in] bf16 matrix.
+void grouped_gemm_bf16(float* y, const float* x, const void* const* weights, const int* offsets, const int2* map,
+                       int max_tiles, int out, int in, cudaStream_t s);
 
 // ---- FP8 kernels (fp8.cu) -------------------------------------------------------------------
 

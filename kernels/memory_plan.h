@@ -122,6 +122,14 @@ inline std::vector<TensorSpec> device_tensors(const ModelConfig& c, const ModelP
     return s;
 }
 
+// The grouped expert GEMM of prefill (kernels/gemm.h) takes the rows of each expert in tiles of
+// kGroupedRows; a layer of R routed rows over E experts needs at most
+// sum_e ceil(cnt_e / 64) <= R / 64 + min(R, E) tiles (at most one partial tile per expert).
+inline constexpr int kGroupedRows = 64;
+inline int grouped_max_tiles(int64_t R, int64_t E) {
+    return int(R / kGroupedRows + std::min(R, E));
+}
+
 // Sizes of the activation arena for chunks of at most `chunk` tokens over `capacity` positions.
 struct ActivationDims {
     int chunk = 0;             // Tc: tokens per forward chunk (longer prompts run in chunks)
@@ -171,6 +179,7 @@ inline int64_t activation_bytes(const ModelConfig& c, const ActivationDims& a) {
     add(T * G);                                     // kept groups (bytes, padded as floats)
     add(E);                                         // counts
     add(E + 1);                                     // offsets
+    add(2 * int64_t(grouped_max_tiles(T * k, E)));  // grouped expert GEMM tile map (int2)
     for (int i = 0; i < 3; ++i) add(T * k);         // perm, row_of_slot, row_expert
     add(T * k * D);                                 // gathered expert inputs
     add(T * k * 2 * I);                             // expert gate|up

@@ -103,8 +103,10 @@ if [ "${RESULT[build]}" != "FAILED" ] && [ -x "$BUILD/tests/gpu/moescope-gpu-che
 import json, sys
 r = json.load(open(sys.argv[1]))
 m = r.get("mtp", {})
-print("prefill %.0f tok/s, decode %.1f tok/s (%s; launched %.1f), %.0f GB/s = %.0f%% of copy bw %.0f GB/s, telemetry %+.1f%%, MTP x%.2f (projected)" % (
-    r["prefill_tokens_per_s"], r["decode_tokens_per_s"], r.get("decode_path", "?"), r.get("decode_tokens_per_s_launches", 0),
+loop = r.get("prefill_tokens_per_s_per_expert_loop")
+experts = "%s%s" % (r.get("prefill_experts", "?"), "; per-expert loop %.0f" % loop if loop else "")
+print("prefill %.0f tok/s (%s), decode %.1f tok/s (%s; launched %.1f), %.0f GB/s = %.0f%% of copy bw %.0f GB/s, telemetry %+.1f%%, MTP x%.2f (projected)" % (
+    r["prefill_tokens_per_s"], experts, r["decode_tokens_per_s"], r.get("decode_path", "?"), r.get("decode_tokens_per_s_launches", 0),
     r["decode_bandwidth_GBps"], 100 * r["decode_fraction_of_copy_bandwidth"], r["copy_bandwidth_GBps"],
     r["telemetry_overhead_percent"], m.get("projected_speedup", 0)))
 EOF

@@ -269,6 +269,56 @@ void check_grouped_gemv() {
             }
 }
 
+// The grouped expert GEMM of prefill: rows sorted by expert in awkward counts (0, 1, 63, 64, 65,
+// 130: empty, partial, exact and several tiles), the tile map against the host's, and each row
+// against the CPU product of the bf16-rounded activations with the expert's bf16 weights.
+// E = 1100 crosses expert_tiles' 1024-expert scan.
+void check_grouped_gemm() {
+    std::mt19937 rng(11);
+    struct Case {
+        int E, out, in;
+    };
+    for (const Case c : {Case{7, 63, 17}, Case{7, 2816, 2048}, Case{7, 130, 1408}, Case{9, 72, 40}, Case{1100, 24, 64}}) {
+        const int counts[] = {0, 1, 63, 64, 65, 130, 3};
+        std::vector<int> off(size_t(c.E) + 1, 0);
+        for (int e = 0; e < c.E; ++e) off[size_t(e) + 1] = off[size_t(e)] + (e < 7 ? counts[e] : (e % 97 == 3 ? 5 : 0));
+        const int R = off[size_t(c.E)];
+        const std::string shape = shp({c.E, R, c.out, c.in});
+        std::vector<std::vector<float>> w(size_t(c.E));
+        std::vector<std::unique_ptr<DBuf<uint16_t>>> wb;
+        std::vector<const void*> ptrs;
+        for (int e = 0; e < c.E; ++e) {
+            const bool used = off[size_t(e) + 1] > off[size_t(e)];
+            w[size_t(e)] = used ? round_bf16(randv(rng, size_t(c.out) * c.in)) : std::vector<float>();
+            wb.push_back(std::make_unique<DBuf<uint16_t>>(used ? to_bf16(w[size_t(e)]) : std::vector<uint16_t>(1)));
+            ptrs.push_back(wb.back()->p);
+        }
+        const auto x = randv(rng, size_t(R) * c.in);
+        const auto xr = round_bf16(x);
+        std::vector<float> ref(size_t(R) * c.out);
+        for (int e = 0; e < c.E; ++e)
+            for (int r = off[size_t(e)]; r < off[size_t(e) + 1]; ++r)
+                matmul_nt(ref.data() + size_t(r) * c.out, xr.data() + size_t(r) * c.in, w[size_t(e)].data(), 1, c.out,
+                          c.in);
+        const int tiles = grouped_max_tiles(R, c.E);
+        std::vector<int> want_map;  // (expert, tile) pairs, then -1s
+        for (int e = 0; e < c.E; ++e)
+            for (int j = 0; j * kGroupedRows < off[size_t(e) + 1] - off[size_t(e)]; ++j) want_map.insert(want_map.end(), {e, j});
+        const bool fits = int(want_map.size()) / 2 <= tiles;
+        while (int(want_map.size()) < 2 * tiles) want_map.insert(want_map.end(), {-1, 0});
+        DBuf<const void*> dptr(ptrs);
+        DBuf<int> doff(off), dmap(size_t(2 * tiles));
+        DBuf<float> dx(x), dy(ref.size());
+        expert_tiles(reinterpret_cast<int2*>(dmap.p), doff.p, c.E, tiles, nullptr);
+        grouped_gemm_bf16(dy.p, dx.p, dptr.p, doff.p, reinterpret_cast<const int2*>(dmap.p), tiles, c.out, c.in, nullptr);
+        expect(fits && dmap.down() == want_map, "expert_tiles map " + shape,
+               fits ? "differs from the host's" : "grouped_max_tiles is too small");
+        expect(dmap.pad_intact(), "expert_tiles padding " + shape);
+        close("grouped_gemm_bf16", shape, dy.down(), ref, 1e-4 * std::sqrt(double(c.in)), 1e-4);
+        expect(dy.pad_intact(), "grouped_gemm_bf16 padding " + shape);
+    }
+}
+
 // ---- FP8 ---------------------------------------------------------------------------------
 
 // A random FP8 matrix in the device layout (kernels/fp8.h): blocks of very different magnitude
@@ -1097,6 +1147,8 @@ void check_checkpoint(SaveFormat fmt, const std::string& name) {
     bf.keep_fp8 = false;  // BF16 even for the FP8 checkpoint (MOESCOPE_CUDA_WEIGHTS=bf16)
     CudaBackend gb(model, 64, bf);
     expect(gb.weight_dtype() == WeightDtype::BF16, name + " checkpoint: keep_fp8 = false gives BF16 device weights");
+    // The one-pass run below routes 24 x 4 rows: prefill experts through the grouped GEMM.
+    expect(gb.grouped_experts(), name + " checkpoint: grouped expert GEMM on (its self-check passed)", gb.notice());
     const bool exact_weights = fmt == SaveFormat::BF16;
     compare_runs(name + " checkpoint, bf16 device weights, token-by-token", run_prompt(gb, toks, ForwardOptions{}, true),
                  c, exact_weights ? 2e-4 : 5e-2, exact_weights);
@@ -1478,6 +1530,7 @@ int main(int argc, char** argv) {
         {"rope", check_rope},
         {"linear", check_linear},
         {"grouped_gemv", check_grouped_gemv},
+        {"grouped-gemm", check_grouped_gemm},
         {"fp8-gemv", check_fp8_gemv},
         {"fp8-grouped-gemv", check_fp8_grouped_gemv},
         {"fp8-gemm-cublaslt", check_fp8_gemm},
