@@ -541,13 +541,13 @@ struct CudaBackend::Impl {
             swiglu(act, gu, R, I, s);
             if (fp8) grouped_gemv_fp8(ye, act, L.exp_down_dev, row_expert, R, D, I, 0, s);
             else grouped_gemv(ye, act, L.exp_down_dev, bf16, row_expert, R, D, I, s);
-        } else if (bf16 && grouped) {
-            // Prefill, BF16 experts: two grouped GEMMs over the device offsets, no host round trip.
+        } else if (grouped) {
+            // Prefill, BF16 / FP8 experts: two grouped GEMMs over the device offsets, no host wait.
             const int tiles = grouped_max_tiles(R, E);
             expert_tiles(tile_map, offsets, E, tiles, s);
-            grouped_gemm_bf16(gu, xin, L.exp_gu_dev, offsets, tile_map, tiles, 2 * I, D, s);
+            grouped_gemm(gu, xin, L.exp_gu_dev, tiles, 2 * I, D, I);
             swiglu(act, gu, R, I, s);
-            grouped_gemm_bf16(ye, act, L.exp_down_dev, offsets, tile_map, tiles, D, I, s);
+            grouped_gemm(ye, act, L.exp_down_dev, tiles, D, I, 0);
         } else {
             // Prefill: one cuBLAS GEMM per expert that received tokens.
             int* off = static_cast<int*>(pin_offsets.p);
@@ -569,18 +569,22 @@ struct CudaBackend::Impl {
         combine(h, shared, ye, ids_d, w_d, row_of_slot, n, k, D, s);
     }
 
+    // The grouped expert GEMM over the offsets and tile map in place (split: FP8 gate rows).
+    void grouped_gemm(float* y, const float* x, const void* const* ws, int tiles, int out, int in, int64_t split) {
+        if (opt.dtype == WeightDtype::FP8) grouped_gemm_fp8(y, x, ws, offsets, tile_map, tiles, out, in, split, stream);
+        else grouped_gemm_bf16(y, x, ws, offsets, tile_map, tiles, out, in, stream);
+    }
+
     // y = each expert's rows x its [out, in] matrix, one product per expert with rows (off: host
-    // offsets; split: the gate rows of a stacked FP8 gate|up): cuBLAS, or our GEMV for an expert
-    // of a few rows unless blas_only.
+    // offsets; split: the gate rows of a stacked FP8 gate|up).
     void expert_gemms(float* y, const float* x, const std::vector<const void*>& ws, const int* off, int out, int in,
-                      int64_t split, bool blas_only = false) {
+                      int64_t split) {
         const bool bf16 = opt.dtype == WeightDtype::BF16, fp8 = opt.dtype == WeightDtype::FP8;
         for (size_t e = 0; e < ws.size(); ++e) {
             const int cnt = off[e + 1] - off[e];
             if (cnt == 0) continue;
             const WRef W = fp8 ? fp8_ref(ws[e], out, in, split) : WRef{ws[e], bf16, out, in};
-            gemm->linear_path(y + int64_t(off[e]) * out, x + int64_t(off[e]) * in, W, cnt, false, 0,
-                              !blas_only && cnt <= kGemvMaxRows);
+            gemm->linear(y + int64_t(off[e]) * out, x + int64_t(off[e]) * in, W, cnt);
         }
     }
 
@@ -782,20 +786,21 @@ struct CudaBackend::Impl {
     }
 
     // ---- FP8 residency ----------------------------------------------------------------------
-    // Prefill of BF16 experts through the grouped GEMM, on once grouped_self_check has compared
-    // it with the per-expert cuBLAS loop on this device; grouped_notice says why when it is off.
+    // Prefill of BF16 and FP8 experts through the grouped GEMM, on once grouped_self_check has
+    // compared it with the per-expert loop on this device; grouped_notice says why when it is off.
     bool grouped = false, grouped_ok = false;  // in use; passed the self-check
     std::string grouped_notice;
 
-    // The grouped GEMM against one cuBLAS BF16 GEMM per expert (whatever its row count), on the
-    // first MoE layer's real weights, with seeded rows spread over the experts in awkward counts
-    // (0, 1, 3, 63, 64, 65, 130 ...: partial, full and several tiles) and NaN in every output row
-    // before the call (a row left unwritten shows). Both round the activations to bf16 and
-    // accumulate in f32; only the summation order differs (~1e-6 relative), so more than 1e-3
-    // means a wrong tile.
+    // The grouped GEMM against one BF16 cuBLAS GEMM per expert, whatever its row count (FP8: the
+    // prefill fallback, weights dequantized to bf16, the same values the grouped GEMM takes), on
+    // the first MoE layer's real weights, with seeded rows spread over the experts in awkward
+    // counts (0, 1, 3, 63, 64, 65, 130 ...: partial, full and several tiles) and NaN in every
+    // output row before the call (a row left unwritten shows). Both round the activations to
+    // bf16 and accumulate in f32; only the summation order differs (~1e-6 relative), so more
+    // than 1e-3 means a wrong tile.
     void grouped_self_check() {
         grouped = grouped_ok = false;
-        if (opt.dtype != WeightDtype::BF16) return;
+        if (opt.dtype == WeightDtype::F32) return;  // f32 experts: SGEMM per expert, the CPU's numbers
         const DLayer* L = nullptr;
         for (const DLayer& l : layers)
             if (l.moe && !l.exp_gu.empty()) {
@@ -804,10 +809,6 @@ struct CudaBackend::Impl {
             }
         const int E = router.E, D = cfg.hidden_size, I = cfg.moe_intermediate_size, Rmax = Tc * router.k;
         if (!L || Rmax <= 64) return;  // every MoE product takes the grouped GEMV
-        if (const char* e = std::getenv("MOESCOPE_CUDA_GROUPED"); e && std::string(e) == "0") {
-            grouped_notice = "prefill experts: one cuBLAS GEMM per expert (MOESCOPE_CUDA_GROUPED=0)";
-            return;
-        }
         static constexpr int kCounts[] = {0, 1, 3, 63, 64, 65, 130, 17, 2, 0, 127, 5};
         std::vector<int> off(size_t(E) + 1, 0);
         for (int e = 0; e < E; ++e) {
@@ -826,9 +827,13 @@ struct CudaBackend::Impl {
             explicit Buf(size_t n) { check(cudaMalloc(&p, n * sizeof(float)), "cudaMalloc (grouped GEMM self-check)"); }
             ~Buf() { cudaFree(p); }
         };
-        const char* loop = "prefill experts: one cuBLAS GEMM per expert";
-        double worst = 0;
-        std::string where;
+        const bool fp8 = opt.dtype == WeightDtype::FP8;
+        const std::string loop =
+            fp8 ? "prefill experts: one FP8 GEMM per expert" : "prefill experts: one cuBLAS GEMM per expert";
+        if (const char* e = std::getenv("MOESCOPE_CUDA_GROUPED"); e && std::string(e) == "0") {
+            grouped_notice = loop + " (MOESCOPE_CUDA_GROUPED=0)";
+            return;
+        }
         try {
             check(cudaMemcpyAsync(offsets, off.data(), sizeof(int) * off.size(), cudaMemcpyHostToDevice, stream),
                   "upload self-check offsets");
@@ -839,15 +844,26 @@ struct CudaBackend::Impl {
                 const void* const* dev;
                 const std::vector<const void*>& host;
                 int out, in;
+                int64_t split;
             };
-            for (const Case& c : {Case{"gate|up", L->exp_gu_dev, L->exp_gu, 2 * I, D},
-                                  Case{"down", L->exp_down_dev, L->exp_down, D, I}}) {
+            for (const Case& c : {Case{"gate|up", L->exp_gu_dev, L->exp_gu, 2 * I, D, I},
+                                  Case{"down", L->exp_down_dev, L->exp_down, D, I, 0}}) {
                 Buf dx(size_t(R) * c.in), da(size_t(R) * c.out), db(size_t(R) * c.out);
                 check(cudaMemcpyAsync(dx.p, x.data(), sizeof(float) * size_t(R) * c.in, cudaMemcpyHostToDevice, stream),
                       "upload self-check rows");
                 check(cudaMemsetAsync(da.p, 0xff, sizeof(float) * size_t(R) * c.out, stream), "poison self-check");
-                grouped_gemm_bf16(da.p, dx.p, c.dev, offsets, tile_map, tiles, c.out, c.in, stream);
-                expert_gemms(db.p, dx.p, c.host, off.data(), c.out, c.in, 0, true);
+                grouped_gemm(da.p, dx.p, c.dev, tiles, c.out, c.in, c.split);
+                for (int e = 0; e < E; ++e) {
+                    const int cnt = off[size_t(e) + 1] - off[size_t(e)];
+                    if (cnt == 0) continue;
+                    float* ye_e = db.p + int64_t(off[size_t(e)]) * c.out;
+                    const float* x_e = dx.p + int64_t(off[size_t(e)]) * c.in;
+                    if (fp8)
+                        gemm->linear_fp8(ye_e, x_e, fp8_ref(c.host[size_t(e)], c.out, c.in, c.split), cnt, false, 0,
+                                         Fp8Prefill::Fallback);
+                    else
+                        gemm->linear_path(ye_e, x_e, WRef{c.host[size_t(e)], true, c.out, c.in}, cnt, false, 0, false);
+                }
                 std::vector<float> a(size_t(R) * c.out), b(a.size());
                 check(cudaMemcpyAsync(a.data(), da.p, a.size() * 4, cudaMemcpyDeviceToHost, stream), "self-check result");
                 check(cudaMemcpyAsync(b.data(), db.p, b.size() * 4, cudaMemcpyDeviceToHost, stream),
@@ -866,21 +882,19 @@ struct CudaBackend::Impl {
                 char b64[32];
                 std::snprintf(b64, sizeof b64, "%.3g", rel);
                 if (!(rel <= 1e-3)) {
-                    grouped_notice = std::string(loop) + " (the grouped GEMM's self-check failed on " + shape +
+                    grouped_notice = loop + " (the grouped GEMM's self-check failed on " + shape +
                                      ": relative error " + b64 + ", more than 1e-3)";
                     return;
                 }
-                if (rel >= worst) {
-                    worst = rel;
-                    where = shape;
-                }
             }
         } catch (const std::exception& e) {
-            grouped_notice = std::string(loop) + " (the grouped GEMM failed its self-check: " + e.what() + ")";
+            grouped_notice = loop + " (the grouped GEMM failed its self-check: " + e.what() + ")";
             cudaGetLastError();
             return;
         }
         grouped = grouped_ok = true;
+        // FP8: the experts leave the prefill path the FP8 notice describes; say where they go.
+        if (fp8) grouped_notice = "prefill experts: grouped GEMM over weights dequantized to bf16 in tiles";
     }
 
     int fp8_lossy = 0;         // matrices quantized with new scales (no exact FP8 form)
@@ -1190,6 +1204,7 @@ std::string CudaBackend::notice() const {
     if (I.opt.dtype != WeightDtype::FP8)
         return I.graph_notice + (I.graph_notice.empty() || I.grouped_notice.empty() ? "" : "; ") + I.grouped_notice;
     std::string n = (I.graph_notice.empty() ? "" : I.graph_notice + "; ") + "FP8 e4m3 weights with 128x128 block scales (decode: FP8 GEMV); " + I.fp8_prefill;
+    if (!I.grouped_notice.empty()) n += "; " + I.grouped_notice;
     if (I.fp8_lossy > 0)
         n += "; " + std::to_string(I.fp8_lossy) +
              " weight matrices had no exact FP8 form (not from an FP8 checkpoint, or changed since loading) and "

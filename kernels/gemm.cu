@@ -386,33 +386,95 @@ __global__ void expert_tiles_kernel(int2* map, const int* offsets, int E, int ma
     for (int t = base + tid; t < max_tiles; t += 1024) map[t] = make_int2(-1, 0);
 }
 
+// The weight side of the grouped GEMM: rows [o0, o0 + 64) x columns [k0, k0 + 32) of expert e's
+// [out, in] matrix into Bs as bf16, zeros past `out` and `in`.
+struct Bf16Tiles {
+    const void* const* weights;
+    __device__ bool vec(int e, int in) const {
+        return in % 8 == 0 && (reinterpret_cast<uintptr_t>(weights[e]) & 15) == 0;
+    }
+    __device__ void load(__nv_bfloat16 (*Bs)[kGLd], int e, int o0, int k0, int out, int in, bool vec) const {
+        const auto* w = static_cast<const __nv_bfloat16*>(weights[e]);
+        if (vec) {  // 16-byte vectors; in % 8 == 0 keeps each one inside or outside the row
+            for (int i = threadIdx.x; i < kGN * kGK / 8; i += blockDim.x) {
+                const int r = i / (kGK / 8), c = (i % (kGK / 8)) * 8;
+                int4 v = make_int4(0, 0, 0, 0);  // +0.0 in bf16 is all-zero bits
+                if (o0 + r < out && k0 + c < in) v = *reinterpret_cast<const int4*>(w + int64_t(o0 + r) * in + k0 + c);
+                *reinterpret_cast<int4*>(&Bs[r][c]) = v;
+            }
+            return;
+        }
+        for (int i = threadIdx.x; i < kGN * kGK; i += blockDim.x) {
+            const int r = i / kGK, c = i % kGK;
+            Bs[r][c] = o0 + r < out && k0 + c < in ? w[int64_t(o0 + r) * in + k0 + c] : __float2bfloat16_rn(0.0f);
+        }
+    }
+};
+
+// FP8 experts (kernels/fp8.h carves: e4m3 values, then 128x128 block scales; `split`: the gate
+// rows of a stacked gate|up, each part on its own block grid): each weight dequantized as
+// bf16(e4m3 * scale), the value the BF16 prefill fallback multiplies.
+struct Fp8Tiles {
+    const void* const* weights;
+    int64_t split;
+    __device__ bool vec(int e, int in) const {
+        return in % 4 == 0 && (reinterpret_cast<uintptr_t>(weights[e]) & 3) == 0;
+    }
+    __device__ void load(__nv_bfloat16 (*Bs)[kGLd], int e, int o0, int k0, int out, int in, bool vec) const {
+        const Fp8Grid g{out, in, split};
+        const auto* w = static_cast<const uint8_t*>(weights[e]);
+        const float* scales = reinterpret_cast<const float*>(w + g.scale_offset());
+        const int cb = k0 / kFp8Block;  // a k step of 32 lies inside one 128-column block
+        if (vec) {  // 4 bytes at a time; in % 4 == 0 keeps each group inside or outside the row
+            for (int i = threadIdx.x; i < kGN * kGK / 4; i += blockDim.x) {
+                const int r = i / (kGK / 4), c = (i % (kGK / 4)) * 4;
+                float f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                if (o0 + r < out && k0 + c < in) {
+                    fp8x4_to_f32(*reinterpret_cast<const uint32_t*>(w + int64_t(o0 + r) * in + k0 + c), f);
+                    const float sc = scales[g.scale_row(o0 + r) * g.ld() + cb];
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) f[j] *= sc;
+                }
+#pragma unroll
+                for (int j = 0; j < 4; ++j) Bs[r][c + j] = __float2bfloat16_rn(f[j]);
+            }
+            return;
+        }
+        for (int i = threadIdx.x; i < kGN * kGK; i += blockDim.x) {
+            const int r = i / kGK, c = i % kGK;
+            float v = 0.0f;
+            if (o0 + r < out && k0 + c < in)
+                v = fp8_to_f32(w[int64_t(o0 + r) * in + k0 + c]) * scales[g.scale_row(o0 + r) * g.ld() + cb];
+            Bs[r][c] = __float2bfloat16_rn(v);
+        }
+    }
+};
+
 // Block = 4 warps over a 64-row x 64-column tile of y (2 x 2 warps of 32 x 32, WMMA 16x16x16
 // bf16 fragments, f32 accumulators); grid (column blocks, max_tiles). Rows past the expert's
 // count and columns past `out` are computed on zeros and not stored.
-__global__ void __launch_bounds__(128) grouped_gemm_bf16_kernel(float* y, const float* x, const void* const* weights,
-                                                                 const int* offsets, const int2* map, int out,
-                                                                 int in) {
+template <class Tiles>
+__global__ void __launch_bounds__(128) grouped_gemm_kernel(float* y, const float* x, Tiles wt, const int* offsets,
+                                                           const int2* map, int out, int in) {
     using namespace nvcuda;
     const int2 tile = map[blockIdx.y];
     if (tile.x < 0) return;
     const int row0 = offsets[tile.x] + tile.y * kGroupedRows;
     const int rows = min(kGroupedRows, offsets[tile.x + 1] - row0);
     const int o0 = blockIdx.x * kGN;
-    const auto* w = static_cast<const __nv_bfloat16*>(weights[tile.x]);
     __shared__ __align__(32) __nv_bfloat16 As[kGroupedRows][kGLd];  // activations [row][k]
     __shared__ __align__(32) __nv_bfloat16 Bs[kGN][kGLd];           // weights [output][k]
     __shared__ __align__(32) float Cs[kGroupedRows][kGN + 4];
     const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
-    const bool vec = in % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 &&
-                     (reinterpret_cast<uintptr_t>(w) & 15) == 0;
+    const bool xvec = in % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+    const bool wvec = wt.vec(tile.x, in);
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-    const __nv_bfloat16 zero = __float2bfloat16_rn(0.0f);
     for (int k0 = 0; k0 < in; k0 += kGK) {
-        if (vec) {  // whole vectors: in % 8 == 0 keeps each one inside or outside the row
+        if (xvec) {  // float4s; in % 8 == 0 keeps each one inside or outside the row
             for (int i = tid; i < kGroupedRows * kGK / 4; i += 128) {
                 const int r = i / (kGK / 4), c = (i % (kGK / 4)) * 4;
                 float4 v = make_float4(0, 0, 0, 0);
@@ -422,22 +484,13 @@ __global__ void __launch_bounds__(128) grouped_gemm_bf16_kernel(float* y, const 
                 As[r][c + 2] = __float2bfloat16_rn(v.z);
                 As[r][c + 3] = __float2bfloat16_rn(v.w);
             }
-            for (int i = tid; i < kGN * kGK / 8; i += 128) {
-                const int r = i / (kGK / 8), c = (i % (kGK / 8)) * 8;
-                int4 v = make_int4(0, 0, 0, 0);  // +0.0 in bf16 is all-zero bits
-                if (o0 + r < out && k0 + c < in) v = *reinterpret_cast<const int4*>(w + int64_t(o0 + r) * in + k0 + c);
-                *reinterpret_cast<int4*>(&Bs[r][c]) = v;
-            }
         } else {
             for (int i = tid; i < kGroupedRows * kGK; i += 128) {
                 const int r = i / kGK, c = i % kGK;
                 As[r][c] = __float2bfloat16_rn(r < rows && k0 + c < in ? x[int64_t(row0 + r) * in + k0 + c] : 0.0f);
             }
-            for (int i = tid; i < kGN * kGK; i += 128) {
-                const int r = i / kGK, c = i % kGK;
-                Bs[r][c] = o0 + r < out && k0 + c < in ? w[int64_t(o0 + r) * in + k0 + c] : zero;
-            }
         }
+        wt.load(Bs, tile.x, o0, k0, out, in, wvec);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < kGK; kk += 16) {
@@ -466,6 +519,17 @@ __global__ void __launch_bounds__(128) grouped_gemm_bf16_kernel(float* y, const 
     }
 }
 
+template <class Tiles>
+void launch_grouped(float* y, const float* x, Tiles wt, const int* offsets, const int2* map, int max_tiles, int out,
+                    int in, cudaStream_t s) {
+    if (max_tiles <= 0 || out <= 0) return;
+    if (max_tiles > 65535)
+        throw DeviceError("grouped expert GEMM: " + std::to_string(max_tiles) + " row tiles, at most 65535 per launch");
+    grouped_gemm_kernel<<<dim3(blocks_for(out, kGN), unsigned(max_tiles)), 128, 0, s>>>(y, x, wt, offsets, map, out,
+                                                                                     in);
+    check_launch("grouped_gemm_kernel");
+}
+
 }  // namespace
 
 void expert_tiles(int2* map, const int* offsets, int E, int max_tiles, cudaStream_t s) {
@@ -476,12 +540,12 @@ void expert_tiles(int2* map, const int* offsets, int E, int max_tiles, cudaStrea
 
 void grouped_gemm_bf16(float* y, const float* x, const void* const* weights, const int* offsets, const int2* map,
                        int max_tiles, int out, int in, cudaStream_t s) {
-    if (max_tiles <= 0 || out <= 0) return;
-    if (max_tiles > 65535)
-        throw DeviceError("grouped_gemm_bf16: " + std::to_string(max_tiles) + " row tiles, at most 65535 per launch");
-    grouped_gemm_bf16_kernel<<<dim3(blocks_for(out, kGN), unsigned(max_tiles)), 128, 0, s>>>(y, x, weights, offsets,
-                                                                                          map, out, in);
-    check_launch("grouped_gemm_bf16_kernel");
+    launch_grouped(y, x, Bf16Tiles{weights}, offsets, map, max_tiles, out, in, s);
+}
+
+void grouped_gemm_fp8(float* y, const float* x, const void* const* weights, const int* offsets, const int2* map,
+                      int max_tiles, int out, int in, int64_t split, cudaStream_t s) {
+    launch_grouped(y, x, Fp8Tiles{weights, split}, offsets, map, max_tiles, out, in, s);
 }
 
 }  // namespace moescope::cuda

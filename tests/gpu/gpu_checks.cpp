@@ -269,56 +269,6 @@ void check_grouped_gemv() {
             }
 }
 
-// The grouped expert GEMM of prefill: rows sorted by expert in awkward counts (0, 1, 63, 64, 65,
-// 130: empty, partial, exact and several tiles), the tile map against the host's, and each row
-// against the CPU product of the bf16-rounded activations with the expert's bf16 weights.
-// E = 1100 crosses expert_tiles' 1024-expert scan.
-void check_grouped_gemm() {
-    std::mt19937 rng(11);
-    struct Case {
-        int E, out, in;
-    };
-    for (const Case c : {Case{7, 63, 17}, Case{7, 2816, 2048}, Case{7, 130, 1408}, Case{9, 72, 40}, Case{1100, 24, 64}}) {
-        const int counts[] = {0, 1, 63, 64, 65, 130, 3};
-        std::vector<int> off(size_t(c.E) + 1, 0);
-        for (int e = 0; e < c.E; ++e) off[size_t(e) + 1] = off[size_t(e)] + (e < 7 ? counts[e] : (e % 97 == 3 ? 5 : 0));
-        const int R = off[size_t(c.E)];
-        const std::string shape = shp({c.E, R, c.out, c.in});
-        std::vector<std::vector<float>> w(size_t(c.E));
-        std::vector<std::unique_ptr<DBuf<uint16_t>>> wb;
-        std::vector<const void*> ptrs;
-        for (int e = 0; e < c.E; ++e) {
-            const bool used = off[size_t(e) + 1] > off[size_t(e)];
-            w[size_t(e)] = used ? round_bf16(randv(rng, size_t(c.out) * c.in)) : std::vector<float>();
-            wb.push_back(std::make_unique<DBuf<uint16_t>>(used ? to_bf16(w[size_t(e)]) : std::vector<uint16_t>(1)));
-            ptrs.push_back(wb.back()->p);
-        }
-        const auto x = randv(rng, size_t(R) * c.in);
-        const auto xr = round_bf16(x);
-        std::vector<float> ref(size_t(R) * c.out);
-        for (int e = 0; e < c.E; ++e)
-            for (int r = off[size_t(e)]; r < off[size_t(e) + 1]; ++r)
-                matmul_nt(ref.data() + size_t(r) * c.out, xr.data() + size_t(r) * c.in, w[size_t(e)].data(), 1, c.out,
-                          c.in);
-        const int tiles = grouped_max_tiles(R, c.E);
-        std::vector<int> want_map;  // (expert, tile) pairs, then -1s
-        for (int e = 0; e < c.E; ++e)
-            for (int j = 0; j * kGroupedRows < off[size_t(e) + 1] - off[size_t(e)]; ++j) want_map.insert(want_map.end(), {e, j});
-        const bool fits = int(want_map.size()) / 2 <= tiles;
-        while (int(want_map.size()) < 2 * tiles) want_map.insert(want_map.end(), {-1, 0});
-        DBuf<const void*> dptr(ptrs);
-        DBuf<int> doff(off), dmap(size_t(2 * tiles));
-        DBuf<float> dx(x), dy(ref.size());
-        expert_tiles(reinterpret_cast<int2*>(dmap.p), doff.p, c.E, tiles, nullptr);
-        grouped_gemm_bf16(dy.p, dx.p, dptr.p, doff.p, reinterpret_cast<const int2*>(dmap.p), tiles, c.out, c.in, nullptr);
-        expect(fits && dmap.down() == want_map, "expert_tiles map " + shape,
-               fits ? "differs from the host's" : "grouped_max_tiles is too small");
-        expect(dmap.pad_intact(), "expert_tiles padding " + shape);
-        close("grouped_gemm_bf16", shape, dy.down(), ref, 1e-4 * std::sqrt(double(c.in)), 1e-4);
-        expect(dy.pad_intact(), "grouped_gemm_bf16 padding " + shape);
-    }
-}
-
 // ---- FP8 ---------------------------------------------------------------------------------
 
 // A random FP8 matrix in the device layout (kernels/fp8.h): blocks of very different magnitude
@@ -363,6 +313,75 @@ std::vector<float> act_quant_host(const std::vector<float>& x, int T, int K) {
                 out[size_t(t) * K + c] = fp8_e4m3_to_f32(f32_to_fp8_e4m3(x[size_t(t) * K + c] / s)) * s;
         }
     return out;
+}
+
+// The grouped expert GEMM of prefill: rows sorted by expert in awkward counts (0, 1, 63, 64, 65,
+// 130: empty, partial, exact and several tiles), the tile map against the host's, and each row
+// against the CPU product of the bf16-rounded activations with the expert's weights as the
+// kernel takes them (BF16; FP8 dequantized and rounded to bf16, with a stacked gate|up whose
+// split is off the 128-row grid). E = 1100 crosses expert_tiles' 1024-expert scan.
+void check_grouped_gemm() {
+    std::mt19937 rng(11);
+    struct Case {
+        int E, out, in;
+        int64_t split;  // FP8 only
+    };
+    for (bool fp8 : {false, true})
+        for (const Case c : {Case{7, 63, 17, 0}, Case{7, 2816, 2048, 1408}, Case{7, 130, 1408, 0},
+                             Case{9, 72, 40, 36}, Case{1100, 24, 64, 0}}) {
+            const int counts[] = {0, 1, 63, 64, 65, 130, 3};
+            std::vector<int> off(size_t(c.E) + 1, 0);
+            for (int e = 0; e < c.E; ++e)
+                off[size_t(e) + 1] = off[size_t(e)] + (e < 7 ? counts[e] : (e % 97 == 3 ? 5 : 0));
+            const int R = off[size_t(c.E)];
+            const std::string shape = shp({c.E, R, c.out, c.in}) + (fp8 ? " fp8 split " + std::to_string(c.split) : " bf16");
+            std::vector<std::vector<float>> w(size_t(c.E));  // the weights as the kernel multiplies them
+            std::vector<std::unique_ptr<DBuf<uint8_t>>> wb;
+            std::vector<const void*> ptrs;
+            for (int e = 0; e < c.E; ++e) {
+                std::vector<uint8_t> bytes(1);
+                if (off[size_t(e) + 1] > off[size_t(e)]) {
+                    if (fp8) {
+                        HostFp8 m = host_fp8(rng, c.out, c.in, c.split);
+                        w[size_t(e)] = round_bf16(m.values);
+                        bytes = m.carve;
+                    } else {
+                        w[size_t(e)] = round_bf16(randv(rng, size_t(c.out) * c.in));
+                        const auto b = to_bf16(w[size_t(e)]);
+                        bytes.resize(b.size() * 2);
+                        std::memcpy(bytes.data(), b.data(), bytes.size());
+                    }
+                }
+                wb.push_back(std::make_unique<DBuf<uint8_t>>(bytes));
+                ptrs.push_back(wb.back()->p);
+            }
+            const auto x = randv(rng, size_t(R) * c.in);
+            const auto xr = round_bf16(x);
+            std::vector<float> ref(size_t(R) * c.out);
+            for (int e = 0; e < c.E; ++e)
+                for (int r = off[size_t(e)]; r < off[size_t(e) + 1]; ++r)
+                    matmul_nt(ref.data() + size_t(r) * c.out, xr.data() + size_t(r) * c.in, w[size_t(e)].data(), 1,
+                              c.out, c.in);
+            const int tiles = grouped_max_tiles(R, c.E);
+            std::vector<int> want_map;  // (expert, tile) pairs, then -1s
+            for (int e = 0; e < c.E; ++e)
+                for (int j = 0; j * kGroupedRows < off[size_t(e) + 1] - off[size_t(e)]; ++j)
+                    want_map.insert(want_map.end(), {e, j});
+            const bool fits = int(want_map.size()) / 2 <= tiles;
+            while (int(want_map.size()) < 2 * tiles) want_map.insert(want_map.end(), {-1, 0});
+            DBuf<const void*> dptr(ptrs);
+            DBuf<int> doff(off), dmap(size_t(2 * tiles));
+            DBuf<float> dx(x), dy(ref.size());
+            auto* map = reinterpret_cast<int2*>(dmap.p);
+            expert_tiles(map, doff.p, c.E, tiles, nullptr);
+            if (fp8) grouped_gemm_fp8(dy.p, dx.p, dptr.p, doff.p, map, tiles, c.out, c.in, c.split, nullptr);
+            else grouped_gemm_bf16(dy.p, dx.p, dptr.p, doff.p, map, tiles, c.out, c.in, nullptr);
+            expect(fits && dmap.down() == want_map, "expert_tiles map " + shape,
+                   fits ? "differs from the host's" : "grouped_max_tiles is too small");
+            expect(dmap.pad_intact(), "expert_tiles padding " + shape);
+            close("grouped expert GEMM", shape, dy.down(), ref, 1e-4 * std::sqrt(double(c.in)), 1e-4);
+            expect(dy.pad_intact(), "grouped expert GEMM padding " + shape);
+        }
 }
 
 // The FP8 GEMV (decode) against the CPU on the dequantized weights: the same f32 weights, so
@@ -1173,6 +1192,8 @@ void check_checkpoint(SaveFormat fmt, const std::string& name) {
         expect(gp.weight_dtype() == WeightDtype::FP8 && gp.name().find("fp8") != std::string::npos,
                name + " checkpoint: FP8 device weights by default", gp.name());
         std::printf("         %s\n", gp.notice().c_str());
+        expect(gp.grouped_experts(), name + " checkpoint: FP8 prefill experts through the grouped GEMM (self-check passed)",
+               gp.notice());
         expect(gp.plan().weights < gb.plan().weights, name + " checkpoint: the FP8 plan is smaller than the BF16 one",
                std::to_string(gp.plan().weights) + " vs " + std::to_string(gb.plan().weights));
         compare_runs(name + " checkpoint, fp8 device weights, token-by-token",
