@@ -12,6 +12,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <random>
 
 #include "engine/backend.h"
 #include "engine/config.h"
@@ -456,6 +457,32 @@ private slots:
     }
 
     // A model that does not fit is refused with the sizes named, before anything is allocated.
+    // The grouped expert GEMM's tile map holds grouped_max_tiles(R, E) entries: every routing of
+    // R rows over E experts must fit (sum of ceil(count / 64)), including the extremes (all rows
+    // on one expert, one row on each of min(R, E) experts, chunk-sized layers of V3 and V2-Lite).
+    void grouped_tile_bound() {
+        std::mt19937 rng(5);
+        auto needed = [](const std::vector<int>& counts) {
+            int t = 0;
+            for (int c : counts) t += (c + kGroupedRows - 1) / kGroupedRows;
+            return t;
+        };
+        for (auto [R, E] : {std::pair{2048, 256}, {1536, 64}, {65, 16}, {100, 1100}, {64 * 40 + 1, 40}, {1, 1}}) {
+            std::vector<int> one(size_t(E), 0);
+            one[0] = R;
+            QVERIFY(needed(one) <= grouped_max_tiles(R, E));
+            std::vector<int> spread(size_t(E), 0);
+            for (int r = 0; r < R; ++r) ++spread[size_t(r % E)];
+            QVERIFY2(needed(spread) <= grouped_max_tiles(R, E), qPrintable(QString("R %1 E %2").arg(R).arg(E)));
+            for (int trial = 0; trial < 200; ++trial) {
+                std::vector<int> c(size_t(E), 0);
+                const int hot = 1 + int(rng() % uint32_t(E));  // rows on the first `hot` experts only
+                for (int r = 0; r < R; ++r) ++c[size_t(rng() % uint32_t(hot))];
+                QVERIFY(needed(c) <= grouped_max_tiles(R, E));
+            }
+        }
+    }
+
     void refusal_data() {
         QTest::addColumn<QString>("config");
         QTest::addColumn<int>("dtype");  // 0 bf16, 1 f32, 2 fp8
