@@ -227,8 +227,8 @@ ChatMessage parse_message(const nlohmann::json& j, size_t index, const std::stri
     auto bad_at = [&](const std::string& what) { throw FormatError(at + ": " + what); };
     if (j.contains("content") && j["content"].is_string()) m.content = j["content"].get<std::string>();
     else if (j.contains("content") && !j["content"].is_null())
-        bad_at("\"content\" must be a string or null; found " + kind(j["content"]) +
-               " (arrays of content parts are not supported)");
+        bad_at(std::string("\"content\" must be a string") + (m.role == "assistant" ? " or null" : "") + "; found " +
+               kind(j["content"]) + (j["content"].is_array() ? " (arrays of content parts are not supported)" : ""));
     if (j.contains("tool_calls") && !j["tool_calls"].is_null()) {
         const nlohmann::json& calls = j["tool_calls"];
         if (m.role != "assistant") bad_at("only assistant messages carry \"tool_calls\"");

@@ -247,7 +247,11 @@ private slots:
         QTest::newRow("user null") << R"([{"role": "user", "content": null}])"
                                    << "messages[0] (user): \"content\" must be a string";
         QTest::newRow("content parts") << R"([{"role": "user", "content": [{"type": "text", "text": "a"}]}])"
-                                       << "messages[0] (user): \"content\" must be a string or null; found array";
+                                       << "messages[0] (user): \"content\" must be a string; found array (arrays of content parts";
+        QTest::newRow("tool number") << R"([{"role": "tool", "content": 5}])"
+                                     << "messages[0] (tool): \"content\" must be a string; found number";
+        QTest::newRow("assistant number") << R"([{"role": "assistant", "content": 5}])"
+                                          << "messages[0] (assistant): \"content\" must be a string or null; found number";
         QTest::newRow("assistant empty") << R"([{"role": "user", "content": "a"}, {"role": "assistant"}])"
                                          << "messages[1] (assistant): an assistant message needs \"content\" or \"tool_calls\"";
         QTest::newRow("tool calls on user")
