@@ -184,6 +184,11 @@ private slots:
         QCOMPARE(QString::fromStdString(t.apply_chat_template({{"tool", "x"}}, true)),
                  QString::fromUtf8("<B><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>x<｜tool▁output▁end｜>"
                                    "<｜tool▁outputs▁end｜>"));
+        // An assistant message with neither content nor calls renders nothing (Python Jinja2
+        // loops over the missing tool_calls as empty) but still ends the tool outputs' state.
+        QCOMPARE(QString::fromStdString(t.apply_chat_template({{"tool", "x"}, {"assistant", std::nullopt}}, true)),
+                 QString::fromUtf8("<B><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>x<｜tool▁output▁end｜>"
+                                   "<｜Assistant｜>"));
         // A null content where the template concatenates it fails, naming the message.
         try {
             t.apply_chat_template({{"user", "a"}, {"user", std::nullopt}}, false);
