@@ -56,9 +56,23 @@ SamplingParams sampling_from_args(const Args& a, const ModelConfig& cfg) {
 }
 
 std::vector<int> prompt_tokens(const Args& a, const LoadedModel& m) {
+    const int sources = int(a.has("prompt")) + int(a.has("prompt-tokens")) + int(a.has("messages"));
+    if (sources > 1) throw UsageError("give one of --prompt, --prompt-tokens or --messages");
     if (auto ids = a.int_list("prompt-tokens"); !ids.empty()) return ids;
+    if (auto path = a.get("messages")) {
+        if (a.has("system") || a.has("chat"))
+            throw UsageError("--messages holds the whole chat; put the system prompt in it instead of --system/--chat");
+        if (!m.tokenizer) throw UsageError("this model folder has no tokenizer.json, so it has no chat template for --messages");
+        std::vector<ChatMessage> msgs = read_chat_messages(*path);
+        const ChatTemplate& ct = m.tokenizer->chat_template();
+        if (!ct.warning().empty()) std::fprintf(stderr, "warning: %s\n", ct.warning().c_str());
+        for (const auto& w : ct.ignored_parts(msgs)) std::fprintf(stderr, "warning: %s: %s\n", path->c_str(), w.c_str());
+        // After tool outputs DeepSeek-V3's template closes them and adds no <｜Assistant｜>:
+        // the model answers from there, as in training.
+        return m.tokenizer->encode(ct.apply_chat_template(msgs, true), false, true);
+    }
     auto text = a.get("prompt");
-    if (!text) throw UsageError("give --prompt TEXT or --prompt-tokens 1,2,3");
+    if (!text) throw UsageError("give --prompt TEXT, --prompt-tokens 1,2,3 or --messages CHAT.json");
     if (!m.tokenizer)
         throw UsageError("this model folder has no tokenizer.json: use --prompt-tokens 1,2,3");
     if (a.has("chat")) {
@@ -90,7 +104,7 @@ namespace {
 
 int cmd_generate(const std::vector<std::string>& argv) {
     Args a(argv, {"json", "chat", "mtp", "no-mtp", "no-eos", "quiet"});
-    a.check_known({"prompt", "prompt-tokens", "system", "max-tokens", "temperature", "top-k", "top-p", "min-p",
+    a.check_known({"prompt", "prompt-tokens", "messages", "system", "max-tokens", "temperature", "top-k", "top-p", "min-p",
                    "repetition-penalty", "frequency-penalty", "presence-penalty", "seed", "telemetry", "backend",
                    "context", "stop", "mtp-depth", "latent-layer", "weights"});
     if (a.positional().size() != 1) throw UsageError("expected one MODEL_DIR");
@@ -112,7 +126,7 @@ int cmd_generate(const std::vector<std::string>& argv) {
     const bool stream_out = !a.has("json") && !a.has("quiet");
     bool echoed = false;  // the prompt is echoed once it is known to fit
     GenerationResult r = s.generate(prompt, p, [&](const TokenEvent& ev) {
-        if (stream_out && !echoed && m.tokenizer && !a.has("chat")) std::cout << m.tokenizer->decode(prompt, true);
+        if (stream_out && !echoed && m.tokenizer && !a.has("chat") && !a.has("messages")) std::cout << m.tokenizer->decode(prompt, true);
         echoed = true;
         if (stream_out) {
             if (m.tokenizer) {
@@ -229,7 +243,7 @@ int cmd_balance(const std::vector<std::string>& argv) {
 
 CliCommand generate_cmd(
     "generate",
-    "generate MODEL_DIR (--prompt T [--chat] [--system S] | --prompt-tokens 1,2,3) [--max-tokens N --temperature T "
+    "generate MODEL_DIR (--prompt T [--chat] [--system S] | --messages CHAT.json | --prompt-tokens 1,2,3) [--max-tokens N --temperature T "
     "--top-k K --top-p P --min-p P --repetition-penalty R --frequency-penalty F --presence-penalty P --seed S "
     "--mtp|--no-mtp --stop STR --telemetry OUT.jsonl --latent-layer L --backend cpu|cuda|auto --context N --weights f32|bf16|auto --json]",
     cmd_generate);

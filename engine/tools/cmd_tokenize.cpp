@@ -23,27 +23,40 @@ std::string read_text_file(const std::string& path) {
 }
 
 int tokenize_command(const std::vector<std::string>& argv) {
-    Args args(argv, {"json", "add-special", "chat"});
-    args.check_known({"text", "file"});
+    Args args(argv, {"json", "add-special", "chat", "no-generation-prompt"});
+    args.check_known({"text", "file", "messages"});
     if (args.positional().size() != 1) throw UsageError("expected one PATH");
-    if (args.has("text") == args.has("file")) throw UsageError("give exactly one of --text or --file");
-    std::string text = args.has("text") ? *args.get("text") : read_text_file(*args.get("file"));
+    const int sources = int(args.has("text")) + int(args.has("file")) + int(args.has("messages"));
+    if (sources != 1) throw UsageError("give exactly one of --text, --file or --messages");
+    if (args.has("messages") && args.has("chat"))
+        throw UsageError("--messages is already a chat; --chat wraps --text/--file as one user message");
+    if (args.has("no-generation-prompt") && !args.has("messages"))
+        throw UsageError("--no-generation-prompt applies to --messages");
+    std::vector<ChatMessage> messages;
+    if (auto path = args.get("messages")) messages = read_chat_messages(*path);  // before loading the tokenizer
+    std::string text = args.has("text") ? *args.get("text") : args.has("file") ? read_text_file(*args.get("file")) : "";
 
     Tokenizer tok = Tokenizer::load(args.positional()[0]);
     bool add_special = args.has("add-special");
-    if (args.has("chat")) {
+    const bool chat_mode = args.has("chat") || args.has("messages");
+    if (chat_mode) {
         const ChatTemplate& chat = tok.chat_template();
         if (!chat.warning().empty()) std::fprintf(stderr, "warning: %s\n", chat.warning().c_str());
-        text = chat.apply_chat_template({{"user", text}}, true);
+        if (args.has("chat")) messages = {{"user", text}};
+        for (const auto& w : chat.ignored_parts(messages)) std::fprintf(stderr, "warning: %s\n", w.c_str());
+        text = chat.apply_chat_template(messages, !args.has("no-generation-prompt"));
     }
     std::vector<int> ids = tok.encode(text, add_special, true);
 
     if (args.has("json")) {
         nlohmann::json out = {{"ids", ids}, {"pieces", nlohmann::json::array()}};
         for (int id : ids) out["pieces"].push_back(tok.token_text(id));
+        if (args.has("messages")) out["text"] = text;  // the rendered chat, to compare with transformers
         // Pieces of byte-level vocabularies are valid UTF-8; replace anything else.
         std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
     } else {
+        if (args.has("messages"))
+            std::printf("text: %s\n", nlohmann::json(text).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
         std::printf("%zu tokens\n", ids.size());
         for (int id : ids)
             std::printf("%8d  %-24s  %s\n", id, tok.token_text(id).c_str(),
@@ -75,7 +88,8 @@ int train_command(const std::vector<std::string>& argv) {
 }
 
 CliCommand tokenize_cmd("tokenize",
-                        "tokenize PATH (--text T | --file F) [--json] [--add-special] [--chat]",
+                        "tokenize PATH (--text T | --file F | --messages CHAT.json) [--json] [--add-special] "
+                        "[--chat] [--no-generation-prompt]",
                         tokenize_command);
 CliCommand train_cmd("train-tokenizer",
                      "train-tokenizer --corpus FILE... --vocab N --out DIR [--special TOKEN...] "

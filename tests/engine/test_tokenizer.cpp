@@ -295,7 +295,11 @@ private slots:
         QCOMPARE(deepseek.format(), ChatTemplate::Format::DeepSeekV3);
         QCOMPARE(deepseek.apply_chat_template({{"user", "a"}, {"assistant", "b"}, {"system", "s1"}, {"system", "s2"}}, false),
                  std::string("<B>s1\n\ns2<｜User｜>a<｜Assistant｜>b<｜end▁of▁sentence｜>"));
-        QVERIFY_THROWS_EXCEPTION(Error, deepseek.apply_chat_template({{"tool", "x"}}, false));
+        QVERIFY(!deepseek.warning().empty());  // not DeepSeek-V3's exact template
+        QCOMPARE(deepseek.apply_chat_template({{"tool", "x"}}, true),
+                 std::string("<B><｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>x<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"));
+        QVERIFY_THROWS_EXCEPTION(Error, deepseek.apply_chat_template({{"developer", "x"}}, false));
+        QVERIFY_THROWS_EXCEPTION(Error, ours.apply_chat_template({{"tool", "x"}}, false));
     }
 
     void malformed_files_data() {

