@@ -80,11 +80,13 @@ public:
     // in the environment turns them off.
     void set_graphs(bool on);
     bool graphs() const;
-    // Prefill of BF16 experts: the grouped GEMM (one launch per layer and matrix, offsets read on
-    // the device) once its self-check against one cuBLAS GEMM per expert passed on this device;
-    // otherwise (or MOESCOPE_CUDA_GROUPED=0, or F32/FP8 experts) the per-expert loop, with the
-    // reason in notice().
+    // Prefill of BF16 and FP8 experts: the grouped GEMM (one launch per layer and matrix, offsets
+    // read on the device) once its self-check against the grouped GEMV passed on this device;
+    // otherwise (or MOESCOPE_CUDA_GROUPED=0, or F32 experts) the per-expert loop, with the reason
+    // in notice().
     bool grouped_experts() const;
+    // The self-check's worst case when it passed; why the grouped GEMM is off otherwise.
+    std::string grouped_report() const;
     // Benchmarks: the per-expert loop (false), or the grouped GEMM again when it passed.
     void set_grouped_experts(bool on);
     // Waits for the device (benchmark timing).

@@ -387,8 +387,10 @@ __global__ void expert_tiles_kernel(int2* map, const int* offsets, int E, int ma
 }
 
 // The weight side of the grouped GEMM: rows [o0, o0 + 64) x columns [k0, k0 + 32) of expert e's
-// [out, in] matrix into Bs as bf16, zeros past `out` and `in`.
+// [out, in] matrix into Bs as bf16, zeros past `out` and `in`. kScaled: the partial sums of each
+// 128-column block are multiplied by a scale per output row (scale()); BF16 has none.
 struct Bf16Tiles {
+    static constexpr bool kScaled = false;
     const void* const* weights;
     __device__ bool vec(int e, int in) const {
         return in % 8 == 0 && (reinterpret_cast<uintptr_t>(weights[e]) & 15) == 0;
@@ -412,106 +414,148 @@ struct Bf16Tiles {
 };
 
 // FP8 experts (kernels/fp8.h carves: e4m3 values, then 128x128 block scales; `split`: the gate
-// rows of a stacked gate|up, each part on its own block grid): each weight dequantized as
-// bf16(e4m3 * scale), the value the BF16 prefill fallback multiplies.
+// rows of a stacked gate|up, each part on its own block grid). The e4m3 values go into Bs as
+// they are (every e4m3 value is a bf16 value: 3 mantissa bits, exponents 2^-9..2^8) and each
+// 128-column block's partial sums are multiplied by the block scale of their output row in
+// f32, as DeepSeek's FP8 GEMM promotes per 128-block: the weights are exactly the CPU's
+// e4m3 * scale, with no bf16 rounding of the product.
 struct Fp8Tiles {
+    static constexpr bool kScaled = true;
     const void* const* weights;
     int64_t split;
     __device__ bool vec(int e, int in) const {
         return in % 4 == 0 && (reinterpret_cast<uintptr_t>(weights[e]) & 3) == 0;
     }
     __device__ void load(__nv_bfloat16 (*Bs)[kGLd], int e, int o0, int k0, int out, int in, bool vec) const {
-        const Fp8Grid g{out, in, split};
         const auto* w = static_cast<const uint8_t*>(weights[e]);
-        const float* scales = reinterpret_cast<const float*>(w + g.scale_offset());
-        const int cb = k0 / kFp8Block;  // a k step of 32 lies inside one 128-column block
         if (vec) {  // 4 bytes at a time; in % 4 == 0 keeps each group inside or outside the row
             for (int i = threadIdx.x; i < kGN * kGK / 4; i += blockDim.x) {
                 const int r = i / (kGK / 4), c = (i % (kGK / 4)) * 4;
                 float f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                if (o0 + r < out && k0 + c < in) {
+                if (o0 + r < out && k0 + c < in)
                     fp8x4_to_f32(*reinterpret_cast<const uint32_t*>(w + int64_t(o0 + r) * in + k0 + c), f);
-                    const float sc = scales[g.scale_row(o0 + r) * g.ld() + cb];
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) f[j] *= sc;
-                }
-#pragma unroll
-                for (int j = 0; j < 4; ++j) Bs[r][c + j] = __float2bfloat16_rn(f[j]);
+                for (int j = 0; j < 4; ++j) Bs[r][c + j] = __float2bfloat16_rn(f[j]);  // exact
             }
             return;
         }
         for (int i = threadIdx.x; i < kGN * kGK; i += blockDim.x) {
             const int r = i / kGK, c = i % kGK;
-            float v = 0.0f;
-            if (o0 + r < out && k0 + c < in)
-                v = fp8_to_f32(w[int64_t(o0 + r) * in + k0 + c]) * scales[g.scale_row(o0 + r) * g.ld() + cb];
-            Bs[r][c] = __float2bfloat16_rn(v);
+            Bs[r][c] = __float2bfloat16_rn(o0 + r < out && k0 + c < in ? fp8_to_f32(w[int64_t(o0 + r) * in + k0 + c])
+                                                                       : 0.0f);
         }
+    }
+    // The block scale of output row o (< out) for the 128-column block starting at kb.
+    __device__ float scale(int e, int o, int kb, int out, int in) const {
+        const Fp8Grid g{out, in, split};
+        const auto* sc = reinterpret_cast<const float*>(static_cast<const uint8_t*>(weights[e]) + g.scale_offset());
+        return sc[g.scale_row(o) * g.ld() + kb / kFp8Block];
     }
 };
 
 // Block = 4 warps over a 64-row x 64-column tile of y (2 x 2 warps of 32 x 32, WMMA 16x16x16
 // bf16 fragments, f32 accumulators); grid (column blocks, max_tiles). Rows past the expert's
 // count and columns past `out` are computed on zeros and not stored.
+// The f32 activations enter as two bf16 parts, hi = bf16(x) and lo = bf16(x - hi) (x - hi is
+// exact in f32), each multiplied with the weights: x is carried to ~2^-17 relative instead of
+// bf16's 2^-9, so the products are the CPU's f32 products up to summation order, at twice the
+// tensor-core work of a kernel that is bound by reading the weights anyway.
+// Shared memory: the running sums Cs, and one region that holds the k-step tiles (activations
+// hi and lo, weights) or, between 128-column blocks of FP8 weights, the block's partial sums.
 template <class Tiles>
 __global__ void __launch_bounds__(128) grouped_gemm_kernel(float* y, const float* x, Tiles wt, const int* offsets,
                                                            const int2* map, int out, int in) {
     using namespace nvcuda;
+    constexpr int kLdC = kGN + 4;  // f32 row of a 64-wide tile: 272 bytes, a multiple of 16
+    constexpr int kTileBytes = 3 * kGroupedRows * kGLd * 2, kPartBytes = kGroupedRows * kLdC * 4;
+    __shared__ __align__(32) unsigned char region[kTileBytes > kPartBytes ? kTileBytes : kPartBytes];
+    __shared__ __align__(32) float Cs[kGroupedRows][kLdC];
+    auto* Ahi = reinterpret_cast<__nv_bfloat16 (*)[kGLd]>(region);                       // [64][kGLd]
+    auto* Alo = reinterpret_cast<__nv_bfloat16 (*)[kGLd]>(region + kGroupedRows * kGLd * 2);
+    auto* Bs = reinterpret_cast<__nv_bfloat16 (*)[kGLd]>(region + 2 * kGroupedRows * kGLd * 2);  // [64][kGLd]
+    auto* Cp = reinterpret_cast<float (*)[kLdC]>(region);                                // [64][kLdC]
+    static_assert(kGN == kGroupedRows, "Bs has as many rows as the A tiles");
+
     const int2 tile = map[blockIdx.y];
     if (tile.x < 0) return;
     const int row0 = offsets[tile.x] + tile.y * kGroupedRows;
     const int rows = min(kGroupedRows, offsets[tile.x + 1] - row0);
     const int o0 = blockIdx.x * kGN;
-    __shared__ __align__(32) __nv_bfloat16 As[kGroupedRows][kGLd];  // activations [row][k]
-    __shared__ __align__(32) __nv_bfloat16 Bs[kGN][kGLd];           // weights [output][k]
-    __shared__ __align__(32) float Cs[kGroupedRows][kGN + 4];
     const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
     const bool xvec = in % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
     const bool wvec = wt.vec(tile.x, in);
+    const int block_k = Tiles::kScaled ? kFp8Block : in;  // k extent of one scale (in > 0)
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    for (int kb = 0; kb < in; kb += block_k) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+        for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-    for (int k0 = 0; k0 < in; k0 += kGK) {
-        if (xvec) {  // float4s; in % 8 == 0 keeps each one inside or outside the row
+            for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+        for (int k0 = kb; k0 < min(in, kb + block_k); k0 += kGK) {
             for (int i = tid; i < kGroupedRows * kGK / 4; i += 128) {
                 const int r = i / (kGK / 4), c = (i % (kGK / 4)) * 4;
-                float4 v = make_float4(0, 0, 0, 0);
-                if (r < rows && k0 + c < in) v = *reinterpret_cast<const float4*>(x + int64_t(row0 + r) * in + k0 + c);
-                As[r][c] = __float2bfloat16_rn(v.x);
-                As[r][c + 1] = __float2bfloat16_rn(v.y);
-                As[r][c + 2] = __float2bfloat16_rn(v.z);
-                As[r][c + 3] = __float2bfloat16_rn(v.w);
+                float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                if (r < rows) {
+                    const float* xr = x + int64_t(row0 + r) * in + k0 + c;
+                    if (xvec) {  // in % 8 == 0 keeps each float4 inside or outside the row
+                        if (k0 + c < in) *reinterpret_cast<float4*>(v) = *reinterpret_cast<const float4*>(xr);
+                    } else {
+#pragma unroll
+                        for (int j = 0; j < 4; ++j)
+                            if (k0 + c + j < in) v[j] = xr[j];
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const __nv_bfloat16 hi = __float2bfloat16_rn(v[j]);
+                    Ahi[r][c + j] = hi;
+                    Alo[r][c + j] = __float2bfloat16_rn(v[j] - __bfloat162float(hi));
+                }
             }
-        } else {
-            for (int i = tid; i < kGroupedRows * kGK; i += 128) {
-                const int r = i / kGK, c = i % kGK;
-                As[r][c] = __float2bfloat16_rn(r < rows && k0 + c < in ? x[int64_t(row0 + r) * in + k0 + c] : 0.0f);
+            wt.load(Bs, tile.x, o0, k0, out, in, wvec);
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < kGK; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[2];
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b[2];
+#pragma unroll
+                for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[wn * 32 + j * 16][kk], kGLd);
+#pragma unroll
+                for (int part = 0; part < 2; ++part) {
+                    auto* A = part == 0 ? Ahi : Alo;
+#pragma unroll
+                    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &A[wm * 32 + i * 16][kk], kGLd);
+#pragma unroll
+                    for (int i = 0; i < 2; ++i)
+#pragma unroll
+                        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+                }
             }
+            __syncthreads();  // the tiles are read before the next k step (or Cp) overwrites them
         }
-        wt.load(Bs, tile.x, o0, k0, out, in, wvec);
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < kGK; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b[2];
-#pragma unroll
-            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[wm * 32 + i * 16][kk], kGLd);
-#pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &Bs[wn * 32 + j * 16][kk], kGLd);
+        if constexpr (!Tiles::kScaled) {  // one block over all of `in`
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll
-                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+                for (int j = 0; j < 2; ++j)
+                    wmma::store_matrix_sync(&Cs[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kLdC,
+                                            wmma::mem_row_major);
+        } else {  // FP8: this block's partial sums times each output row's block scale, into Cs
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                    wmma::store_matrix_sync(&Cp[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kLdC,
+                                            wmma::mem_row_major);
+            __syncthreads();
+            for (int i = tid; i < kGroupedRows * kGN; i += 128) {
+                const int r = i / kGN, c = i % kGN;
+                const float part = o0 + c < out ? Cp[r][c] * wt.scale(tile.x, o0 + c, kb, out, in) : 0.0f;
+                Cs[r][c] = kb == 0 ? part : Cs[r][c] + part;
+            }
+            __syncthreads();  // Cp is read before the next block's tiles overwrite it
         }
-        __syncthreads();
     }
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-            wmma::store_matrix_sync(&Cs[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kGN + 4, wmma::mem_row_major);
     __syncthreads();
     for (int i = tid; i < kGroupedRows * kGN; i += 128) {
         const int r = i / kGN, c = i % kGN;
@@ -523,6 +567,7 @@ template <class Tiles>
 void launch_grouped(float* y, const float* x, Tiles wt, const int* offsets, const int2* map, int max_tiles, int out,
                     int in, cudaStream_t s) {
     if (max_tiles <= 0 || out <= 0) return;
+    if (in <= 0) throw DeviceError("grouped expert GEMM: matrices of " + std::to_string(in) + " columns");
     if (max_tiles > 65535)
         throw DeviceError("grouped expert GEMM: " + std::to_string(max_tiles) + " row tiles, at most 65535 per launch");
     grouped_gemm_kernel<<<dim3(blocks_for(out, kGN), unsigned(max_tiles)), 128, 0, s>>>(y, x, wt, offsets, map, out,
