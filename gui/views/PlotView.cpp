@@ -488,8 +488,9 @@ bool PlotView::exportCsv(const QString& path, QString* error) {
     return saveBytes(path, csv().toUtf8(), error);
 }
 
-bool PlotView::exportTo(const QString& basePath, QString* error) {
-    return exportPng(basePath + QStringLiteral(".png"), error) && exportPdf(basePath + QStringLiteral(".pdf"), error) &&
+bool PlotView::exportTo(const QString& basePath, QString* error, QSize size) {
+    if (size.isEmpty()) size = exportSize();  // once, so PNG and PDF agree
+    return exportPng(basePath + QStringLiteral(".png"), error, size) && exportPdf(basePath + QStringLiteral(".pdf"), error, size) &&
            exportCsv(basePath + QStringLiteral(".csv"), error);
 }
 

@@ -31,9 +31,10 @@ public:
 
     virtual QString csv() const = 0;             // the data behind the charts
     // Writes base.png, base.pdf and base.csv (each through a temporary file and a rename).
-    // PNG and PDF show the plot area (the grid under the controls row) at exportSize(),
-    // whether or not the view is on screen; see docs/gui.md "Export sizes".
-    bool exportTo(const QString& basePath, QString* error = nullptr);
+    // PNG and PDF show the plot area (the grid under the controls row) at `size` logical
+    // pixels, exportSize() when empty, whether or not the view is on screen; see docs/gui.md
+    // "Export sizes".
+    bool exportTo(const QString& basePath, QString* error = nullptr, QSize size = {});
     // size: logical pixels (PDF points); empty means exportSize(). The PNG has size x dpr device
     // pixels (dpr <= 0: the window's devicePixelRatio, at least 1).
     bool exportPng(const QString& path, QString* error = nullptr, QSize size = {}, qreal dpr = 0);
