@@ -335,9 +335,11 @@ bool MainWindow::saveTelemetry(const QString& path, QString* error) {
 
 bool MainWindow::exportAllViews(const QString& dir, QString* error) {
     QDir().mkpath(dir);
+    // One size for every view, whatever the window's layout: a set of figures that match (same
+    // type size when placed at the same width) and the same files from run to run.
     for (auto* v : m_views) {
         v->refreshNow();
-        if (!v->exportTo(QDir(dir).filePath(v->viewName()), error)) return false;
+        if (!v->exportTo(QDir(dir).filePath(v->viewName()), error, PlotView::defaultExportSize())) return false;
     }
     return true;
 }

@@ -31,6 +31,7 @@ public:
     void openDefaultModel();
     bool openTrace(const QString& path, QString* error = nullptr);
     bool saveTelemetry(const QString& path, QString* error = nullptr);
+    // Every view's PNG, PDF and CSV into dir, each at PlotView::defaultExportSize() (on screen or not).
     bool exportAllViews(const QString& dir, QString* error = nullptr);
     bool showView(const QString& name);     // raise a view's dock ("routing", "bias", ...)
     PlotView* view(const QString& name) const;

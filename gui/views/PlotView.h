@@ -4,6 +4,7 @@
 // a hidden view is marked dirty and catches up when shown.
 #pragma once
 #include <QElapsedTimer>
+#include <QImage>
 #include <QString>
 #include <QWidget>
 
@@ -13,6 +14,7 @@ class QCustomPlot;
 class QCPColorMap;
 class QCPColorScale;
 class QCPColorGradient;
+class QCPPainter;
 class QGridLayout;
 class QHBoxLayout;
 class QLabel;
@@ -29,10 +31,33 @@ public:
 
     virtual QString csv() const = 0;             // the data behind the charts
     // Writes base.png, base.pdf and base.csv (each through a temporary file and a rename).
-    bool exportTo(const QString& basePath, QString* error = nullptr);
-    bool exportPng(const QString& path, QString* error = nullptr);
-    bool exportPdf(const QString& path, QString* error = nullptr);
+    // PNG and PDF show the plot area (the grid under the controls row) at `size` logical
+    // pixels, exportSize() when empty, whether or not the view is on screen; see docs/gui.md
+    // "Export sizes".
+    bool exportTo(const QString& basePath, QString* error = nullptr, QSize size = {});
+    // size: logical pixels (PDF points); empty means exportSize(). The PNG has size x dpr device
+    // pixels (dpr <= 0: the window's devicePixelRatio, at least 1).
+    bool exportPng(const QString& path, QString* error = nullptr, QSize size = {}, qreal dpr = 0);
+    bool exportPdf(const QString& path, QString* error = nullptr, QSize size = {});
     bool exportCsv(const QString& path, QString* error = nullptr);
+
+    // Whether any of the view shows: QMainWindow keeps the docks of tabs that are not current
+    // "visible" (isVisible() is true) but moves them out of the window, so this asks for a
+    // non-empty visible region as well.
+    bool isOnScreen() const;
+    // The size exports are drawn at: the plot area's on-screen size while the view is on screen
+    // and at least minOnScreenExportSize(), else defaultExportSize(); never below what the
+    // grid's minimum sizes need.
+    QSize exportSize() const;
+    static QSize defaultExportSize() { return {1200, 800}; }
+    static QSize minOnScreenExportSize() { return {600, 400}; }
+    // Where each widget of the plot area sits when the area is `size`: the plot grid's own
+    // QGridLayout rules (spans, stretch, spacing, minimum sizes) applied to stand-ins, so the
+    // real widgets never move.
+    QList<QPair<QWidget*, QRect>> exportLayout(const QSize& size) const;
+    // The plot area drawn at `size` logical pixels into an image of size x dpr pixels (its
+    // devicePixelRatio set to dpr). The widgets on screen keep their size, ranges and ticks.
+    QImage renderImage(const QSize& size, qreal dpr = 1.0);
 
     void setDark(bool dark);
     void refreshNow();                           // rebuild and draw synchronously (tests, screenshots)
@@ -60,12 +85,18 @@ protected:
     QGridLayout* plotGrid() const { return m_grid; }
     void showEvent(QShowEvent* e) override;
     void onStoreChanged();
+    // Draws one widget of the plot area at `size` with its top-left corner at the painter's
+    // origin. Plots draw themselves at that size (ticks chosen for it, then restored); plain-text
+    // edits and tables are drawn through an unshown copy laid out at that size; other widgets
+    // as they are on screen, scaled. A view with other kinds of widgets overrides this.
+    virtual void renderExportWidget(QWidget* w, QCPPainter* painter, const QSize& size);
     bool dark() const { return m_darkTheme; }
 
     TelemetryStore* m_store;
 
 private:
     void styleAll();
+    void paintExport(QCPPainter* painter, const QSize& size);
     QString m_name, m_title;
     QHBoxLayout* m_controls;
     QWidget* m_area;
@@ -83,6 +114,7 @@ QString csvEscape(const QString& s);
 void setFiniteDataRange(QCPColorMap* map, bool fromZero = false);
 // Integer axis ticks (layer rows labelled with their layer index; expert ids in power-of-two
 // steps) spaced by the axis' pixel extent so labels never overlap, up to V3's 256 experts.
+// The axis remembers the arguments so that an export at another size spaces them again.
 class QCPAxis;
 void setRowTicks(QCPAxis* axis, const std::vector<int>& rowLabels);
 void setIntTicks(QCPAxis* axis, int n);

@@ -1,8 +1,14 @@
 // Export and replay: every view writes a non-empty PNG, PDF and CSV, the CSVs hold exactly
-// the telemetry, the session's JSONL replays into a window without a model and reproduces the
-// views, and a training trace drives the training dashboard.
+// the telemetry, a view exports at the same well-defined size and looks the same whether its
+// dock is on screen or a hidden tab (and the widgets on screen are left as they were), the
+// session's JSONL replays into a window without a model and reproduces the views, and a
+// training trace drives the training dashboard.
+#include <QApplication>
+#include <QDir>
+#include <QDockWidget>
 #include <QFile>
 #include <QImage>
+#include <QRegularExpression>
 #include <QStandardPaths>
 #include <QTemporaryDir>
 #include <QTextStream>
@@ -27,6 +33,115 @@ static QStringList readLines(const QString& path) {
     return QString::fromUtf8(f.readAll()).split(QLatin1Char('\n'), Qt::SkipEmptyParts);
 }
 
+#include <qcustomplot.h>
+
+// The tab group each dock sits in at start (MainWindow tabifies them so).
+static const QStringList kRightGroup = {"routing", "latent", "mtp"};
+static const QStringList kBottomGroup = {"bias", "training", "card"};
+
+static QDockWidget* dockOf(MainWindow& w, const QString& view) { return w.findChild<QDockWidget*>(view + "Dock"); }
+
+// Puts the view's dock back in its tab group and raises another tab of it: the view is hidden.
+static bool hideInTab(MainWindow& w, const QString& view) {
+    const QStringList& group = kRightGroup.contains(view) ? kRightGroup : kBottomGroup;
+    const QString other = group[(group.indexOf(view) + 1) % group.size()];
+    QDockWidget* d = dockOf(w, view);
+    if (d->isFloating()) d->setFloating(false);
+    w.tabifyDockWidget(dockOf(w, other), d);
+    w.showView(other);
+    QApplication::processEvents();
+    return !w.view(view)->isOnScreen();
+}
+
+// The widget the view's grid lays out: the parent of its cells.
+static QWidget* plotArea(PlotView* v) { return v->exportLayout(QSize(800, 600)).first().first->parentWidget(); }
+
+// Floats the view's dock and sizes it so that the plot area is exactly `target`.
+static bool showFloatingAt(MainWindow& w, const QString& view, const QSize& target) {
+    QDockWidget* d = dockOf(w, view);
+    QWidget* area = plotArea(w.view(view));
+    d->setFloating(true);
+    d->show();
+    d->raise();
+    if (!QTest::qWaitForWindowExposed(d)) return false;
+    for (int i = 0; i < 6 && area->size() != target; ++i) {
+        d->resize(d->size() + (target - area->size()));
+        QApplication::processEvents();
+        QTest::qWait(10);
+    }
+    return w.view(view)->isOnScreen() && area->size() == target;
+}
+
+// Everything export might disturb on screen: where each cell sits, and for plots the viewport,
+// the axis rects, every axis' range, ticker and the ticks it shows.
+static QString screenState(PlotView* v) {
+    QString s;
+    QTextStream o(&s);
+    for (const auto& [widget, rect] : v->exportLayout(QSize(800, 600))) {
+        const QRect g = widget->geometry();
+        o << widget->metaObject()->className() << " at " << g.x() << ',' << g.y() << ' ' << g.width() << 'x' << g.height();
+        if (auto* p = qobject_cast<QCustomPlot*>(widget)) {
+            const QRect vp = p->viewport();
+            o << " viewport " << vp.width() << 'x' << vp.height();
+            for (QCPAxisRect* r : p->axisRects()) {
+                o << " axisRect " << r->rect().x() << ',' << r->rect().y() << ' ' << r->rect().width() << 'x' << r->rect().height();
+                for (QCPAxis* a : r->axes()) {
+                    o << " [" << a->range().lower << ',' << a->range().upper << " ticker " << quintptr(a->ticker().data()) << " ticks";
+                    for (double t : a->tickVector()) o << ' ' << t;
+                    o << ']';
+                }
+            }
+        }
+        o << '\n';
+    }
+    return s;
+}
+
+static bool near(QRgb a, QRgb b, int tol) {
+    return std::abs(qRed(a) - qRed(b)) <= tol && std::abs(qGreen(a) - qGreen(b)) <= tol && std::abs(qBlue(a) - qBlue(b)) <= tol;
+}
+
+// The share of pixels that are neither the window colour (the gaps) nor white (plot and table
+// backgrounds): axes, labels, text, bars, colour maps.
+static double inkShare(const QImage& img, const QColor& window) {
+    const QImage im = img.convertToFormat(QImage::Format_RGB32);
+    qint64 ink = 0;
+    for (int y = 0; y < im.height(); ++y) {
+        const QRgb* line = reinterpret_cast<const QRgb*>(im.constScanLine(y));
+        for (int x = 0; x < im.width(); ++x)
+            if (!near(line[x], window.rgb(), 12) && !near(line[x], qRgb(255, 255, 255), 12)) ++ink;
+    }
+    return double(ink) / double(im.width() * qint64(im.height()));
+}
+
+// The share of pixels that differ by more than `tol` in some channel (same size required).
+static double differentShare(const QImage& a, const QImage& b, int tol = 40) {
+    if (a.size() != b.size()) return 1.0;
+    const QImage x = a.convertToFormat(QImage::Format_RGB32), y = b.convertToFormat(QImage::Format_RGB32);
+    qint64 diff = 0;
+    for (int row = 0; row < x.height(); ++row) {
+        const QRgb* l0 = reinterpret_cast<const QRgb*>(x.constScanLine(row));
+        const QRgb* l1 = reinterpret_cast<const QRgb*>(y.constScanLine(row));
+        for (int col = 0; col < x.width(); ++col)
+            if (!near(l0[col], l1[col], tol)) ++diff;
+    }
+    return double(diff) / double(x.width() * qint64(x.height()));
+}
+
+// The first page's /MediaBox of a PDF written by QPdfWriter, in points.
+static QSizeF pdfPageSize(const QString& path) {
+    QFile f(path);
+    if (!f.open(QIODevice::ReadOnly)) return {};
+    const auto m = QRegularExpression(QStringLiteral("/MediaBox \\[\\s*0\\s+0\\s+([0-9.]+)\\s+([0-9.]+)\\s*\\]"))
+                       .match(QString::fromLatin1(f.readAll()));
+    return m.hasMatch() ? QSizeF(m.captured(1).toDouble(), m.captured(2).toDouble()) : QSizeF();
+}
+
+static void viewRows() {
+    QTest::addColumn<QString>("view");
+    for (const QString& v : kRightGroup + kBottomGroup) QTest::newRow(qPrintable(v)) << v;
+}
+
 class TestGuiExport : public QObject {
     Q_OBJECT
     MainWindow* w = nullptr;
@@ -45,6 +160,16 @@ private slots:
         w->store()->select(10);
     }
     void cleanupTestCase() { delete w; }
+    // Every dock back in its tab group, the first tab of each group raised, whatever a test did.
+    void cleanup() {
+        for (const QStringList& group : {kRightGroup, kBottomGroup}) {
+            for (const QString& v : group)
+                if (dockOf(*w, v)->isFloating()) dockOf(*w, v)->setFloating(false);
+            for (int i = 1; i < group.size(); ++i) w->tabifyDockWidget(dockOf(*w, group[0]), dockOf(*w, group[i]));
+            w->showView(group[0]);
+        }
+        QApplication::processEvents();
+    }
 
     void exportWritesEveryView() {
         const QString dir = tmp.filePath("export");
@@ -85,6 +210,132 @@ private slots:
         int expect = 1;
         for (const auto& [p, r] : w->store()->latents()) expect += int(r.norms.size() + r.c.size() + r.k_pe.size());
         QCOMPARE(readLines(tmp.filePath("export/latent.csv")).size(), expect);
+    }
+
+    // A view in a hidden tab exports at the documented default size with its plots drawn, and
+    // the export leaves its widgets as they were.
+    void hiddenViewExportsAtDefaultSize_data() { viewRows(); }
+    void hiddenViewExportsAtDefaultSize() {
+        QFETCH(QString, view);
+        PlotView* v = w->view(view);
+        QVERIFY(hideInTab(*w, view));
+        v->refreshNow();
+        const QString before = screenState(v);
+        const QSize size = PlotView::defaultExportSize();
+        QCOMPARE(v->exportSize(), size);
+        const QString base = tmp.filePath("hidden/") + view;
+        QDir().mkpath(tmp.filePath("hidden"));
+        QString err;
+        QVERIFY2(v->exportTo(base, &err), qPrintable(err));
+        const qreal dpr = std::max<qreal>(1.0, w->devicePixelRatioF());
+        const QImage png(base + ".png");
+        QCOMPARE(png.size(), QSize(qRound(size.width() * dpr), qRound(size.height() * dpr)));
+        const double ink = inkShare(png, plotArea(v)->palette().color(QPalette::Window));
+        QVERIFY2(ink > 0.02, qPrintable(QStringLiteral("%1: only %2% of the PNG is drawn").arg(view).arg(ink * 100)));
+        QCOMPARE(pdfPageSize(base + ".pdf"), QSizeF(size));
+        QCOMPARE(screenState(v), before);
+        QVERIFY(!v->isOnScreen());
+    }
+
+    // The same view exported while on screen with its plot area at the default size, and while
+    // a hidden tab (after its ticks were chosen for the tab's own, other size): the two images
+    // are the same, and the on-screen one is what the window shows.
+    void hiddenExportMatchesVisibleExport_data() { viewRows(); }
+    void hiddenExportMatchesVisibleExport() {
+        QFETCH(QString, view);
+        PlotView* v = w->view(view);
+        const QSize size = PlotView::defaultExportSize();
+        QVERIFY(hideInTab(*w, view));
+        v->refreshNow();
+        const QString hiddenState = screenState(v);
+        const QString hiddenPng = tmp.filePath("match-hidden-") + view + ".png";
+        QString err;
+        QVERIFY2(v->exportPng(hiddenPng, &err), qPrintable(err));
+        QCOMPARE(screenState(v), hiddenState);
+
+        QVERIFY(showFloatingAt(*w, view, size));
+        v->refreshNow();
+        QApplication::processEvents();
+        // The stand-in grid puts every cell where the real layout put it.
+        for (const auto& [widget, rect] : v->exportLayout(size)) QCOMPARE(rect, widget->geometry());
+        QCOMPARE(v->exportSize(), size);
+        const QString shownState = screenState(v);
+        const QString shownPng = tmp.filePath("match-shown-") + view + ".png";
+        QVERIFY2(v->exportPng(shownPng, &err, QSize(), 1.0), qPrintable(err));
+        QCOMPARE(screenState(v), shownState);
+        const QImage grabbed = plotArea(v)->grab().toImage();
+
+        const QImage hidden(hiddenPng), shown(shownPng);
+        QCOMPARE(shown.size(), size);
+        QCOMPARE(hidden.size(), size);
+        const double hiddenVsShown = differentShare(hidden, shown);
+        QVERIFY2(hiddenVsShown < 0.002, qPrintable(QStringLiteral("%1: %2% of the pixels differ").arg(view).arg(hiddenVsShown * 100)));
+        const double shownVsScreen = differentShare(shown, grabbed);
+        QVERIFY2(shownVsScreen < 0.01, qPrintable(QStringLiteral("%1: %2% of the pixels differ from the screen").arg(view).arg(shownVsScreen * 100)));
+    }
+
+    // A view on screen but small exports at the default size; one on screen and large enough
+    // exports at its on-screen size.
+    void onScreenSizeRule() {
+        PlotView* v = w->view("routing");
+        const QSize small(PlotView::minOnScreenExportSize().width() - 20, PlotView::minOnScreenExportSize().height() + 40);
+        QVERIFY(showFloatingAt(*w, "routing", small));
+        QCOMPARE(v->exportSize(), PlotView::defaultExportSize());
+        const QSize large(1000, 700);
+        QVERIFY(showFloatingAt(*w, "routing", large));
+        QCOMPARE(v->exportSize(), large);
+        QString err;
+        const QString base = tmp.filePath("large-routing");
+        QVERIFY2(v->exportTo(base, &err), qPrintable(err));
+        QCOMPARE(QImage(base + ".png").size() / std::max<qreal>(1.0, w->devicePixelRatioF()), large);
+        QCOMPARE(pdfPageSize(base + ".pdf"), QSizeF(large));
+        // Export all views: every view at the default size, this large on-screen one included.
+        const QString dir = tmp.filePath("all");
+        QVERIFY2(w->exportAllViews(dir, &err), qPrintable(err));
+        QVERIFY(v->isOnScreen());
+        const QSize size = PlotView::defaultExportSize();
+        for (auto* view : w->views()) {
+            const QString b = dir + "/" + view->viewName();
+            QCOMPARE(QImage(b + ".png").size() / std::max<qreal>(1.0, w->devicePixelRatioF()), size);
+            QCOMPARE(pdfPageSize(b + ".pdf"), QSizeF(size));
+        }
+    }
+
+    // A view that was never shown (its widgets still hidden, never laid out) draws the same
+    // figure as the window's own view of the same store.
+    void neverShownViewExports() {
+        const QSize size = PlotView::defaultExportSize();
+        RoutingView routing(w->store());
+        ModelCardView card(w->store());
+        for (PlotView* v : {static_cast<PlotView*>(&routing), static_cast<PlotView*>(&card)}) {
+            QVERIFY(!v->isOnScreen());
+            QCOMPARE(v->exportSize(), size);
+            QVERIFY(hideInTab(*w, v->viewName()));
+            const QImage mine = v->renderImage(size), windows = w->view(v->viewName())->renderImage(size);
+            QCOMPARE(mine.size(), size);
+            const double d = differentShare(mine, windows);
+            QVERIFY2(d < 0.002, qPrintable(QStringLiteral("%1: %2% of the pixels differ").arg(v->viewName()).arg(d * 100)));
+        }
+    }
+
+    // At device pixel ratio 2 the image has twice the pixels each way and shows the same figure.
+    void devicePixelRatio() {
+        PlotView* v = w->view("routing");
+        const QSize size(700, 500);
+        const QImage one = v->renderImage(size, 1.0), two = v->renderImage(size, 2.0);
+        QCOMPARE(one.size(), size);
+        QCOMPARE(two.size(), size * 2);
+        QCOMPARE(two.devicePixelRatio(), 2.0);
+        const QImage down = two.scaled(size, Qt::IgnoreAspectRatio, Qt::SmoothTransformation);
+        // Text and hairlines are drawn anew at the finer grid, so edges differ a little (~1.3%);
+        // a figure drawn at the wrong scale differs in most pixels.
+        const double d = differentShare(one, down, 100);
+        QVERIFY2(d < 0.03, qPrintable(QStringLiteral("%1% of the pixels differ").arg(d * 100)));
+        QVERIFY(inkShare(two, plotArea(v)->palette().color(QPalette::Window)) > 0.02);
+        const QString path = tmp.filePath("dpr2-routing.png");
+        QString err;
+        QVERIFY2(v->exportPng(path, &err, size, 2.0), qPrintable(err));
+        QCOMPARE(QImage(path).size(), size * 2);
     }
 
     void replayReproducesViews() {
