@@ -136,7 +136,7 @@ void MtpView::refresh() {
     m_speedPlot->yAxis->setRange(0, top);
     for (int i = 0; i < 2; ++i) {
         m_speedText[i]->position->setCoords(i, sy[i] > 0 ? sy[i] : 0.0);
-        m_speedText[i]->setText(cnt[i] ? tr("%1 tok/s").arg(sy[i], 0, 'f', 0) : tr("no answer\nyet"));
+        m_speedText[i]->setText(cnt[i] ? tr("%1 tok/s").arg(sy[i], 0, 'f', 0) : tr("no answer yet"));
         m_speedText[i]->setTextAlignment(Qt::AlignHCenter);
         m_speedText[i]->setColor(dark() ? QColor(220, 220, 220) : QColor(30, 30, 30));
     }
