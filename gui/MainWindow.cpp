@@ -154,6 +154,10 @@ QDockWidget* MainWindow::addView(PlotView* v, Qt::DockWidgetArea area, const QKe
     addDockWidget(area, d);
     m_views << v;
     m_docks[v->viewName()] = d;
+    // A tab raised or a dock shown: the view catches up with the data it skipped while hidden.
+    connect(d, &QDockWidget::visibilityChanged, v, [v](bool visible) {
+        if (visible) v->catchUp();
+    });
     QAction* a = d->toggleViewAction();
     a->setShortcut(key);
     return d;

@@ -121,20 +121,31 @@ void PlotView::legendBelow(QCustomPlot* plot) {
     legend->setRowSpacing(0);
 }
 
+// Only a view on screen redraws as data arrives; one that is hidden, or in a tab behind another
+// (QMainWindow keeps those "visible", moved out of the window), marks itself dirty and catches
+// up when it is shown or its tab raised (catchUp, from the dock's visibilityChanged).
 void PlotView::onStoreChanged() {
-    if (!isVisible()) {
+    if (!isOnScreen()) {
         m_dirty = true;
         return;
     }
+    redraw();
+}
+
+void PlotView::redraw() {
     m_dirty = false;
     refresh();
     for (auto* p : m_plots) p->replot(QCustomPlot::rpQueuedReplot);
     emit refreshed();
 }
 
+void PlotView::catchUp() {
+    if (m_dirty) redraw();
+}
+
 void PlotView::showEvent(QShowEvent* e) {
     QWidget::showEvent(e);
-    if (m_dirty) onStoreChanged();
+    catchUp();
 }
 
 void PlotView::refreshNow() {

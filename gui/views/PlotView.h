@@ -45,6 +45,8 @@ public:
     // "visible" (isVisible() is true) but moves them out of the window, so this asks for a
     // non-empty visible region as well.
     bool isOnScreen() const;
+    // Redraws now if data arrived while the view was off screen (its dock raised or shown).
+    void catchUp();
     // The size exports are drawn at: the plot area's on-screen size while the view is on screen
     // and at least minOnScreenExportSize(), else defaultExportSize(); never below what the
     // grid's minimum sizes need.
@@ -85,6 +87,7 @@ protected:
     QGridLayout* plotGrid() const { return m_grid; }
     void showEvent(QShowEvent* e) override;
     void onStoreChanged();
+    void redraw();
     // Draws one widget of the plot area at `size` with its top-left corner at the painter's
     // origin. Plots draw themselves at that size (ticks chosen for it, then restored); plain-text
     // edits and tables are drawn through an unshown copy laid out at that size; other widgets

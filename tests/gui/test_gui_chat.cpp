@@ -101,6 +101,25 @@ private slots:
         QCOMPARE(mtp()->speedBars(), 2);
     }
 
+    // Views in a tab behind another skip redraws while tokens arrive and catch up when raised.
+    void hiddenTabsCatchUpWhenRaised() {
+        w->showView("latent");  // routing and MTP share its dock area: their tabs are behind
+        QTest::qWait(20);
+        QVERIFY(latent()->isOnScreen());
+        QVERIFY(!routing()->isOnScreen());
+        QSignalSpy routingRefreshed(routing(), &PlotView::refreshed), latentRefreshed(latent(), &PlotView::refreshed);
+        QVERIFY(generateOnce(*w, QStringLiteral("3, 9, 27"), 6));
+        QTest::qWait(20);
+        QVERIFY(latentRefreshed.count() > 0);
+        QCOMPARE(routingRefreshed.count(), 0);
+        QVERIFY(routing()->isDirty());
+        w->showView("routing");
+        QTRY_VERIFY(routingRefreshed.count() > 0);
+        QVERIFY(!routing()->isDirty());
+        routing()->refreshNow();  // what it drew is the whole sequence
+        QCOMPARE(routing()->sequenceMapSize().width(), int(w->engine()->contextTokens().size()));
+    }
+
     void clickingTokenSelectsEverywhere() {
         const auto& toks = w->chat()->entries().back().tokens;
         QVERIFY(toks.size() >= 4);
