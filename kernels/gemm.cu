@@ -459,7 +459,8 @@ struct Fp8Tiles {
 // The f32 activations enter as two bf16 parts, hi = bf16(x) and lo = bf16(x - hi) (x - hi is
 // exact in f32), each multiplied with the weights: x is carried to ~2^-17 relative instead of
 // bf16's 2^-9, so the products are the CPU's f32 products up to summation order, at twice the
-// tensor-core work of a kernel that is bound by reading the weights anyway.
+// tensor-core work of a kernel that is bound by reading the weights anyway. (An activation
+// beyond bf16's range gives hi = inf, lo = NaN: NaN where the GEMV gives inf.)
 // Shared memory: the running sums Cs, and one region that holds the k-step tiles (activations
 // hi and lo, weights) or, between 128-column blocks of FP8 weights, the block's partial sums.
 template <class Tiles>
@@ -548,9 +549,12 @@ __global__ void __launch_bounds__(128) grouped_gemm_kernel(float* y, const float
                     wmma::store_matrix_sync(&Cp[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kLdC,
                                             wmma::mem_row_major);
             __syncthreads();
-            for (int i = tid; i < kGroupedRows * kGN; i += 128) {
-                const int r = i / kGN, c = i % kGN;
-                const float part = o0 + c < out ? Cp[r][c] * wt.scale(tile.x, o0 + c, kb, out, in) : 0.0f;
+            // Thread tid owns column tid % 64 of every row it visits (128 is a multiple of 64):
+            // one scale load per thread and block.
+            const int c = tid % kGN;
+            const float sc = o0 + c < out ? wt.scale(tile.x, o0 + c, kb, out, in) : 0.0f;
+            for (int r = tid / kGN; r < kGroupedRows; r += 128 / kGN) {
+                const float part = Cp[r][c] * sc;
                 Cs[r][c] = kb == 0 ? part : Cs[r][c] + part;
             }
             __syncthreads();  // Cp is read before the next block's tiles overwrite it

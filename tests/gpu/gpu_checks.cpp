@@ -379,7 +379,10 @@ void check_grouped_gemm() {
             expect(fits && dmap.down() == want_map, "expert_tiles map " + shape,
                    fits ? "differs from the host's" : "grouped_max_tiles is too small");
             expect(dmap.pad_intact(), "expert_tiles padding " + shape);
-            close("grouped expert GEMM", shape, dy.down(), ref, 1e-4 * std::sqrt(double(c.in)), 1e-4);
+            // A third of the f32 GEMV check's tolerance: a CPU emulation of the kernel (with
+            // truncating tensor-core sums) reaches 0.19 of that one; dropping the lo part of the
+            // activations exceeds this one in every case.
+            close("grouped expert GEMM", shape, dy.down(), ref, 4e-5 * std::sqrt(double(c.in)), 4e-5);
             expect(dy.pad_intact(), "grouped expert GEMM padding " + shape);
         }
 }
