@@ -268,9 +268,14 @@ bool have_avx2_fma() {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
+// Read by every thread on every product: on a line of its own, so that no neighbour in .bss
+// that is written (the pool's fields were once) makes the threads fetch it again and again.
+struct alignas(64) KernelSlot {
+    std::atomic<const Kernels*> k;
+};
 std::atomic<const Kernels*>& kernel_slot() {
-    static std::atomic<const Kernels*> k{have_avx2_fma() ? &kAvx2 : &kPortable};
-    return k;
+    static KernelSlot s{have_avx2_fma() ? &kAvx2 : &kPortable};
+    return s.k;
 }
 
 const Kernels& kernels() { return *kernel_slot().load(std::memory_order_relaxed); }
