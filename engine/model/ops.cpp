@@ -268,9 +268,14 @@ bool have_avx2_fma() {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
+// Read by every thread on every product: on a line of its own, so that no neighbour in .bss
+// that is written (the pool's fields were once) makes the threads fetch it again and again.
+struct alignas(64) KernelSlot {
+    std::atomic<const Kernels*> k;
+};
 std::atomic<const Kernels*>& kernel_slot() {
-    static std::atomic<const Kernels*> k{have_avx2_fma() ? &kAvx2 : &kPortable};
-    return k;
+    static KernelSlot s{have_avx2_fma() ? &kAvx2 : &kPortable};
+    return s.k;
 }
 
 const Kernels& kernels() { return *kernel_slot().load(std::memory_order_relaxed); }
@@ -379,15 +384,22 @@ private:
         }
     }
 
-    std::atomic<int> threads_{1};
-    std::atomic<bool> busy_{false};
-    std::atomic<uint64_t> gen_{0};
-    std::atomic<bool> active_{false};
-    std::atomic<int> inside_{0};
-    std::atomic<int> next_{0};
-    const std::function<void(int, int)>* job_ = nullptr;
+    // Each group of fields on its own cache line, by who writes it when: idle workers poll
+    // gen_, so a write to its line by the caller between jobs (the mutex, the job fields, a
+    // chunk claim) would pull the line away from every polling worker and back. Left to the
+    // linker, the fields fell across lines by where the object happened to land in .bss; one
+    // placement (the mutex and job fields on gen_'s line) cost up to 10% of a 2-thread decode
+    // step at context 512 (docs/performance.md).
+    static constexpr size_t kLine = 64;
+    alignas(kLine) std::atomic<uint64_t> gen_{0};  // a new job opens: what idle workers poll
+    std::atomic<bool> active_{false};              // the job is still open to new workers
+    alignas(kLine) std::atomic<int> next_{0};      // chunk claims of every thread during a job
+    alignas(kLine) std::atomic<int> inside_{0};    // workers inside a job (the caller waits for 0)
+    alignas(kLine) const std::function<void(int, int)>* job_ = nullptr;  // set before gen_ moves
     int n_ = 0, chunks_ = 1;
-    std::atomic<bool> quit_{false};
+    alignas(kLine) std::atomic<int> threads_{1};   // the caller's side
+    std::atomic<bool> busy_{false};
+    alignas(kLine) std::atomic<bool> quit_{false};  // sleeping and shutting down
     std::mutex m_;
     std::condition_variable cv_;
     std::vector<std::thread> workers_;
