@@ -87,8 +87,8 @@ ArrayDiff compare_arrays(const std::string& op, const A* got, const B* want, con
     return d;
 }
 
-template <class A, class B>
-ArrayDiff compare_vectors(const std::string& op, const std::vector<A>& got, const std::vector<B>& want,
+template <class A, class B, class AllocA, class AllocB>
+ArrayDiff compare_vectors(const std::string& op, const std::vector<A, AllocA>& got, const std::vector<B, AllocB>& want,
                           const std::vector<int64_t>& shape, double atol, double rtol = 0.0) {
     int64_t n = 1;
     for (auto s : shape) n *= s;
