@@ -1,7 +1,10 @@
 // Telemetry records <-> JSON, the JSONL writer and reader, and the exports.
 #include "engine/telemetry.h"
 
+#include <cmath>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <map>
 #include <sstream>
 
@@ -31,13 +34,44 @@ json nested(const std::vector<T>& v, size_t cols) {
     return out;
 }
 
+// A JSON value as T. Integers are range-checked: nlohmann's get<int>() casts a number like
+// 6.7e117 straight to int, which is undefined behaviour (found by fuzzing read_trace).
+template <class T>
+T value_as(const json& x) {
+    if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+        constexpr double lo = double(std::numeric_limits<T>::min()), hi = double(std::numeric_limits<T>::max());
+        bool ok = false;
+        T v{};
+        if (x.is_number_unsigned()) {
+            const uint64_t u = x.get<uint64_t>();
+            ok = u <= uint64_t(std::numeric_limits<T>::max());
+            v = T(ok ? u : 0);
+        } else if (x.is_number_integer()) {
+            const int64_t i = x.get<int64_t>();
+            ok = i >= int64_t(std::numeric_limits<T>::min()) && uint64_t(std::max<int64_t>(i, 0)) <= uint64_t(std::numeric_limits<T>::max());
+            v = T(ok ? i : 0);
+        } else if (x.is_number_float()) {
+            const double d = x.get<double>();
+            // hi is exact for 32-bit T; for 64-bit it rounds up to 2^63, itself out of range.
+            ok = d >= lo && (sizeof(T) < 8 ? d <= hi : d < hi) && d == std::trunc(d);  // NaN fails
+            v = T(ok ? d : 0);
+        } else {
+            throw FormatError(std::string("expected an integer, found ") + x.type_name());
+        }
+        if (!ok) throw FormatError("number " + x.dump() + " is not an integer of the expected range");
+        return v;
+    } else {
+        return x.get<T>();
+    }
+}
+
 template <class T>
 std::vector<T> flat(const json& j, size_t& cols) {
     std::vector<T> out;
     cols = 0;
     for (const auto& row : j) {
         cols = row.size();
-        for (const auto& x : row) out.push_back(x.get<T>());
+        for (const auto& x : row) out.push_back(value_as<T>(x));
     }
     return out;
 }
@@ -117,7 +151,7 @@ Record record_from_json(const json& j) {
     const std::string t = j["type"];
     auto get = [&](const char* k, auto fallback) {
         using T = decltype(fallback);
-        return j.contains(k) && !j[k].is_null() ? j[k].get<T>() : fallback;
+        return j.contains(k) && !j[k].is_null() ? value_as<T>(j[k]) : fallback;
     };
     try {
         if (t == "meta") return MetaRecord{get("card", json()), get("config", json()), get("settings", json())};

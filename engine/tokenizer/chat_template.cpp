@@ -265,7 +265,7 @@ std::vector<ChatMessage> parse_chat_messages(const std::string& json_text, const
     nlohmann::json doc;
     try {
         doc = nlohmann::json::parse(json_text);
-    } catch (const nlohmann::json::parse_error& e) {
+    } catch (const nlohmann::json::exception& e) {  // syntax, or a number beyond a double (fuzzing)
         throw FormatError(source + ": not valid JSON (" + e.what() + ")");
     }
     // A bare array, or a request body {"messages": [...]} as sent to chat APIs.

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstring>
 #include <deque>
 #include <fstream>
@@ -139,6 +140,17 @@ struct Reader {
         const json& v = at(j, key, path);
         if (!v.is_string()) fail(path + "." + key, "expected a string, found " + std::string(v.type_name()));
         return v.get<std::string>();
+    }
+    // A token id: an integer in [0, 2^24). nlohmann's get<int>() would cast 1e300 (undefined
+    // behaviour) or wrap 4294967297 to 1, and the id table is sized by the largest id, so an id
+    // of 2e9 would ask for tens of GB; real vocabularies stay far below 2^24 (V3: 129,280).
+    static constexpr int64_t kMaxId = int64_t(1) << 24;
+    int id(const json& v, const std::string& key) const {
+        if (!v.is_number_integer()) fail(key, "expected an integer id, found " + std::string(v.type_name()));
+        if (v.is_number_unsigned() ? v.get<uint64_t>() >= uint64_t(kMaxId)
+                                   : (v.get<int64_t>() < 0 || v.get<int64_t>() >= kMaxId))
+            fail(key, "id " + v.dump() + " is out of range (0 to " + std::to_string(kMaxId - 1) + ")");
+        return int(v.get<int64_t>());
     }
     bool flag(const json& j, const std::string& key, const std::string& path, bool fallback) const {
         if (!j.is_object() || !j.contains(key) || j.at(key).is_null()) return fallback;
@@ -306,7 +318,7 @@ std::vector<int> special_ids(const Reader& r, const json& specials, const std::s
                              const std::string& path) {
     if (!specials.contains(name)) r.fail(path, "special token '" + name + "' is not defined in special_tokens");
     std::vector<int> ids;
-    for (const auto& id : r.at(specials.at(name), "ids", path + "." + name)) ids.push_back(id.get<int>());
+    for (const auto& id : r.at(specials.at(name), "ids", path + "." + name)) ids.push_back(r.id(id, path + "." + name + ".ids"));
     return ids;
 }
 
@@ -342,8 +354,10 @@ void parse_post_processor(const Reader& r, const TokenizerImpl& t, const json& j
     } else if (type == "RobertaProcessing" || type == "BertProcessing") {
         const json& cls = r.at(j, "cls", path);
         const json& sep = r.at(j, "sep", path);
-        out.before.push_back(cls.at(1).get<int>());
-        out.after.push_back(sep.at(1).get<int>());
+        if (!cls.is_array() || cls.size() != 2 || !sep.is_array() || sep.size() != 2)
+            r.fail(path, "cls and sep must be [token, id]");
+        out.before.push_back(r.id(cls.at(1), path + ".cls"));
+        out.after.push_back(r.id(sep.at(1), path + ".sep"));
     } else {
         r.fail(path + ".type", "post-processor '" + type + "' is not supported");
     }
@@ -408,8 +422,7 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& confi
         };
         t->token_to_id.reserve(vocab.size() * 2);
         for (const auto& [tok, id] : vocab.items()) {
-            if (!id.is_number_integer()) r.fail("model.vocab." + tok, "expected an integer id");
-            set_token(tok, id.get<int>(), "model.vocab." + tok);
+            set_token(tok, r.id(id, "model.vocab." + tok), "model.vocab." + tok);
         }
         if (model.contains("unk_token") && model.at("unk_token").is_string()) {
             auto it = t->token_to_id.find(model.at("unk_token").get<std::string>());
@@ -450,7 +463,7 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& confi
             for (size_t i = 0; i < list.size(); ++i) {
                 const std::string key = "added_tokens[" + std::to_string(i) + "]";
                 AddedToken a;
-                a.id = r.at(list[i], "id", key).get<int>();
+                a.id = r.id(r.at(list[i], "id", key), key + ".id");
                 a.content = r.str(list[i], "content", key);
                 if (a.content.empty()) r.fail(key + ".content", "empty token");
                 a.special = r.flag(list[i], "special", key, false);

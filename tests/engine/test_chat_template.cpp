@@ -244,6 +244,8 @@ private slots:
         QTest::addColumn<QString>("json");
         QTest::addColumn<QString>("expected");
         QTest::newRow("not json") << "[{" << "msgs.json: not valid JSON";
+        // Found by fuzzing: a number beyond a double escaped as nlohmann's out_of_range.
+        QTest::newRow("number overflow") << "[" + QString(400, QLatin1Char('2')) + "]" << "msgs.json: not valid JSON";
         QTest::newRow("not an array") << R"({"role": "user"})" << "msgs.json: expected a JSON array";
         QTest::newRow("not an object") << R"([{"role": "user", "content": "a"}, 3])" << "msgs.json: messages[1]: expected an object";
         QTest::newRow("no role") << R"([{"content": "a"}])" << "msgs.json: messages[0]: expected a string \"role\"";

@@ -598,6 +598,21 @@ void TestSession::telemetryRoundTrip() {
         bad = QString(e.what()).contains("line 1");
     }
     QVERIFY(bad);
+    // Found by fuzzing: numbers that do not fit the field were cast (UB for 6.7e117 into an int,
+    // a silent wrap for 4294967297); each is a FormatError naming the line.
+    for (const char* line : {R"({"type":"token","position":6.7e117})", R"({"type":"token","id":4294967297})",
+                             R"({"type":"token","position":1.5})",
+                             R"({"type":"route","position":0,"token":1,"layers":[1],"ids":[[1e300]],"weights":[[1]]})",
+                             R"({"type":"token","step":1e19})"}) {
+        std::ofstream(dir.path().toStdString() + "/num.jsonl") << "{\"type\":\"token\",\"position\":0}\n" << line << "\n";
+        QString msg;
+        try {
+            read_trace(dir.path().toStdString() + "/num.jsonl");
+        } catch (const FormatError& e) {
+            msg = QString::fromUtf8(e.what());
+        }
+        QVERIFY2(msg.contains("line 2"), qPrintable(QString::fromUtf8(line) + " -> '" + msg + "'"));
+    }
 }
 
 // Two sessions generating at once on one loaded model give what each gives alone.

@@ -315,6 +315,11 @@ private slots:
         QTest::newRow("bad behavior") << "bad_behavior.json" << "pre_tokenizer.behavior";
         QTest::newRow("no merges") << "no_merges.json" << "model.merges: missing";
         QTest::newRow("no file") << "does_not_exist.json" << "no tokenizer.json";
+        // Ids that were cast unchecked (a float 1e300 into an int is undefined; 4294967297
+        // wrapped to 1) or that would size the id table at gigabytes.
+        QTest::newRow("float added id") << "float_added_id.json" << "added_tokens[0].id: expected an integer id";
+        QTest::newRow("huge vocab id") << "huge_vocab_id.json" << "model.vocab.b: id 4294967297 is out of range";
+        QTest::newRow("large vocab id") << "large_vocab_id.json" << "model.vocab.b: id 2000000000 is out of range";
     }
     void malformed_files() {
         QFETCH(QString, file);
