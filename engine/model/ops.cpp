@@ -452,14 +452,33 @@ struct BlasSingleThreaded {
 
 }  // namespace
 
+namespace {
+thread_local int t_fixed_order = 0;  // FixedOrderProducts scopes open on this thread
+thread_local int t_in_task = 0;      // parallel_tasks tasks running on this thread
+}  // namespace
+
 void parallel_tasks(int n, int threads, const std::function<void(int)>& fn) {
     BlasSingleThreaded hold;
     Pool::get().run(
         n, threads,
         [&](int i0, int i1) {
+            ++t_in_task;
             for (int i = i0; i < i1; ++i) fn(i);
+            --t_in_task;
         },
         n);
+}
+
+FixedOrderProducts::FixedOrderProducts() { ++t_fixed_order; }
+FixedOrderProducts::~FixedOrderProducts() { --t_fixed_order; }
+bool fixed_order_products() { return t_fixed_order > 0 && t_in_task == 0; }
+
+void for_each_fixed_block(int n, const std::function<void(int, int)>& fn) {
+    const int blocks = (n + kFixedOrderBlock - 1) / kFixedOrderBlock;
+    parallel_tasks(blocks, num_threads(), [&](int b) {
+        const int c0 = b * kFixedOrderBlock;
+        fn(c0, std::min(n, c0 + kFixedOrderBlock));
+    });
 }
 
 void matmul_nt_rows(float* y, const float* x, const float* W, int T, int out, int in, bool accumulate) {
@@ -511,6 +530,13 @@ float dot(const float* a, const float* b, int n) {
 void matmul_nt(float* y, const float* x, const float* W, int T, int out, int in, bool accumulate) {
     if (T <= kSmallT) {
         matmul_nt_rows(y, x, W, T, out, in, accumulate);
+        return;
+    }
+    if (fixed_order_products()) {  // y[:, o0:o1] = x W[o0:o1]^T, block by block
+        for_each_fixed_block(out, [&](int o0, int o1) {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, o1 - o0, in, 1.0f, x, in, W + size_t(o0) * size_t(in),
+                        in, accumulate ? 1.0f : 0.0f, y + o0, out);
+        });
         return;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, out, in, 1.0f, x, in, W, in, accumulate ? 1.0f : 0.0f, y,

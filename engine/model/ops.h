@@ -85,6 +85,27 @@ void parallel_range(int n, int64_t work, const std::function<void(int, int)>& fn
 // in order. fn must not throw.
 void parallel_tasks(int n, int threads, const std::function<void(int)>& fn);
 
+// Training's products, the same bits at every thread count: while an instance lives on this
+// thread, the sgemm products of matmul_nt and matmul_nt_backward called on it are cut into
+// fixed blocks of kFixedOrderBlock output columns (rows of dW), each a single-threaded sgemm
+// run through parallel_tasks, so no sum is split by thread count (threaded OpenBLAS splits
+// long sums into other blocks than single-threaded OpenBLAS). Products inside a parallel_tasks
+// task are single-threaded already and stay whole. Nests (counted).
+inline constexpr int kFixedOrderBlock = 64;
+class FixedOrderProducts {
+public:
+    FixedOrderProducts();
+    ~FixedOrderProducts();
+    FixedOrderProducts(const FixedOrderProducts&) = delete;
+    FixedOrderProducts& operator=(const FixedOrderProducts&) = delete;
+};
+// Whether products on this thread are cut into fixed blocks now (inside a FixedOrderProducts
+// scope, outside a parallel_tasks task).
+bool fixed_order_products();
+// fn(c0, c1) for each fixed block [c0, c1) of n columns (kFixedOrderBlock wide), as tasks of
+// parallel_tasks on num_threads() threads.
+void for_each_fixed_block(int n, const std::function<void(int, int)>& fn);
+
 // out[T, n] = x / sqrt(mean(x^2) + eps) * w
 void rmsnorm_forward(float* out, const float* x, const float* w, int T, int n, float eps);
 

@@ -13,6 +13,19 @@ namespace moescope {
 void matmul_nt_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int T, int out,
                         int in, bool accumulate_dx) {
     if (T <= 0) return;
+    if (fixed_order_products()) {  // training: fixed column blocks (ops.h FixedOrderProducts)
+        if (dx)  // dx[:, i0:i1] = dy W[:, i0:i1]
+            for_each_fixed_block(in, [&](int i0, int i1) {
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, i1 - i0, out, 1.0f, dy, out, W + i0, in,
+                            accumulate_dx ? 1.0f : 0.0f, dx + i0, in);
+            });
+        if (dW)  // dW[o0:o1, :] += dy[:, o0:o1]^T x
+            for_each_fixed_block(out, [&](int o0, int o1) {
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, o1 - o0, in, T, 1.0f, dy + o0, out, x, in, 1.0f,
+                            dW + size_t(o0) * size_t(in), in);
+            });
+        return;
+    }
     if (dx)  // dx[T, in] = dy[T, out] W[out, in]
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, in, out, 1.0f, dy, out, W, in,
                     accumulate_dx ? 1.0f : 0.0f, dx, in);

@@ -87,6 +87,9 @@ public:
     // other). Changes speed only, never a bit of the results.
     void set_expert_threads(int n) { expert_threads_ = std::max(0, n); }
     int expert_threads() const { return expert_threads_ > 0 ? expert_threads_ : num_threads(); }
+    // Every product of run() in fixed blocks (FixedOrderProducts): results independent of the
+    // thread count, at some speed (products narrower than a block lose OpenBLAS's threads).
+    void set_fixed_order(bool on) { fixed_order_ = on; }
 
     // tokens[B, T]. When `grads` is given, adds grad_scale * dLoss/dParam to it (same layout
     // as `w`, see zeros_like). The routers use the e_score_correction_bias tensors of `w`.
@@ -109,6 +112,7 @@ private:
     std::vector<LayerActs> mtp_acts_;  // one per MTP module
     std::vector<float> logits_;
     int expert_threads_ = 0;
+    bool fixed_order_ = false;
 };
 
 // Zero tensors shaped like every non-empty tensor of w (optional MTP copies included).

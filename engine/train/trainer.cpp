@@ -33,6 +33,7 @@ nlohmann::json TrainOptions::to_json() const {
             {"eval_windows", eval_windows},
             {"val_fraction", val_fraction},
             {"seed", seed},
+            {"deterministic", deterministic},
             {"init_std", init_std},
             {"out_dir", out_dir.string()},
             {"tokenizer", tokenizer.string()}};
@@ -62,6 +63,7 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
         o.eval_windows = j.at("eval_windows");
         o.val_fraction = j.at("val_fraction");
         o.seed = j.at("seed");
+        o.deterministic = j.value("deterministic", false);  // absent in checkpoints before it existed
         o.init_std = j.at("init_std");
         o.out_dir = j.at("out_dir").get<std::string>();
         o.tokenizer = j.at("tokenizer").get<std::string>();
@@ -78,6 +80,7 @@ Trainer::Trainer(ModelConfig cfg, TrainOptions opt, std::vector<int> tokens, Tel
 Trainer::Trainer(ModelConfig cfg, TrainOptions opt, TokenDataset data, TelemetrySink* sink, Weights w)
     : cfg_(std::move(cfg)), opt_(std::move(opt)), data_(std::move(data)), sink_(sink), w_(std::move(w)),
       graph_(cfg_), rng_(opt_.seed ^ 0x9E3779B97F4A7C15ull) {
+    graph_.set_fixed_order(opt_.deterministic);
     if (opt_.batch < 1 || opt_.seq_len < 2 || opt_.grad_accum < 1 || opt_.steps < 1)
         throw ConfigError("training options: batch, grad_accum and steps must be >= 1 and seq_len >= 2");
     if (opt_.loss.balance == BalanceMode::AuxFree && cfg_.n_routed_experts > 0 && !cfg_.has_bias())
