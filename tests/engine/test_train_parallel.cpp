@@ -92,6 +92,22 @@ int64_t first_difference(const std::vector<float>& a, const std::vector<float>& 
     return -1;
 }
 
+// Empty when run r equals ref bit for bit (every step's stats, every parameter), else where not.
+QString run_difference(const Run& r, const Run& ref) {
+    if (r.stats != ref.stats) return "losses / gradient norms differ";
+    if (r.params.size() != ref.params.size()) return "different parameter lists";
+    for (size_t i = 0; i < r.params.size(); ++i) {
+        const int64_t at = first_difference(r.params[i], ref.params[i]);
+        if (at >= 0)
+            return QString("%1 differs first at element %2 (%3 vs %4)")
+                .arg(QString::fromStdString(r.names[i]))
+                .arg(at)
+                .arg(double(r.params[i][size_t(at)]), 0, 'g', 9)
+                .arg(double(ref.params[i][size_t(at)]), 0, 'g', 9);
+    }
+    return {};
+}
+
 }  // namespace
 
 class TestTrainParallel : public QObject {
@@ -240,19 +256,8 @@ void TestTrainParallel::training_independent_of_expert_threads() {
         const Run ref = train(cfg, tokens, blas, 1);  // experts one after the other
         QVERIFY(!ref.params.empty());
         for (int threads : {2, 4}) {
-            const Run r = train(cfg, tokens, blas, threads);
-            const QString what = QString("BLAS %1 threads, experts on %2").arg(blas).arg(threads);
-            QVERIFY2(r.stats == ref.stats, qPrintable(what + ": losses / gradient norms differ"));
-            QCOMPARE(r.params.size(), ref.params.size());
-            for (size_t i = 0; i < r.params.size(); ++i) {
-                const int64_t at = first_difference(r.params[i], ref.params[i]);
-                if (at >= 0)
-                    QFAIL(qPrintable(QString("%1: %2 differs first at element %3 (%4 vs %5)")
-                                         .arg(what, QString::fromStdString(r.names[i]))
-                                         .arg(at)
-                                         .arg(double(r.params[i][size_t(at)]), 0, 'g', 9)
-                                         .arg(double(ref.params[i][size_t(at)]), 0, 'g', 9)));
-            }
+            const QString diff = run_difference(train(cfg, tokens, blas, threads), ref);
+            QVERIFY2(diff.isEmpty(), qPrintable(QString("BLAS %1 threads, experts on %2: ").arg(blas).arg(threads) + diff));
         }
     }
 }
@@ -286,17 +291,9 @@ void TestTrainParallel::training_independent_of_threads() {
     const Run ref = train(cfg, tokens, 1, 0, 384, true);
     QVERIFY(!ref.params.empty());
     for (int threads : {2, 3}) {
-        const Run r = train(cfg, tokens, threads, 0, 384, true);  // experts follow num_threads()
-        const QString what = QString("%1 threads").arg(threads);
-        QVERIFY2(r.stats == ref.stats, qPrintable(what + ": losses / gradient norms differ"));
-        QCOMPARE(r.params.size(), ref.params.size());
-        for (size_t i = 0; i < r.params.size(); ++i) {
-            const int64_t at = first_difference(r.params[i], ref.params[i]);
-            if (at >= 0)
-                QFAIL(qPrintable(QString("%1: %2 differs first at element %3")
-                                     .arg(what, QString::fromStdString(r.names[i]))
-                                     .arg(at)));
-        }
+        // experts follow num_threads()
+        const QString diff = run_difference(train(cfg, tokens, threads, 0, 384, true), ref);
+        QVERIFY2(diff.isEmpty(), qPrintable(QString("%1 threads: ").arg(threads) + diff));
     }
 }
 
