@@ -787,7 +787,7 @@ struct CudaBackend::Impl {
 
     // ---- FP8 residency ----------------------------------------------------------------------
     // Prefill of BF16 and FP8 experts through the grouped GEMM, on once grouped_self_check has
-    // compared it with the per-expert loop on this device; grouped_notice says why when it is off.
+    // compared it with the grouped GEMV on this device; grouped_notice says why when it is off.
     bool grouped = false, grouped_ok = false;  // in use; passed the self-check
     std::string grouped_notice;
     std::string grouped_check;  // the self-check's worst case and errors

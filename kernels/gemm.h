@@ -103,11 +103,12 @@ void grouped_gemv(float* y, const float* x, const void* const* weights, bool bf1
 
 // ---- Grouped GEMM over experts (prefill) ------------------------------------------------------
 // The rows of one MoE layer sorted by expert (expert e owns rows [offsets[e], offsets[e+1])),
-// multiplied by each expert's BF16 (or FP8) matrix in one launch, with the offsets read on the device:
-// no host round trip and no launch per expert. Rows go in tiles of kGroupedRows; tile t of the
-// layer is (expert, tile within the expert) from a tile map that expert_tiles builds on the
-// device. The same products as the cuBLAS BF16 path (activations rounded to bf16, bf16 x bf16
-// on tensor cores, f32 accumulation), summed in another order.
+// multiplied by each expert's BF16 (or FP8) matrix in one launch, with the offsets read on the
+// device: no host round trip and no launch per expert. Rows go in tiles of kGroupedRows; tile t
+// of the layer is (expert, tile within the expert) from a tile map that expert_tiles builds on
+// the device. Tensor cores (WMMA bf16, f32 accumulation) with f32-accurate numbers: the
+// activations enter as bf16 hi + lo parts, so the products are the f32 GEMV's (the CPU's) up
+// to summation order.
 
 // (kGroupedRows and grouped_max_tiles, which size the tile map, are in kernels/memory_plan.h.)
 
@@ -120,8 +121,9 @@ void expert_tiles(int2* map, const int* offsets, int E, int max_tiles, cudaStrea
 void grouped_gemm_bf16(float* y, const float* x, const void* const* weights, const int* offsets, const int2* map,
                        int max_tiles, int out, int in, cudaStream_t s);
 // The same over FP8 experts (weights[e]: the start of expert e's carve, kernels/fp8.h; split:
-// the gate rows of a stacked gate|up): each weight enters as bf16(e4m3 * block scale), the
-// value the BF16 prefill fallback multiplies.
+// the gate rows of a stacked gate|up): the e4m3 values enter exactly (each is a bf16 value) and
+// each 128-column block's partial sums are multiplied by the row's block scale in f32, so the
+// weights are the CPU's e4m3 x scale.
 void grouped_gemm_fp8(float* y, const float* x, const void* const* weights, const int* offsets, const int2* map,
                       int max_tiles, int out, int in, int64_t split, cudaStream_t s);
 
