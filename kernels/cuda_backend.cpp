@@ -785,7 +785,7 @@ struct CudaBackend::Impl {
         cache.length_ = start + T;
     }
 
-    // ---- FP8 residency ----------------------------------------------------------------------
+    // ---- Grouped expert GEMM (prefill) --------------------------------------------------------
     // Prefill of BF16 and FP8 experts through the grouped GEMM, on once grouped_self_check has
     // compared it with the grouped GEMV on this device; grouped_notice says why when it is off.
     bool grouped = false, grouped_ok = false;  // in use; passed the self-check
@@ -918,6 +918,7 @@ struct CudaBackend::Impl {
                               "): " + e.what());
     }
 
+    // ---- FP8 residency ----------------------------------------------------------------------
     int fp8_lossy = 0;         // matrices quantized with new scales (no exact FP8 form)
     std::string fp8_prefill;   // what prefill uses, and why
 
