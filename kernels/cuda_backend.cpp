@@ -842,7 +842,9 @@ struct CudaBackend::Impl {
         try {
             struct IntBuf {
                 int* p = nullptr;
-                explicit IntBuf(size_t n) { check(cudaMalloc(&p, n * sizeof(int)), "cudaMalloc (grouped GEMM self-check)"); }
+                explicit IntBuf(size_t n) {
+                    check(cudaMalloc(&p, n * sizeof(int)), "cudaMalloc (grouped GEMM self-check)");
+                }
                 ~IntBuf() { cudaFree(p); }
             } dex(std::max<size_t>(1, row_e.size()));
             check(cudaMemcpyAsync(dex.p, row_e.data(), sizeof(int) * row_e.size(), cudaMemcpyHostToDevice, stream),
@@ -857,7 +859,8 @@ struct CudaBackend::Impl {
                 int out, in;
                 int64_t split;
             };
-            for (const Case& c : {Case{"gate|up", L->exp_gu_dev, 2 * I, D, I}, Case{"down", L->exp_down_dev, D, I, 0}}) {
+            for (const Case& c :
+                 {Case{"gate|up", L->exp_gu_dev, 2 * I, D, I}, Case{"down", L->exp_down_dev, D, I, 0}}) {
                 Buf dx(size_t(R) * c.in), da(size_t(R) * c.out), db(size_t(R) * c.out);
                 check(cudaMemcpyAsync(dx.p, x.data(), sizeof(float) * size_t(R) * c.in, cudaMemcpyHostToDevice, stream),
                       "upload self-check rows");
@@ -866,7 +869,8 @@ struct CudaBackend::Impl {
                 if (fp8) grouped_gemv_fp8(db.p, dx.p, c.dev, dex.p, R, c.out, c.in, c.split, stream);
                 else grouped_gemv(db.p, dx.p, c.dev, true, dex.p, R, c.out, c.in, stream);
                 std::vector<float> a(size_t(R) * c.out), b(a.size());
-                check(cudaMemcpyAsync(a.data(), da.p, a.size() * 4, cudaMemcpyDeviceToHost, stream), "self-check result");
+                check(cudaMemcpyAsync(a.data(), da.p, a.size() * 4, cudaMemcpyDeviceToHost, stream),
+                      "self-check result");
                 check(cudaMemcpyAsync(b.data(), db.p, b.size() * 4, cudaMemcpyDeviceToHost, stream),
                       "self-check reference");
                 check(cudaStreamSynchronize(stream), "cudaStreamSynchronize (grouped GEMM self-check)");
