@@ -28,7 +28,7 @@ std::string hms(double s) {
 }
 
 int cmd_train(const std::vector<std::string>& argv) {
-    Args a(argv, {"resume", "json", "quiet", "deterministic"});
+    Args a(argv, {"resume", "json", "quiet", "deterministic", "no-deterministic"});
     a.check_known({"config", "corpus", "steps", "out", "tokenizer", "vocab", "balance", "gamma", "gamma-until",
                    "alpha", "mtp-weight", "lr", "min-lr", "warmup", "batch", "seq-len", "grad-accum", "eval-every",
                    "eval-windows", "val-fraction", "seed", "telemetry", "threads", "weight-decay", "clip",
@@ -84,7 +84,9 @@ int cmd_train(const std::vector<std::string>& argv) {
         o.eval_windows = int(a.integer("eval-windows", o.eval_windows));
         o.val_fraction = a.number("val-fraction", o.val_fraction);
         o.seed = uint64_t(a.integer("seed", 1));
-        o.deterministic = a.has("deterministic");
+        if (a.has("deterministic") && a.has("no-deterministic"))
+            throw UsageError("give --deterministic (the default) or --no-deterministic, not both");
+        o.deterministic = !a.has("no-deterministic");
         o.init_std = a.number("init-std", o.init_std);
         o.out_dir = out_dir;
         if (auto tp = a.get("tokenizer")) o.tokenizer = *tp;
@@ -192,7 +194,7 @@ CliCommand train_cmd("train",
                      "      [--balance aux-free|aux-loss|seq-aux|none] [--gamma G] [--gamma-until FRAC] [--alpha A]\n"
                      "      [--mtp-weight L] [--lr LR] [--min-lr LR] [--warmup N] [--batch B] [--seq-len T]\n"
                      "      [--grad-accum K] [--eval-every N] [--eval-windows N] [--seed S] [--resume]\n"
-                     "      [--telemetry OUT.jsonl] [--threads N] [--deterministic] [--json]\n"
+                     "      [--telemetry OUT.jsonl] [--threads N] [--no-deterministic] [--json]\n"
                      "  trains from scratch; checkpoints (HF layout + optimizer state) in DIR/checkpoint",
                      cmd_train);
 CliCommand grad_cmd("grad",

@@ -63,7 +63,7 @@ TrainOptions TrainOptions::from_json(const nlohmann::json& j) {
         o.eval_windows = j.at("eval_windows");
         o.val_fraction = j.at("val_fraction");
         o.seed = j.at("seed");
-        o.deterministic = j.value("deterministic", false);  // absent in checkpoints before it existed
+        o.deterministic = j.value("deterministic", false);  // checkpoints from before it existed ran without
         o.init_std = j.at("init_std");
         o.out_dir = j.at("out_dir").get<std::string>();
         o.tokenizer = j.at("tokenizer").get<std::string>();

@@ -47,8 +47,9 @@ struct TrainOptions {
     double val_fraction = 0.05;      // held-out tail of the token stream
     uint64_t seed = 1;               // weights and data order
     // Every product in fixed blocks (FixedOrderProducts, ops.h): the same bits at any thread
-    // count, so a run resumes bit-exactly at another --threads; ~10% slower at 2 threads here.
-    bool deterministic = false;
+    // count, so a run resumes bit-exactly at another --threads. The default: on this machine it
+    // is as fast as OpenBLAS's own threads or faster (docs/training.md); false keeps OpenBLAS's.
+    bool deterministic = true;
     double init_std = 0.02;
     std::filesystem::path out_dir;   // checkpoints go to out_dir/checkpoint (empty: none)
     std::filesystem::path tokenizer; // a folder with tokenizer.json (+ config), copied into checkpoints

@@ -236,18 +236,18 @@ void TestTrain::resume_equals_uninterrupted() {
     while (!c->done()) lb.push_back(c->step().loss);
     QCOMPARE(lb, la);  // bit-exact losses
     QVERIFY(same_weights(a.weights(), c->weights(), cfg));
-    QVERIFY(!c->options().deterministic);
-    // --deterministic is part of the run's state: a resumed run keeps it (and with it the
-    // freedom to resume at another thread count).
+    QVERIFY(c->options().deterministic);  // the default
+    // The choice is part of the run's state: a resumed run keeps it (and with it the freedom to
+    // resume at another thread count, or not).
     {
         TrainOptions d = o;
-        d.deterministic = true;
+        d.deterministic = false;
         d.out_dir = scratch("resume-d");
         {
             Trainer t(cfg, d, toy_tokens(128));
             for (int i = 0; i < 3; ++i) t.step();  // the checkpoint after step 3 (eval_every)
         }
-        QVERIFY(Trainer::resume(d.out_dir / "checkpoint", toy_tokens(128))->options().deterministic);
+        QVERIFY(!Trainer::resume(d.out_dir / "checkpoint", toy_tokens(128))->options().deterministic);
     }
     // A different corpus is refused.
     auto other = toy_tokens(128);
