@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <iterator>
 
 #include "engine/dtype.h"
@@ -113,6 +114,42 @@ private:
     void* base_ = nullptr;
     int64_t size_ = 0, used_ = 0;
 };
+
+// Bytes of a DeviceArena that carves buffers of these sizes (in bytes), each aligned.
+int64_t arena_bytes(std::initializer_list<int64_t> sizes) {
+    int64_t b = 0;
+    for (int64_t n : sizes) b += align_up(std::max<int64_t>(1, n));
+    return b;
+}
+
+// n values uniform in [-1, 1) from a 64-bit LCG: the seeded inputs of the load-time self-checks.
+std::vector<float> lcg_uniform(size_t n, uint64_t seed) {
+    std::vector<float> v(n);
+    for (auto& x : v) {
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        x = float(seed >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
+    }
+    return v;
+}
+
+// How far a self-check's result is from its reference: the relative L2 error of the whole
+// output, and the worst element against the reference's rms; a non-finite result is infinitely
+// far.
+struct OutputError {
+    double rel = 0, worst_over_rms = 0;
+};
+OutputError output_error(const std::vector<float>& got, const std::vector<float>& ref) {
+    double num = 0, den = 0, worst = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+        const double d = std::isfinite(got[i]) ? std::fabs(double(got[i]) - ref[i]) : INFINITY;
+        num += d * d;
+        den += double(ref[i]) * ref[i];
+        worst = std::max(worst, d);
+    }
+    const double rms = std::sqrt(den / double(std::max<size_t>(1, got.size())));
+    return {den > 0 ? std::sqrt(num / den) : (num > 0 ? INFINITY : 0.0),
+            rms > 0 ? worst / rms : (worst > 0 ? INFINITY : 0.0)};
+}
 
 void ensure_free(int64_t need, const std::string& what) {
     size_t free_b = 0, total_b = 0;
@@ -817,17 +854,7 @@ struct CudaBackend::Impl {
             off[size_t(e) + 1] = off[size_t(e)] + std::min(want, Rmax - off[size_t(e)]);
         }
         const int R = off[size_t(E)];
-        std::vector<float> x(size_t(R) * std::max(D, I));
-        uint64_t st = 0x2545f4914f6cdd1dull;
-        for (auto& v : x) {
-            st = st * 6364136223846793005ull + 1442695040888963407ull;
-            v = float(st >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
-        }
-        struct Buf {
-            float* p = nullptr;
-            explicit Buf(size_t n) { check(cudaMalloc(&p, n * sizeof(float)), "cudaMalloc (grouped GEMM self-check)"); }
-            ~Buf() { cudaFree(p); }
-        };
+        const std::vector<float> x = lcg_uniform(size_t(R) * std::max(D, I), 0x2545f4914f6cdd1dull);
         const bool fp8 = opt.dtype == WeightDtype::FP8;
         const std::string loop =
             fp8 ? "prefill experts: one FP8 GEMM per expert" : "prefill experts: one cuBLAS GEMM per expert";
@@ -840,14 +867,13 @@ struct CudaBackend::Impl {
             for (int r = off[size_t(e)]; r < off[size_t(e) + 1]; ++r) row_e[size_t(r)] = e;
         double worst_rel = -1;
         try {
-            struct IntBuf {
-                int* p = nullptr;
-                explicit IntBuf(size_t n) {
-                    check(cudaMalloc(&p, n * sizeof(int)), "cudaMalloc (grouped GEMM self-check)");
-                }
-                ~IntBuf() { cudaFree(p); }
-            } dex(std::max<size_t>(1, row_e.size()));
-            check(cudaMemcpyAsync(dex.p, row_e.data(), sizeof(int) * row_e.size(), cudaMemcpyHostToDevice, stream),
+            const int64_t in_max = std::max(D, I), out_max = std::max(2 * I, D);
+            DeviceArena scratch(arena_bytes({int64_t(R) * 4, R * in_max * 4, R * out_max * 4, R * out_max * 4}),
+                                "cudaMalloc (grouped GEMM self-check)");
+            int* dex = scratch.carve<int>(R);
+            float *dx = scratch.carve<float>(R * in_max), *da = scratch.carve<float>(R * out_max),
+                  *db = scratch.carve<float>(R * out_max);
+            check(cudaMemcpyAsync(dex, row_e.data(), sizeof(int) * row_e.size(), cudaMemcpyHostToDevice, stream),
                   "upload self-check experts");
             check(cudaMemcpyAsync(offsets, off.data(), sizeof(int) * off.size(), cudaMemcpyHostToDevice, stream),
                   "upload self-check offsets");
@@ -861,41 +887,31 @@ struct CudaBackend::Impl {
             };
             for (const Case& c :
                  {Case{"gate|up", L->exp_gu_dev, 2 * I, D, I}, Case{"down", L->exp_down_dev, D, I, 0}}) {
-                Buf dx(size_t(R) * c.in), da(size_t(R) * c.out), db(size_t(R) * c.out);
-                check(cudaMemcpyAsync(dx.p, x.data(), sizeof(float) * size_t(R) * c.in, cudaMemcpyHostToDevice, stream),
+                check(cudaMemcpyAsync(dx, x.data(), sizeof(float) * size_t(R) * c.in, cudaMemcpyHostToDevice, stream),
                       "upload self-check rows");
-                check(cudaMemsetAsync(da.p, 0xff, sizeof(float) * size_t(R) * c.out, stream), "poison self-check");
-                grouped_gemm(da.p, dx.p, c.dev, tiles, c.out, c.in, c.split);
-                if (fp8) grouped_gemv_fp8(db.p, dx.p, c.dev, dex.p, R, c.out, c.in, c.split, stream);
-                else grouped_gemv(db.p, dx.p, c.dev, true, dex.p, R, c.out, c.in, stream);
+                check(cudaMemsetAsync(da, 0xff, sizeof(float) * size_t(R) * c.out, stream), "poison self-check");
+                grouped_gemm(da, dx, c.dev, tiles, c.out, c.in, c.split);
+                if (fp8) grouped_gemv_fp8(db, dx, c.dev, dex, R, c.out, c.in, c.split, stream);
+                else grouped_gemv(db, dx, c.dev, true, dex, R, c.out, c.in, stream);
                 std::vector<float> a(size_t(R) * c.out), b(a.size());
-                check(cudaMemcpyAsync(a.data(), da.p, a.size() * 4, cudaMemcpyDeviceToHost, stream),
-                      "self-check result");
-                check(cudaMemcpyAsync(b.data(), db.p, b.size() * 4, cudaMemcpyDeviceToHost, stream),
+                check(cudaMemcpyAsync(a.data(), da, a.size() * 4, cudaMemcpyDeviceToHost, stream), "self-check result");
+                check(cudaMemcpyAsync(b.data(), db, b.size() * 4, cudaMemcpyDeviceToHost, stream),
                       "self-check reference");
                 check(cudaStreamSynchronize(stream), "cudaStreamSynchronize (grouped GEMM self-check)");
-                double num = 0, den = 0, worst = 0;
-                for (size_t i = 0; i < a.size(); ++i) {
-                    const double d = std::isfinite(a[i]) ? std::fabs(double(a[i]) - b[i]) : INFINITY;
-                    num += d * d;
-                    den += double(b[i]) * b[i];
-                    worst = std::max(worst, d);
-                }
-                const double rms = std::sqrt(den / double(std::max<size_t>(1, a.size())));
-                const double rel = den > 0 ? std::sqrt(num / den) : (num > 0 ? INFINITY : 0.0);
-                const double elem = rms > 0 ? worst / rms : (worst > 0 ? INFINITY : 0.0);
+                const OutputError err = output_error(a, b);
                 const std::string shape = std::string(c.what) + " [" + std::to_string(c.out) + " x " +
                                           std::to_string(c.in) + "], " + std::to_string(R) + " rows over " +
                                           std::to_string(E) + " experts";
                 char b64[96];
-                std::snprintf(b64, sizeof b64, "relative error %.3g, worst element %.3g of the rms", rel, elem);
-                if (!(rel <= 1e-4) || !(elem <= 1e-3)) {
+                std::snprintf(b64, sizeof b64, "relative error %.3g, worst element %.3g of the rms", err.rel,
+                              err.worst_over_rms);
+                if (!(err.rel <= 1e-4) || !(err.worst_over_rms <= 1e-3)) {
                     grouped_notice = loop + " (the grouped GEMM's self-check failed on " + shape + ": " + b64 +
                                      "; more than 1e-4 / 1e-3)";
                     return;
                 }
-                if (rel >= worst_rel) {
-                    worst_rel = rel;
+                if (err.rel >= worst_rel) {
+                    worst_rel = err.rel;
                     grouped_check = shape + ": " + b64;
                 }
             }
@@ -1019,34 +1035,22 @@ struct CudaBackend::Impl {
     // throws (with cuBLASLt's reason) when cuBLASLt refuses.
     double fp8_compare(const WRef& W, int T) {
         const int K = int(W.cols), out = int(W.rows);
-        std::vector<float> x(size_t(T) * K);
-        uint64_t st = 0x9e3779b97f4a7c15ull ^ uint64_t(K * 131 + T);
+        std::vector<float> x = lcg_uniform(size_t(T) * K, 0x9e3779b97f4a7c15ull ^ uint64_t(K * 131 + T));
         for (int t = 0; t < T; ++t)
-            for (int c = 0; c < K; ++c) {
-                st = st * 6364136223846793005ull + 1442695040888963407ull;
-                const float u = float(st >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
-                x[size_t(t) * K + c] = u * std::ldexp(1.0f, (c / kFp8Block + t) % 7 - 3);
-            }
-        struct Buf {
-            float* p = nullptr;
-            explicit Buf(size_t n) { check(cudaMalloc(&p, n * sizeof(float)), "cudaMalloc (FP8 self-check)"); }
-            ~Buf() { cudaFree(p); }
-        } dx(x.size()), da(size_t(T) * out), db(size_t(T) * out);
-        check(cudaMemcpyAsync(dx.p, x.data(), x.size() * 4, cudaMemcpyHostToDevice, stream), "upload self-check rows");
+            for (int c = 0; c < K; ++c) x[size_t(t) * K + c] *= std::ldexp(1.0f, (c / kFp8Block + t) % 7 - 3);
+        DeviceArena scratch(arena_bytes({int64_t(x.size()) * 4, int64_t(T) * out * 4, int64_t(T) * out * 4}),
+                            "cudaMalloc (FP8 self-check)");
+        float *dx = scratch.carve<float>(int64_t(x.size())), *da = scratch.carve<float>(int64_t(T) * out),
+              *db = scratch.carve<float>(int64_t(T) * out);
+        check(cudaMemcpyAsync(dx, x.data(), x.size() * 4, cudaMemcpyHostToDevice, stream), "upload self-check rows");
         std::string why;
-        if (!gemm->linear_fp8(da.p, dx.p, W, T, false, K, Fp8Prefill::Lt, &why)) throw DeviceError(why);
-        gemm->linear_fp8(db.p, dx.p, W, T, false, K, Fp8Prefill::Fallback);
+        if (!gemm->linear_fp8(da, dx, W, T, false, K, Fp8Prefill::Lt, &why)) throw DeviceError(why);
+        gemm->linear_fp8(db, dx, W, T, false, K, Fp8Prefill::Fallback);
         std::vector<float> a(size_t(T) * out), b(a.size());
-        check(cudaMemcpyAsync(a.data(), da.p, a.size() * 4, cudaMemcpyDeviceToHost, stream), "self-check result");
-        check(cudaMemcpyAsync(b.data(), db.p, b.size() * 4, cudaMemcpyDeviceToHost, stream), "self-check reference");
+        check(cudaMemcpyAsync(a.data(), da, a.size() * 4, cudaMemcpyDeviceToHost, stream), "self-check result");
+        check(cudaMemcpyAsync(b.data(), db, b.size() * 4, cudaMemcpyDeviceToHost, stream), "self-check reference");
         check(cudaStreamSynchronize(stream), "cudaStreamSynchronize (FP8 self-check)");
-        double num = 0, den = 0;
-        for (size_t i = 0; i < a.size(); ++i) {
-            if (!std::isfinite(a[i])) return INFINITY;
-            num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-            den += double(b[i]) * b[i];
-        }
-        return den > 0 ? std::sqrt(num / den) : (num > 0 ? INFINITY : 0.0);
+        return output_error(a, b).rel;
     }
 
     void upload_ids(const int* tokens, int n) {
