@@ -4,9 +4,9 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <map>
 #include <sstream>
+#include <type_traits>
 
 #include "engine/errors.h"
 #include "engine/safetensors.h"

@@ -534,20 +534,16 @@ __global__ void __launch_bounds__(128) grouped_gemm_kernel(float* y, const float
             }
             __syncthreads();  // the tiles are read before the next k step (or Cp) overwrites them
         }
-        if constexpr (!Tiles::kScaled) {  // one block over all of `in`
+        // BF16: one block over all of `in`, straight into Cs. FP8: this block's partial sums into
+        // Cp, then times each output row's block scale into Cs.
+        auto* dst = Tiles::kScaled ? Cp : Cs;
 #pragma unroll
-            for (int i = 0; i < 2; ++i)
+        for (int i = 0; i < 2; ++i)
 #pragma unroll
-                for (int j = 0; j < 2; ++j)
-                    wmma::store_matrix_sync(&Cs[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kLdC,
-                                            wmma::mem_row_major);
-        } else {  // FP8: this block's partial sums times each output row's block scale, into Cs
-#pragma unroll
-            for (int i = 0; i < 2; ++i)
-#pragma unroll
-                for (int j = 0; j < 2; ++j)
-                    wmma::store_matrix_sync(&Cp[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kLdC,
-                                            wmma::mem_row_major);
+            for (int j = 0; j < 2; ++j)
+                wmma::store_matrix_sync(&dst[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kLdC,
+                                        wmma::mem_row_major);
+        if constexpr (Tiles::kScaled) {
             __syncthreads();
             // Thread tid owns column tid % 64 of every row it visits (128 is a multiple of 64):
             // one scale load per thread and block.

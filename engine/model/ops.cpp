@@ -450,11 +450,9 @@ struct BlasSingleThreaded {
     BlasSingleThreaded& operator=(const BlasSingleThreaded&) = delete;
 };
 
-}  // namespace
-
-namespace {
 thread_local int t_fixed_order = 0;  // FixedOrderProducts scopes open on this thread
 thread_local int t_in_task = 0;      // parallel_tasks tasks running on this thread
+
 }  // namespace
 
 void parallel_tasks(int n, int threads, const std::function<void(int)>& fn) {

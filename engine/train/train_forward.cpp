@@ -256,7 +256,7 @@ Tensor& head_grad(Weights& g) { return g.lm_head.empty() ? g.embed_tokens : g.lm
 
 LossResult TrainGraph::run(const Weights& w, const int* tokens, int B, int T, const LossOptions& opt, Weights* grads,
                            float grad_scale) {
-    std::optional<FixedOrderProducts> fixed_order;  // --deterministic: the same bits at any --threads
+    std::optional<FixedOrderProducts> fixed_order;  // the same bits at any --threads (default)
     if (fixed_order_) fixed_order.emplace();
     const int N = B * T, D = cfg_.hidden_size, V = cfg_.vocab_size, L = cfg_.num_hidden_layers;
     const int Dm = cfg_.num_nextn_predict_layers;
