@@ -34,6 +34,7 @@
 #include "views/LatentView.h"
 #include "views/ModelCardView.h"
 #include "views/MtpView.h"
+#include "views/ExpertsView.h"
 #include "views/RoutingView.h"
 #include "views/TrainingView.h"
 
@@ -70,6 +71,7 @@ MainWindow::MainWindow(bool persistent, QWidget* parent) : QMainWindow(parent), 
     auto* bias = new BiasView(m_store);
     auto* latent = new LatentView(m_store);
     auto* mtp = new MtpView(m_store);
+    auto* experts = new ExpertsView(m_store);
     auto* training = new TrainingView(m_store);
     auto* card = new ModelCardView(m_store);
     training->setReplayRunner(m_trainer);
@@ -80,11 +82,13 @@ MainWindow::MainWindow(bool persistent, QWidget* parent) : QMainWindow(parent), 
     QDockWidget* dRouting = addView(routing, Qt::RightDockWidgetArea, QKeySequence(Qt::ALT | Qt::Key_1));
     QDockWidget* dLatent = addView(latent, Qt::RightDockWidgetArea, QKeySequence(Qt::ALT | Qt::Key_2));
     QDockWidget* dMtp = addView(mtp, Qt::RightDockWidgetArea, QKeySequence(Qt::ALT | Qt::Key_3));
+    QDockWidget* dExperts = addView(experts, Qt::RightDockWidgetArea, QKeySequence(Qt::ALT | Qt::Key_7));
     QDockWidget* dBias = addView(bias, Qt::BottomDockWidgetArea, QKeySequence(Qt::ALT | Qt::Key_4));
     QDockWidget* dTrain = addView(training, Qt::BottomDockWidgetArea, QKeySequence(Qt::ALT | Qt::Key_5));
     QDockWidget* dCard = addView(card, Qt::BottomDockWidgetArea, QKeySequence(Qt::ALT | Qt::Key_6));
     tabifyDockWidget(dRouting, dLatent);
     tabifyDockWidget(dRouting, dMtp);
+    tabifyDockWidget(dRouting, dExperts);
     tabifyDockWidget(dBias, dTrain);
     tabifyDockWidget(dBias, dCard);
     dRouting->raise();

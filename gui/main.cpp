@@ -37,7 +37,7 @@ int main(int argc, char** argv) {
     QCommandLineOption model({QStringLiteral("m"), QStringLiteral("model")}, QStringLiteral("Model folder to open."), QStringLiteral("DIR"));
     QCommandLineOption trace(QStringLiteral("trace"), QStringLiteral("Telemetry trace (JSONL) to replay at start."), QStringLiteral("FILE"));
     QCommandLineOption shot(QStringLiteral("screenshot"), QStringLiteral("Render the window to FILE.png and exit."), QStringLiteral("FILE"));
-    QCommandLineOption view(QStringLiteral("view"), QStringLiteral("View to raise: routing, latent, mtp, bias, training, card."), QStringLiteral("NAME"));
+    QCommandLineOption view(QStringLiteral("view"), QStringLiteral("View to raise: routing, latent, mtp, experts, bias, training, card."), QStringLiteral("NAME"));
     QCommandLineOption prompt(QStringLiteral("prompt"), QStringLiteral("Prompt to send before the screenshot (token ids without a tokenizer); repeat it for more turns."), QStringLiteral("TEXT"));
     QCommandLineOption train(QStringLiteral("train"), QStringLiteral("Start a training run on this preset (tiny, small) after loading; the screenshot waits for it."), QStringLiteral("PRESET"));
     QCommandLineOption corpus(QStringLiteral("corpus"), QStringLiteral("Corpus text file for --train (repeatable)."), QStringLiteral("FILE"));

@@ -36,7 +36,7 @@ static QStringList readLines(const QString& path) {
 #include <qcustomplot.h>
 
 // The tab group each dock sits in at start (MainWindow tabifies them so).
-static const QStringList kRightGroup = {"routing", "latent", "mtp"};
+static const QStringList kRightGroup = {"routing", "latent", "mtp", "experts"};
 static const QStringList kBottomGroup = {"bias", "training", "card"};
 
 static QDockWidget* dockOf(MainWindow& w, const QString& view) { return w.findChild<QDockWidget*>(view + "Dock"); }
