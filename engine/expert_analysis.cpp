@@ -39,12 +39,15 @@ const LayerExperts* ExpertAnalysis::layer(int l) const {
 
 namespace {
 
-// One layer's routing, positions in record order.
+// One layer's routing, positions in record order, copied contiguous so that visiting positions
+// grouped by token stays in cache (a V3 record holds 58 layers' ids).
 struct LayerSlots {
     int layer = 0, E = 0, k = 0;
     std::vector<int> token;              // [N] dense token index
-    std::vector<const int*> ids;         // [N] -> k expert ids
-    std::vector<const float*> weights;   // [N] -> k weights (nullptr when the record has none)
+    std::vector<int> ids;                // [N, k] expert ids
+    std::vector<int64_t> n_e;            // [E] routings per expert
+    std::vector<double> wsum;            // [E] their summed gate weights
+    int N() const { return int(token.size()); }
 };
 
 // Positions grouped by dense token: order[start[t] .. start[t+1]) are the positions of token t.
@@ -64,7 +67,7 @@ Groups group_by_token(const std::vector<int>& token, int D) {
 }
 
 // Mean over tokens with n(t) >= min_count of max_e n(e,t) / n(t); `scored` gets their number.
-// `visit(e, t, n)` sees every non-zero n(e,t) when given.
+// `visit(e, t, n)` sees every non-zero n(e,t).
 template <class Visit>
 double consistency_of(const LayerSlots& s, const Groups& g, int min_count, int64_t* scored, std::vector<int>& scratch,
                       std::vector<int>& touched, Visit&& visit) {
@@ -72,13 +75,14 @@ double consistency_of(const LayerSlots& s, const Groups& g, int min_count, int64
     double sum = 0;
     int64_t n_scored = 0;
     const int D = int(g.start.size()) - 1;
+    const int k = s.k;
     for (int t = 0; t < D; ++t) {
         const int n = g.start[size_t(t) + 1] - g.start[size_t(t)];
         if (n == 0) continue;
         touched.clear();
         for (int j = g.start[size_t(t)]; j < g.start[size_t(t) + 1]; ++j) {
-            const int* ids = s.ids[size_t(g.order[size_t(j)])];
-            for (int i = 0; i < s.k; ++i) {
+            const int* ids = s.ids.data() + size_t(g.order[size_t(j)]) * size_t(k);
+            for (int i = 0; i < k; ++i) {
                 // Top-k ids are distinct per position, so n(e,t) <= n(t).
                 if (scratch[size_t(ids[i])]++ == 0) touched.push_back(ids[i]);
             }
@@ -119,22 +123,16 @@ LayerExperts analyze_layer(const LayerSlots& s, const std::vector<int>& dense_to
     out.layer = s.layer;
     out.E = s.E;
     out.k = s.k;
-    const int N = int(s.token.size());
+    const int N = s.N();
     out.positions = N;
     out.n_slots = int64_t(N) * s.k;
     out.experts.resize(size_t(s.E));
-    std::vector<double> wsum(size_t(s.E), 0.0);
-    for (int e = 0; e < s.E; ++e) out.experts[size_t(e)].expert = e;
-    for (int p = 0; p < N; ++p)
-        for (int i = 0; i < s.k; ++i) {
-            auto& ex = out.experts[size_t(s.ids[size_t(p)][i])];
-            ex.n_slots++;
-            if (s.weights[size_t(p)]) wsum[size_t(ex.expert)] += double(s.weights[size_t(p)][i]);
-        }
     for (int e = 0; e < s.E; ++e) {
         auto& ex = out.experts[size_t(e)];
+        ex.expert = e;
+        ex.n_slots = e < int(s.n_e.size()) ? s.n_e[size_t(e)] : 0;
         ex.share = out.n_slots ? double(ex.n_slots) / double(out.n_slots) : 0.0;
-        ex.mean_weight = ex.n_slots ? wsum[size_t(e)] / double(ex.n_slots) : 0.0;
+        ex.mean_weight = ex.n_slots ? s.wsum[size_t(e)] / double(ex.n_slots) : 0.0;
     }
 
     const int D = int(dense_to_token.size());
@@ -162,18 +160,17 @@ LayerExperts analyze_layer(const LayerSlots& s, const std::vector<int>& dense_to
             ex.tokens.resize(keep);
         }
 
-    // Chance level: the same layer with the token labels shuffled across positions.
+    // Chance level: the token labels shuffled across positions. Shuffling labels keeps every
+    // n(t), so it is the same groups' sizes filled with a random permutation of the positions.
     if (opt.baseline_shuffles > 0 && out.scored_tokens > 0) {
         std::mt19937_64 rng(opt.seed * 0x9E3779B97F4A7C15ull + uint64_t(s.layer) + 1);
-        LayerSlots sh = s;
         double sum = 0;
         for (int r = 0; r < opt.baseline_shuffles; ++r) {
             for (int i = N - 1; i > 0; --i) {  // Fisher-Yates, one draw per position
                 const int j = int(rng() % uint64_t(i + 1));
-                std::swap(sh.token[size_t(i)], sh.token[size_t(j)]);
+                std::swap(g.order[size_t(i)], g.order[size_t(j)]);
             }
-            Groups gs = group_by_token(sh.token, D);
-            sum += consistency_of(sh, gs, opt.min_count, nullptr, scratch, touched, [](int, int, int) {});
+            sum += consistency_of(s, g, opt.min_count, nullptr, scratch, touched, [](int, int, int) {});
         }
         out.chance = sum / opt.baseline_shuffles;
     }
@@ -185,8 +182,9 @@ LayerExperts analyze_layer(const LayerSlots& s, const std::vector<int>& dense_to
 
 ExpertAnalysis analyze_experts(const std::vector<const RouteRecord*>& routes, const ExpertOptions& opt) {
     ExpertAnalysis a;
-    // Layer -> its slots; the dense token index is shared by every layer.
-    std::map<int, LayerSlots> by_layer;
+    // The layers' slots, found through a table indexed by layer id; one dense token index for all.
+    std::vector<LayerSlots> slots;
+    std::vector<int> slot_of;  // layer id -> index into slots, -1 when not seen
     std::unordered_map<int, int> dense;
     std::vector<int> dense_to_token;
     std::vector<int> mtp;
@@ -204,44 +202,57 @@ ExpertAnalysis analyze_experts(const std::vector<const RouteRecord*>& routes, co
         int d = -1;
         for (size_t li = 0; li < L; ++li) {
             const int l = r->layers[li];
+            if (l < 0) throw FormatError("route record at position " + std::to_string(r->position) + ": layer " + std::to_string(l));
             if (opt.num_hidden_layers > 0 && l >= opt.num_hidden_layers) {
                 if (std::find(mtp.begin(), mtp.end(), l) == mtp.end()) mtp.push_back(l);
                 continue;
             }
-            routed.insert(l);
-            if (!wanted(l)) continue;
-            const int* ids = r->ids.data() + li * size_t(r->k);
-            int E = r->E;
-            for (int i = 0; i < r->k; ++i) {
-                if (ids[i] < 0 || (r->E > 0 && ids[i] >= r->E))
-                    throw FormatError("route record at position " + std::to_string(r->position) + ", layer " +
-                                      std::to_string(l) + ": expert id " + std::to_string(ids[i]) + " outside [0, " +
-                                      std::to_string(r->E) + ")");
-                E = std::max(E, ids[i] + 1);  // traces without "E": the largest id seen
+            if (size_t(l) >= slot_of.size()) slot_of.resize(size_t(l) + 1, -2);
+            if (slot_of[size_t(l)] == -2) {  // first sight of this layer
+                routed.insert(l);
+                slot_of[size_t(l)] = wanted(l) ? int(slots.size()) : -1;
+                if (slot_of[size_t(l)] >= 0) {
+                    slots.emplace_back();
+                    slots.back().layer = l;
+                    slots.back().k = r->k;
+                }
             }
-            auto& s = by_layer[l];
-            if (s.ids.empty()) {
-                s.layer = l;
-                s.k = r->k;
-            } else if (s.k != r->k) {
+            if (slot_of[size_t(l)] < 0) continue;
+            LayerSlots& s = slots[size_t(slot_of[size_t(l)])];
+            if (s.k != r->k)
                 throw FormatError("route records of layer " + std::to_string(l) + ": k changes from " + std::to_string(s.k) +
                                   " to " + std::to_string(r->k) + " at position " + std::to_string(r->position));
+            const int* ids = r->ids.data() + li * size_t(r->k);
+            const float* w = has_w ? r->weights.data() + li * size_t(r->k) : nullptr;
+            for (int i = 0; i < r->k; ++i) {
+                const int e = ids[i];
+                if (e < 0 || (r->E > 0 && e >= r->E))
+                    throw FormatError("route record at position " + std::to_string(r->position) + ", layer " +
+                                      std::to_string(l) + ": expert id " + std::to_string(e) + " outside [0, " +
+                                      std::to_string(r->E) + ")");
+                // Traces without "E": the largest id seen decides.
+                const int E = std::max({s.E, r->E, e + 1});
+                if (E > s.E) {
+                    s.E = E;
+                    s.n_e.resize(size_t(E), 0);
+                    s.wsum.resize(size_t(E), 0.0);
+                }
+                s.n_e[size_t(e)]++;
+                if (w) s.wsum[size_t(e)] += double(w[i]);
             }
-            s.E = std::max(s.E, E);
             if (d < 0) {
                 auto [it, fresh] = dense.try_emplace(r->token, int(dense_to_token.size()));
                 if (fresh) dense_to_token.push_back(r->token);
                 d = it->second;
             }
             s.token.push_back(d);
-            s.ids.push_back(ids);
-            s.weights.push_back(has_w ? r->weights.data() + li * size_t(r->k) : nullptr);
+            s.ids.insert(s.ids.end(), ids, ids + r->k);
             counted = true;
         }
         a.positions += counted;
     }
     for (int l : opt.layers)
-        if (!by_layer.count(l)) {
+        if (!(size_t(l) < slot_of.size() && slot_of[size_t(l)] >= 0)) {
             std::string have;
             for (int x : routed) have += (have.empty() ? "" : ", ") + std::to_string(x);
             throw ConfigError("layer " + std::to_string(l) + " has no routing in the records" +
@@ -250,7 +261,8 @@ ExpertAnalysis analyze_experts(const std::vector<const RouteRecord*>& routes, co
         }
     std::sort(mtp.begin(), mtp.end());
     a.mtp_layers = mtp;
-    for (const auto& [l, s] : by_layer) a.layers.push_back(analyze_layer(s, dense_to_token, opt));
+    std::sort(slots.begin(), slots.end(), [](const LayerSlots& x, const LayerSlots& y) { return x.layer < y.layer; });
+    for (const auto& s : slots) a.layers.push_back(analyze_layer(s, dense_to_token, opt));
     return a;
 }
 

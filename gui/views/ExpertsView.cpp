@@ -49,8 +49,10 @@ ExpertsView::ExpertsView(TelemetryStore* store, QWidget* parent)
     m_table->verticalHeader()->setVisible(false);
     m_table->verticalHeader()->setDefaultSectionSize(fontMetrics().height() + 4);
     m_table->setEditTriggers(QAbstractItemView::NoEditTriggers);
-    m_table->setSelectionBehavior(QAbstractItemView::SelectRows);
-    m_table->setSelectionMode(QAbstractItemView::SingleSelection);
+    // The chosen expert's row is marked in its items (bold, tinted), not by the selection, so
+    // that exports (drawn from a copy of the items) show it as the screen does.
+    m_table->setSelectionMode(QAbstractItemView::NoSelection);
+    m_table->setFocusPolicy(Qt::NoFocus);
     m_table->setWordWrap(false);
     m_table->setAlternatingRowColors(true);
     m_table->setMinimumSize(300, 150);
@@ -104,9 +106,14 @@ ExpertsView::ExpertsView(TelemetryStore* store, QWidget* parent)
     plotGrid()->setRowStretch(0, 3);
     plotGrid()->setRowStretch(1, 2);
 
+    m_overviewTimer.setSingleShot(true);
+    connect(&m_overviewTimer, &QTimer::timeout, this, &ExpertsView::onStoreChanged);
     connect(m_layer, &QComboBox::currentIndexChanged, this, &ExpertsView::onStoreChanged);
     connect(m_rank, &QComboBox::currentIndexChanged, this, &ExpertsView::onStoreChanged);
     connect(m_table, &QTableWidget::currentCellChanged, this, [this](int row, int, int, int) {
+        if (row >= 0 && row != m_expert) setExpert(row);
+    });
+    connect(m_table, &QTableWidget::cellClicked, this, [this](int row, int) {
         if (row >= 0 && row != m_expert) setExpert(row);
     });
     connect(m_barPlot, &QCustomPlot::plottableClick, this, [this](QCPAbstractPlottable* p, int index, QMouseEvent*) {
@@ -132,10 +139,7 @@ void ExpertsView::setRank(TokenRank r) {
 void ExpertsView::setExpert(int expert) {
     m_expert = std::max(0, expert);
     const LayerExperts* L = shownLayer();
-    if (L && m_table->currentRow() != m_expert && m_expert < m_table->rowCount()) {
-        QSignalBlocker b(m_table);
-        m_table->selectRow(m_expert);
-    }
+    markExpertRow();
     fillBars(L);
     m_barPlot->replot(QCustomPlot::rpQueuedReplot);
 }
@@ -165,35 +169,56 @@ void ExpertsView::refresh() {
     const qint64 records = m_store->recordCount() * 1000003 + qint64(routes.size()) * 7 +
                            (routes.empty() ? 0 : routes.rbegin()->first);
     const int lay = layer();
-    if (records == m_analyzedRecords && lay == m_analyzedLayer && int(rank()) == m_analyzedRank) return;
-    m_analyzedRecords = records;
-    m_analyzedLayer = lay;
-    m_analyzedRank = int(rank());
+    const bool detailFresh = records == m_analyzedRecords && lay == m_analyzedLayer && int(rank()) == m_analyzedRank;
+    // The all-layer overview costs ~58x the shown layer at V3 scale: while records stream it is
+    // recomputed at most every kOverviewIntervalMs, the shown layer on every redraw.
+    bool overviewDue = records != m_overviewRecords;
+    if (overviewDue && m_overviewRecords != -1 && m_overviewClock.isValid() &&
+        m_overviewClock.elapsed() < kOverviewIntervalMs) {
+        overviewDue = false;
+        if (!m_overviewTimer.isActive()) m_overviewTimer.start(int(kOverviewIntervalMs - m_overviewClock.elapsed()) + 1);
+    }
+    if (detailFresh && !overviewDue) return;
 
     std::vector<const RouteRecord*> recs;
     recs.reserve(routes.size());
     for (const auto& [pos, r] : routes) recs.push_back(&r);
-    m_texts.clear();
-    for (const auto& [pos, t] : m_store->tokens())
-        if (!t.text.empty()) m_texts.try_emplace(t.id, t.text);
-
-    ExpertOptions over;
-    over.num_hidden_layers = m_store->shape().numLayers;
-    over.token_lists = false;
-    m_detail = {};
+    ExpertOptions opt;
+    opt.num_hidden_layers = m_store->shape().numLayers;
     try {
-        m_overview = analyze_experts(recs, over);
-        if (lay >= 0 && m_overview.layer(lay)) {
-            ExpertOptions one = over;
-            one.token_lists = true;
-            one.layers = {lay};
-            one.top = kTopTokens;
-            one.rank = rank();
-            m_detail = analyze_experts(recs, one);
+        if (overviewDue) {
+            ExpertOptions over = opt;
+            over.token_lists = false;
+            m_overviewRecords = records;
+            m_overviewClock.start();
+            m_overview = analyze_experts(recs, over);
+        }
+        if (!detailFresh) {
+            m_analyzedRecords = records;
+            m_analyzedLayer = lay;
+            m_analyzedRank = int(rank());
+            m_texts.clear();
+            for (const auto& [pos, t] : m_store->tokens())
+                if (!t.text.empty()) m_texts.try_emplace(t.id, t.text);
+            m_detail = {};
+            bool routed = false;
+            for (const auto& [pos, r] : routes) {  // the layer choice may precede its first record
+                routed = std::find(r.layers.begin(), r.layers.end(), lay) != r.layers.end();
+                break;
+            }
+            if (lay >= 0 && routed) {
+                ExpertOptions one = opt;
+                one.layers = {lay};
+                one.top = kTopTokens;
+                one.rank = rank();
+                m_detail = analyze_experts(recs, one);
+            }
         }
     } catch (const std::exception& e) {
         m_overview = {};
+        m_detail = {};
         m_info->setText(tr("the route records could not be analyzed: %1").arg(QString::fromUtf8(e.what())));
+        return;
     }
 
     // Every layer: consistency, chance, specialization.
@@ -227,12 +252,9 @@ void ExpertsView::refresh() {
         if (routes.empty()) m_info->setText(tr("no routing yet: chat, or open a trace"));
         return;
     }
-    fillTable(*L);
     if (m_expert >= L->E) m_expert = 0;
-    {
-        QSignalBlocker b(m_table);
-        m_table->selectRow(m_expert);
-    }
+    fillTable(*L);
+    markExpertRow();
     fillBars(L);
     m_info->setText(summaryText());
 }
@@ -286,6 +308,23 @@ void ExpertsView::fillTable(const LayerExperts& L) {
         QTableWidgetItem* top = set(e, 4, ex.n_slots ? toks.join(QStringLiteral("  ")) : tr("(never routed)"), Qt::AlignLeft);
         top->setToolTip(top->text());
     }
+}
+
+void ExpertsView::markExpertRow() {
+    const QColor mark = dark() ? QColor(50, 80, 120) : QColor(205, 225, 250);
+    for (int r = 0; r < m_table->rowCount(); ++r) {
+        const bool on = r == m_expert;
+        if (!on && r != m_markedRow) continue;
+        for (int c = 0; c < m_table->columnCount(); ++c) {
+            QTableWidgetItem* it = m_table->item(r, c);
+            if (!it) continue;
+            QFont f = it->font();
+            f.setBold(on);
+            it->setFont(f);
+            if (c != 1) it->setBackground(on ? QBrush(mark) : QBrush());  // the share cell keeps its load tint
+        }
+    }
+    m_markedRow = m_expert;
 }
 
 void ExpertsView::fillBars(const LayerExperts* L) {

@@ -4,6 +4,9 @@
 // consistency against its chance level. The numbers are engine/expert_analysis.h's over the
 // store's route records (the text on screen), the same as `moescope-cli experts`.
 #pragma once
+#include <QElapsedTimer>
+#include <QTimer>
+
 #include <map>
 #include <string>
 
@@ -39,16 +42,23 @@ public:
     QStringList tokenBarLabels() const;
     int overviewPoints() const;
     QString summaryText() const;
+    // Forgets the cached analyses: the next refresh recomputes them (timing the full rebuild).
+    void invalidateAnalysis() { m_analyzedRecords = m_overviewRecords = -1; }
+    // While records stream, the all-layer overview is recounted at most this often (refreshNow,
+    // exports and screenshots always recount it).
+    static constexpr qint64 kOverviewIntervalMs = 500;
     // The position the last click on a token bar selected (-1: none).
     int selectTokenBar(int index);
 
 protected:
     void refresh() override;
+    void flushDeferred() override { m_overviewClock.invalidate(); }
 
 private:
     void rebuildLayerChoices();
     void fillTable(const moescope::LayerExperts& L);
     void fillBars(const moescope::LayerExperts* L);
+    void markExpertRow();                    // bold + tint on the chosen expert's row
     QString tokenText(int id) const;
 
     QComboBox* m_layer;
@@ -60,10 +70,13 @@ private:
     QCPBars* m_specBars;
     QCPGraph *m_consistency, *m_chance;
     int m_expert = 0;
+    int m_markedRow = -1;
     int m_layerCount = -1;
     // The analyses are rebuilt only when the records, the layer or the ranking change
     // (a selection change redraws every view).
-    qint64 m_analyzedRecords = -1;
+    qint64 m_analyzedRecords = -1, m_overviewRecords = -1;
+    QElapsedTimer m_overviewClock;
+    QTimer m_overviewTimer;                  // the overview's deferred recount
     int m_analyzedLayer = -2;
     int m_analyzedRank = -1;
     moescope::ExpertAnalysis m_detail;       // the shown layer, with token lists

@@ -152,6 +152,7 @@ void PlotView::refreshNow() {
     QElapsedTimer t;
     t.start();
     m_dirty = false;
+    flushDeferred();
     refresh();
     for (auto* p : m_plots) p->replot(QCustomPlot::rpImmediateRefresh);
     m_lastMs = double(t.nsecsElapsed()) / 1e6;

@@ -73,6 +73,9 @@ signals:
 
 protected:
     virtual void refresh() = 0;                  // rebuild plot data from the store
+    // refreshNow() calls this first: a view that defers costly work while data streams (the
+    // Experts view's all-layer overview) does it in the refresh that follows.
+    virtual void flushDeferred() {}
     virtual void themeChanged() {}
     QHBoxLayout* controls() { return m_controls; }
     // A status line at the end of the controls row; it wraps instead of widening the window.

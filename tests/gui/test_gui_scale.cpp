@@ -2,6 +2,7 @@
 // 8 groups keep 4, top-8; d_c 512, d_rope 64, 61 layers) is ingested and every view is redrawn
 // within a frame budget. The measured figures are printed (docs/gui.md quotes them).
 #include <QElapsedTimer>
+#include <QTableWidget>
 #include <QTest>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include "TelemetryStore.h"
 #include "engine/config.h"
 #include "views/BiasView.h"
+#include "views/ExpertsView.h"
 #include "views/LatentView.h"
 #include "views/MtpView.h"
 #include "views/RoutingView.h"
@@ -42,7 +44,7 @@ private slots:
         ingest.start();
         for (int p = 0; p < P; ++p) {
             RouteRecord r;
-            r.step = p, r.position = p, r.token = p % 1000, r.k = K, r.n_group = G, r.E = E, r.layers = moe;
+            r.step = p, r.position = p, r.token = p % 200, r.k = K, r.n_group = G, r.E = E, r.layers = moe;
             for (size_t li = 0; li < moe.size(); ++li) {
                 std::vector<int> groups(G);
                 std::iota(groups.begin(), groups.end(), 0);
@@ -59,7 +61,7 @@ private slots:
                 }
                 r.kept_groups.insert(r.kept_groups.end(), kept.begin(), kept.end());
             }
-            st->sink()->record(TokenRecord{p, p, p % 1000, "", p < 32, false, 3.0f});
+            st->sink()->record(TokenRecord{p, p, p % 200, "", p < 32, false, 3.0f});
             for (size_t li = 0; li < moe.size(); ++li) {
                 LoadRecord ld{p, moe[li], std::vector<int64_t>(E, 0)};
                 for (int j = 0; j < K; ++j) ld.counts[size_t(r.ids[li * K + size_t(j)])]++;
@@ -91,12 +93,14 @@ private slots:
 
         auto* routing = qobject_cast<RoutingView*>(w.view("routing"));
         QMap<QString, double> median;
-        for (const char* name : {"routing", "latent", "mtp", "bias"}) {
+        for (const char* name : {"routing", "latent", "mtp", "bias", "experts"}) {
             PlotView* v = w.view(name);
             w.showView(name);
             QTest::qWait(20);
             std::vector<double> ms;
             for (int i = 0; i < 7; ++i) {
+                // The experts view caches its analysis until the records change: time the recount.
+                if (auto* ev = qobject_cast<ExpertsView*>(v)) ev->invalidateAnalysis();
                 v->refreshNow();
                 ms.push_back(v->lastRefreshMs());
             }
@@ -106,6 +110,12 @@ private slots:
         QCOMPARE(routing->tokenMapSize(), QSize(256, 58));
         QCOMPARE(routing->sequenceMapSize(), QSize(P, 256));
         QCOMPARE(routing->coactivationSize(), QSize(256, 256));
+        // Experts: the layer's 256 experts in the table, every one of the 58 layers in the overview
+        // (token ids repeat: 200 ids over 512 positions).
+        auto* experts = qobject_cast<ExpertsView*>(w.view("experts"));
+        QCOMPARE(experts->table()->rowCount(), 256);
+        QCOMPARE(experts->overviewPoints(), 58);
+        QCOMPARE(experts->shownLayer()->positions, int64_t(P));
         auto* latent = qobject_cast<LatentView*>(w.view("latent"));
         QCOMPARE(latent->latentMapSize(), QSize(P, 512));
         QCOMPARE(latent->normMapSize(), QSize(P, 61));
