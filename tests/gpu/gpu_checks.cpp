@@ -567,20 +567,35 @@ void check_router() {
     for (auto& [name, cfg] : cfgs) {
         RouterDims d(cfg);
         const int G = d.method != RouterDims::Method::Greedy ? d.n_group : 1;
+        // Some experts disabled (an ablation): a random mask the router accepts, a third off.
+        std::vector<uint8_t> off;
+        bool drawn = false;
+        for (int attempt = 0; attempt < 100 && !drawn; ++attempt) {
+            off.assign(size_t(d.E), 0);
+            for (auto& o : off) o = uint8_t(rng() % 3 == 0);
+            try {
+                check_disabled_experts(d, off, 0);
+                drawn = true;
+            } catch (const Error&) {
+            }
+        }
+        expect(drawn, "router mask " + name, "no valid mask in 100 draws");
         for (int T : {1, 3, 63})
-            for (bool ties : {false, true}) {
+            for (int variant : {0, 1, 2}) {  // plain, ties, experts disabled
+                const bool ties = variant == 1, masked = variant == 2;
                 auto logits = randv(rng, size_t(T) * d.E, -4, 4);
                 // Ties: few distinct values, so the lower-index rule decides experts and groups.
                 if (ties)
                     for (auto& v : logits) v = std::round(v);
                 auto bias = randv(rng, size_t(d.E), -0.5f, 0.5f);  // negative too: masked must be -inf
                 Routing r;
-                route(r, logits.data(), T, bias.data(), d);
+                route(r, logits.data(), T, bias.data(), d, masked ? off.data() : nullptr);
                 DBuf<float> dl(logits), db(bias), dw(size_t(T) * d.k), ds(size_t(T) * d.E);
                 DBuf<int> di(size_t(T) * d.k);
-                DBuf<uint8_t> dk(size_t(T) * G);
-                moescope::cuda::route(di.p, dw.p, ds.p, dk.p, dl.p, db.p, T, params_of(d), nullptr);
-                const std::string sh = shp({T, d.E}) + (ties ? " ties" : "");
+                DBuf<uint8_t> dk(size_t(T) * G), doff(off);
+                moescope::cuda::route(di.p, dw.p, ds.p, dk.p, dl.p, db.p, masked ? doff.p : nullptr, T, params_of(d),
+                                      nullptr);
+                const std::string sh = shp({T, d.E}) + (ties ? " ties" : "") + (masked ? " experts disabled" : "");
                 auto ids = di.down();
                 expect(ids == r.ids, "router ids " + name + " " + sh, "ids differ from route()");
                 auto kept = dk.down();
@@ -614,7 +629,7 @@ void check_router_wide() {
             DBuf<float> dl(logits), db(bias), dw(size_t(T) * d.k), ds(size_t(T) * d.E);
             DBuf<int> di(size_t(T) * d.k);
             DBuf<uint8_t> dk(size_t(T) * d.n_group);
-            moescope::cuda::route(di.p, dw.p, ds.p, dk.p, dl.p, db.p, T, params_of(d), nullptr);
+            moescope::cuda::route(di.p, dw.p, ds.p, dk.p, dl.p, db.p, nullptr, T, params_of(d), nullptr);
             const std::string sh = shp({T, d.E}) + " 64 groups k 16" + (ties ? " ties" : "");
             expect(di.down() == r.ids, "router ids " + sh, "ids differ from route()");
             expect(dk.down() == r.kept_groups, "router kept groups " + sh);
