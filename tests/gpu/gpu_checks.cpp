@@ -1281,6 +1281,40 @@ void check_session() {
         GenerationResult rc = sc.generate(toks, p), rg = sg.generate(toks, p);
         expect(rg.tokens == rc.tokens, "Session sampling T=0.8 top-k 20 top-p 0.9 (drawn on the device): same tokens as the CPU");
     }
+    // An ablation switched on after the decode graphs were captured: the replays must read the
+    // new mask (a device buffer that is always there), and route like the CPU without them.
+    {
+        SamplingParams p;
+        p.temperature = 0;
+        p.max_tokens = 12;
+        p.mtp = true;
+        Session sc(std::shared_ptr<Backend>(make_cpu_backend(model)), nullptr, 128);
+        auto gpu = std::make_shared<CudaBackend>(model, 128, f32);
+        Session sg(gpu, nullptr, 128);
+        MemorySink mc, mg;
+        sc.set_sink(&mc);
+        sg.set_sink(&mg);
+        GenerationResult rc = sc.generate(toks, p), rg = sg.generate(toks, p);
+        const std::vector<int> off = {0, 5, 10, 15};
+        const int64_t masked_at = sg.step();
+        for (int l = 1; l < model->config().num_hidden_layers + model->config().num_nextn_predict_layers; ++l) {
+            sc.set_disabled_experts(l, off);
+            sg.set_disabled_experts(l, off);
+        }
+        p.max_tokens = 30;
+        rc = sc.generate(p);
+        rg = sg.generate(p);
+        expect(rg.tokens == rc.tokens, "Session with experts 0,5,10,15 disabled after graph capture: same tokens as the CPU");
+        int hits = 0;
+        for (const Record& r : mg.snapshot())
+            if (const auto* rr = std::get_if<RouteRecord>(&r); rr && rr->step > masked_at)
+                for (int id : rr->ids) hits += std::find(off.begin(), off.end(), id) != off.end();
+        expect(hits == 0, "ablation on the device: no token routed to a disabled expert", std::to_string(hits) + " routings");
+        expect(gpu->graphs() && gpu->notice().empty(), "ablation: CUDA graphs stayed on (every replay verified)",
+               gpu->notice());
+        for (int l = 1; l < model->config().num_hidden_layers + model->config().num_nextn_predict_layers; ++l)
+            sc.set_disabled_experts(l, {});  // the CPU backend's mask lives on the shared model
+    }
 }
 
 // CUDA graphs at capacities below 256: the activation chunk, and with it the attention's split
