@@ -52,6 +52,10 @@ public:
     std::vector<float> bias(int layer) const override { return model_->bias(layer); }
     void set_bias(int layer, const std::vector<float>& b) override { model_->set_bias(layer, b); }
     void reset_bias() override { model_->reset_bias(); }
+    std::vector<uint8_t> disabled_experts(int layer) const override { return model_->disabled_experts(layer); }
+    void set_disabled_experts(int layer, const std::vector<uint8_t>& d) override {
+        model_->set_disabled_experts(layer, d);
+    }
 
 private:
     static void check_capacity(const CpuCache& c, int T) {

@@ -2,6 +2,7 @@
 // (kernels/, a shared library loaded with dlopen only when a device is present) keeps
 // weights, the latent cache and routing on the GPU. Both compute the same numbers.
 #pragma once
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -53,6 +54,9 @@ public:
     virtual std::vector<float> bias(int layer) const = 0;
     virtual void set_bias(int layer, const std::vector<float>& b) = 0;
     virtual void reset_bias() = 0;
+    // Experts switched off for an ablation (Model::set_disabled_experts' contract).
+    virtual std::vector<uint8_t> disabled_experts(int layer) const = 0;
+    virtual void set_disabled_experts(int layer, const std::vector<uint8_t>& disabled) = 0;
     // What the backend changed from its defaults and why (e.g. a GPU path it turned off after a
     // self-check); empty when nothing. May change as the backend runs.
     virtual std::string notice() const { return ""; }

@@ -153,6 +153,23 @@ void Session::reset_bias() {
         if (c.is_moe_layer(l)) sink_->record(BiasRecord{step_, l, backend_->bias(l)});
 }
 
+void Session::set_disabled_experts(int layer, const std::vector<int>& experts) {
+    const int E = backend_->config().n_routed_experts;
+    std::vector<uint8_t> mask(size_t(E), 0);
+    for (int e : experts) {
+        if (e < 0 || e >= E)
+            throw Error("layer " + std::to_string(layer) + ": expert " + std::to_string(e) +
+                        " does not exist (the model has " + std::to_string(E) + " routed experts, 0-" +
+                        std::to_string(E - 1) + ")");
+        mask[size_t(e)] = 1;
+    }
+    backend_->set_disabled_experts(layer, mask);
+    std::vector<int> ids;
+    for (int e = 0; e < E; ++e)
+        if (mask[size_t(e)]) ids.push_back(e);
+    if (sink_) sink_->record(AblationRecord{step_, layer, std::move(ids)});
+}
+
 void Session::cancel() { cancel_.store(true); }
 
 void Session::truncate(int n) {

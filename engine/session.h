@@ -102,6 +102,10 @@ public:
     void truncate(int n);                     // keep the first n tokens (regenerate, edit)
     void reset();
     void reset_bias();                        // back to the checkpoint's router bias
+    // Switches experts of an MoE layer off (an ablation) from the next position on: ids in
+    // [0, E), empty to enable them all again; records an AblationRecord. Throws for an id out
+    // of range or a mask the router cannot honour (check_disabled_experts).
+    void set_disabled_experts(int layer, const std::vector<int>& experts);
 
     Backend& backend() { return *backend_; }
     int64_t step() const { return step_; }

@@ -79,7 +79,8 @@ std::vector<T> flat(const json& j, size_t& cols) {
 }  // namespace
 
 const char* record_type(const Record& r) {
-    static const char* names[] = {"meta", "token", "route", "load", "bias", "latent", "mtp", "timing", "train", "eval"};
+    static const char* names[] = {"meta",   "token", "route", "load", "bias",    "latent",
+                                  "mtp",    "timing", "train", "eval", "ablation"};
     return names[r.index()];
 }
 
@@ -141,6 +142,9 @@ json to_json(const Record& rec) {
                 return json{{"type", "eval"}, {"step", r.step}, {"val_loss", r.val_loss},
                             {"maxvio_global", r.maxvio_global}};
             },
+            [](const AblationRecord& r) {
+                return json{{"type", "ablation"}, {"step", r.step}, {"layer", r.layer}, {"disabled", r.disabled}};
+            },
         },
         rec);
 }
@@ -192,6 +196,8 @@ Record record_from_json(const json& j) {
         }
         if (t == "load") return LoadRecord{get("step", int64_t(0)), get("layer", 0), get("counts", std::vector<int64_t>())};
         if (t == "bias") return BiasRecord{get("step", int64_t(0)), get("layer", 0), get("bias", std::vector<float>())};
+        if (t == "ablation")
+            return AblationRecord{get("step", int64_t(0)), get("layer", 0), get("disabled", std::vector<int>())};
         if (t == "latent") {
             LatentRecord r;
             r.step = get("step", int64_t(0));

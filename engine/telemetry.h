@@ -96,8 +96,14 @@ struct EvalRecord {
     double val_loss = 0, maxvio_global = 0;
 };
 
+struct AblationRecord {        // the experts of a layer switched off from this step on
+    int64_t step = 0;
+    int layer = 0;
+    std::vector<int> disabled;     // expert ids, ascending (empty: all enabled again)
+};
+
 using Record = std::variant<MetaRecord, TokenRecord, RouteRecord, LoadRecord, BiasRecord, LatentRecord, MtpRecord,
-                            TimingRecord, TrainRecord, EvalRecord>;
+                            TimingRecord, TrainRecord, EvalRecord, AblationRecord>;
 
 nlohmann::json to_json(const Record& r);
 Record record_from_json(const nlohmann::json& j);  // FormatError on a malformed record

@@ -202,6 +202,8 @@ struct DLayer {
     const void** exp_gu_dev = nullptr;           // device [E]
     const void** exp_down_dev = nullptr;
     float* bias = nullptr;            // device [E] (the router bias in use)
+    uint8_t* disabled = nullptr;      // device [E] (1: switched off for an ablation; always there,
+                                      // so captured graphs see a changed mask)
 };
 
 struct DMtp {
@@ -266,6 +268,7 @@ struct CudaBackend::Impl {
     bool telemetry = true;
     std::vector<std::vector<int>> last_loads;
     std::vector<std::vector<float>> bias_host;  // [layers + mtp][E] (empty for dense layers)
+    std::vector<std::vector<uint8_t>> disabled_host;  // [layers + mtp][E or 0] (Model's contract)
 
     // Activations for one chunk of Tc tokens: shape comments in rows of the chunk.
     int Tc = 0;
@@ -394,6 +397,7 @@ struct CudaBackend::Impl {
         }
         // Expert pointer tables, router biases, the rope frequencies: small, in the same arena.
         bias_host.assign(size_t(Lt), {});
+        disabled_host.assign(size_t(Lt), {});
         for (int l = 0; l < Lt; ++l) {
             DLayer& d = layers[size_t(l)];
             if (!d.moe) continue;
@@ -408,6 +412,11 @@ struct CudaBackend::Impl {
             bias_host[size_t(l)] = model ? model->bias(l) : std::vector<float>(size_t(E), 0.0f);
             check(cudaMemcpy(d.bias, bias_host[size_t(l)].data(), sizeof(float) * size_t(E), cudaMemcpyHostToDevice),
                   "upload router bias");
+            d.disabled = weights_arena.carve<uint8_t>(E);
+            if (model) disabled_host[size_t(l)] = model->disabled_experts(l);
+            std::vector<uint8_t> off = disabled_host[size_t(l)];
+            off.resize(size_t(E), 0);
+            check(cudaMemcpy(d.disabled, off.data(), size_t(E), cudaMemcpyHostToDevice), "upload expert mask");
         }
         inv_freq = weights_arena.carve<float>(int64_t(rope.inv_freq.size()));
         check(cudaMemcpy(inv_freq, rope.inv_freq.data(), sizeof(float) * rope.inv_freq.size(), cudaMemcpyHostToDevice),
@@ -567,7 +576,7 @@ struct CudaBackend::Impl {
         float* sc_d = tl.scores >= 0 ? reinterpret_cast<float*>(tele + tl.scores) + int64_t(slot) * n * E
                                      : scores_scratch;
         int* counts_d = reinterpret_cast<int*>(tele + tl.counts) + int64_t(slot) * E;
-        route(ids_d, w_d, sc_d, kept_d, logits_r, L.bias, n, router, s);
+        route(ids_d, w_d, sc_d, kept_d, logits_r, L.bias, L.disabled, n, router, s);
         dispatch(counts_d, offsets, perm, row_of_slot, row_expert, ids_d, n, k, E, s);
         gather_rows(xin, xn, perm, R, k, D, s);
         const bool bf16 = opt.dtype == WeightDtype::BF16, fp8 = opt.dtype == WeightDtype::FP8;
@@ -1364,6 +1373,25 @@ void CudaBackend::set_bias(int layer, const std::vector<float>& b) {
           "upload router bias");
     check(cudaStreamSynchronize(I.stream), "cudaStreamSynchronize (bias)");
     I.bias_host[size_t(layer)] = b;
+}
+
+std::vector<uint8_t> CudaBackend::disabled_experts(int layer) const {
+    return impl_->disabled_host.at(size_t(layer));
+}
+
+void CudaBackend::set_disabled_experts(int layer, const std::vector<uint8_t>& disabled) {
+    Impl& I = *impl_;
+    if (layer < 0 || size_t(layer) >= I.layers.size() || !I.layers[size_t(layer)].moe)
+        throw Error("layer " + std::to_string(layer) + " is not an MoE layer: it has no experts to disable");
+    check_disabled_experts(RouterDims(I.cfg), disabled, layer);
+    std::vector<uint8_t> off = disabled;
+    if (std::count(off.begin(), off.end(), uint8_t(0)) == std::ptrdiff_t(off.size())) off.clear();
+    std::vector<uint8_t> dev = off;
+    dev.resize(size_t(I.cfg.n_routed_experts), 0);
+    check(cudaMemcpyAsync(I.layers[size_t(layer)].disabled, dev.data(), dev.size(), cudaMemcpyHostToDevice, I.stream),
+          "upload expert mask");
+    check(cudaStreamSynchronize(I.stream), "cudaStreamSynchronize (expert mask)");
+    I.disabled_host[size_t(layer)] = std::move(off);
 }
 
 void CudaBackend::reset_bias() {

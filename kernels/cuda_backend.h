@@ -59,6 +59,8 @@ public:
     std::vector<float> bias(int layer) const override;
     void set_bias(int layer, const std::vector<float>& b) override;
     void reset_bias() override;
+    std::vector<uint8_t> disabled_experts(int layer) const override;
+    void set_disabled_experts(int layer, const std::vector<uint8_t>& disabled) override;
     bool can_pick() const override { return true; }
     std::vector<TokenPick> pick(const PickParams& p, const std::vector<float>& u) override;
 

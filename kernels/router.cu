@@ -38,7 +38,7 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
 }
 
 __global__ void route_kernel(int* ids_out, float* w_out, float* scores, uint8_t* kept_out, const float* logits,
-                             const float* bias, int T, RouterParams p) {
+                             const float* bias, const uint8_t* disabled, int T, RouterParams p) {
     const int lane = threadIdx.x & 31;
     const int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
     if (t >= T) return;  // whole warps: every shuffle below has all 32 lanes
@@ -66,7 +66,9 @@ __global__ void route_kernel(int* ids_out, float* w_out, float* scores, uint8_t*
     }
     __syncwarp();  // from here lanes read scores other lanes wrote
     const bool add_bias = p.use_bias && bias != nullptr;
-    auto choose = [&](int e) { return s[e] + (add_bias ? bias[e] : 0.0f); };
+    auto choose = [&](int e) {
+        return disabled && disabled[e] ? -INFINITY : s[e] + (add_bias ? bias[e] : 0.0f);
+    };
     uint64_t kept = grouped ? 0 : 1;  // bit g: group g kept (G <= 64)
     if (grouped) {
         float gscore[2];  // groups lane and lane + 32, each scored sequentially like the CPU
@@ -146,14 +148,14 @@ __global__ void route_kernel(int* ids_out, float* w_out, float* scores, uint8_t*
 
 }  // namespace
 
-void route(int* ids, float* weights, float* scores, uint8_t* kept, const float* logits, const float* bias, int T,
-           const RouterParams& p, cudaStream_t s) {
+void route(int* ids, float* weights, float* scores, uint8_t* kept, const float* logits, const float* bias,
+           const uint8_t* disabled, int T, const RouterParams& p, cudaStream_t s) {
     if (T <= 0) return;
     if (p.k > kRouterMaxK || (p.method != 0 && p.n_group > kRouterMaxGroups))
         throw DeviceError("route: at most " + std::to_string(kRouterMaxK) + " experts per token and " +
                           std::to_string(kRouterMaxGroups) + " groups are supported on the device");
     route_kernel<<<blocks_for(int64_t(T) * 32, kRouterThreads), kRouterThreads, 0, s>>>(ids, weights, scores, kept,
-                                                                                       logits, bias, T, p);
+                                                                                       logits, bias, disabled, T, p);
     check_launch("route_kernel");
 }
 

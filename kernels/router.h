@@ -20,8 +20,9 @@ struct RouterParams {
 inline constexpr int kRouterMaxK = 16, kRouterMaxGroups = 64;
 
 // logits [T, E] -> ids [T, k] (descending choice), weights [T, k], scores [T, E],
-// kept [T, G] (G = n_group when grouped, else 1). bias: device [E] or null.
-void route(int* ids, float* weights, float* scores, uint8_t* kept, const float* logits, const float* bias, int T,
-           const RouterParams& p, cudaStream_t s);
+// kept [T, G] (G = n_group when grouped, else 1). bias: device [E] or null. disabled: device
+// [E] or null, 1 for an expert switched off (-inf in every choice, as route() on the CPU).
+void route(int* ids, float* weights, float* scores, uint8_t* kept, const float* logits, const float* bias,
+           const uint8_t* disabled, int T, const RouterParams& p, cudaStream_t s);
 
 }  // namespace moescope::cuda

@@ -69,6 +69,13 @@ public:
     void set_bias(int layer, const std::vector<float>& b) { bias_[size_t(layer)] = b; }
     void reset_bias();
 
+    // Experts switched off for an ablation ([E], 1 = disabled; empty: none), per MoE layer
+    // (MTP module k: num_hidden_layers + k - 1). Like the bias, a change applies to the
+    // positions computed after it. set_ throws (check_disabled_experts) for a mask that would
+    // leave a token fewer than k experts, or for a layer that does not route.
+    const std::vector<uint8_t>& disabled_experts(int layer) const { return disabled_[size_t(layer)]; }
+    void set_disabled_experts(int layer, std::vector<uint8_t> disabled);
+
 private:
     void layer_forward(float* h, int T, int start, const LayerWeights& L, int layer_index, LatentCache& cache,
                        const ForwardOptions& opt, ForwardResult& out) const;
@@ -80,6 +87,7 @@ private:
     MlaDims mla_;
     RouterDims router_;
     std::vector<std::vector<float>> bias_;  // [layers + mtp][E]
+    std::vector<std::vector<uint8_t>> disabled_;  // [layers + mtp][E or 0]
 };
 
 }  // namespace moescope

@@ -6,6 +6,7 @@
 #include <limits>
 #include <numeric>
 
+#include "engine/errors.h"
 #include "engine/model/ops.h"
 
 namespace moescope {
@@ -32,7 +33,8 @@ void top_n(std::vector<int>& idx, const float* v, int size, int n) {
 
 }  // namespace
 
-void route(Routing& r, const float* logits, int T, const float* bias, const RouterDims& d) {
+void route(Routing& r, const float* logits, int T, const float* bias, const RouterDims& d,
+           const uint8_t* disabled) {
     const int E = d.E, k = d.k;
     const bool grouped = d.method != RouterDims::Method::Greedy;
     const int G = grouped ? d.n_group : 1, gs = E / G;
@@ -56,6 +58,9 @@ void route(Routing& r, const float* logits, int T, const float* bias, const Rout
             softmax_inplace(s, E);
         }
         for (int e = 0; e < E; ++e) choose[size_t(e)] = s[e] + (d.use_bias && bias ? bias[e] : 0.0f);
+        if (disabled)
+            for (int e = 0; e < E; ++e)
+                if (disabled[e]) choose[size_t(e)] = -std::numeric_limits<float>::infinity();
         uint8_t* kept = r.kept_groups.data() + size_t(t) * G;
         if (grouped) {
             for (int g = 0; g < G; ++g) {
@@ -93,6 +98,95 @@ void route(Routing& r, const float* logits, int T, const float* bias, const Rout
         }
         for (int i = 0; i < k; ++i) w[i] *= d.routed_scaling_factor;
     }
+}
+
+void check_disabled_experts(const RouterDims& d, const std::vector<uint8_t>& disabled, int layer) {
+    const std::string where = "layer " + std::to_string(layer) + ": ";
+    if (disabled.size() != size_t(d.E))
+        throw ShapeError(where + "an expert mask needs " + std::to_string(d.E) + " entries, got " +
+                         std::to_string(disabled.size()));
+    const int enabled = int(std::count(disabled.begin(), disabled.end(), uint8_t(0)));
+    if (enabled < d.k)
+        throw Error(where + "disabling " + std::to_string(d.E - enabled) + " of " + std::to_string(d.E) +
+                    " experts leaves " + std::to_string(enabled) + ", but every token takes " + std::to_string(d.k));
+    if (d.method == RouterDims::Method::Greedy) return;
+    // Groups scoring -inf (fewer enabled experts than the group score sums) lose to every other
+    // group; among the rest the router may keep any topk_group, the poorest included.
+    const int G = d.n_group, gs = d.E / G;
+    const int scored = d.method == RouterDims::Method::NoAuxTc ? std::min(2, gs) : 1;
+    std::vector<int> viable;
+    for (int g = 0; g < G; ++g) {
+        const int n = int(std::count(disabled.begin() + g * gs, disabled.begin() + (g + 1) * gs, uint8_t(0)));
+        if (n >= scored) viable.push_back(n);
+    }
+    std::sort(viable.begin(), viable.end());
+    const int poorest = viable.size() < size_t(d.topk_group)
+                            ? -1
+                            : std::accumulate(viable.begin(), viable.begin() + d.topk_group, 0);
+    if (poorest < d.k)
+        throw Error(where + "with these experts disabled, " + std::to_string(d.topk_group) + " of the " +
+                    std::to_string(G) + " expert groups the router keeps can hold " +
+                    (poorest < 0 ? std::string("disabled experts only") : "only " + std::to_string(poorest) +
+                                                                              " enabled experts") +
+                    ", but every token takes " + std::to_string(d.k) + " (each group needs " +
+                    std::to_string(scored) + " enabled to be kept)");
+}
+
+std::map<int, std::vector<int>> parse_expert_spec(const std::string& spec, const ModelConfig& c) {
+    const int E = c.n_routed_experts, layers = c.num_hidden_layers + c.num_nextn_predict_layers;
+    auto is_moe = [&](int l) {  // MTP modules route like the layer they copy
+        return l >= 0 && l < layers && (l >= c.num_hidden_layers ? E > 0 : c.is_moe_layer(l));
+    };
+    auto number = [&](const std::string& s, const std::string& part) {
+        if (s.empty() || s.size() > 9 || s.find_first_not_of("0123456789") != std::string::npos)
+            throw Error("expert spec \"" + spec + "\": \"" + part + "\" is not LAYER:EXPERTS (e.g. 3:0,5-7)");
+        return std::stoi(s);
+    };
+    std::map<int, std::vector<int>> out;
+    size_t begin = 0;
+    while (begin <= spec.size()) {
+        const size_t end = std::min(spec.find(';', begin), spec.size());
+        const std::string part = spec.substr(begin, end - begin);
+        begin = end + 1;
+        if (part.empty()) continue;
+        const size_t colon = part.find(':');
+        if (colon == std::string::npos)
+            throw Error("expert spec \"" + spec + "\": \"" + part + "\" has no ':' (LAYER:EXPERTS, e.g. 3:0,5-7)");
+        std::vector<int> ids;
+        for (size_t b = colon + 1; b <= part.size();) {
+            const size_t e = std::min(part.find(',', b), part.size());
+            const std::string item = part.substr(b, e - b);
+            b = e + 1;
+            const size_t dash = item.find('-');
+            const int lo = number(item.substr(0, dash), part);
+            const int hi = dash == std::string::npos ? lo : number(item.substr(dash + 1), part);
+            if (lo > hi) throw Error("expert spec \"" + spec + "\": the range " + item + " is empty");
+            if (hi >= E)
+                throw Error("expert spec \"" + spec + "\": expert " + std::to_string(hi) + " does not exist (the model has " +
+                            std::to_string(E) + " routed experts, 0-" + std::to_string(E - 1) + ")");
+            for (int x = lo; x <= hi; ++x) ids.push_back(x);
+        }
+        const std::string lname = part.substr(0, colon);
+        std::vector<int> targets;
+        if (lname == "*") {
+            for (int l = 0; l < c.num_hidden_layers; ++l)
+                if (c.is_moe_layer(l)) targets.push_back(l);
+        } else {
+            const int l = number(lname, part);
+            if (!is_moe(l))
+                throw Error("expert spec \"" + spec + "\": layer " + lname + " is not an MoE layer" +
+                            (E > 0 ? " (MoE layers: " + std::to_string(c.first_k_dense_replace) + "-" +
+                                         std::to_string(layers - 1) + ")"
+                                   : " (the model has no routed experts)"));
+            targets.push_back(l);
+        }
+        for (int l : targets) out[l].insert(out[l].end(), ids.begin(), ids.end());
+    }
+    for (auto& [l, ids] : out) {
+        std::sort(ids.begin(), ids.end());
+        ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+    }
+    return out;
 }
 
 void mlp_forward(float* out, const float* x, int T, const MlpWeights& w, bool accumulate) {

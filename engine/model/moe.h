@@ -2,6 +2,8 @@
 // group-limited top-k, normalization, scaling) and the expert mixture with shared experts.
 #pragma once
 #include <cstdint>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "engine/config.h"
@@ -27,7 +29,23 @@ struct Routing {
 };
 
 // Scores from router logits[T, E]; `bias` may be null. Writes every field of `r`.
-void route(Routing& r, const float* logits, int T, const float* bias, const RouterDims& d);
+// `disabled` [E] (may be null): experts switched off for an ablation; they score -inf in every
+// choice (groups and top-k), so each token takes the best enabled experts instead, and the
+// mixing weights are the chosen experts' scores as usual. check_disabled_experts must have
+// accepted the mask.
+void route(Routing& r, const float* logits, int T, const float* bias, const RouterDims& d,
+           const uint8_t* disabled = nullptr);
+
+// Throws Error (naming `layer`) unless every token can still take k enabled experts whatever
+// its scores: at least k enabled, and with group-limited routing every choice of topk_group
+// groups that could be kept holds k of them. A mask of the wrong size is a ShapeError.
+void check_disabled_experts(const RouterDims& d, const std::vector<uint8_t>& disabled, int layer);
+
+// An ablation spec, "L:E,E-E;L:E" (decoder layer : expert ids and inclusive ranges; "*" for every
+// MoE layer of the main model; MTP module k is layer num_hidden_layers + k - 1), as layer ->
+// ascending expert ids. Throws Error naming the part that is wrong (a layer that does not route,
+// an expert out of range, a malformed range).
+std::map<int, std::vector<int>> parse_expert_spec(const std::string& spec, const ModelConfig& c);
 
 // out[T, D] = sum_e w_e E_e(x) + Shared(x), for the experts chosen in `r`.
 void moe_experts_forward(float* out, const float* x, int T, const MoeWeights& w, const Routing& r,

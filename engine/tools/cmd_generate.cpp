@@ -100,13 +100,42 @@ nlohmann::json meta_settings(const LoadedModel& m, const std::string& dir, const
             {"mtp", p.mtp}};
 }
 
+std::vector<int> corpus_tokens(const std::string& path, const LoadedModel& m) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw Error(path + ": cannot open the corpus");
+    std::stringstream ss;
+    ss << in.rdbuf();
+    if (m.tokenizer) return m.tokenizer->encode(ss.str(), false, false);
+    std::vector<int> ids;
+    const int V = m.backend->config().vocab_size;
+    for (unsigned char ch : ss.str()) ids.push_back(int(ch) % V);
+    return ids;
+}
+
+std::map<int, std::vector<int>> disable_experts(const Args& a, Backend& backend, Session* session) {
+    auto spec = a.get("disable-experts");
+    if (!spec) return {};
+    auto off = parse_expert_spec(*spec, backend.config());
+    const int E = backend.config().n_routed_experts;
+    for (const auto& [layer, ids] : off) {
+        if (session) {
+            session->set_disabled_experts(layer, ids);
+        } else {
+            std::vector<uint8_t> mask(size_t(E), 0);
+            for (int e : ids) mask[size_t(e)] = 1;
+            backend.set_disabled_experts(layer, mask);
+        }
+    }
+    return off;
+}
+
 namespace {
 
 int cmd_generate(const std::vector<std::string>& argv) {
     Args a(argv, {"json", "chat", "mtp", "no-mtp", "no-eos", "quiet"});
     a.check_known({"prompt", "prompt-tokens", "messages", "system", "max-tokens", "temperature", "top-k", "top-p", "min-p",
                    "repetition-penalty", "frequency-penalty", "presence-penalty", "seed", "telemetry", "backend",
-                   "context", "stop", "mtp-depth", "latent-layer", "weights"});
+                   "context", "stop", "mtp-depth", "latent-layer", "weights", "disable-experts"});
     if (a.positional().size() != 1) throw UsageError("expected one MODEL_DIR");
     const std::string dir = a.positional()[0];
     LoadedModel m = open_model(dir, a.get_or("backend", "auto"), int(a.integer("context", 0)), weights_from_args(a));
@@ -123,6 +152,8 @@ int cmd_generate(const std::vector<std::string>& argv) {
         s.set_sink(trace.get());
         s.set_latent_layer(int(a.integer("latent-layer", 0)));
     }
+    const auto off = disable_experts(a, *m.backend, &s);
+    if (!off.empty() && !a.has("json")) std::fprintf(stderr, "[experts disabled: %s]\n", a.get("disable-experts")->c_str());
     const bool stream_out = !a.has("json") && !a.has("quiet");
     bool echoed = false;  // the prompt is echoed once it is known to fit
     GenerationResult r = s.generate(prompt, p, [&](const TokenEvent& ev) {
@@ -187,14 +218,7 @@ int cmd_balance(const std::vector<std::string>& argv) {
     LoadedModel m = open_model(dir, a.get_or("backend", "auto"), 0, weights_from_args(a));
     const ModelConfig& cfg = m.backend->config();
     if (cfg.n_routed_experts == 0) throw Error(dir + ": the model has no MoE layers to balance");
-    std::ifstream in(*corpus);
-    if (!in) throw Error(*corpus + ": cannot open the corpus");
-    std::stringstream ss;
-    ss << in.rdbuf();
-    std::vector<int> ids;
-    if (m.tokenizer) ids = m.tokenizer->encode(ss.str(), false, false);
-    else
-        for (unsigned char ch : ss.str()) ids.push_back(int(ch) % cfg.vocab_size);
+    const std::vector<int> ids = corpus_tokens(*corpus, m);
     const int chunk = int(std::min<long long>(a.integer("chunk", 64), cfg.max_position_embeddings));
     const int steps = int(a.integer("steps", 100));
     const double gamma = a.number("gamma", 0.001);
@@ -245,7 +269,8 @@ CliCommand generate_cmd(
     "generate",
     "generate MODEL_DIR (--prompt T [--chat] [--system S] | --messages CHAT.json | --prompt-tokens 1,2,3) [--max-tokens N --temperature T "
     "--top-k K --top-p P --min-p P --repetition-penalty R --frequency-penalty F --presence-penalty P --seed S "
-    "--mtp|--no-mtp --stop STR --telemetry OUT.jsonl --latent-layer L --backend cpu|cuda|auto --context N --weights f32|bf16|auto --json]",
+    "--mtp|--no-mtp --stop STR --telemetry OUT.jsonl --latent-layer L --backend cpu|cuda|auto --context N --weights f32|bf16|auto "
+    "--disable-experts L:E,E-E;... --json]",
     cmd_generate);
 CliCommand balance_cmd("balance",
                        "balance MODEL_DIR --corpus FILE [--gamma G --steps N --chunk TOKENS --telemetry OUT.jsonl "

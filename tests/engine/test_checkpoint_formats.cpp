@@ -76,29 +76,6 @@ double rel_rms(const std::vector<float>& a, const std::vector<float>& b) {
     return std::sqrt(num / den);
 }
 
-QString cli_path() { return QStringLiteral(MOESCOPE_BINARY_DIR "/engine/moescope-cli"); }
-
-struct CliRun {
-    int code = -1;
-    QByteArray out, err;
-};
-
-CliRun run_cli(const QStringList& args) {
-    QProcess p;
-    p.start(cli_path(), args);
-    CliRun r;
-    if (!p.waitForFinished(60000)) {
-        p.kill();
-        p.waitForFinished();
-        r.err = "timed out";
-        return r;
-    }
-    r.code = p.exitStatus() == QProcess::NormalExit ? p.exitCode() : -1;
-    r.out = p.readAllStandardOutput();
-    r.err = p.readAllStandardError();
-    return r;
-}
-
 }  // namespace
 
 class TestCheckpointFormats : public QObject {
@@ -256,12 +233,12 @@ private slots:
     }
     void cliForward() {
         QFETCH(bool, naive);
-        if (!QFileInfo::exists(cli_path())) QFAIL(qPrintable("moescope-cli not built at " + cli_path()));
+        if (!QFileInfo::exists(test::cli_path())) QFAIL(qPrintable("moescope-cli not built at " + test::cli_path()));
         QStringList tok;
         for (int t : tokens_) tok << QString::number(t);
         QStringList args{"forward", QString::fromStdString(test::tiny_dir().string()), "--tokens", tok.join(","), "--json"};
         if (naive) args << "--naive";
-        const CliRun r = run_cli(args);
+        const test::CliRun r = test::run_cli(args);
         QVERIFY2(r.code == 0, qPrintable(QString("exit %1: %2").arg(r.code).arg(QString::fromUtf8(r.err))));
         json j;
         try {
@@ -317,7 +294,7 @@ private slots:
 
     void cliInspect() {
         const QString cfg = QStringLiteral(MOESCOPE_FIXTURES "/configs/deepseek-v3.json");
-        const CliRun r = run_cli({"inspect", cfg, "--json"});
+        const test::CliRun r = test::run_cli({"inspect", cfg, "--json"});
         QVERIFY2(r.code == 0, r.err.constData());
         const json j = json::parse(r.out.toStdString());
         QCOMPARE(j["total_params"].get<int64_t>(), int64_t(671026419200));
@@ -325,7 +302,7 @@ private slots:
         QVERIFY(j["mtp_params"].get<int64_t>() > int64_t(13e9) && j["mtp_params"].get<int64_t>() < int64_t(14.5e9));
         QCOMPARE(j["latent_cache_bytes_per_token"].get<int64_t>(), int64_t(70272));
         // The text card says the same.
-        const CliRun t = run_cli({"inspect", cfg});
+        const test::CliRun t = test::run_cli({"inspect", cfg});
         QCOMPARE(t.code, 0);
         QVERIFY2(t.out.contains("671.0B") && t.out.contains("70272"), t.out.constData());
     }
@@ -347,7 +324,7 @@ private slots:
     void cliErrors() {
         QFETCH(QStringList, args);
         QFETCH(QString, needle);
-        const CliRun r = run_cli(args);
+        const test::CliRun r = test::run_cli(args);
         QVERIFY2(r.code != 0 && r.code != -1, qPrintable(QString("exit code %1").arg(r.code)));
         QVERIFY2(QString::fromUtf8(r.err).contains(needle),
                  qPrintable(QString("stderr '%1' lacks '%2'").arg(QString::fromUtf8(r.err), needle)));
@@ -361,7 +338,7 @@ private slots:
         fs::copy_file(test::tiny_dir() / "config.json", dir / "config.json");
         fs::copy_file(test::tiny_dir() / "model.safetensors", dir / "model.safetensors");
         fs::resize_file(dir / "model.safetensors", fs::file_size(dir / "model.safetensors") - 100);
-        const CliRun r = run_cli({"forward", QString::fromStdString(dir.string()), "--tokens", "1,2,3", "--json"});
+        const test::CliRun r = test::run_cli({"forward", QString::fromStdString(dir.string()), "--tokens", "1,2,3", "--json"});
         QVERIFY(r.code != 0 && r.code != -1);
         QVERIFY2(r.err.contains("model.safetensors"), r.err.constData());
         QVERIFY(r.out.trimmed().isEmpty());

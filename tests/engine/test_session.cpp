@@ -74,6 +74,8 @@ public:
     std::vector<float> bias(int l) const override { return inner_->bias(l); }
     void set_bias(int l, const std::vector<float>& b) override { inner_->set_bias(l, b); }
     void reset_bias() override { inner_->reset_bias(); }
+    std::vector<uint8_t> disabled_experts(int l) const override { return inner_->disabled_experts(l); }
+    void set_disabled_experts(int l, const std::vector<uint8_t>& d) override { inner_->set_disabled_experts(l, d); }
     bool can_pick() const override { return true; }
     std::vector<TokenPick> pick(const PickParams& p, const std::vector<float>& u) override {
         const int V = config().vocab_size, R = int(last_.size()) / V;

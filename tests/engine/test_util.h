@@ -1,6 +1,7 @@
 // Shared helpers of the engine test suites: array comparison that reports the op, the shape
 // and the worst index on failure, and access to the tiny-v3 fixture.
 #pragma once
+#include <QProcess>
 #include <QtTest/QtTest>
 
 #include <cmath>
@@ -116,6 +117,30 @@ inline nlohmann::json read_json_file(const std::filesystem::path& p) {
     std::stringstream ss;
     ss << in.rdbuf();
     return nlohmann::json::parse(ss.str());
+}
+
+// moescope-cli run as a user runs it (a minute at most).
+inline QString cli_path() { return QStringLiteral(MOESCOPE_BINARY_DIR "/engine/moescope-cli"); }
+
+struct CliRun {
+    int code = -1;
+    QByteArray out, err;
+};
+
+inline CliRun run_cli(const QStringList& args) {
+    QProcess p;
+    p.start(cli_path(), args);
+    CliRun r;
+    if (!p.waitForFinished(60000)) {
+        p.kill();
+        p.waitForFinished();
+        r.err = "timed out";
+        return r;
+    }
+    r.code = p.exitStatus() == QProcess::NormalExit ? p.exitCode() : -1;
+    r.out = p.readAllStandardOutput();
+    r.err = p.readAllStandardError();
+    return r;
 }
 
 inline std::filesystem::path tiny_dir() { return std::filesystem::path(MOESCOPE_FIXTURES) / "tiny-v3"; }

@@ -567,20 +567,35 @@ void check_router() {
     for (auto& [name, cfg] : cfgs) {
         RouterDims d(cfg);
         const int G = d.method != RouterDims::Method::Greedy ? d.n_group : 1;
+        // Some experts disabled (an ablation): a random mask the router accepts, a third off.
+        std::vector<uint8_t> off;
+        bool drawn = false;
+        for (int attempt = 0; attempt < 100 && !drawn; ++attempt) {
+            off.assign(size_t(d.E), 0);
+            for (auto& o : off) o = uint8_t(rng() % 3 == 0);
+            try {
+                check_disabled_experts(d, off, 0);
+                drawn = true;
+            } catch (const Error&) {
+            }
+        }
+        expect(drawn, "router mask " + name, "no valid mask in 100 draws");
         for (int T : {1, 3, 63})
-            for (bool ties : {false, true}) {
+            for (int variant : {0, 1, 2}) {  // plain, ties, experts disabled
+                const bool ties = variant == 1, masked = variant == 2;
                 auto logits = randv(rng, size_t(T) * d.E, -4, 4);
                 // Ties: few distinct values, so the lower-index rule decides experts and groups.
                 if (ties)
                     for (auto& v : logits) v = std::round(v);
                 auto bias = randv(rng, size_t(d.E), -0.5f, 0.5f);  // negative too: masked must be -inf
                 Routing r;
-                route(r, logits.data(), T, bias.data(), d);
+                route(r, logits.data(), T, bias.data(), d, masked ? off.data() : nullptr);
                 DBuf<float> dl(logits), db(bias), dw(size_t(T) * d.k), ds(size_t(T) * d.E);
                 DBuf<int> di(size_t(T) * d.k);
-                DBuf<uint8_t> dk(size_t(T) * G);
-                moescope::cuda::route(di.p, dw.p, ds.p, dk.p, dl.p, db.p, T, params_of(d), nullptr);
-                const std::string sh = shp({T, d.E}) + (ties ? " ties" : "");
+                DBuf<uint8_t> dk(size_t(T) * G), doff(off);
+                moescope::cuda::route(di.p, dw.p, ds.p, dk.p, dl.p, db.p, masked ? doff.p : nullptr, T, params_of(d),
+                                      nullptr);
+                const std::string sh = shp({T, d.E}) + (ties ? " ties" : "") + (masked ? " experts disabled" : "");
                 auto ids = di.down();
                 expect(ids == r.ids, "router ids " + name + " " + sh, "ids differ from route()");
                 auto kept = dk.down();
@@ -614,7 +629,7 @@ void check_router_wide() {
             DBuf<float> dl(logits), db(bias), dw(size_t(T) * d.k), ds(size_t(T) * d.E);
             DBuf<int> di(size_t(T) * d.k);
             DBuf<uint8_t> dk(size_t(T) * d.n_group);
-            moescope::cuda::route(di.p, dw.p, ds.p, dk.p, dl.p, db.p, T, params_of(d), nullptr);
+            moescope::cuda::route(di.p, dw.p, ds.p, dk.p, dl.p, db.p, nullptr, T, params_of(d), nullptr);
             const std::string sh = shp({T, d.E}) + " 64 groups k 16" + (ties ? " ties" : "");
             expect(di.down() == r.ids, "router ids " + sh, "ids differ from route()");
             expect(dk.down() == r.kept_groups, "router kept groups " + sh);
@@ -1265,6 +1280,40 @@ void check_session() {
         Session sg(std::make_shared<CudaBackend>(model, 128, f32), nullptr, 128);
         GenerationResult rc = sc.generate(toks, p), rg = sg.generate(toks, p);
         expect(rg.tokens == rc.tokens, "Session sampling T=0.8 top-k 20 top-p 0.9 (drawn on the device): same tokens as the CPU");
+    }
+    // An ablation switched on after the decode graphs were captured: the replays must read the
+    // new mask (a device buffer that is always there), and route like the CPU without them.
+    {
+        SamplingParams p;
+        p.temperature = 0;
+        p.max_tokens = 12;
+        p.mtp = true;
+        Session sc(std::shared_ptr<Backend>(make_cpu_backend(model)), nullptr, 128);
+        auto gpu = std::make_shared<CudaBackend>(model, 128, f32);
+        Session sg(gpu, nullptr, 128);
+        MemorySink mc, mg;
+        sc.set_sink(&mc);
+        sg.set_sink(&mg);
+        GenerationResult rc = sc.generate(toks, p), rg = sg.generate(toks, p);
+        const std::vector<int> off = {0, 5, 10, 15};
+        const int64_t masked_at = sg.step();
+        for (int l = 1; l < model->config().num_hidden_layers + model->config().num_nextn_predict_layers; ++l) {
+            sc.set_disabled_experts(l, off);
+            sg.set_disabled_experts(l, off);
+        }
+        p.max_tokens = 30;
+        rc = sc.generate(p);
+        rg = sg.generate(p);
+        expect(rg.tokens == rc.tokens, "Session with experts 0,5,10,15 disabled after graph capture: same tokens as the CPU");
+        int hits = 0;
+        for (const Record& r : mg.snapshot())
+            if (const auto* rr = std::get_if<RouteRecord>(&r); rr && rr->step > masked_at)
+                for (int id : rr->ids) hits += std::find(off.begin(), off.end(), id) != off.end();
+        expect(hits == 0, "ablation on the device: no token routed to a disabled expert", std::to_string(hits) + " routings");
+        expect(gpu->graphs() && gpu->notice().empty(), "ablation: CUDA graphs stayed on (every replay verified)",
+               gpu->notice());
+        for (int l = 1; l < model->config().num_hidden_layers + model->config().num_nextn_predict_layers; ++l)
+            sc.set_disabled_experts(l, {});  // the CPU backend's mask lives on the shared model
     }
 }
 

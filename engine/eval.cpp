@@ -1,0 +1,79 @@
+// Perplexity over non-overlapping windows, with the MTP module scored on the same windows.
+#include "engine/eval.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "engine/errors.h"
+#include "engine/model/ops.h"
+
+namespace moescope {
+
+double PerplexityResult::perplexity() const { return tokens ? std::exp(cross_entropy) : 0.0; }
+double PerplexityResult::mtp_perplexity() const { return mtp_tokens ? std::exp(mtp_cross_entropy) : 0.0; }
+
+namespace {
+
+// Sum over rows r of -ln softmax(logits[r])[target[r]].
+double nll_sum(const float* logits, const int* target, int rows, int V) {
+    double s = 0;
+    for (int r = 0; r < rows; ++r) {
+        const float* l = logits + size_t(r) * V;
+        s += log_sum_exp(l, V) - double(l[target[r]]);
+    }
+    return s;
+}
+
+}  // namespace
+
+PerplexityResult evaluate_perplexity(Backend& backend, const std::vector<int>& ids, const PerplexityOptions& o,
+                                     const std::function<bool(int, int)>& on_window) {
+    const ModelConfig& cfg = backend.config();
+    const int V = cfg.vocab_size;
+    if (o.context < 2) throw Error("perplexity: a window needs at least 2 tokens, got a context of " +
+                                   std::to_string(o.context));
+    if (o.context > cfg.max_position_embeddings)
+        throw ContextError("perplexity: windows of " + std::to_string(o.context) + " tokens are past the model's context of " +
+                           std::to_string(cfg.max_position_embeddings) + " (max_position_embeddings)");
+    for (int id : ids)
+        if (id < 0 || id >= V) throw Error("perplexity: token id " + std::to_string(id) + " is outside the vocabulary of " +
+                                           std::to_string(V));
+    std::vector<std::pair<size_t, int>> windows;  // (start, length)
+    for (size_t s = 0; s + 2 <= ids.size(); s += size_t(o.context))
+        windows.push_back({s, int(std::min<size_t>(size_t(o.context), ids.size() - s))});
+    if (o.max_windows > 0 && windows.size() > size_t(o.max_windows)) windows.resize(size_t(o.max_windows));
+    if (windows.empty()) throw Error("perplexity: the text has fewer than 2 tokens");
+    const bool mtp = o.mtp && cfg.num_nextn_predict_layers > 0;
+    PerplexityResult res;
+    double nll = 0, mtp_nll = 0;
+    ForwardOptions opt;  // absorbed, every position's logits on the host
+    for (size_t w = 0; w < windows.size(); ++w) {
+        const auto [start, n] = windows[w];
+        const int* tok = ids.data() + start;
+        auto cache = backend.new_cache(0, n);
+        ForwardResult r;
+        backend.forward(tok, n, *cache, opt, r);
+        nll += nll_sum(r.logits.data(), tok + 1, n - 1, V);
+        res.tokens += n - 1;
+        for (const auto& lr : r.routing) {
+            auto& load = res.loads[lr.layer];
+            load.resize(size_t(lr.r.E), 0);
+            for (int e : lr.r.ids) ++load[size_t(e)];
+        }
+        if (mtp && n >= 3) {
+            // Module 1 at position i reads h[i] and token i + 1, and predicts token i + 2.
+            auto mc = backend.new_cache(1, n - 1);
+            ForwardResult m;
+            backend.forward_mtp(1, r.hidden.data(), tok + 1, n - 1, *mc, opt, m);
+            mtp_nll += nll_sum(m.logits.data(), tok + 2, n - 2, V);
+            res.mtp_tokens += n - 2;
+        }
+        res.windows = int(w + 1);
+        if (on_window && !on_window(int(w + 1), int(windows.size()))) break;
+    }
+    res.cross_entropy = nll / double(res.tokens);
+    res.mtp_cross_entropy = res.mtp_tokens ? mtp_nll / double(res.mtp_tokens) : 0.0;
+    return res;
+}
+
+}  // namespace moescope

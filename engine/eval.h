@@ -1,0 +1,36 @@
+// Held-out evaluation of a model on a token stream: next-token cross-entropy (perplexity), the
+// MTP module's cross-entropy on the token after next, and the routing counts behind them. What
+// `moescope-cli perplexity` reports, with and without experts disabled (an ablation).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <vector>
+
+#include "engine/backend.h"
+
+namespace moescope {
+
+struct PerplexityOptions {
+    int context = 512;       // window length (positions); windows do not overlap
+    int max_windows = 0;     // 0: every full window (a shorter tail is evaluated too when it has >= 2 tokens)
+    bool mtp = true;         // also score MTP module 1 (when the model has one)
+};
+
+struct PerplexityResult {
+    int windows = 0;
+    int64_t tokens = 0;                // predictions scored: every position but the first of a window
+    double cross_entropy = 0;          // mean -ln p(next token), nats
+    int64_t mtp_tokens = 0;            // MTP module 1: position i predicts token i + 2
+    double mtp_cross_entropy = 0;      // nats; 0 when not scored
+    std::map<int, std::vector<int64_t>> loads;  // MoE layer -> [E] tokens routed (main model)
+    double perplexity() const;
+    double mtp_perplexity() const;
+};
+
+// Runs `ids` through `backend` window by window (a fresh cache each). `on_window(done, total)`
+// reports progress and may return false to stop early (the result covers the windows done).
+PerplexityResult evaluate_perplexity(Backend& backend, const std::vector<int>& ids, const PerplexityOptions& o,
+                                     const std::function<bool(int, int)>& on_window = {});
+
+}  // namespace moescope

@@ -1,0 +1,379 @@
+// Expert ablation and held-out perplexity: route() with experts disabled against a brute-force
+// router written from the definition, the mask's validity rule against exhaustive enumeration,
+// the spec parser, a Session that records the ablation and never routes to a disabled expert,
+// evaluate_perplexity against a slower token-by-token decode, and moescope-cli perplexity.
+#include <QtTest/QtTest>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "engine/backend.h"
+#include "engine/errors.h"
+#include "engine/eval.h"
+#include "engine/loader.h"
+#include "engine/model/moe.h"
+#include "engine/session.h"
+#include "engine/telemetry.h"
+#include "test_util.h"
+
+using namespace moescope;
+
+namespace {
+
+// The router's selection from its definition (deepseek-v3.md 2.3) with disabled experts removed
+// from the choice: every candidate sorted, no incremental top-n. `s` are route()'s scores (the
+// scoring is not what is checked here), every sum in the router's float arithmetic.
+std::vector<int> brute_route(const float* s, const float* bias, const uint8_t* off, const RouterDims& d) {
+    const int E = d.E;
+    std::vector<float> choose(static_cast<size_t>(E));
+    for (int e = 0; e < E; ++e) choose[size_t(e)] = s[e] + (d.use_bias ? bias[e] : 0.0f);
+    auto ranked = [](std::vector<int> c, auto key) {
+        std::stable_sort(c.begin(), c.end(), [&](int a, int b) { return key(a) > key(b); });
+        return c;
+    };
+    std::vector<int> candidates;
+    for (int e = 0; e < E; ++e)
+        if (!off[e]) candidates.push_back(e);
+    if (d.method != RouterDims::Method::Greedy) {
+        const int G = d.n_group, gs = E / G;
+        std::vector<float> gscore(static_cast<size_t>(G), -INFINITY);
+        for (int g = 0; g < G; ++g) {
+            std::vector<float> v;
+            for (int e = g * gs; e < (g + 1) * gs; ++e)
+                if (!off[e]) v.push_back(choose[size_t(e)]);
+            std::sort(v.rbegin(), v.rend());
+            const size_t need = d.method == RouterDims::Method::NoAuxTc ? 2 : 1;
+            if (v.size() >= need) gscore[size_t(g)] = need == 2 ? v[0] + v[1] : v[0];
+        }
+        std::vector<int> groups(static_cast<size_t>(G));
+        std::iota(groups.begin(), groups.end(), 0);
+        groups = ranked(groups, [&](int g) { return gscore[size_t(g)]; });
+        groups.resize(size_t(d.topk_group));
+        std::erase_if(candidates, [&](int e) { return std::find(groups.begin(), groups.end(), e / gs) == groups.end(); });
+    }
+    candidates = ranked(candidates, [&](int e) { return choose[size_t(e)]; });
+    candidates.resize(std::min(candidates.size(), size_t(d.k)));
+    return candidates;
+}
+
+ModelConfig config_with(const std::string& method, int E, int k, int groups, int topk_group, bool sigmoid) {
+    ModelConfig c = ModelConfig::load(test::tiny_dir());
+    c.topk_method = method;
+    c.n_routed_experts = E;
+    c.num_experts_per_tok = k;
+    c.n_group = groups;
+    c.topk_group = topk_group;
+    c.scoring_func = sigmoid ? "sigmoid" : "softmax";
+    return c;
+}
+
+}  // namespace
+
+class TestAblation : public QObject {
+    Q_OBJECT
+
+private slots:
+    void routeSkipsDisabledExperts_data() {
+        QTest::addColumn<QString>("method");
+        QTest::addColumn<int>("E");
+        QTest::addColumn<int>("k");
+        QTest::addColumn<int>("groups");
+        QTest::addColumn<int>("topkGroup");
+        QTest::addColumn<bool>("sigmoid");
+        QTest::newRow("noaux_tc 16/4 groups") << "noaux_tc" << 16 << 4 << 4 << 2 << true;
+        QTest::newRow("noaux_tc V3 256/8 groups") << "noaux_tc" << 256 << 8 << 8 << 4 << true;
+        QTest::newRow("group_limited_greedy 64/8 groups") << "group_limited_greedy" << 64 << 6 << 8 << 3 << false;
+        QTest::newRow("greedy softmax 64") << "greedy" << 64 << 6 << 1 << 1 << false;
+    }
+    void routeSkipsDisabledExperts() {
+        QFETCH(QString, method);
+        QFETCH(int, E);
+        QFETCH(int, k);
+        QFETCH(int, groups);
+        QFETCH(int, topkGroup);
+        QFETCH(bool, sigmoid);
+        const RouterDims d(config_with(method.toStdString(), E, k, groups, topkGroup, sigmoid));
+        std::mt19937 rng(7);
+        std::uniform_real_distribution<float> U(-3, 3);
+        int masks = 0;
+        for (int trial = 0; trial < 300; ++trial) {
+            std::vector<uint8_t> off(static_cast<size_t>(E));
+            const unsigned every = 2 + trial % 4;  // a half to a fifth of the experts off
+            for (auto& o : off) o = uint8_t(rng() % every == 0);
+            try {
+                check_disabled_experts(d, off, 1);
+            } catch (const Error&) {
+                continue;
+            }
+            ++masks;
+            const int T = 5;
+            std::vector<float> logits(size_t(T) * E), bias(static_cast<size_t>(E));
+            for (auto& v : logits) v = U(rng);
+            for (auto& v : bias) v = U(rng) / 10;
+            Routing r;
+            route(r, logits.data(), T, bias.data(), d, off.data());
+            for (int t = 0; t < T; ++t) {
+                const std::vector<int> want = brute_route(r.scores.data() + size_t(t) * E, bias.data(), off.data(), d);
+                const std::vector<int> got(r.ids.begin() + t * k, r.ids.begin() + (t + 1) * k);
+                QCOMPARE(got, want);
+                float sum = 0;
+                for (int i = 0; i < k; ++i) sum += r.scores[size_t(t) * E + size_t(got[size_t(i)])];
+                for (int i = 0; i < k; ++i) {
+                    const float s = r.scores[size_t(t) * E + size_t(got[size_t(i)])];
+                    const float w = (d.norm_topk_prob && k > 1 ? s / (sum + 1e-20f) : s) * d.routed_scaling_factor;
+                    QCOMPARE(r.weights[size_t(t) * k + size_t(i)], w);
+                }
+            }
+        }
+        QVERIFY2(masks >= 50, qPrintable(QString("only %1 of 300 random masks were valid").arg(masks)));
+        // No expert disabled: the same bits as no mask at all.
+        std::vector<float> logits(size_t(9) * E), bias(static_cast<size_t>(E));
+        for (auto& v : logits) v = U(rng);
+        for (auto& v : bias) v = U(rng) / 10;
+        std::vector<uint8_t> none(static_cast<size_t>(E), 0);
+        Routing a, b;
+        route(a, logits.data(), 9, bias.data(), d, none.data());
+        route(b, logits.data(), 9, bias.data(), d);
+        QCOMPARE(a.ids, b.ids);
+        QCOMPARE(a.weights, b.weights);
+        QCOMPARE(a.kept_groups, b.kept_groups);
+    }
+
+    // The validity rule against enumeration: a mask is valid exactly when every way the router
+    // can keep topk_group groups (any groups whose score is finite, else by index) leaves k
+    // enabled experts. 16 experts in 4 groups, every mask with 0-3 experts off per group.
+    void maskRuleMatchesEnumeration() {
+        for (int k : {2, 4, 5}) {
+            for (const char* method : {"noaux_tc", "group_limited_greedy"}) {
+                const RouterDims d(config_with(method, 16, k, 4, 2, true));
+                const int scored = std::string(method) == "noaux_tc" ? 2 : 1;
+                for (int code = 0; code < 1 << 16; code += 37) {
+                    std::vector<uint8_t> off(16);
+                    for (int e = 0; e < 16; ++e) off[size_t(e)] = uint8_t((code >> e) & 1);
+                    std::vector<int> enabled(4);
+                    for (int e = 0; e < 16; ++e) enabled[size_t(e / 4)] += !off[size_t(e)];
+                    std::vector<int> finite;
+                    for (int g = 0; g < 4; ++g)
+                        if (enabled[size_t(g)] >= scored) finite.push_back(g);
+                    bool valid = finite.size() >= 2;
+                    for (size_t i = 0; valid && i < finite.size(); ++i)
+                        for (size_t j = i + 1; j < finite.size(); ++j)
+                            if (enabled[size_t(finite[i])] + enabled[size_t(finite[j])] < k) valid = false;
+                    bool accepted = true;
+                    try {
+                        check_disabled_experts(d, off, 3);
+                    } catch (const Error& e) {
+                        accepted = false;
+                        QVERIFY2(std::string(e.what()).find("layer 3") != std::string::npos, e.what());
+                    }
+                    QVERIFY2(accepted == valid, qPrintable(QString("%1 k=%2 mask %3: accepted %4, enumeration says %5")
+                                                               .arg(method).arg(k).arg(code).arg(accepted).arg(valid)));
+                }
+            }
+        }
+        const RouterDims d(config_with("greedy", 8, 3, 1, 1, false));
+        QVERIFY_THROWS_EXCEPTION(Error, check_disabled_experts(d, {1, 1, 1, 1, 1, 1, 0, 0}, 0));
+        check_disabled_experts(d, {1, 1, 1, 1, 1, 0, 0, 0}, 0);
+        QVERIFY_THROWS_EXCEPTION(ShapeError, check_disabled_experts(d, {1, 0}, 0));
+    }
+
+    void parseSpec_data() {
+        QTest::addColumn<QString>("spec");
+        QTest::addColumn<QString>("want");   // "layer:ids;..." or "error:<substring>"
+        QTest::newRow("one") << "1:3" << "1:3";
+        QTest::newRow("list and range") << "2:7,0-2,2" << "2:0,1,2,7";
+        QTest::newRow("two layers") << "3:1;1:15" << "1:15;3:1";
+        QTest::newRow("every MoE layer") << "*:4-5" << "1:4,5;2:4,5;3:4,5";
+        QTest::newRow("MTP module layer") << "4:0" << "4:0";
+        QTest::newRow("trailing ;") << "1:2;" << "1:2";
+        QTest::newRow("dense layer") << "0:1" << "error:layer 0 is not an MoE layer";
+        QTest::newRow("past the layers") << "9:1" << "error:layer 9 is not an MoE layer";
+        QTest::newRow("expert out of range") << "1:16" << "error:expert 16 does not exist";
+        QTest::newRow("empty range") << "1:5-2" << "error:the range 5-2 is empty";
+        QTest::newRow("no colon") << "1,2" << "error:has no ':'";
+        QTest::newRow("not a number") << "1:a" << "error:is not LAYER:EXPERTS";
+        QTest::newRow("negative") << "1:-1" << "error:is not LAYER:EXPERTS";
+        QTest::newRow("huge") << "1:99999999999" << "error:is not LAYER:EXPERTS";
+    }
+    void parseSpec() {
+        QFETCH(QString, spec);
+        QFETCH(QString, want);
+        const ModelConfig c = ModelConfig::load(test::tiny_dir());
+        try {
+            const auto got = parse_expert_spec(spec.toStdString(), c);
+            QStringList parts;
+            for (const auto& [l, ids] : got) {
+                QStringList e;
+                for (int x : ids) e << QString::number(x);
+                parts << QString("%1:%2").arg(l).arg(e.join(','));
+            }
+            QCOMPARE(parts.join(';'), want);
+        } catch (const Error& e) {
+            QVERIFY2(want.startsWith("error:"), e.what());
+            QVERIFY2(QString(e.what()).contains(want.mid(6)), e.what());
+        }
+    }
+
+    // A Session with experts disabled: the ablation is recorded, no token is routed to them
+    // (prompt, decoding and MTP drafts), and enabling them again restores the original routing.
+    void sessionNeverRoutesToDisabled() {
+        auto model = load_model(test::tiny_dir());
+        auto backend = std::shared_ptr<Backend>(make_cpu_backend(model));
+        const std::vector<int> prompt = test::tiny_tokens();
+        SamplingParams p;
+        p.temperature = 0;
+        p.max_tokens = 24;
+        p.stop_tokens = {};
+        auto run = [&](const std::vector<int>& off, MemorySink& sink) {
+            Session s(backend, nullptr, 128);
+            s.set_sink(&sink);
+            for (int l = 1; l < 4; ++l) s.set_disabled_experts(l, off);
+            return s.generate(prompt, p);
+        };
+        MemorySink base_sink, off_sink, again_sink;
+        const GenerationResult base = run({}, base_sink);
+        const std::vector<int> off = {0, 5, 10, 15};
+        const GenerationResult abl = run(off, off_sink);
+        int routes = 0, ablations = 0;
+        for (const Record& r : off_sink.snapshot()) {
+            if (const auto* a = std::get_if<AblationRecord>(&r)) {
+                QCOMPARE(a->disabled, off);
+                ++ablations;
+            }
+            if (const auto* rr = std::get_if<RouteRecord>(&r)) {
+                ++routes;
+                for (size_t i = 0; i < rr->ids.size(); ++i)
+                    if (rr->layers[i / size_t(rr->k)] < 4)
+                        QVERIFY2(std::find(off.begin(), off.end(), rr->ids[i]) == off.end(),
+                                 qPrintable(QString("position %1 routed to disabled expert %2").arg(rr->position).arg(rr->ids[i])));
+            }
+        }
+        QCOMPARE(ablations, 3);
+        QVERIFY(routes >= int(prompt.size()));
+        // The baseline does route to those experts (otherwise the check above proves nothing).
+        int hits = 0;
+        for (const Record& r : base_sink.snapshot())
+            if (const auto* rr = std::get_if<RouteRecord>(&r))
+                for (int id : rr->ids) hits += std::find(off.begin(), off.end(), id) != off.end();
+        QVERIFY(hits > 0);
+        // Enabled again (an empty list): bit-identical to the baseline.
+        const GenerationResult again = run({}, again_sink);
+        QCOMPARE(again.tokens, base.tokens);
+        for (int l = 1; l < 4; ++l) QVERIFY(backend->disabled_experts(l).empty());
+        Q_UNUSED(abl);
+        Session s(backend, nullptr, 64);
+        QVERIFY_THROWS_EXCEPTION(Error, s.set_disabled_experts(0, {1}));   // dense layer
+        QVERIFY_THROWS_EXCEPTION(Error, s.set_disabled_experts(1, {16}));  // no such expert
+        QVERIFY_THROWS_EXCEPTION(Error, s.set_disabled_experts(1, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}));
+        QVERIFY(backend->disabled_experts(1).empty());  // a refused mask changes nothing
+    }
+
+    void ablationRecordRoundTrips() {
+        const Record r = AblationRecord{12, 3, {1, 4, 9}};
+        const nlohmann::json j = to_json(r);
+        QCOMPARE(QString::fromStdString(j["type"].get<std::string>()), QString("ablation"));
+        const auto back = std::get<AblationRecord>(record_from_json(j));
+        QCOMPARE(back.step, int64_t(12));
+        QCOMPARE(back.layer, 3);
+        QCOMPARE(back.disabled, (std::vector<int>{1, 4, 9}));
+        QCOMPARE(QString(record_type(r)), QString("ablation"));
+    }
+
+    // Perplexity over windows against a slower path: every window decoded token by token
+    // through the Model's cache, -ln p from a double-precision softmax; MTP module 1 from one
+    // forward_mtp call over the decoded hidden states.
+    void perplexityMatchesTokenByToken() {
+        auto model = load_model(test::tiny_dir());
+        auto backend = make_cpu_backend(model);
+        const ModelConfig& c = model->config();
+        const int V = c.vocab_size;
+        std::vector<int> ids;
+        std::mt19937 rng(3);
+        for (int i = 0; i < 2 * 40 + 7; ++i) ids.push_back(int(rng() % unsigned(V)));
+        PerplexityOptions o;
+        o.context = 40;
+        const PerplexityResult got = evaluate_perplexity(*backend, ids, o);
+        QCOMPARE(got.windows, 3);  // two full windows and a tail of 7
+        QCOMPARE(got.tokens, int64_t(39 + 39 + 6));
+        QCOMPARE(got.mtp_tokens, int64_t(38 + 38 + 5));
+        auto nll = [&](const float* l, int target) {
+            double m = *std::max_element(l, l + V), z = 0;
+            for (int v = 0; v < V; ++v) z += std::exp(double(l[v]) - m);
+            return std::log(z) + m - double(l[target]);
+        };
+        double sum = 0, mtp_sum = 0;
+        std::vector<std::vector<int64_t>> load(4, std::vector<int64_t>(16, 0));
+        for (size_t start = 0; start < ids.size(); start += 40) {
+            const int n = int(std::min<size_t>(40, ids.size() - start));
+            KvCache cache = model->new_cache();
+            std::vector<float> hidden;
+            for (int t = 0; t < n; ++t) {
+                ForwardResult r;
+                model->forward(&ids[start + size_t(t)], 1, cache, ForwardOptions{}, r);
+                hidden.insert(hidden.end(), r.hidden.begin(), r.hidden.end());
+                if (t + 1 < n) sum += nll(r.logits.data(), ids[start + size_t(t) + 1]);
+                for (const auto& lr : r.routing)
+                    for (int e : lr.r.ids) ++load[size_t(lr.layer)][size_t(e)];
+            }
+            KvCache mc = model->new_mtp_cache();
+            ForwardResult m;
+            model->forward_mtp(1, hidden.data(), &ids[start + 1], n - 1, mc, ForwardOptions{}, m);
+            for (int i = 0; i + 2 < n; ++i) mtp_sum += nll(m.logits.data() + size_t(i) * V, ids[start + size_t(i) + 2]);
+        }
+        QVERIFY2(std::abs(got.cross_entropy - sum / 84) < 1e-5,
+                 qPrintable(QString("%1 vs %2").arg(got.cross_entropy).arg(sum / 84)));
+        QVERIFY2(std::abs(got.mtp_cross_entropy - mtp_sum / 81) < 1e-5,
+                 qPrintable(QString("%1 vs %2").arg(got.mtp_cross_entropy).arg(mtp_sum / 81)));
+        QCOMPARE(got.perplexity(), std::exp(got.cross_entropy));
+        for (int l = 1; l < 4; ++l) QCOMPARE(got.loads.at(l), load[size_t(l)]);
+        // max_windows, and the refusals.
+        o.max_windows = 1;
+        QCOMPARE(evaluate_perplexity(*backend, ids, o).tokens, int64_t(39));
+        o.context = c.max_position_embeddings + 1;
+        QVERIFY_THROWS_EXCEPTION(ContextError, evaluate_perplexity(*backend, ids, o));
+        o.context = 40;
+        QVERIFY_THROWS_EXCEPTION(Error, evaluate_perplexity(*backend, {1}, o));
+        QVERIFY_THROWS_EXCEPTION(Error, evaluate_perplexity(*backend, {1, V}, o));
+    }
+
+    // The command as a user runs it: baseline and ablation, JSON and text, and a bad spec.
+    void cliPerplexity() {
+        if (!QFileInfo::exists(test::cli_path())) QFAIL(qPrintable("moescope-cli not built at " + test::cli_path()));
+        QTemporaryDir dir;
+        const QString corpus = dir.filePath("corpus.txt");
+        {
+            QFile f(corpus);
+            QVERIFY(f.open(QIODevice::WriteOnly));
+            for (int i = 0; i < 40; ++i) f.write("the quick brown fox jumps over the lazy dog. ");
+        }
+        const QString model = QString::fromStdString(test::tiny_dir().string());
+        const test::CliRun r = test::run_cli({"perplexity", model, "--corpus", corpus, "--context", "64",
+                                              "--disable-experts", "1:0-3;2:5", "--backend", "cpu", "--json"});
+        QVERIFY2(r.code == 0, r.err.constData());
+        const auto j = nlohmann::json::parse(r.out.toStdString());
+        QVERIFY(j["tokens"].get<int64_t>() > 100);
+        QCOMPARE(j["perplexity"].get<double>(), std::exp(j["cross_entropy"].get<double>()));
+        const auto& ab = j["ablation"];
+        QCOMPARE(ab["disabled"].size(), size_t(2));
+        QCOMPARE(ab["disabled"][0]["experts"].get<std::vector<int>>(), (std::vector<int>{0, 1, 2, 3}));
+        const double share = ab["disabled"][0]["baseline_share"].get<double>();
+        QVERIFY(share > 0 && share < 1);
+        QCOMPARE(ab["delta_cross_entropy"].get<double>(),
+                 ab["cross_entropy"].get<double>() - j["cross_entropy"].get<double>());
+        QVERIFY(ab["cross_entropy"].get<double>() != j["cross_entropy"].get<double>());
+        const test::CliRun t = test::run_cli({"perplexity", model, "--corpus", corpus, "--context", "64", "--backend", "cpu"});
+        QVERIFY2(t.code == 0, t.err.constData());
+        QVERIFY2(t.out.contains("perplexity") && t.out.contains("MTP module"), t.out.constData());
+        const test::CliRun bad = test::run_cli({"perplexity", model, "--corpus", corpus, "--disable-experts", "0:1"});
+        QVERIFY(bad.code != 0);
+        QVERIFY2(bad.err.contains("layer 0 is not an MoE layer"), bad.err.constData());
+        const test::CliRun missing = test::run_cli({"perplexity", model, "--corpus", dir.filePath("none.txt")});
+        QVERIFY(missing.code != 0);
+        QVERIFY2(missing.err.contains("none.txt: cannot open the corpus"), missing.err.constData());
+    }
+};
+
+QTEST_GUILESS_MAIN(TestAblation)
+#include "test_ablation.moc"
