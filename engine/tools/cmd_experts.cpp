@@ -82,7 +82,9 @@ std::vector<Record> run_model(const Args& a, const std::string& dir, std::map<in
 
 std::string token_label(int id, const std::map<int, std::string>& texts) {
     auto it = texts.find(id);
-    return it == texts.end() ? "#" + std::to_string(id) : quote_token(it->second);
+    if (it != texts.end()) return quote_token(it->second);
+    std::string s = "#";  // (not "#" + to_string: GCC 12 warns falsely about that)
+    return s += std::to_string(id);
 }
 
 void write_csv(const fs::path& path, const ExpertAnalysis& an, const std::map<int, std::string>& texts) {
