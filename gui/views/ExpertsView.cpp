@@ -310,6 +310,15 @@ void ExpertsView::fillTable(const LayerExperts& L) {
     }
 }
 
+void ExpertsView::themeChanged() {
+    const LayerExperts* L = shownLayer();
+    if (!L) return;
+    fillTable(*L);
+    m_markedRow = -1;
+    markExpertRow();
+    fillBars(L);
+}
+
 void ExpertsView::markExpertRow() {
     const QColor mark = dark() ? QColor(50, 80, 120) : QColor(205, 225, 250);
     for (int r = 0; r < m_table->rowCount(); ++r) {

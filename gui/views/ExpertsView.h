@@ -53,6 +53,7 @@ public:
 protected:
     void refresh() override;
     void flushDeferred() override { m_overviewClock.invalidate(); }
+    void themeChanged() override;            // the table's tints and the bar labels follow the palette
 
 private:
     void rebuildLayerChoices();
