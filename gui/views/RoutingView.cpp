@@ -189,7 +189,7 @@ void RoutingView::refresh() {
         }
         const auto tk = m_store->tokens().find(r.position);
         QString text = tk != m_store->tokens().end() ? QString::fromStdString(tk->second.text) : QString();
-        m_info->setText(tr("token at position %1: id %2 %3").arg(r.position).arg(r.token).arg(text.isEmpty() ? QString() : QStringLiteral("'%1'").arg(text.toHtmlEscaped())));
+        m_info->setText(tr("token at position %1: id %2 %3").arg(r.position).arg(r.token).arg(text.isEmpty() ? QString() : QStringLiteral("'%1'").arg(text)));
     }
     if (it == routes.end()) m_info->setText(tr("no routing yet: send a message"));
     setFiniteDataRange(m_tokenMap, true);
