@@ -529,6 +529,7 @@ void ChatWidget::render() {
             else
                 line += tr(" · MTP off");
             line += tr(" · stop: %1").arg(s.stopReason);
+            if (!s.ablation.isEmpty()) line += tr(" · experts off: %1").arg(s.ablation);
             html += QStringLiteral("<p style='color:%1; font-size:small'>%2</p>").arg(dim, line.toHtmlEscaped());
         }
     }
@@ -551,9 +552,11 @@ bool ChatWidget::saveConversation(const QString& path, QString* error) const {
         }
         if (e.summary) {
             const auto& s = *e.summary;
-            m["stats"] = QJsonObject{{"tokens", s.tokens}, {"tokens_per_s", s.tokensPerS}, {"ttft", s.ttft}, {"mtp", s.mtp},
-                                     {"draft_tokens", double(s.draftTokens)}, {"accepted_tokens", double(s.acceptedTokens)},
-                                     {"acceptance", s.acceptance}, {"stop_reason", s.stopReason}, {"prompt_tokens", s.promptTokens}};
+            QJsonObject stats{{"tokens", s.tokens}, {"tokens_per_s", s.tokensPerS}, {"ttft", s.ttft}, {"mtp", s.mtp},
+                              {"draft_tokens", double(s.draftTokens)}, {"accepted_tokens", double(s.acceptedTokens)},
+                              {"acceptance", s.acceptance}, {"stop_reason", s.stopReason}, {"prompt_tokens", s.promptTokens}};
+            if (!s.ablation.isEmpty()) stats["experts_off"] = s.ablation;
+            m["stats"] = stats;
         }
         msgs.append(m);
     }
@@ -601,6 +604,7 @@ bool ChatWidget::openConversation(const QString& path, QString* error) {
             g.acceptance = s.value("acceptance").toDouble();
             g.stopReason = s.value("stop_reason").toString();
             g.promptTokens = s.value("prompt_tokens").toInt();
+            g.ablation = s.value("experts_off").toString();
             e.summary = g;
         }
         entries.push_back(std::move(e));

@@ -13,6 +13,7 @@
 #include "engine/config.h"
 #include "engine/errors.h"
 #include "engine/loader.h"
+#include "engine/model/moe.h"
 #include "engine/tokenizer/tokenizer.h"
 
 using namespace moescope;
@@ -187,6 +188,7 @@ void EngineController::generate(const std::vector<int>& context, const SamplingP
             sum.acceptance = st.mtp.acceptance_rate();
             sum.stopReason = QString::fromStdString(st.stop_reason);
             sum.backendNotice = QString::fromStdString(m_backend->notice());
+            sum.ablation = ablationSummary();
             // Positions past the final context (drafts verified beyond a stop) were recorded: drop them.
             m_store->sink()->truncate(s.length());
         } catch (const CancelledError&) {
@@ -235,6 +237,65 @@ void EngineController::setOnlineBalancing(bool enabled, double gamma) {
 void EngineController::resetBias() {
     post([this] {
         if (m_session) m_session->reset_bias();
+    });
+}
+
+void EngineController::applyAblation(const std::map<int, std::vector<int>>& layers) {
+    if (!m_session) return;
+    // All or nothing: every layer's mask is checked before any is applied.
+    const ModelConfig& c = m_backend->config();
+    const RouterDims dims(c);
+    for (const auto& [l, ids] : layers) {
+        std::vector<uint8_t> mask(size_t(c.n_routed_experts), 0);
+        for (int e : ids) mask.at(size_t(e)) = 1;  // parse_expert_spec keeps ids in range
+        check_disabled_experts(dims, mask, l);
+    }
+    for (const auto& [l, ids] : layers) m_session->set_disabled_experts(l, ids);
+    // The cache holds latents computed with the previous experts: the next message recomputes it.
+    m_session->truncate(0);
+    m_store->sink()->truncate(0);
+}
+
+QString EngineController::ablationSummary() const {
+    QStringList parts;
+    const ModelConfig& c = m_backend->config();
+    for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l) {
+        if (l < c.num_hidden_layers ? !c.is_moe_layer(l) : c.n_routed_experts == 0) continue;
+        QStringList ids;
+        const auto mask = m_backend->disabled_experts(l);
+        for (size_t e = 0; e < mask.size(); ++e)
+            if (mask[e]) ids << QString::number(e);
+        if (!ids.isEmpty()) parts << tr("layer %1: %2").arg(l).arg(ids.join(QLatin1Char(',')));
+    }
+    return parts.join(QStringLiteral("; "));
+}
+
+void EngineController::setDisabledExperts(int layer, const QString& text) {
+    post([this, layer, text] {
+        if (!m_session) return;
+        try {
+            QString t = text;
+            t.remove(QLatin1Char(' '));
+            std::map<int, std::vector<int>> layers;
+            if (t.isEmpty()) layers[layer] = {};
+            else if (t.contains(QLatin1Char(':'))) layers = parse_expert_spec(t.toStdString(), m_backend->config());
+            else layers = parse_expert_spec(QStringLiteral("%1:%2").arg(layer).arg(t).toStdString(), m_backend->config());
+            applyAblation(layers);
+        } catch (const std::exception& e) {
+            const QString msg = QString::fromUtf8(e.what());
+            reply([this, msg] { emit ablationFailed(msg); });
+        }
+    });
+}
+
+void EngineController::clearDisabledExperts() {
+    post([this] {
+        if (!m_session) return;
+        const ModelConfig& c = m_backend->config();
+        std::map<int, std::vector<int>> layers;
+        for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l)
+            if (!m_backend->disabled_experts(l).empty()) layers[l] = {};
+        if (!layers.empty()) applyAblation(layers);
     });
 }
 

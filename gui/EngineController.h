@@ -8,6 +8,7 @@
 #include <QVector>
 
 #include <atomic>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -60,6 +61,12 @@ public:
     void setOnlineBalancing(bool enabled, double gamma);
     void resetBias();
     void setWantScores(bool on);     // full router score vectors in the route records
+    // An ablation: switches experts off. `text` is a list of experts of `layer` ("3,7", "0-3";
+    // empty: enable that layer's again) or a whole spec with layers ("1:3;2:0-3", "*:5"). The
+    // cached context was computed with the old experts, so it is dropped: the next message
+    // recomputes it. Refused masks come back as ablationFailed.
+    void setDisabledExperts(int layer, const QString& text);
+    void clearDisabledExperts();     // every expert of every layer on again
 
     bool isLoaded() const { return m_loaded; }
     bool isBusy() const { return m_busy; }
@@ -78,10 +85,13 @@ signals:
     void generationFinished(const GenerationSummary& summary);
     void generationFailed(const QString& message);
     void busyChanged(bool busy);
+    void ablationFailed(const QString& message);
 
 private:
     template <class F> void post(F&& f);      // run on the worker thread
     template <class F> void reply(F&& f);     // run on the GUI thread
+    void applyAblation(const std::map<int, std::vector<int>>& layers);  // worker thread
+    QString ablationSummary() const;                                     // worker thread
 
     TelemetryStore* m_store;
     QThread m_thread;

@@ -84,6 +84,12 @@ void TelemetryStore::flush() {
     drain();
 }
 
+const std::vector<int>& TelemetryStore::disabled(int layer) const {
+    static const std::vector<int> none;
+    const auto it = m_disabled.find(layer);
+    return it == m_disabled.end() ? none : it->second;
+}
+
 void TelemetryStore::clear() {
     m_all.clear();
     m_meta.reset();
@@ -95,6 +101,7 @@ void TelemetryStore::clear() {
     m_loadMessage.clear();
     m_loadStep.clear();
     m_maxVio.clear();
+    m_disabled.clear();
     m_bias.clear();
     m_mtp.clear();
     m_timing.clear();
@@ -218,6 +225,9 @@ void TelemetryStore::ingest(const Record& rec) {
                 else it->second = std::max(it->second, v);
             } else if constexpr (std::is_same_v<T, BiasRecord>) {
                 m_bias[r.layer].push_back(r);
+            } else if constexpr (std::is_same_v<T, AblationRecord>) {
+                if (r.disabled.empty()) m_disabled.erase(r.layer);
+                else m_disabled[r.layer] = r.disabled;
             } else if constexpr (std::is_same_v<T, LatentRecord>) {
                 m_latent[r.position] = r;
             } else if constexpr (std::is_same_v<T, MtpRecord>) {

@@ -43,6 +43,7 @@ struct GenerationSummary {
     double acceptance = 0;
     QString stopReason;
     QString backendNotice;           // Backend::notice() after the run (e.g. CUDA graphs turned off)
+    QString ablation;                // experts switched off during the run ("layer 1: 3,7"), or empty
 };
 
 class TelemetryStore : public QObject {
@@ -97,6 +98,9 @@ public:
     const std::vector<int64_t>* load(int layer, LoadScope scope) const;
     const std::map<int64_t, double>& maxVioByStep() const { return m_maxVio; }  // of the running load, max over layers
     const std::map<int, std::vector<moescope::BiasRecord>>& bias() const { return m_bias; }
+    // The experts switched off now (the last ablation record of each layer; empty: none).
+    const std::vector<int>& disabled(int layer) const;
+    const std::map<int, std::vector<int>>& disabledByLayer() const { return m_disabled; }
     const std::vector<moescope::MtpRecord>& mtp() const { return m_mtp; }
     const std::vector<moescope::TimingRecord>& timing() const { return m_timing; }
     const std::vector<moescope::TrainRecord>& train() const { return m_train; }
@@ -125,6 +129,7 @@ private:
     std::map<int, std::vector<int64_t>> m_loadTotal, m_loadMessage, m_loadStep;
     std::map<int64_t, double> m_maxVio;
     std::map<int, std::vector<moescope::BiasRecord>> m_bias;
+    std::map<int, std::vector<int>> m_disabled;   // layers with experts switched off
     std::vector<moescope::MtpRecord> m_mtp;
     std::vector<moescope::TimingRecord> m_timing;
     std::vector<moescope::TrainRecord> m_train;

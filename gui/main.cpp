@@ -1,7 +1,7 @@
 // moescope: the desktop explorer. Command line:
 //   moescope [--model DIR] [--trace FILE.jsonl]
 //            [--screenshot FILE.png [--view NAME] [--prompt TEXT]... [--max-tokens N] [--seed N] [--mtp-off-turns N] [--dark]
-//             [--colour expert|mtp|surprisal] [--online-balancing GAMMA]
+//             [--colour expert|mtp|surprisal] [--online-balancing GAMMA] [--disable-experts SPEC]
 //             [--train tiny|small --corpus FILE... --steps N]] [--export DIR]
 // --export writes every view's PNG, PDF and CSV and the session's telemetry.jsonl into DIR.
 // --screenshot renders the window (works under QT_QPA_PLATFORM=offscreen) after loading and,
@@ -50,7 +50,8 @@ int main(int argc, char** argv) {
     QCommandLineOption balance(QStringLiteral("online-balancing"), QStringLiteral("Turn on aux-loss-free online balancing with this gamma."), QStringLiteral("GAMMA"));
     QCommandLineOption colour(QStringLiteral("colour"), QStringLiteral("Token colouring: expert, mtp, surprisal."), QStringLiteral("MODE"));
     QCommandLineOption backend(QStringLiteral("backend"), QStringLiteral("Backend: auto (the GPU when available), cpu or cuda."), QStringLiteral("NAME"));
-    cli.addOptions({backend, model, trace, shot, view, prompt, maxTokens, seed, dark, colour, balance, exportDir, train, corpus, steps, noMtpTurns});
+    QCommandLineOption disable(QStringLiteral("disable-experts"), QStringLiteral("Switch routed experts off after loading (an ablation): LAYER:EXPERTS, e.g. 1:3,7;2:0-3 or *:5."), QStringLiteral("SPEC"));
+    cli.addOptions({backend, model, trace, shot, view, prompt, maxTokens, seed, dark, colour, balance, disable, exportDir, train, corpus, steps, noMtpTurns});
     cli.process(app);
 
     const bool screenshot = cli.isSet(shot) || cli.isSet(exportDir);
@@ -173,7 +174,13 @@ int main(int argc, char** argv) {
         }
     }
     QObject::connect(w.engine(), &EngineController::modelLoaded, &app, [&] {
+        // Posted before any prompt: the engine runs its jobs in order.
+        if (cli.isSet(disable)) w.engine()->setDisabledExperts(-1, cli.value(disable));
         if (screenshot || cli.isSet(prompt)) afterLoad();
+    });
+    QObject::connect(w.engine(), &EngineController::ablationFailed, &app, [&](const QString& m) {
+        if (screenshot) finish(m);
+        else std::fprintf(stderr, "moescope: %s\n", qPrintable(m));
     });
     QObject::connect(w.engine(), &EngineController::loadFailed, &app, [&](const QString&, const QString& m) {
         if (screenshot) finish(m);

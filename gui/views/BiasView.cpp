@@ -94,7 +94,7 @@ BiasView::BiasView(TelemetryStore* store, QWidget* parent)
         m_vioPlot->xAxis->setTicker(steps);
     }
     m_vioPlot->legend->setVisible(true);
-    m_vioPlot->axisRect()->insetLayout()->setInsetAlignment(0, Qt::AlignTop | Qt::AlignRight);
+    legendBelow(m_vioPlot);  // MaxVio curves run anywhere: an inset legend covered them
     for (int i = 0; i < 3; ++i) {
         auto* g = m_vioPlot->addGraph();
         g->setPen(QPen(i == 0 ? QColor(33, 145, 140) : i == 1 ? QColor(230, 120, 30) : QColor(120, 60, 160), 1.5));

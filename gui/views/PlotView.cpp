@@ -73,6 +73,7 @@ QCPColorGradient PlotView::viridis() {
 QLabel* PlotView::addInfoLabel() {
     auto* l = new QLabel;
     l->setWordWrap(true);
+    l->setTextFormat(Qt::PlainText);  // token texts are shown as they are ("<", "&" included)
     l->setMinimumWidth(60);
     l->setSizePolicy(QSizePolicy::Ignored, QSizePolicy::Preferred);
     l->setTextInteractionFlags(Qt::TextSelectableByMouse);

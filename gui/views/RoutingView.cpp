@@ -5,7 +5,11 @@
 #include <QComboBox>
 #include <QHBoxLayout>
 #include <QLabel>
+#include <QLineEdit>
 #include <QTextStream>
+
+#include <algorithm>
+#include <cmath>
 
 #include <qcustomplot.h>
 
@@ -29,6 +33,18 @@ RoutingView::RoutingView(TelemetryStore* store, QWidget* parent)
     m_scores->setToolTip(tr("Record and show every expert's router score (sigmoid / softmax) for the selected token, "
                             "not only the top-k mixing weights (applies to tokens generated from now on)"));
     controls()->addWidget(m_scores);
+    controls()->addWidget(new QLabel(tr("Off:")));
+    m_disable = new QLineEdit;
+    m_disable->setObjectName(QStringLiteral("routingDisable"));
+    m_disable->setPlaceholderText(tr("e.g. 3,7"));
+    m_disable->setMaximumWidth(110);
+    m_disable->setClearButtonEnabled(true);
+    m_disable->setToolTip(tr("Switch experts of this layer off (an ablation): the router skips them, as if they "
+                             "were removed, and each token takes its best remaining experts. A list (3,7), ranges "
+                             "(0-3), or layers too (1:3;2:0-3, *:5 for every layer); empty to switch them on again. "
+                             "Double-click a bar of the load plot to toggle one expert. The conversation is "
+                             "recomputed with the new experts at the next message."));
+    controls()->addWidget(m_disable);
     m_info = addInfoLabel();
 
     m_tokenPlot = addPlot(0, 0);
@@ -54,7 +70,11 @@ RoutingView::RoutingView(TelemetryStore* store, QWidget* parent)
     m_loadBars->setWidth(0.8);
     m_loadBars->setPen(Qt::NoPen);
     m_loadBars->setBrush(QColor(33, 145, 140));
-    m_loadPlot->xAxis->setLabel(tr("expert"));
+    m_disabledMarks = new QCPGraph(m_loadPlot->xAxis, m_loadPlot->yAxis);
+    m_disabledMarks->setLineStyle(QCPGraph::lsNone);
+    m_disabledMarks->setScatterStyle(QCPScatterStyle(QCPScatterStyle::ssCross, QPen(QColor(220, 40, 40), 2.5), Qt::NoBrush, 11));
+    m_disabledMarks->setName(tr("switched off"));
+    m_loadPlot->xAxis->setLabel(tr("expert (double-click: switch off / on)"));
     m_loadPlot->yAxis->setLabel(tr("tokens"));
     m_loadPlot->plotLayout()->insertRow(0);
     m_loadPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_loadPlot, tr("expert load")));
@@ -68,6 +88,12 @@ RoutingView::RoutingView(TelemetryStore* store, QWidget* parent)
 
     connect(m_layer, &QComboBox::currentIndexChanged, this, &RoutingView::onStoreChanged);
     connect(m_scope, &QComboBox::currentIndexChanged, this, &RoutingView::onStoreChanged);
+    connect(m_disable, &QLineEdit::returnPressed, this, [this] { requestDisabled(m_disable->text()); });
+    connect(m_loadPlot, &QCustomPlot::plottableDoubleClick, this,
+            [this](QCPAbstractPlottable* p, int index, QMouseEvent*) {
+                if (p == m_loadBars && index >= 0 && index < m_loadBars->data()->size())
+                    toggleDisabled(int(std::lround((m_loadBars->data()->constBegin() + index)->key)));
+            });
     connect(m_scores, &QCheckBox::toggled, this, [this](bool on) {
         emit wantScoresRequested(on);
         onStoreChanged();
@@ -82,6 +108,31 @@ int RoutingView::layer() const {
 void RoutingView::setLayer(int layer) {
     int i = m_layer->findData(layer);
     if (i >= 0) m_layer->setCurrentIndex(i);
+}
+
+void RoutingView::requestDisabled(const QString& text) {
+    if (layer() >= 0) emit disabledExpertsRequested(layer(), text);
+}
+
+void RoutingView::toggleDisabled(int expert) {
+    QList<int> ids;
+    bool present = false;
+    for (int e : m_store->disabled(layer())) {
+        if (e == expert) present = true;
+        else ids << e;
+    }
+    if (!present) ids << expert;
+    std::sort(ids.begin(), ids.end());
+    QStringList parts;
+    for (int e : ids) parts << QString::number(e);
+    requestDisabled(parts.join(QLatin1Char(',')));
+}
+
+QList<int> RoutingView::disabledMarks() const {
+    QList<int> out;
+    for (auto it = m_disabledMarks->data()->constBegin(); it != m_disabledMarks->data()->constEnd(); ++it)
+        out << int(std::lround(it->key));
+    return out;
 }
 
 void RoutingView::rebuildLayerChoices() {
@@ -138,7 +189,7 @@ void RoutingView::refresh() {
         }
         const auto tk = m_store->tokens().find(r.position);
         QString text = tk != m_store->tokens().end() ? QString::fromStdString(tk->second.text) : QString();
-        m_info->setText(tr("token at position %1: id %2 %3").arg(r.position).arg(r.token).arg(text.isEmpty() ? QString() : QStringLiteral("'%1'").arg(text.toHtmlEscaped())));
+        m_info->setText(tr("token at position %1: id %2 %3").arg(r.position).arg(r.token).arg(text.isEmpty() ? QString() : QStringLiteral("'%1'").arg(text)));
     }
     if (it == routes.end()) m_info->setText(tr("no routing yet: send a message"));
     setFiniteDataRange(m_tokenMap, true);
@@ -200,15 +251,32 @@ void RoutingView::refresh() {
                        : m_scope->currentIndex() == 1 ? TelemetryStore::LoadScope::Message
                                                       : TelemetryStore::LoadScope::Step;
     QVector<double> keys, vals;
+    const std::vector<int>& off = m_store->disabled(lay);
+    QStringList offText;
+    for (int e : off) offText << QString::number(e);
+    auto* title = qobject_cast<QCPTextElement*>(m_loadPlot->plotLayout()->element(0, 0));
+    QString titleText = tr("expert load, layer %1").arg(lay);
     if (const auto* counts = m_store->load(lay, scope)) {
         for (size_t e = 0; e < counts->size(); ++e) {
             keys << double(e);
             vals << double((*counts)[e]);
         }
-        auto* title = qobject_cast<QCPTextElement*>(m_loadPlot->plotLayout()->element(0, 0));
-        if (title) title->setText(tr("expert load, layer %1 (MaxVio %2)").arg(lay).arg(max_violation(*counts), 0, 'f', 2));
+        titleText += tr(" (MaxVio %1)").arg(max_violation(*counts), 0, 'f', 2);
     }
+    if (!off.empty()) titleText += tr(", experts %1 off").arg(offText.join(QLatin1Char(',')));
+    if (title) title->setText(titleText);
     m_loadBars->setData(keys, vals, true);
+    QVector<double> offKeys, offVals;
+    for (int e : off) {
+        offKeys << double(e);
+        offVals << 0.0;
+    }
+    m_disabledMarks->setData(offKeys, offVals, true);
+    if (!m_disable->hasFocus()) m_disable->setText(offText.join(QLatin1Char(',')));
+    if (!off.empty() && routes.empty())
+        m_info->setText(tr("experts %1 of layer %2 are off: the next message recomputes the conversation without them")
+                            .arg(offText.join(QLatin1Char(',')))
+                            .arg(lay));
     m_loadPlot->xAxis->setRange(-0.5, E - 0.5);
     setIntTicks(m_loadPlot->xAxis, E);
     m_loadPlot->yAxis->rescale();

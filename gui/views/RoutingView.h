@@ -8,6 +8,7 @@
 class QComboBox;
 class QLabel;
 class QCPBars;
+class QCPGraph;
 class QCPItemStraightLine;
 
 class RoutingView : public PlotView {
@@ -24,9 +25,16 @@ public:
     int loadBarCount() const;
     QSize coactivationSize() const;
     double tokenMapValue(int expert, int row) const;
+    QList<int> disabledMarks() const;        // experts marked as switched off in the load plot
+
+    // Asks to switch experts of the chosen layer off (an ablation): the text of the "Off"
+    // field, or a double-clicked load bar toggled in or out of the layer's list.
+    void requestDisabled(const QString& text);
+    void toggleDisabled(int expert);
 
 signals:
     void wantScoresRequested(bool on);       // ask the engine to record full router score vectors
+    void disabledExpertsRequested(int layer, const QString& text);  // EngineController::setDisabledExperts
 
 protected:
     void refresh() override;
@@ -34,12 +42,14 @@ protected:
 private:
     void rebuildLayerChoices();
     class QCheckBox* m_scores;
+    class QLineEdit* m_disable;
     QComboBox* m_layer;
     QComboBox* m_scope;
     QLabel* m_info;
     QCustomPlot *m_tokenPlot, *m_seqPlot, *m_loadPlot, *m_coPlot;
     QCPColorMap *m_tokenMap, *m_seqMap, *m_coMap;
     QCPBars* m_loadBars;
+    QCPGraph* m_disabledMarks;               // a cross under each switched-off expert
     QCPItemStraightLine* m_seqMarker;
     int m_layerCount = -1;
 };

@@ -1,0 +1,106 @@
+// Switching experts off from the Routing view, as a user does it: the "Off" field of a layer,
+// a load bar toggled, a refused mask, and all on again. The engine must stop routing to them
+// (the whole conversation is recomputed), the view must mark them, and the answer's summary
+// must say which experts were off.
+#include <QLineEdit>
+#include <QTextBrowser>
+
+#include "gui_test_util.h"
+#include "views/RoutingView.h"
+
+using namespace moescope;
+
+namespace {
+
+// Types `text` into the routing view's "Off" field and presses Return.
+void typeOff(RoutingView* rv, const QString& text) {
+    auto* edit = rv->findChild<QLineEdit*>(QStringLiteral("routingDisable"));
+    QVERIFY(edit);
+    edit->setFocus();
+    edit->selectAll();
+    QTest::keyClick(edit, Qt::Key_Backspace);
+    QTest::keyClicks(edit, text);
+    QTest::keyClick(edit, Qt::Key_Return);
+}
+
+// Every routing of `layer` the store holds, as expert ids.
+std::vector<int> routedIn(const TelemetryStore& st, int layer) {
+    std::vector<int> out;
+    for (const auto& [pos, r] : st.routes())
+        for (size_t li = 0; li < r.layers.size(); ++li)
+            if (r.layers[li] == layer)
+                out.insert(out.end(), r.ids.begin() + std::ptrdiff_t(li * size_t(r.k)),
+                           r.ids.begin() + std::ptrdiff_t((li + 1) * size_t(r.k)));
+    return out;
+}
+
+bool contains(const std::vector<int>& v, int x) { return std::find(v.begin(), v.end(), x) != v.end(); }
+
+}  // namespace
+
+class TestGuiAblation : public QObject {
+    Q_OBJECT
+
+private slots:
+    void switchExpertsOffAndOn() {
+        MainWindow w(false);
+        w.show();
+        QVERIFY(QTest::qWaitForWindowExposed(&w));
+        QVERIFY(loadFixture(w));
+        w.chat()->setStopAtEos(false);
+        auto* rv = qobject_cast<RoutingView*>(w.view(QStringLiteral("routing")));
+        QVERIFY(rv);
+        GenerationSummary base;
+        QVERIFY(generateOnce(w, QStringLiteral("1,2,3,4,5,6,7,8"), 16, &base));
+        QVERIFY(base.ablation.isEmpty());
+        rv->setLayer(1);
+        const std::vector<int> before = routedIn(*w.store(), 1);
+        QVERIFY(contains(before, 0) || contains(before, 5));  // the baseline uses them
+
+        typeOff(rv, QStringLiteral("0, 5"));
+        QTRY_VERIFY_WITH_TIMEOUT((w.store()->flush(), w.store()->disabled(1) == std::vector<int>{0, 5}), 10000);
+        rv->refreshNow();
+        QCOMPARE(rv->disabledMarks(), (QList<int>{0, 5}));
+        QVERIFY(w.store()->routes().empty());  // the cache was dropped: it held the old experts' latents
+
+        // Continue: the conversation is recomputed without experts 0 and 5 of layer 1.
+        GenerationSummary abl;
+        QVERIFY(generateOnce(w, QStringLiteral("9,10"), 16, &abl));
+        QCOMPARE(abl.ablation, QStringLiteral("layer 1: 0,5"));
+        const std::vector<int> after = routedIn(*w.store(), 1);
+        QVERIFY(after.size() >= before.size());  // every position again, and more
+        QVERIFY(!contains(after, 0) && !contains(after, 5));
+        auto* transcript = w.chat()->findChild<QTextBrowser*>();
+        QVERIFY(transcript);
+        QTRY_VERIFY(transcript->toPlainText().contains(QStringLiteral("experts off: layer 1: 0,5")));
+
+        // A double-clicked load bar toggles one expert: 5 on again.
+        rv->toggleDisabled(5);
+        QTRY_VERIFY_WITH_TIMEOUT((w.store()->flush(), w.store()->disabled(1) == std::vector<int>{0}), 10000);
+
+        // A mask that leaves a token too few experts is refused, and nothing changes.
+        QSignalSpy failed(w.engine(), &EngineController::ablationFailed);
+        typeOff(rv, QStringLiteral("0-13"));
+        QVERIFY(failed.wait(10000) || failed.count() == 1);
+        QVERIFY2(failed.first().first().toString().contains(QStringLiteral("layer 1")),
+                 qPrintable(failed.first().first().toString()));
+        w.store()->flush();
+        QCOMPARE(w.store()->disabled(1), std::vector<int>{0});
+
+        // Several layers at once, then an empty field: layer 1's experts on again.
+        typeOff(rv, QStringLiteral("2:3;3:4-6"));
+        QTRY_VERIFY_WITH_TIMEOUT((w.store()->flush(), w.store()->disabled(3) == std::vector<int>{4, 5, 6}), 10000);
+        QCOMPARE(w.store()->disabled(2), std::vector<int>{3});
+        typeOff(rv, QString());
+        QTRY_VERIFY_WITH_TIMEOUT((w.store()->flush(), w.store()->disabled(1).empty()), 10000);
+        QCOMPARE(w.store()->disabled(2), std::vector<int>{3});
+        w.engine()->clearDisabledExperts();
+        QTRY_VERIFY_WITH_TIMEOUT((w.store()->flush(), w.store()->disabledByLayer().empty()), 10000);
+        GenerationSummary again;
+        QVERIFY(generateOnce(w, QStringLiteral("11"), 4, &again));
+        QVERIFY(again.ablation.isEmpty());
+    }
+};
+
+QTEST_MAIN(TestGuiAblation)
+#include "test_gui_ablation.moc"
