@@ -10,6 +10,8 @@
 #include <QTableWidget>
 #include <QTextStream>
 
+#include <algorithm>
+
 #include <qcustomplot.h>
 
 #include "TelemetryStore.h"
@@ -292,9 +294,11 @@ void ExpertsView::fillTable(const LayerExperts& L) {
     };
     const QColor hot = dark() ? QColor(120, 70, 40) : QColor(255, 214, 170);
     const QColor cold = dark() ? QColor(40, 70, 110) : QColor(190, 215, 245);
+    const std::vector<int>& off = m_store->disabled(L.layer);
     for (int e = 0; e < L.E; ++e) {
         const ExpertStats& ex = L.experts[size_t(e)];
-        set(e, 0, QString::number(e), Qt::AlignRight);
+        const bool switchedOff = std::find(off.begin(), off.end(), e) != off.end();
+        set(e, 0, switchedOff ? tr("%1 (off)").arg(e) : QString::number(e), Qt::AlignRight);
         QTableWidgetItem* share = set(e, 1, pct(ex.share), Qt::AlignRight);
         // Over- and under-loaded experts (more than 1.5x / less than half the uniform share) tinted.
         share->setBackground(ex.share > 1.5 * uniform ? QBrush(hot) : ex.share < 0.5 * uniform ? QBrush(cold) : QBrush());
@@ -305,7 +309,11 @@ void ExpertsView::fillTable(const LayerExperts& L) {
             const auto& t = ex.tokens[i];
             toks << QStringLiteral("%1 ×%2 (%3)").arg(tokenText(t.token)).arg(t.count).arg(pct(t.p, 0));
         }
-        QTableWidgetItem* top = set(e, 4, ex.n_slots ? toks.join(QStringLiteral("  ")) : tr("(never routed)"), Qt::AlignLeft);
+        QTableWidgetItem* top = set(e, 4,
+                                    ex.n_slots      ? toks.join(QStringLiteral("  "))
+                                    : switchedOff   ? tr("(switched off: see Routing, Off)")
+                                                    : tr("(never routed)"),
+                                    Qt::AlignLeft);
         top->setToolTip(top->text());
     }
 }

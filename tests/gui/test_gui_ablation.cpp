@@ -3,9 +3,11 @@
 // (the whole conversation is recomputed), the view must mark them, and the answer's summary
 // must say which experts were off.
 #include <QLineEdit>
+#include <QTableWidget>
 #include <QTextBrowser>
 
 #include "gui_test_util.h"
+#include "views/ExpertsView.h"
 #include "views/RoutingView.h"
 
 using namespace moescope;
@@ -73,6 +75,16 @@ private slots:
         auto* transcript = w.chat()->findChild<QTextBrowser*>();
         QVERIFY(transcript);
         QTRY_VERIFY(transcript->toPlainText().contains(QStringLiteral("experts off: layer 1: 0,5")));
+
+        // The Experts view marks them too.
+        auto* ev = qobject_cast<ExpertsView*>(w.view(QStringLiteral("experts")));
+        QVERIFY(ev);
+        ev->setLayer(1);
+        ev->refreshNow();
+        QCOMPARE(ev->table()->item(0, 0)->text(), QStringLiteral("0 (off)"));
+        QCOMPARE(ev->table()->item(5, 0)->text(), QStringLiteral("5 (off)"));
+        QCOMPARE(ev->table()->item(1, 0)->text(), QStringLiteral("1"));
+        QVERIFY(ev->table()->item(0, 4)->text().contains(QStringLiteral("switched off")));
 
         // A double-clicked load bar toggles one expert: 5 on again.
         rv->toggleDisabled(5);
