@@ -46,4 +46,7 @@ struct CommandEntry {
 };
 std::map<std::string, CommandEntry>& registry();
 
+// Whether stderr is a terminal: "\r" progress lines only there (a log gets the summaries).
+bool progress_on_stderr();
+
 }  // namespace moescope::cli

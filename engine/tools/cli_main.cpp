@@ -7,11 +7,18 @@
 #include <exception>
 #include <sstream>
 
+#include <unistd.h>
+
 namespace moescope::cli {
 
 std::map<std::string, CommandEntry>& registry() {
     static std::map<std::string, CommandEntry> r;
     return r;
+}
+
+bool progress_on_stderr() {
+    static const bool tty = isatty(fileno(stderr)) != 0;
+    return tty;
 }
 
 CliCommand::CliCommand(const char* name, const char* usage, Fn fn) {

@@ -7,8 +7,6 @@
 #include <iostream>
 #include <optional>
 
-#include <unistd.h>
-
 #include <nlohmann/json.hpp>
 
 #include "engine/config.h"
@@ -53,7 +51,7 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
     const std::vector<int> ids = corpus_tokens(*corpus, m);
     const bool json = a.has("json");
     if (!json) std::fprintf(stderr, "[%s]\n", m.notice.c_str());
-    const bool tty = !json && isatty(fileno(stderr));
+    const bool tty = !json && progress_on_stderr();
     auto progress = [&](const char* what) {
         return [&, what](int done, int total) {
             if (tty) std::fprintf(stderr, "\r%s: window %d/%d", what, done, total);

@@ -73,9 +73,10 @@ std::vector<Record> run_model(const Args& a, const std::string& dir, std::map<in
     for (size_t off = 0; off < ids.size(); off += size_t(chunk)) {
         s.reset();
         s.append(std::vector<int>(ids.begin() + long(off), ids.begin() + long(std::min(ids.size(), off + size_t(chunk)))));
-        if (!a.has("json")) std::fprintf(stderr, "\r%zu / %zu tokens", std::min(ids.size(), off + size_t(chunk)), ids.size());
+        if (!a.has("json") && progress_on_stderr())
+            std::fprintf(stderr, "\r%zu / %zu tokens", std::min(ids.size(), off + size_t(chunk)), ids.size());
     }
-    if (!a.has("json")) std::fprintf(stderr, "\n");
+    if (!a.has("json") && progress_on_stderr()) std::fprintf(stderr, "\n");
     if (trace) trace->flush();
     return mem.take();
 }

@@ -251,7 +251,7 @@ int cmd_balance(const std::vector<std::string>& argv) {
                 ++n;
             }
         maxvio.push_back(n ? mean / n : 0.0);
-        if (!a.has("json"))
+        if (!a.has("json") && progress_on_stderr())
             std::fprintf(stderr, "\rstep %d/%d  MaxVio mean over layers %.3f  worst layer %.3f", step + 1, steps,
                          maxvio.back(), worst);
     }
@@ -259,7 +259,7 @@ int cmd_balance(const std::vector<std::string>& argv) {
     if (a.has("json")) {
         std::cout << nlohmann::json{{"steps", steps}, {"gamma", gamma}, {"maxvio", maxvio}}.dump() << "\n";
     } else {
-        std::fprintf(stderr, "\n");
+        if (progress_on_stderr()) std::fprintf(stderr, "\n");
         std::printf("MaxVio (mean over MoE layers): first step %.3f, last step %.3f\n", maxvio.front(), maxvio.back());
     }
     return 0;
