@@ -857,6 +857,25 @@ void check_sampling_edges() {
     sample(dids.p, dz.p, du.p, 1, int(lz.size()), SampleParams{1.0f, 1, 1.0f}, nullptr);
     auto z = dids.down();
     expect(z[0] == 1, "sample top_k boundary: -0 and +0 are one tie", "id " + std::to_string(z[0]));
+    // Greedy over NaN logits picks what the host's std::max_element picks: NaNs are skipped,
+    // unless id 0 is one. Rows: a NaN at id 1 (the first logit of thread 1: kept as its
+    // candidate, it swallowed half the block's reduction), NaN at every even id, NaN at id 0.
+    std::mt19937 rng(81);
+    const int Vn = 2048, Rn = 3;
+    auto ln = randv(rng, size_t(Rn) * Vn, -5, 5);
+    ln[1] = NAN;
+    for (int i = 0; i < Vn; i += 2) ln[size_t(Vn) + size_t(i) + 1] = NAN;
+    ln[size_t(2) * Vn] = NAN;
+    DBuf<float> dn(ln), dun(std::vector<float>(size_t(Rn), 0.5f));
+    DBuf<int> dnid(static_cast<size_t>(Rn));
+    sample(dnid.p, dn.p, dun.p, Rn, Vn, SampleParams{}, nullptr);
+    auto gn = dnid.down();
+    for (int r = 0; r < Rn; ++r) {
+        const float* row = ln.data() + size_t(r) * Vn;
+        const int want = int(std::max_element(row, row + Vn) - row);
+        expect(gn[size_t(r)] == want, "sample greedy with NaN logits, row " + std::to_string(r),
+               "id " + std::to_string(gn[size_t(r)]) + ", std::max_element " + std::to_string(want));
+    }
 }
 
 // ---- the whole backend ----------------------------------------------------------------
