@@ -845,9 +845,11 @@ void check_sampling() {
 void check_sampling_edges() {
     const std::vector<float> lg = {-1.0f, 3.0f, 0.5f, 2.0f, -0.0f, 0.0f, -2.0f};
     const int V = int(lg.size());
-    DBuf<float> dl(lg), du(std::vector<float>{0.1f, 0.9f});
+    std::vector<float> two = lg;  // the same row twice (one row would make row 1 the NaN padding)
+    two.insert(two.end(), lg.begin(), lg.end());
+    DBuf<float> dl(two), du(std::vector<float>{0.1f, 0.9f});
     DBuf<int> dids(2);
-    sample(dids.p, dl.p, du.p, 2, V, SampleParams{1.0f, 0, 0.0f}, nullptr);  // the same row twice
+    sample(dids.p, dl.p, du.p, 2, V, SampleParams{1.0f, 0, 0.0f}, nullptr);
     auto g = dids.down();
     expect(g[0] == 1 && g[1] == 1, "sample top_p=0 keeps the most likely token",
            "ids " + std::to_string(g[0]) + ", " + std::to_string(g[1]));
