@@ -40,10 +40,14 @@ __global__ void sample_kernel(int* ids, const float* logits, const float* u, int
     const float* lg = logits + int64_t(blockIdx.x) * V;
     if (p.temperature <= 0.0f) {
         // (-inf, V) is "no candidate": any real logit, -inf included, beats it (lower index).
+        // A NaN never does (std::max_element's order, the host's greedy): taken as a thread's
+        // first candidate it would stay, every comparison with it being false, and in the
+        // reduction swallow each candidate that meets it (a NaN at id 1 of 2048 chose 360, the
+        // host 549). Only a NaN at id 0 wins, as max_element starts there: see the end.
         float bv = -INFINITY;
         int bi = V;
         for (int i = threadIdx.x; i < V; i += blockDim.x)
-            if (bi == V || lg[i] > bv) {  // ascending i: strict > keeps the lower id on ties
+            if (lg[i] > bv || (bi == V && lg[i] == -INFINITY)) {  // ascending i: strict > keeps the lower id on ties
                 bv = lg[i];
                 bi = i;
             }
@@ -61,7 +65,7 @@ __global__ void sample_kernel(int* ids, const float* logits, const float* u, int
             }
             __syncthreads();
         }
-        if (threadIdx.x == 0) ids[blockIdx.x] = best_i[0] < V ? best_i[0] : 0;
+        if (threadIdx.x == 0) ids[blockIdx.x] = best_i[0] < V && !isnan(lg[0]) ? best_i[0] : 0;
         return;
     }
     float m = -FLT_MAX;
