@@ -8,6 +8,35 @@
 #include <map>
 #include <set>
 
+#if defined(__x86_64__)
+// A fiber switch saves the callee-saved registers on the old stack and pops them off the new
+// one. swapcontext does the same plus a sigprocmask system call per switch, which made the
+// emulator several times slower: kernels switch at every barrier, in every thread.
+extern "C" void emu_switch_stack(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .globl emu_switch_stack
+    .type emu_switch_stack, @function
+emu_switch_stack:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch_stack, .-emu_switch_stack
+)");
+#endif
+
 namespace emu {
 
 Fiber* current = nullptr;
@@ -21,7 +50,11 @@ constexpr size_t kPage = 4096;
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kDefaultSmem = 48 * 1024, kMaxSmem = 227 * 1024;
 
+#if defined(__x86_64__)
+void* scheduler_sp = nullptr;
+#else
 ucontext_t scheduler;
+#endif
 std::vector<Fiber> fibers;
 const std::function<void()>* body_fn = nullptr;
 void* dyn_smem = nullptr;
@@ -58,10 +91,38 @@ struct ExitVerdict {
     }
 } exit_verdict;
 
-void fiber_entry() {
+[[noreturn]] void fiber_entry() {
     (*body_fn)();
     current->state = State::done;
-    swapcontext(&current->ctx, &scheduler);
+    yield_to_scheduler();  // never resumed
+    std::abort();
+}
+
+void start_fiber(Fiber& t) {
+#if defined(__x86_64__)
+    // The frame emu_switch_stack pops: six registers, then fiber_entry as the return address,
+    // above it a null return address for fiber_entry (whose entry expects rsp = 8 mod 16).
+    auto* top = reinterpret_cast<void**>(t.stack + kStackBytes);
+    top[-1] = nullptr;
+    top[-2] = reinterpret_cast<void*>(&fiber_entry);
+    for (int r = 3; r <= 8; ++r) top[-r] = nullptr;
+    t.sp = top - 8;
+#else
+    getcontext(&t.ctx);
+    t.ctx.uc_stack.ss_sp = t.stack;
+    t.ctx.uc_stack.ss_size = kStackBytes;
+    t.ctx.uc_link = nullptr;
+    makecontext(&t.ctx, fiber_entry, 0);
+#endif
+}
+
+void resume(Fiber& t) {
+    current = &t;
+#if defined(__x86_64__)
+    emu_switch_stack(&scheduler_sp, t.sp);
+#else
+    swapcontext(&scheduler, &t.ctx);
+#endif
 }
 
 std::string where(const char* name, uint3 b) {
@@ -146,11 +207,7 @@ void run_block(const char* name, unsigned nt) {
         Fiber& t = fibers[i];
         t.tid = {i % block_dim.x, (i / block_dim.x) % block_dim.y, i / (block_dim.x * block_dim.y)};
         t.state = State::run;
-        getcontext(&t.ctx);
-        t.ctx.uc_stack.ss_sp = t.stack;
-        t.ctx.uc_stack.ss_size = kStackBytes;
-        t.ctx.uc_link = nullptr;
-        makecontext(&t.ctx, fiber_entry, 0);
+        start_fiber(t);
     }
     std::vector<int> sequence(nt);
     for (;;) {
@@ -161,8 +218,7 @@ void run_block(const char* name, unsigned nt) {
             ran = false;
             for (int i : sequence)
                 if (fibers[size_t(i)].state == State::run) {
-                    current = &fibers[size_t(i)];
-                    swapcontext(&scheduler, &current->ctx);
+                    resume(fibers[size_t(i)]);
                     ran = true;
                 }
         }
@@ -206,7 +262,13 @@ void report(bool error, const std::string& message) {
     if (shown++ < 40) std::fprintf(stderr, "EMU %s: %s\n", error ? "ERROR" : "warning", message.c_str());
 }
 
-void yield_to_scheduler() { swapcontext(&current->ctx, &scheduler); }
+void yield_to_scheduler() {
+#if defined(__x86_64__)
+    emu_switch_stack(&current->sp, scheduler_sp);
+#else
+    swapcontext(&current->ctx, &scheduler);
+#endif
+}
 
 uint64_t warp_op(int kind, unsigned mask, uint64_t value, int arg, int width, int line) {
     current->state = State::warp_op;
@@ -245,8 +307,19 @@ void launch(const char* name, dim3 g, dim3 b, size_t smem, const std::function<v
     if (smem_limit > kMaxSmem) report(true, n + ": max dynamic smem attribute above sm_90's 227 KiB");
     if (nt == 0 || nt > 1024 || g.x == 0 || g.y == 0 || g.z == 0) return;
     if (fibers.empty()) {
+        // One stack per thread of the largest block, each above a guard page: a fiber that
+        // overflows its stack faults instead of writing over its neighbour's.
         fibers.resize(1024);
-        for (auto& t : fibers) t.stack = static_cast<char*>(std::malloc(kStackBytes));
+        for (auto& t : fibers) {
+            char* m = static_cast<char*>(mmap(nullptr, kStackBytes + kPage, PROT_READ | PROT_WRITE,
+                                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+            if (m == MAP_FAILED) {
+                std::perror("emu: mmap of fiber stacks");
+                std::exit(3);
+            }
+            mprotect(m, kPage, PROT_NONE);
+            t.stack = m + kPage;
+        }
     }
     body_fn = &body;
     grid_dim = g;

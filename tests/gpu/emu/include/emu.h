@@ -57,7 +57,8 @@ enum class State { run, block_barrier, warp_op, done };
 enum WarpOpKind { shfl = 0, shfl_xor = 1, shfl_down = 2, shfl_up = 3, ballot = 4, syncwarp = 5 };
 
 struct Fiber {
-    ucontext_t ctx;
+    ucontext_t ctx;    // the fiber's registers where there is no emu_switch_stack (not x86-64)
+    void* sp = nullptr;  // x86-64: its saved stack pointer
     char* stack = nullptr;
     uint3 tid;
     State state = State::run;
