@@ -336,15 +336,23 @@ void launch(const char* name, dim3 g, dim3 b, size_t smem, const std::function<v
     mprotect(region + (pages + 1) * kPage, kPage, PROT_NONE);
     dyn_smem = region + (pages + 1) * kPage - bytes;
     smem_seen_in_launch.clear();
-    for (unsigned bz = 0; bz < g.z; ++bz)
-        for (unsigned by = 0; by < g.y; ++by)
-            for (unsigned bx = 0; bx < g.x; ++bx) {
-                block_idx = {bx, by, bz};
-                // NaN in every float of a fresh block's shared memory: uninitialised reads show.
-                for (size_t i = 0; i < bytes / 4; ++i) static_cast<float*>(dyn_smem)[i] = NAN;
-                smem_seen_in_block.clear();
-                run_block(name, nt);
-            }
+    // Blocks run in EMU_ORDER too: CUDA promises no order between blocks, so a block that
+    // writes into its neighbour's part of the output is caught in one order or the other.
+    const uint64_t nblocks = uint64_t(g.x) * g.y * g.z;
+    std::vector<uint64_t> block_order;
+    if (order == Order::random) {
+        block_order.resize(nblocks);
+        for (uint64_t i = 0; i < nblocks; ++i) block_order[i] = i;
+        std::shuffle(block_order.begin(), block_order.end(), rng);
+    }
+    for (uint64_t k = 0; k < nblocks; ++k) {
+        const uint64_t b_lin = order == Order::forward ? k : order == Order::reverse ? nblocks - 1 - k : block_order[k];
+        block_idx = {unsigned(b_lin % g.x), unsigned(b_lin / g.x % g.y), unsigned(b_lin / (uint64_t(g.x) * g.y))};
+        // NaN in every float of a fresh block's shared memory: uninitialised reads show.
+        for (size_t i = 0; i < bytes / 4; ++i) static_cast<float*>(dyn_smem)[i] = NAN;
+        smem_seen_in_block.clear();
+        run_block(name, nt);
+    }
     munmap(region, map_bytes);
     size_t static_bytes = 0;
     for (const auto& [p, nb] : smem_seen_in_launch) static_bytes += nb;
