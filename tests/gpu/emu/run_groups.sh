@@ -20,10 +20,11 @@ for spec in "$@"; do
   [[ $spec == *:* ]] && orders=${spec#*:}
   for order in ${orders//,/ }; do
     log=$logs/$group.$order.log
-    t0=$(date +%s.%N)
+    t0=${EPOCHREALTIME/./}
     EMU_ASYNC=1 EMU_ORDER=$order EMU_SEED=${EMU_SEED:-1} timeout -k 5 "$timeout_s" "$bin" --group "$group" >"$log" 2>&1
     rc=$?
-    t=$(echo "$(date +%s.%N) - $t0" | bc 2>/dev/null || echo "?")
+    t1=${EPOCHREALTIME/./}
+    ms=$(( (t1 - t0) / 1000 ))
     pass=$(grep -c '^PASS   :' "$log")
     fail=$(grep -c '^FAIL!  :' "$log")
     emu_errors=$(grep -c '^EMU ERROR' "$log")
@@ -33,8 +34,8 @@ for spec in "$@"; do
     elif [[ $rc -ne 0 ]]; then verdict="FAILED (exit $rc)"
     elif [[ $pass -eq 0 ]]; then verdict="FAILED (no check ran)"
     fi
-    printf '%-18s %-8s %6.1f s  %3d passed %2d failed %2d emu errors  %s\n' \
-      "$group" "$order" "$t" "$pass" "$fail" "$emu_errors" "$verdict"
+    printf '%-20s %-7s %4d.%d s  %3d passed %2d failed %2d emu errors  %s\n' \
+      "$group" "$order" $((ms / 1000)) $((ms % 1000 / 100)) "$pass" "$fail" "$emu_errors" "$verdict"
     runs=$((runs + 1))
     if [[ $verdict != ok ]]; then
       failed=$((failed + 1))
