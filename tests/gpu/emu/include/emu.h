@@ -4,10 +4,12 @@
 // __syncthreads and the warp intrinsics are barriers that resolve with CUDA's lane/mask rules,
 // so a missing barrier, a mask naming an exited lane or divergent __syncthreads shows as an
 // "EMU ERROR" line rather than silently working. Within each phase between barriers the fibers
-// run in a selectable order (EMU_ORDER=forward|reverse|random, EMU_SEED for random): a race
-// between threads gives order-dependent results, which the checks then catch.
-// Limits: one "device", no concurrency between blocks (inter-block races are invisible), no
-// timing, no tensor-core rounding (WMMA is computed in f32), and host FMA contraction differs.
+// run in a selectable order (EMU_ORDER=forward|reverse|random, EMU_SEED for random), and so do
+// the blocks of a launch: a race between threads, or a block writing into another's part,
+// gives order-dependent results, which the checks then catch.
+// Limits: one "device", blocks never overlap in time (only order-dependence between them
+// shows), no timing, no tensor-core rounding (WMMA is summed in f32), and the host compiler's
+// FMA contraction differs from nvcc's. docs/gpu.md, "Kernels on the CPU", has the rest.
 #pragma once
 #include <sys/mman.h>
 #include <ucontext.h>
