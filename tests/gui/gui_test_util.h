@@ -16,6 +16,18 @@ inline bool loadFixture(MainWindow& w) {
     return loaded.wait(60000) || loaded.count() == 1;
 }
 
+// A 1400 x 900 window on screen with the fixture loaded; nullptr when either failed.
+inline MainWindow* fixtureWindow() {
+    auto* w = new MainWindow(false);
+    w->resize(1400, 900);
+    w->show();
+    if (!QTest::qWaitForWindowExposed(w) || !loadFixture(*w)) {
+        delete w;
+        return nullptr;
+    }
+    return w;
+}
+
 // Sends `prompt` (token ids) greedily and waits for the answer; returns the summary.
 inline bool generateOnce(MainWindow& w, const QString& prompt, int maxTokens, GenerationSummary* out = nullptr,
                          bool mtp = true) {

@@ -43,11 +43,8 @@ class TestGuiChat : public QObject {
 
 private slots:
     void initTestCase() {
-        w = new MainWindow(false);
-        w->resize(1400, 900);
-        w->show();
-        QVERIFY(QTest::qWaitForWindowExposed(w));
-        QVERIFY(loadFixture(*w));
+        w = fixtureWindow();
+        QVERIFY(w);
         QCOMPARE(w->engine()->info().config.value("n_routed_experts", 0), 16);
         QVERIFY2(w->backendText().contains(QStringLiteral("cpu")), qPrintable(w->backendText()));
         QVERIFY(!w->bannerText().isEmpty());  // CPU-only build: the notice says why

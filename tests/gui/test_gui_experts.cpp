@@ -31,11 +31,8 @@ class TestGuiExperts : public QObject {
 
 private slots:
     void initTestCase() {
-        w = new MainWindow(false);
-        w->resize(1400, 900);
-        w->show();
-        QVERIFY(QTest::qWaitForWindowExposed(w));
-        QVERIFY(loadFixture(*w));
+        w = fixtureWindow();
+        QVERIFY(w);
         w->chat()->setStopAtEos(false);
         QVERIFY(view());
         QVERIFY(w->showView("experts"));

@@ -150,11 +150,8 @@ class TestGuiExport : public QObject {
 private slots:
     void initTestCase() {
         QStandardPaths::setTestModeEnabled(true);  // trained models go to a test location
-        w = new MainWindow(false);
-        w->resize(1400, 900);
-        w->show();
-        QVERIFY(QTest::qWaitForWindowExposed(w));
-        QVERIFY(loadFixture(*w));
+        w = fixtureWindow();
+        QVERIFY(w);
         w->chat()->setStopAtEos(false);
         QVERIFY(generateOnce(*w, QStringLiteral("3, 1, 4, 1, 5, 9, 2, 6"), 12));
         w->store()->select(10);
