@@ -34,8 +34,11 @@ WeightStorage weights_from_args(const Args& a);
 SamplingParams sampling_from_args(const Args& a, const ModelConfig& cfg);
 std::vector<int> prompt_tokens(const Args& a, const LoadedModel& m);
 nlohmann::json meta_settings(const LoadedModel& m, const std::string& dir, const SamplingParams& p);
-// A text file as token ids (the model's tokenizer; without one, bytes modulo the vocabulary).
-std::vector<int> corpus_tokens(const std::string& path, const LoadedModel& m);
+// A corpus file's text; an Error naming the file when it cannot be read (read it before loading
+// a model, so a wrong path fails at once).
+std::string read_corpus(const std::string& path);
+// Text as token ids: the model's tokenizer; without one, bytes modulo the vocabulary.
+std::vector<int> text_tokens(const std::string& text, const LoadedModel& m);
 // --disable-experts SPEC (parse_expert_spec) applied to the backend, or through the Session when
 // there is one (which records it); layer -> ids, empty without the flag.
 std::map<int, std::vector<int>> disable_experts(const Args& a, Backend& backend, Session* session = nullptr);

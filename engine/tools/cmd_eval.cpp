@@ -43,12 +43,13 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
     const std::string dir = a.positional()[0];
     const auto corpus = a.get("corpus");
     if (!corpus) throw UsageError("--corpus FILE is required");
+    const std::string text = read_corpus(*corpus);
     PerplexityOptions o;
     o.context = int(a.integer("context", std::min(512, ModelConfig::load(dir).max_position_embeddings)));
     LoadedModel m = open_model(dir, a.get_or("backend", "auto"), o.context, weights_from_args(a));
     o.max_windows = int(a.integer("max-windows", 0));
     o.mtp = !a.has("no-mtp");
-    const std::vector<int> ids = corpus_tokens(*corpus, m);
+    const std::vector<int> ids = text_tokens(text, m);
     const bool json = a.has("json");
     if (!json) std::fprintf(stderr, "[%s]\n", m.notice.c_str());
     const bool tty = !json && progress_on_stderr();

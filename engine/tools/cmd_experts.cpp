@@ -1,10 +1,9 @@
 // moescope-cli experts: expert specialization (which tokens each routed expert takes) from a
 // telemetry trace, or from a model folder run over a text in context-sized chunks.
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -31,11 +30,7 @@ std::vector<Record> run_model(const Args& a, const std::string& dir, std::map<in
     std::string what;
     if (has_corpus) {
         what = *a.get("corpus");
-        std::ifstream in(what, std::ios::binary);
-        if (!in) throw Error(what + ": cannot open the corpus");
-        std::stringstream ss;
-        ss << in.rdbuf();
-        text = ss.str();
+        text = read_corpus(what);
     } else {
         text = *a.get("text");
         what = "--text";
@@ -43,13 +38,9 @@ std::vector<Record> run_model(const Args& a, const std::string& dir, std::map<in
     LoadedModel m = open_model(dir, a.get_or("backend", "auto"), 0, weights_from_args(a));
     const ModelConfig& cfg = m.backend->config();
     if (cfg.n_routed_experts == 0) throw ConfigError(dir + ": the model has no routed experts");
-    std::vector<int> ids;
-    if (m.tokenizer) {
-        ids = m.tokenizer->encode(text, false, false);
-    } else {  // no tokenizer.json: bytes as ids, as `balance` does
-        for (unsigned char ch : text) ids.push_back(int(ch) % cfg.vocab_size);
+    std::vector<int> ids = text_tokens(text, m);
+    if (!m.tokenizer)  // bytes as ids: their texts are the bytes
         for (int i = 0; i < 256 && i < cfg.vocab_size; ++i) texts[i] = std::string(1, char(i));
-    }
     if (const long long limit = a.integer("limit", 0); limit > 0 && ids.size() > size_t(limit)) ids.resize(size_t(limit));
     if (ids.empty()) throw Error(what + ": no tokens to run");
     const int chunk = int(std::clamp<long long>(a.integer("chunk", std::min(cfg.max_position_embeddings, 1024)), 1,
@@ -70,6 +61,7 @@ std::vector<Record> run_model(const Args& a, const std::string& dir, std::map<in
     }
     Session s(m.backend, m.tokenizer, chunk);
     s.set_sink(&tee);
+    disable_experts(a, *m.backend, &s);  // recorded once: s.reset() keeps the backend's mask
     for (size_t off = 0; off < ids.size(); off += size_t(chunk)) {
         s.reset();
         s.append(std::vector<int>(ids.begin() + long(off), ids.begin() + long(std::min(ids.size(), off + size_t(chunk)))));
@@ -114,8 +106,16 @@ void write_csv(const fs::path& path, const ExpertAnalysis& an, const std::map<in
     });
 }
 
+// The experts each layer had switched off at the end of the records (the last ablation record).
+std::map<int, std::vector<int>> switched_off(const std::vector<Record>& recs) {
+    std::map<int, std::vector<int>> off;
+    for (const auto& r : recs)
+        if (const auto* x = std::get_if<AblationRecord>(&r)) off[x->layer] = x->disabled;
+    return off;
+}
+
 void print_human(const ExpertAnalysis& an, const std::map<int, std::string>& texts, const ExpertOptions& opt,
-                 const std::string& source) {
+                 const std::string& source, const std::map<int, std::vector<int>>& off) {
     std::printf("%s: %lld positions with routing", source.c_str(), static_cast<long long>(an.positions));
     if (!an.mtp_layers.empty()) {
         std::printf(" (MTP layer%s", an.mtp_layers.size() > 1 ? "s" : "");
@@ -135,12 +135,15 @@ void print_human(const ExpertAnalysis& an, const std::map<int, std::string>& tex
         else
             std::printf("  token consistency: n/a (no token seen %d times)\n", opt.min_count);
         std::printf("  %6s %6s %6s  %s\n", "expert", "share", "weight", "top tokens: token ×n(e,t) (p(e|t))");
+        const auto lo = off.find(l.layer);
         for (const auto& e : l.experts) {
+            const bool is_off = lo != off.end() && std::find(lo->second.begin(), lo->second.end(), e.expert) != lo->second.end();
             std::printf("  %6d %5.1f%% %6.3f ", e.expert, 100.0 * e.share, e.mean_weight);
             for (const auto& t : e.tokens)
                 std::printf(" %s ×%lld (%.0f%%)", token_label(t.token, texts).c_str(), static_cast<long long>(t.count),
                             100.0 * t.p);
-            if (e.n_slots == 0) std::printf(" (never routed)");
+            if (is_off) std::printf(" (switched off)");
+            else if (e.n_slots == 0) std::printf(" (never routed)");
             std::printf("\n");
         }
     }
@@ -149,7 +152,7 @@ void print_human(const ExpertAnalysis& an, const std::map<int, std::string>& tex
 int cmd_experts(const std::vector<std::string>& argv) {
     Args a(argv, {"json"});
     a.check_known({"corpus", "text", "layer", "top", "rank", "min-count", "csv", "backend", "weights", "chunk", "limit",
-                   "telemetry"});
+                   "telemetry", "disable-experts"});
     if (a.positional().size() != 1) throw UsageError("expected one SOURCE (a model folder or a TRACE.jsonl)");
     const std::string src = a.positional()[0];
     ExpertOptions opt;
@@ -185,14 +188,17 @@ int cmd_experts(const std::vector<std::string>& argv) {
     }
     if (an.layers.empty()) throw FormatError(src + ": the route records hold no main-model MoE layer");
     if (auto f = a.get("csv")) write_csv(*f, an, texts);
+    const auto off = switched_off(recs);
     if (a.has("json")) {
         nlohmann::json j = to_json(an, texts);
         j["source"] = src;
         j["rank"] = token_rank_name(opt.rank);
         j["min_count"] = opt.min_count;
+        for (auto& l : j["layers"])  // experts switched off (ablation) at the end of the records
+            if (auto it = off.find(l["layer"].get<int>()); it != off.end()) l["disabled"] = it->second;
         std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
     } else {
-        print_human(an, texts, opt, src);
+        print_human(an, texts, opt, src, off);
     }
     return 0;
 }
@@ -200,7 +206,8 @@ int cmd_experts(const std::vector<std::string>& argv) {
 CliCommand experts_cmd("experts",
                        "experts SOURCE (MODEL_DIR --corpus FILE | MODEL_DIR --text T | TRACE.jsonl) [--layer L[,L...]] "
                        "[--top N] [--rank p|count|lift] [--min-count N] [--csv FILE] [--json] [--chunk TOKENS] "
-                       "[--limit TOKENS] [--telemetry OUT.jsonl] [--backend cpu|cuda|auto] [--weights f32|bf16|auto]   "
+                       "[--limit TOKENS] [--telemetry OUT.jsonl] [--backend cpu|cuda|auto] [--weights f32|bf16|auto] "
+                       "[--disable-experts L:E,E-E;...]   "
                        "which tokens each routed expert takes (expert specialization)",
                        cmd_experts);
 

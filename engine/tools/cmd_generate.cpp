@@ -100,15 +100,20 @@ nlohmann::json meta_settings(const LoadedModel& m, const std::string& dir, const
             {"mtp", p.mtp}};
 }
 
-std::vector<int> corpus_tokens(const std::string& path, const LoadedModel& m) {
+std::string read_corpus(const std::string& path) {
     std::ifstream in(path, std::ios::binary);
     if (!in) throw Error(path + ": cannot open the corpus");
     std::stringstream ss;
     ss << in.rdbuf();
-    if (m.tokenizer) return m.tokenizer->encode(ss.str(), false, false);
+    if (in.bad()) throw Error(path + ": cannot read the corpus");
+    return ss.str();
+}
+
+std::vector<int> text_tokens(const std::string& text, const LoadedModel& m) {
+    if (m.tokenizer) return m.tokenizer->encode(text, false, false);
     std::vector<int> ids;
     const int V = m.backend->config().vocab_size;
-    for (unsigned char ch : ss.str()) ids.push_back(int(ch) % V);
+    for (unsigned char ch : text) ids.push_back(int(ch) % V);
     return ids;
 }
 
@@ -215,10 +220,11 @@ int cmd_balance(const std::vector<std::string>& argv) {
     const std::string dir = a.positional()[0];
     auto corpus = a.get("corpus");
     if (!corpus) throw UsageError("--corpus FILE is required");
+    const std::string text = read_corpus(*corpus);
     LoadedModel m = open_model(dir, a.get_or("backend", "auto"), 0, weights_from_args(a));
     const ModelConfig& cfg = m.backend->config();
     if (cfg.n_routed_experts == 0) throw Error(dir + ": the model has no MoE layers to balance");
-    const std::vector<int> ids = corpus_tokens(*corpus, m);
+    const std::vector<int> ids = text_tokens(text, m);
     const int chunk = int(std::min<long long>(a.integer("chunk", 64), cfg.max_position_embeddings));
     const int steps = int(a.integer("steps", 100));
     const double gamma = a.number("gamma", 0.001);

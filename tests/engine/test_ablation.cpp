@@ -338,8 +338,9 @@ private slots:
         QVERIFY_THROWS_EXCEPTION(Error, evaluate_perplexity(*backend, {1, V}, o));
     }
 
-    // The command as a user runs it: baseline and ablation, JSON and text, and a bad spec.
-    void cliPerplexity() {
+    // The commands as a user runs them: perplexity baseline and ablation (JSON and text), experts with
+    // the same ablation, a bad spec, a missing corpus.
+    void cliPerplexityAndExperts() {
         if (!QFileInfo::exists(test::cli_path())) QFAIL(qPrintable("moescope-cli not built at " + test::cli_path()));
         QTemporaryDir dir;
         const QString corpus = dir.filePath("corpus.txt");
@@ -369,6 +370,27 @@ private slots:
         const test::CliRun bad = test::run_cli({"perplexity", model, "--corpus", corpus, "--disable-experts", "0:1"});
         QVERIFY(bad.code != 0);
         QVERIFY2(bad.err.contains("layer 0 is not an MoE layer"), bad.err.constData());
+        // `experts` with the same ablation: the switched-off experts take nothing and are named.
+        const test::CliRun ex = test::run_cli({"experts", model, "--corpus", corpus, "--disable-experts", "1:0-3",
+                                               "--backend", "cpu", "--json"});
+        QVERIFY2(ex.code == 0, ex.err.constData());
+        const auto ej = nlohmann::json::parse(ex.out.toStdString());
+        bool seen = false;
+        for (const auto& l : ej["layers"]) {
+            if (l["layer"].get<int>() != 1) {
+                QVERIFY(!l.contains("disabled"));
+                continue;
+            }
+            seen = true;
+            QCOMPARE(l["disabled"].get<std::vector<int>>(), (std::vector<int>{0, 1, 2, 3}));
+            for (int e = 0; e < 4; ++e) QCOMPARE(l["experts"][size_t(e)]["slots"].get<int64_t>(), int64_t(0));
+            QVERIFY(l["experts"][4]["slots"].get<int64_t>() + l["experts"][9]["slots"].get<int64_t>() > 0);
+        }
+        QVERIFY(seen);
+        const test::CliRun ext = test::run_cli({"experts", model, "--corpus", corpus, "--disable-experts", "1:0-3",
+                                                "--backend", "cpu", "--layer", "1"});
+        QVERIFY2(ext.code == 0, ext.err.constData());
+        QCOMPARE(ext.out.count("(switched off)"), qsizetype(4));
         const test::CliRun missing = test::run_cli({"perplexity", model, "--corpus", dir.filePath("none.txt")});
         QVERIFY(missing.code != 0);
         QVERIFY2(missing.err.contains("none.txt: cannot open the corpus"), missing.err.constData());
