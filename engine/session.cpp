@@ -155,14 +155,7 @@ void Session::reset_bias() {
 
 void Session::set_disabled_experts(int layer, const std::vector<int>& experts) {
     const int E = backend_->config().n_routed_experts;
-    std::vector<uint8_t> mask(size_t(E), 0);
-    for (int e : experts) {
-        if (e < 0 || e >= E)
-            throw Error("layer " + std::to_string(layer) + ": expert " + std::to_string(e) +
-                        " does not exist (the model has " + std::to_string(E) + " routed experts, 0-" +
-                        std::to_string(E - 1) + ")");
-        mask[size_t(e)] = 1;
-    }
+    const std::vector<uint8_t> mask = expert_mask(experts, E, layer);
     backend_->set_disabled_experts(layer, mask);
     std::vector<int> ids;
     for (int e = 0; e < E; ++e)

@@ -245,11 +245,7 @@ void EngineController::applyAblation(const std::map<int, std::vector<int>>& laye
     // All or nothing: every layer's mask is checked before any is applied.
     const ModelConfig& c = m_backend->config();
     const RouterDims dims(c);
-    for (const auto& [l, ids] : layers) {
-        std::vector<uint8_t> mask(size_t(c.n_routed_experts), 0);
-        for (int e : ids) mask.at(size_t(e)) = 1;  // parse_expert_spec keeps ids in range
-        check_disabled_experts(dims, mask, l);
-    }
+    for (const auto& [l, ids] : layers) check_disabled_experts(dims, expert_mask(ids, c.n_routed_experts, l), l);
     for (const auto& [l, ids] : layers) m_session->set_disabled_experts(l, ids);
     // The cache holds latents computed with the previous experts: the next message recomputes it.
     m_session->truncate(0);

@@ -100,6 +100,18 @@ void route(Routing& r, const float* logits, int T, const float* bias, const Rout
     }
 }
 
+std::vector<uint8_t> expert_mask(const std::vector<int>& experts, int E, int layer) {
+    std::vector<uint8_t> mask(size_t(E), 0);
+    for (int e : experts) {
+        if (e < 0 || e >= E)
+            throw Error("layer " + std::to_string(layer) + ": expert " + std::to_string(e) +
+                        " does not exist (the model has " + std::to_string(E) + " routed experts, 0-" +
+                        std::to_string(E - 1) + ")");
+        mask[size_t(e)] = 1;
+    }
+    return mask;
+}
+
 void check_disabled_experts(const RouterDims& d, const std::vector<uint8_t>& disabled, int layer) {
     const std::string where = "layer " + std::to_string(layer) + ": ";
     if (disabled.size() != size_t(d.E))

@@ -36,6 +36,9 @@ struct Routing {
 void route(Routing& r, const float* logits, int T, const float* bias, const RouterDims& d,
            const uint8_t* disabled = nullptr);
 
+// The [E] mask of `experts` (1 = disabled); an Error naming `layer` for an id outside [0, E).
+std::vector<uint8_t> expert_mask(const std::vector<int>& experts, int E, int layer);
+
 // Throws Error (naming `layer`) unless every token can still take k enabled experts whatever
 // its scores: at least k enabled, and with group-limited routing every choice of topk_group
 // groups that could be kept holds k of them. A mask of the wrong size is a ShapeError.

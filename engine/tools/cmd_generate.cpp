@@ -121,15 +121,9 @@ std::map<int, std::vector<int>> disable_experts(const Args& a, Backend& backend,
     auto spec = a.get("disable-experts");
     if (!spec) return {};
     auto off = parse_expert_spec(*spec, backend.config());
-    const int E = backend.config().n_routed_experts;
     for (const auto& [layer, ids] : off) {
-        if (session) {
-            session->set_disabled_experts(layer, ids);
-        } else {
-            std::vector<uint8_t> mask(size_t(E), 0);
-            for (int e : ids) mask[size_t(e)] = 1;
-            backend.set_disabled_experts(layer, mask);
-        }
+        if (session) session->set_disabled_experts(layer, ids);
+        else backend.set_disabled_experts(layer, expert_mask(ids, backend.config().n_routed_experts, layer));
     }
     return off;
 }
