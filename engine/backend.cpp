@@ -56,6 +56,10 @@ public:
     void set_disabled_experts(int layer, const std::vector<uint8_t>& d) override {
         model_->set_disabled_experts(layer, d);
     }
+    int drop_top_experts(int layer) const override { return model_->drop_top_experts(layer); }
+    void set_drop_top_experts(int layer, int drop_top) override {
+        model_->set_drop_top_experts(layer, drop_top);
+    }
 
 private:
     static void check_capacity(const CpuCache& c, int T) {

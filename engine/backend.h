@@ -57,6 +57,9 @@ public:
     // Experts switched off for an ablation (Model::set_disabled_experts' contract).
     virtual std::vector<uint8_t> disabled_experts(int layer) const = 0;
     virtual void set_disabled_experts(int layer, const std::vector<uint8_t>& disabled) = 0;
+    // Each token's highest-ranked experts switched off for it (Model::set_drop_top_experts).
+    virtual int drop_top_experts(int layer) const = 0;
+    virtual void set_drop_top_experts(int layer, int drop_top) = 0;
     // What the backend changed from its defaults and why (e.g. a GPU path it turned off after a
     // self-check); empty when nothing. May change as the backend runs.
     virtual std::string notice() const { return ""; }

@@ -63,6 +63,12 @@ struct ModelConfig {
     bool is_moe_layer(int l) const {
         return n_routed_experts > 0 && l >= first_k_dense_replace && l % moe_layer_freq == 0;
     }
+    // Layer l of the whole stack routes to experts: decoder layers 0..L-1, then MTP module k as
+    // layer L + k - 1 (it routes like the layers it copies).
+    bool is_moe_stack_layer(int l) const {
+        return l >= 0 && l < num_hidden_layers + num_nextn_predict_layers &&
+               (l >= num_hidden_layers ? n_routed_experts > 0 : is_moe_layer(l));
+    }
     bool has_bias() const { return topk_method == "noaux_tc"; }
     int num_moe_layers() const;
     double softmax_scale() const;     // (d_nope + d_rope)^-0.5, times YaRN's m^2

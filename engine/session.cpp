@@ -154,13 +154,22 @@ void Session::reset_bias() {
 }
 
 void Session::set_disabled_experts(int layer, const std::vector<int>& experts) {
-    const int E = backend_->config().n_routed_experts;
-    const std::vector<uint8_t> mask = expert_mask(experts, E, layer);
-    backend_->set_disabled_experts(layer, mask);
+    backend_->set_disabled_experts(layer, expert_mask(experts, backend_->config().n_routed_experts, layer));
+    record_ablation(layer);
+}
+
+void Session::set_drop_top_experts(int layer, int drop_top) {
+    backend_->set_drop_top_experts(layer, drop_top);
+    record_ablation(layer);
+}
+
+void Session::record_ablation(int layer) {
+    if (!sink_) return;
+    const std::vector<uint8_t> mask = backend_->disabled_experts(layer);
     std::vector<int> ids;
-    for (int e = 0; e < E; ++e)
-        if (mask[size_t(e)]) ids.push_back(e);
-    if (sink_) sink_->record(AblationRecord{step_, layer, std::move(ids)});
+    for (size_t e = 0; e < mask.size(); ++e)
+        if (mask[e]) ids.push_back(int(e));
+    sink_->record(AblationRecord{step_, layer, std::move(ids), backend_->drop_top_experts(layer)});
 }
 
 void Session::cancel() { cancel_.store(true); }

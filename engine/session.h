@@ -106,6 +106,9 @@ public:
     // [0, E), empty to enable them all again; records an AblationRecord. Throws for an id out
     // of range or a mask the router cannot honour (check_disabled_experts).
     void set_disabled_experts(int layer, const std::vector<int>& experts);
+    // Switches each token's drop_top highest-ranked experts of an MoE layer off for it (0: none)
+    // from the next position on; records an AblationRecord. Throws like the mask's setter.
+    void set_drop_top_experts(int layer, int drop_top);
 
     Backend& backend() { return *backend_; }
     int64_t step() const { return step_; }
@@ -113,6 +116,7 @@ public:
 private:
     void append_impl(const std::vector<int>& tokens, bool prompt);
     void refresh_next_logits();
+    void record_ablation(int layer);  // the layer's mask and drop_top, as the backend holds them
     struct Impl;
     std::unique_ptr<Impl> impl_;
     std::shared_ptr<Backend> backend_;

@@ -143,7 +143,8 @@ json to_json(const Record& rec) {
                             {"maxvio_global", r.maxvio_global}};
             },
             [](const AblationRecord& r) {
-                return json{{"type", "ablation"}, {"step", r.step}, {"layer", r.layer}, {"disabled", r.disabled}};
+                return json{{"type", "ablation"}, {"step", r.step},         {"layer", r.layer},
+                            {"disabled", r.disabled}, {"drop_top", r.drop_top}};
             },
         },
         rec);
@@ -197,7 +198,8 @@ Record record_from_json(const json& j) {
         if (t == "load") return LoadRecord{get("step", int64_t(0)), get("layer", 0), get("counts", std::vector<int64_t>())};
         if (t == "bias") return BiasRecord{get("step", int64_t(0)), get("layer", 0), get("bias", std::vector<float>())};
         if (t == "ablation")
-            return AblationRecord{get("step", int64_t(0)), get("layer", 0), get("disabled", std::vector<int>())};
+            return AblationRecord{get("step", int64_t(0)), get("layer", 0), get("disabled", std::vector<int>()),
+                                  get("drop_top", 0)};
         if (t == "latent") {
             LatentRecord r;
             r.step = get("step", int64_t(0));

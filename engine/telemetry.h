@@ -96,10 +96,11 @@ struct EvalRecord {
     double val_loss = 0, maxvio_global = 0;
 };
 
-struct AblationRecord {        // the experts of a layer switched off from this step on
+struct AblationRecord {        // a layer's ablation from this step on
     int64_t step = 0;
     int layer = 0;
-    std::vector<int> disabled;     // expert ids, ascending (empty: all enabled again)
+    std::vector<int> disabled;     // expert ids switched off, ascending (empty: all enabled again)
+    int drop_top = 0;              // each token's highest-ranked experts switched off for it
 };
 
 using Record = std::variant<MetaRecord, TokenRecord, RouteRecord, LoadRecord, BiasRecord, LatentRecord, MtpRecord,

@@ -202,8 +202,8 @@ struct DLayer {
     const void** exp_gu_dev = nullptr;           // device [E]
     const void** exp_down_dev = nullptr;
     float* bias = nullptr;            // device [E] (the router bias in use)
-    uint8_t* disabled = nullptr;      // device [E] (1: switched off for an ablation; always there,
-                                      // so captured graphs see a changed mask)
+    uint8_t* disabled = nullptr;      // device [E + 1]: the ablation's mask (1: switched off), then
+                                      // drop_top; always there, so captured graphs see a change
 };
 
 struct DMtp {
@@ -269,6 +269,7 @@ struct CudaBackend::Impl {
     std::vector<std::vector<int>> last_loads;
     std::vector<std::vector<float>> bias_host;  // [layers + mtp][E] (empty for dense layers)
     std::vector<std::vector<uint8_t>> disabled_host;  // [layers + mtp][E or 0] (Model's contract)
+    std::vector<int> drop_top_host;                   // [layers + mtp]
 
     // Activations for one chunk of Tc tokens: shape comments in rows of the chunk.
     int Tc = 0;
@@ -322,6 +323,23 @@ struct CudaBackend::Impl {
         int n = 0;
         for (int l = first; l < first + count; ++l) n += layers[size_t(l)].moe;
         return n;
+    }
+
+    void check_moe_layer(int layer) const {
+        if (layer < 0 || size_t(layer) >= layers.size() || !layers[size_t(layer)].moe)
+            throw Error("layer " + std::to_string(layer) + " is not an MoE layer: it has no experts to disable");
+    }
+
+    // The host's mask and drop_top of an MoE layer into its device ablation buffer,
+    // stream-ordered and waited for (the next forward sees them; graphs read the buffer).
+    void upload_ablation(int layer) {
+        const int E = cfg.n_routed_experts;
+        std::vector<uint8_t> dev = disabled_host[size_t(layer)];
+        dev.resize(size_t(E), 0);
+        dev.push_back(uint8_t(drop_top_host[size_t(layer)]));
+        check(cudaMemcpyAsync(layers[size_t(layer)].disabled, dev.data(), dev.size(), cudaMemcpyHostToDevice, stream),
+              "upload expert mask");
+        check(cudaStreamSynchronize(stream), "cudaStreamSynchronize (expert mask)");
     }
 
     void init_common(const ModelConfig& c, int capacity) {
@@ -398,6 +416,7 @@ struct CudaBackend::Impl {
         // Expert pointer tables, router biases, the rope frequencies: small, in the same arena.
         bias_host.assign(size_t(Lt), {});
         disabled_host.assign(size_t(Lt), {});
+        drop_top_host.assign(size_t(Lt), 0);
         for (int l = 0; l < Lt; ++l) {
             DLayer& d = layers[size_t(l)];
             if (!d.moe) continue;
@@ -412,11 +431,12 @@ struct CudaBackend::Impl {
             bias_host[size_t(l)] = model ? model->bias(l) : std::vector<float>(size_t(E), 0.0f);
             check(cudaMemcpy(d.bias, bias_host[size_t(l)].data(), sizeof(float) * size_t(E), cudaMemcpyHostToDevice),
                   "upload router bias");
-            d.disabled = weights_arena.carve<uint8_t>(E);
-            if (model) disabled_host[size_t(l)] = model->disabled_experts(l);
-            std::vector<uint8_t> off = disabled_host[size_t(l)];
-            off.resize(size_t(E), 0);
-            check(cudaMemcpy(d.disabled, off.data(), size_t(E), cudaMemcpyHostToDevice), "upload expert mask");
+            d.disabled = weights_arena.carve<uint8_t>(E + 1);
+            if (model) {
+                disabled_host[size_t(l)] = model->disabled_experts(l);
+                drop_top_host[size_t(l)] = model->drop_top_experts(l);
+            }
+            upload_ablation(l);
         }
         inv_freq = weights_arena.carve<float>(int64_t(rope.inv_freq.size()));
         check(cudaMemcpy(inv_freq, rope.inv_freq.data(), sizeof(float) * rope.inv_freq.size(), cudaMemcpyHostToDevice),
@@ -576,7 +596,7 @@ struct CudaBackend::Impl {
         float* sc_d = tl.scores >= 0 ? reinterpret_cast<float*>(tele + tl.scores) + int64_t(slot) * n * E
                                      : scores_scratch;
         int* counts_d = reinterpret_cast<int*>(tele + tl.counts) + int64_t(slot) * E;
-        route(ids_d, w_d, sc_d, kept_d, logits_r, L.bias, L.disabled, n, router, s);
+        route(ids_d, w_d, sc_d, kept_d, logits_r, L.bias, L.disabled, L.disabled + E, n, router, s);
         dispatch(counts_d, offsets, perm, row_of_slot, row_expert, ids_d, n, k, E, s);
         gather_rows(xin, xn, perm, R, k, D, s);
         const bool bf16 = opt.dtype == WeightDtype::BF16, fp8 = opt.dtype == WeightDtype::FP8;
@@ -1381,17 +1401,24 @@ std::vector<uint8_t> CudaBackend::disabled_experts(int layer) const {
 
 void CudaBackend::set_disabled_experts(int layer, const std::vector<uint8_t>& disabled) {
     Impl& I = *impl_;
-    if (layer < 0 || size_t(layer) >= I.layers.size() || !I.layers[size_t(layer)].moe)
-        throw Error("layer " + std::to_string(layer) + " is not an MoE layer: it has no experts to disable");
-    check_disabled_experts(RouterDims(I.cfg), disabled, layer);
+    I.check_moe_layer(layer);
+    check_disabled_experts(RouterDims(I.cfg), disabled, layer, I.drop_top_host[size_t(layer)]);
     std::vector<uint8_t> off = disabled;
     if (std::count(off.begin(), off.end(), uint8_t(0)) == std::ptrdiff_t(off.size())) off.clear();
-    std::vector<uint8_t> dev = off;
-    dev.resize(size_t(I.cfg.n_routed_experts), 0);
-    check(cudaMemcpyAsync(I.layers[size_t(layer)].disabled, dev.data(), dev.size(), cudaMemcpyHostToDevice, I.stream),
-          "upload expert mask");
-    check(cudaStreamSynchronize(I.stream), "cudaStreamSynchronize (expert mask)");
     I.disabled_host[size_t(layer)] = std::move(off);
+    I.upload_ablation(layer);
+}
+
+int CudaBackend::drop_top_experts(int layer) const { return impl_->drop_top_host.at(size_t(layer)); }
+
+void CudaBackend::set_drop_top_experts(int layer, int drop_top) {
+    Impl& I = *impl_;
+    I.check_moe_layer(layer);
+    std::vector<uint8_t> mask = I.disabled_host[size_t(layer)];
+    mask.resize(size_t(I.cfg.n_routed_experts), 0);
+    check_disabled_experts(RouterDims(I.cfg), mask, layer, drop_top);
+    I.drop_top_host[size_t(layer)] = drop_top;
+    I.upload_ablation(layer);
 }
 
 void CudaBackend::reset_bias() {

@@ -61,6 +61,8 @@ public:
     void reset_bias() override;
     std::vector<uint8_t> disabled_experts(int layer) const override;
     void set_disabled_experts(int layer, const std::vector<uint8_t>& disabled) override;
+    int drop_top_experts(int layer) const override;
+    void set_drop_top_experts(int layer, int drop_top) override;
     bool can_pick() const override { return true; }
     std::vector<TokenPick> pick(const PickParams& p, const std::vector<float>& u) override;
 

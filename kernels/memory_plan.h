@@ -98,7 +98,7 @@ inline void layer_specs(std::vector<TensorSpec>& s, const ModelConfig& c, int l,
 // experts. Anything else uploads tensors the checkpoint does not have (a ShapeError at upload)
 // and asks the CPU model for a router bias it does not keep.
 inline bool stack_layer_is_moe(const ModelConfig& c, int l) {
-    return l >= c.num_hidden_layers ? c.n_routed_experts > 0 : c.is_moe_layer(l);
+    return c.is_moe_stack_layer(l);
 }
 
 // Every tensor the backend keeps on the device, in upload order.
@@ -286,12 +286,12 @@ inline int64_t cache_bytes(const ModelConfig& c, int layers, int capacity) {
 inline MemoryPlan plan_memory(const ModelConfig& c, const ModelPresence& p, WeightDtype dtype, int capacity) {
     MemoryPlan m;
     for (const TensorSpec& t : device_tensors(c, p)) m.weights += align_up(t.bytes(dtype));
-    // Per MoE layer: two device tables of expert pointers, the router bias and the expert mask;
-    // the rope frequencies.
+    // Per MoE layer: two device tables of expert pointers, the router bias and the ablation (the
+    // expert mask and drop_top); the rope frequencies.
     const int64_t E = c.n_routed_experts;
     for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l)
         if (stack_layer_is_moe(c, l))
-            m.weights += 2 * align_up(E * 8) + align_up(E * 4) + align_up(E);
+            m.weights += 2 * align_up(E * 8) + align_up(E * 4) + align_up(E + 1);
     m.weights += align_up(int64_t(c.qk_rope_head_dim / 2) * 4);
     m.cache_per_position = int64_t(c.num_hidden_layers + c.num_nextn_predict_layers) *
                            (c.kv_lora_rank + c.qk_rope_head_dim) * 4;

@@ -38,7 +38,8 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
 }
 
 __global__ void route_kernel(int* ids_out, float* w_out, float* scores, uint8_t* kept_out, const float* logits,
-                             const float* bias, const uint8_t* disabled, int T, RouterParams p) {
+                             const float* bias, const uint8_t* disabled, const uint8_t* drop_top, int T,
+                             RouterParams p) {
     const int lane = threadIdx.x & 31;
     const int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
     if (t >= T) return;  // whole warps: every shuffle below has all 32 lanes
@@ -66,77 +67,95 @@ __global__ void route_kernel(int* ids_out, float* w_out, float* scores, uint8_t*
     }
     __syncwarp();  // from here lanes read scores other lanes wrote
     const bool add_bias = p.use_bias && bias != nullptr;
+    int dropped[kRouterMaxK];  // this token's experts switched off for it (drop_top)
+    int n_dropped = 0;
     auto choose = [&](int e) {
-        return disabled && disabled[e] ? -INFINITY : s[e] + (add_bias ? bias[e] : 0.0f);
+        if (disabled && disabled[e]) return -INFINITY;
+        for (int j = 0; j < n_dropped; ++j)
+            if (dropped[j] == e) return -INFINITY;
+        return s[e] + (add_bias ? bias[e] : 0.0f);
     };
-    uint64_t kept = grouped ? 0 : 1;  // bit g: group g kept (G <= 64)
-    if (grouped) {
-        float gscore[2];  // groups lane and lane + 32, each scored sequentially like the CPU
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            const int g = lane + 32 * j;
-            float score = -INFINITY;
-            if (g < G) {
-                if (p.method == 2) {
-                    float a = -INFINITY, b = a;  // two largest
-                    for (int i = 0; i < gs; ++i) {
-                        const float v = choose(g * gs + i);
-                        if (v > a) {
-                            b = a;
-                            a = v;
-                        } else if (v > b) {
-                            b = v;
-                        }
-                    }
-                    score = a + b;
-                } else {
-                    float a = choose(g * gs);
-                    for (int i = 1; i < gs; ++i) a = fmaxf(a, choose(g * gs + i));  // max_element
-                    score = a;
-                }
-            }
-            gscore[j] = score;
-        }
-        for (int n = 0; n < p.topk_group; ++n) {  // top groups, ties to the lower index
-            float bv = -INFINITY;
-            int bi = INT_MAX;  // no candidate
+    // The topk_group best groups (bit g of the result: group g kept; G <= 64), then the n best
+    // experts of the kept groups into picks[0..n) (warp-uniform).
+    auto select = [&](int n, int* picks) {
+        uint64_t kept = grouped ? 0 : 1;
+        if (grouped) {
+            float gscore[2];  // groups lane and lane + 32, each scored sequentially like the CPU
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 const int g = lane + 32 * j;
-                if (g < G && !((kept >> g) & 1) && ranks_before(gscore[j], g, bv, bi)) {
-                    bv = gscore[j];
-                    bi = g;
+                float score = -INFINITY;
+                if (g < G) {
+                    if (p.method == 2) {
+                        float a = -INFINITY, b = a;  // two largest
+                        for (int i = 0; i < gs; ++i) {
+                            const float v = choose(g * gs + i);
+                            if (v > a) {
+                                b = a;
+                                a = v;
+                            } else if (v > b) {
+                                b = v;
+                            }
+                        }
+                        score = a + b;
+                    } else {
+                        float a = choose(g * gs);
+                        for (int i = 1; i < gs; ++i) a = fmaxf(a, choose(g * gs + i));  // max_element
+                        score = a;
+                    }
+                }
+                gscore[j] = score;
+            }
+            for (int r = 0; r < p.topk_group; ++r) {  // top groups, ties to the lower index
+                float bv = -INFINITY;
+                int bi = INT_MAX;  // no candidate
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int g = lane + 32 * j;
+                    if (g < G && !((kept >> g) & 1) && ranks_before(gscore[j], g, bv, bi)) {
+                        bv = gscore[j];
+                        bi = g;
+                    }
+                }
+                warp_best(bv, bi);
+                if (bi < G) kept |= uint64_t(1) << bi;  // always, as topk_group <= n_group
+            }
+        }
+        // Round r takes the best expert ranking after round r-1's pick, i.e. the r-th of top_n's
+        // order; experts of dropped groups score -inf (never chosen: k <= kept experts).
+        float pv = INFINITY;
+        int pi = -1;
+        for (int r = 0; r < n; ++r) {
+            float bv = -INFINITY;
+            int bi = INT_MAX;
+            for (int e = lane; e < E; e += 32) {
+                const float v = ((kept >> (e / gs)) & 1) ? choose(e) : -INFINITY;
+                if (ranks_before(pv, pi, v, e) && ranks_before(v, e, bv, bi)) {
+                    bv = v;
+                    bi = e;
                 }
             }
             warp_best(bv, bi);
-            if (bi < G) kept |= uint64_t(1) << bi;  // always, as topk_group <= n_group
+            picks[r] = bi;
+            pv = bv;
+            pi = bi;
         }
+        return kept;
+    };
+    const int drop = drop_top ? min(int(*drop_top), k) : 0;
+    if (drop > 0) {  // route once; the first `drop` picks are off for this token
+        select(drop, dropped);
+        n_dropped = drop;
     }
-    // Top-k: round n takes the best expert ranking after round n-1's pick, i.e. the n-th of
-    // top_n's order; experts of dropped groups score -inf (never chosen: k <= kept experts).
-    int* ids = ids_out + t * k;
-    float pv = INFINITY;
-    int pi = -1;
-    for (int n = 0; n < k; ++n) {
-        float bv = -INFINITY;
-        int bi = INT_MAX;
-        for (int e = lane; e < E; e += 32) {
-            const float v = ((kept >> (e / gs)) & 1) ? choose(e) : -INFINITY;
-            if (ranks_before(pv, pi, v, e) && ranks_before(v, e, bv, bi)) {
-                bv = v;
-                bi = e;
-            }
-        }
-        warp_best(bv, bi);
-        if (lane == 0) ids[n] = bi;
-        pv = bv;
-        pi = bi;
-    }
+    int picks[kRouterMaxK];
+    const uint64_t kept = select(k, picks);
     if (lane == 0) {  // the CPU's arithmetic, in its order
+        int* ids = ids_out + t * k;
         float* w = w_out + t * k;
         float sum = 0.0f;
         for (int i = 0; i < k; ++i) {
-            w[i] = s[ids[i]];
+            ids[i] = picks[i];
+            w[i] = s[picks[i]];
             sum += w[i];
         }
         if (p.norm_topk_prob && k > 1)
@@ -149,13 +168,13 @@ __global__ void route_kernel(int* ids_out, float* w_out, float* scores, uint8_t*
 }  // namespace
 
 void route(int* ids, float* weights, float* scores, uint8_t* kept, const float* logits, const float* bias,
-           const uint8_t* disabled, int T, const RouterParams& p, cudaStream_t s) {
+           const uint8_t* disabled, const uint8_t* drop_top, int T, const RouterParams& p, cudaStream_t s) {
     if (T <= 0) return;
     if (p.k > kRouterMaxK || (p.method != 0 && p.n_group > kRouterMaxGroups))
         throw DeviceError("route: at most " + std::to_string(kRouterMaxK) + " experts per token and " +
                           std::to_string(kRouterMaxGroups) + " groups are supported on the device");
     route_kernel<<<blocks_for(int64_t(T) * 32, kRouterThreads), kRouterThreads, 0, s>>>(ids, weights, scores, kept,
-                                                                                       logits, bias, disabled, T, p);
+                                                                                       logits, bias, disabled, drop_top, T, p);
     check_launch("route_kernel");
 }
 

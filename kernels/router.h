@@ -22,7 +22,10 @@ inline constexpr int kRouterMaxK = 16, kRouterMaxGroups = 64;
 // logits [T, E] -> ids [T, k] (descending choice), weights [T, k], scores [T, E],
 // kept [T, G] (G = n_group when grouped, else 1). bias: device [E] or null. disabled: device
 // [E] or null, 1 for an expert switched off (-inf in every choice, as route() on the CPU).
+// drop_top: device, one byte, or null (0): each token's that many highest-ranked picks are
+// switched off for it and it is routed again (route()'s drop_top; read on the device, so a
+// captured graph sees a change).
 void route(int* ids, float* weights, float* scores, uint8_t* kept, const float* logits, const float* bias,
-           const uint8_t* disabled, int T, const RouterParams& p, cudaStream_t s);
+           const uint8_t* disabled, const uint8_t* drop_top, int T, const RouterParams& p, cudaStream_t s);
 
 }  // namespace moescope::cuda

@@ -29,14 +29,27 @@ Model::Model(ModelConfig cfg, Weights w)
     : cfg_(std::move(cfg)), w_(std::move(w)), rope_(cfg_), mla_(cfg_), router_(cfg_) {
     reset_bias();
     disabled_.assign(size_t(cfg_.num_hidden_layers + cfg_.num_nextn_predict_layers), {});
+    drop_top_.assign(disabled_.size(), 0);
+}
+
+void Model::check_moe_layer(int layer) const {
+    if (layer < 0 || size_t(layer) >= bias_.size() || bias_[size_t(layer)].empty())
+        throw Error("layer " + std::to_string(layer) + " is not an MoE layer: it has no experts to disable");
 }
 
 void Model::set_disabled_experts(int layer, std::vector<uint8_t> disabled) {
-    if (layer < 0 || size_t(layer) >= bias_.size() || bias_[size_t(layer)].empty())
-        throw Error("layer " + std::to_string(layer) + " is not an MoE layer: it has no experts to disable");
-    check_disabled_experts(router_, disabled, layer);
+    check_moe_layer(layer);
+    check_disabled_experts(router_, disabled, layer, drop_top_[size_t(layer)]);
     if (std::count(disabled.begin(), disabled.end(), uint8_t(0)) == std::ptrdiff_t(disabled.size())) disabled.clear();
     disabled_[size_t(layer)] = std::move(disabled);
+}
+
+void Model::set_drop_top_experts(int layer, int drop_top) {
+    check_moe_layer(layer);
+    std::vector<uint8_t> mask = disabled_[size_t(layer)];
+    mask.resize(size_t(router_.E), 0);
+    check_disabled_experts(router_, mask, layer, drop_top);
+    drop_top_[size_t(layer)] = drop_top;
 }
 
 void Model::reset_bias() {
@@ -86,7 +99,8 @@ void Model::layer_forward(float* h, int T, int start, const LayerWeights& L, int
         LayerRouting lr;
         lr.layer = layer_index;
         const auto& off = disabled_[size_t(layer_index)];
-        route(lr.r, logits.data(), T, bias_[size_t(layer_index)].data(), router_, off.empty() ? nullptr : off.data());
+        route(lr.r, logits.data(), T, bias_[size_t(layer_index)].data(), router_, off.empty() ? nullptr : off.data(),
+              drop_top_[size_t(layer_index)]);
         moe_experts_forward(y.data(), xn.data(), T, L.moe, lr.r, cfg_);
         if (!opt.want_scores) lr.r.scores.clear();
         out.routing.push_back(std::move(lr));

@@ -75,8 +75,13 @@ public:
     // leave a token fewer than k experts, or for a layer that does not route.
     const std::vector<uint8_t>& disabled_experts(int layer) const { return disabled_[size_t(layer)]; }
     void set_disabled_experts(int layer, std::vector<uint8_t> disabled);
+    // How many of each token's highest-ranked experts are switched off for it (route()'s
+    // drop_top, 0-k) in an MoE layer; set_ checks it with the layer's mask like set_disabled_.
+    int drop_top_experts(int layer) const { return drop_top_[size_t(layer)]; }
+    void set_drop_top_experts(int layer, int drop_top);
 
 private:
+    void check_moe_layer(int layer) const;  // Error unless `layer` routes
     void layer_forward(float* h, int T, int start, const LayerWeights& L, int layer_index, LatentCache& cache,
                        const ForwardOptions& opt, ForwardResult& out) const;
     void head_forward(const float* hn, int T, const Tensor& head, const ForwardOptions& opt, ForwardResult& out) const;
@@ -88,6 +93,7 @@ private:
     RouterDims router_;
     std::vector<std::vector<float>> bias_;  // [layers + mtp][E]
     std::vector<std::vector<uint8_t>> disabled_;  // [layers + mtp][E or 0]
+    std::vector<int> drop_top_;                   // [layers + mtp]
 };
 
 }  // namespace moescope

@@ -34,10 +34,11 @@ void top_n(std::vector<int>& idx, const float* v, int size, int n) {
 }  // namespace
 
 void route(Routing& r, const float* logits, int T, const float* bias, const RouterDims& d,
-           const uint8_t* disabled) {
+           const uint8_t* disabled, int drop_top) {
     const int E = d.E, k = d.k;
     const bool grouped = d.method != RouterDims::Method::Greedy;
     const int G = grouped ? d.n_group : 1, gs = E / G;
+    constexpr float kOff = -std::numeric_limits<float>::infinity();
     r.T = T;
     r.k = k;
     r.E = E;
@@ -46,8 +47,33 @@ void route(Routing& r, const float* logits, int T, const float* bias, const Rout
     r.weights.resize(size_t(T) * k);
     r.scores.resize(size_t(T) * E);
     r.kept_groups.assign(size_t(T) * G, grouped ? 0 : 1);
-    std::vector<float> choose(static_cast<size_t>(E)), gscore(static_cast<size_t>(G));
+    std::vector<float> choose(static_cast<size_t>(E)), masked, gscore(static_cast<size_t>(G));
     std::vector<int> top, gtop;
+    // The top-k of `c` into `top`, keeping the topk_group best groups (kept[g] = 1) and masking
+    // the experts of the others in `c` with -inf, as DeepSeek's code does.
+    auto select = [&](std::vector<float>& c, uint8_t* kept) {
+        if (grouped) {
+            for (int g = 0; g < G; ++g) {
+                const float* cg = c.data() + size_t(g) * gs;
+                if (d.method == RouterDims::Method::NoAuxTc) {
+                    float a = kOff, b = a;  // two largest
+                    for (int i = 0; i < gs; ++i) {
+                        if (cg[i] > a) { b = a; a = cg[i]; }
+                        else if (cg[i] > b) b = cg[i];
+                    }
+                    gscore[size_t(g)] = a + b;
+                } else {
+                    gscore[size_t(g)] = *std::max_element(cg, cg + gs);
+                }
+            }
+            top_n(gtop, gscore.data(), G, d.topk_group);
+            std::fill(kept, kept + G, uint8_t(0));
+            for (int g : gtop) kept[g] = 1;
+            for (int g = 0; g < G; ++g)
+                if (!kept[g]) std::fill(c.begin() + g * gs, c.begin() + (g + 1) * gs, kOff);
+        }
+        top_n(top, c.data(), E, k);
+    };
     for (int t = 0; t < T; ++t) {
         float* s = r.scores.data() + size_t(t) * E;
         const float* lg = logits + size_t(t) * E;
@@ -60,31 +86,14 @@ void route(Routing& r, const float* logits, int T, const float* bias, const Rout
         for (int e = 0; e < E; ++e) choose[size_t(e)] = s[e] + (d.use_bias && bias ? bias[e] : 0.0f);
         if (disabled)
             for (int e = 0; e < E; ++e)
-                if (disabled[e]) choose[size_t(e)] = -std::numeric_limits<float>::infinity();
+                if (disabled[e]) choose[size_t(e)] = kOff;
         uint8_t* kept = r.kept_groups.data() + size_t(t) * G;
-        if (grouped) {
-            for (int g = 0; g < G; ++g) {
-                const float* cg = choose.data() + size_t(g) * gs;
-                if (d.method == RouterDims::Method::NoAuxTc) {
-                    float a = -std::numeric_limits<float>::infinity(), b = a;  // two largest
-                    for (int i = 0; i < gs; ++i) {
-                        if (cg[i] > a) { b = a; a = cg[i]; }
-                        else if (cg[i] > b) b = cg[i];
-                    }
-                    gscore[size_t(g)] = a + b;
-                } else {
-                    gscore[size_t(g)] = *std::max_element(cg, cg + gs);
-                }
-            }
-            top_n(gtop, gscore.data(), G, d.topk_group);
-            for (int g : gtop) kept[g] = 1;
-            // Experts of dropped groups can never be chosen (-inf, as DeepSeek's code masks them).
-            for (int g = 0; g < G; ++g)
-                if (!kept[g])
-                    std::fill(choose.begin() + g * gs, choose.begin() + (g + 1) * gs,
-                              -std::numeric_limits<float>::infinity());
+        if (drop_top > 0) {  // route once; the first drop_top picks are off for this token
+            masked = choose;
+            select(masked, kept);
+            for (int i = 0; i < drop_top; ++i) choose[size_t(top[size_t(i)])] = kOff;
         }
-        top_n(top, choose.data(), E, k);
+        select(choose, kept);
         int* ids = r.ids.data() + size_t(t) * k;
         float* w = r.weights.data() + size_t(t) * k;
         float sum = 0;
@@ -112,19 +121,27 @@ std::vector<uint8_t> expert_mask(const std::vector<int>& experts, int E, int lay
     return mask;
 }
 
-void check_disabled_experts(const RouterDims& d, const std::vector<uint8_t>& disabled, int layer) {
+void check_disabled_experts(const RouterDims& d, const std::vector<uint8_t>& disabled, int layer, int drop_top) {
     const std::string where = "layer " + std::to_string(layer) + ": ";
     if (disabled.size() != size_t(d.E))
         throw ShapeError(where + "an expert mask needs " + std::to_string(d.E) + " entries, got " +
                          std::to_string(disabled.size()));
+    if (drop_top < 0 || drop_top > d.k)
+        throw Error(where + "cannot drop " + std::to_string(drop_top) + " of each token's top experts: it takes " +
+                    std::to_string(d.k) + ", so 0-" + std::to_string(d.k) + " can be dropped");
+    const int r = drop_top;
+    const std::string dropping = r > 0 ? " and each token's top " + std::to_string(r) + " dropped" : "";
     const int enabled = int(std::count(disabled.begin(), disabled.end(), uint8_t(0)));
-    if (enabled < d.k)
-        throw Error(where + "disabling " + std::to_string(d.E - enabled) + " of " + std::to_string(d.E) +
-                    " experts leaves " + std::to_string(enabled) + ", but every token takes " + std::to_string(d.k));
+    if (enabled - r < d.k)
+        throw Error(where + "disabling " + std::to_string(d.E - enabled) + " of " + std::to_string(d.E) + " experts" +
+                    dropping + " leaves " + std::to_string(std::max(0, enabled - r)) +
+                    ", but every token takes " + std::to_string(d.k));
     if (d.method == RouterDims::Method::Greedy) return;
     // Groups scoring -inf (fewer enabled experts than the group score sums) lose to every other
-    // group; among the rest the router may keep any topk_group, the poorest included.
-    const int G = d.n_group, gs = d.E / G;
+    // group; among the rest the router may keep any topk_group, the poorest included. A token's
+    // r dropped experts may sit anywhere: they can take groups below the scored count (cost
+    // n - scored + 1 each) or thin the kept ones down to the scored count.
+    const int G = d.n_group, gs = d.E / G, K = d.topk_group;
     const int scored = d.method == RouterDims::Method::NoAuxTc ? std::min(2, gs) : 1;
     std::vector<int> viable;
     for (int g = 0; g < G; ++g) {
@@ -132,11 +149,15 @@ void check_disabled_experts(const RouterDims& d, const std::vector<uint8_t>& dis
         if (n >= scored) viable.push_back(n);
     }
     std::sort(viable.begin(), viable.end());
-    const int poorest = viable.size() < size_t(d.topk_group)
-                            ? -1
-                            : std::accumulate(viable.begin(), viable.begin() + d.topk_group, 0);
+    int kill_cost = 0;  // to leave fewer than K viable groups: take the cheapest |viable| - K + 1
+    for (size_t i = 0; i + size_t(K) <= viable.size(); ++i) kill_cost += viable[i] - scored + 1;
+    int poorest = -1;
+    if (viable.size() >= size_t(K) && kill_cost > r) {
+        const int sum = std::accumulate(viable.begin(), viable.begin() + K, 0);
+        poorest = std::max(sum - r, K * scored);
+    }
     if (poorest < d.k)
-        throw Error(where + "with these experts disabled, " + std::to_string(d.topk_group) + " of the " +
+        throw Error(where + "with these experts disabled" + dropping + ", " + std::to_string(K) + " of the " +
                     std::to_string(G) + " expert groups the router keeps can hold " +
                     (poorest < 0 ? std::string("disabled experts only") : "only " + std::to_string(poorest) +
                                                                               " enabled experts") +
@@ -146,9 +167,6 @@ void check_disabled_experts(const RouterDims& d, const std::vector<uint8_t>& dis
 
 std::map<int, std::vector<int>> parse_expert_spec(const std::string& spec, const ModelConfig& c) {
     const int E = c.n_routed_experts, layers = c.num_hidden_layers + c.num_nextn_predict_layers;
-    auto is_moe = [&](int l) {  // MTP modules route like the layer they copy
-        return l >= 0 && l < layers && (l >= c.num_hidden_layers ? E > 0 : c.is_moe_layer(l));
-    };
     auto number = [&](const std::string& s, const std::string& part) {
         if (s.empty() || s.size() > 9 || s.find_first_not_of("0123456789") != std::string::npos)
             throw Error("expert spec \"" + spec + "\": \"" + part + "\" is not LAYER:EXPERTS (e.g. 3:0,5-7)");
@@ -185,7 +203,7 @@ std::map<int, std::vector<int>> parse_expert_spec(const std::string& spec, const
                 if (c.is_moe_layer(l)) targets.push_back(l);
         } else {
             const int l = number(lname, part);
-            if (!is_moe(l))
+            if (!c.is_moe_stack_layer(l))
                 throw Error("expert spec \"" + spec + "\": layer " + lname + " is not an MoE layer" +
                             (E > 0 ? " (MoE layers: " + std::to_string(c.first_k_dense_replace) + "-" +
                                          std::to_string(layers - 1) + ")"

@@ -31,18 +31,22 @@ struct Routing {
 // Scores from router logits[T, E]; `bias` may be null. Writes every field of `r`.
 // `disabled` [E] (may be null): experts switched off for an ablation; they score -inf in every
 // choice (groups and top-k), so each token takes the best enabled experts instead, and the
-// mixing weights are the chosen experts' scores as usual. check_disabled_experts must have
-// accepted the mask.
+// mixing weights are the chosen experts' scores as usual. `drop_top` in [0, k] (DeepSeekMoE's
+// other redundancy test, section 4.5): each token is routed once, its drop_top highest-ranked
+// picks are switched off for that token alone, and it is routed again among the rest (groups
+// re-scored). check_disabled_experts must have accepted the mask with this drop_top.
 void route(Routing& r, const float* logits, int T, const float* bias, const RouterDims& d,
-           const uint8_t* disabled = nullptr);
+           const uint8_t* disabled = nullptr, int drop_top = 0);
 
 // The [E] mask of `experts` (1 = disabled); an Error naming `layer` for an id outside [0, E).
 std::vector<uint8_t> expert_mask(const std::vector<int>& experts, int E, int layer);
 
 // Throws Error (naming `layer`) unless every token can still take k enabled experts whatever
-// its scores: at least k enabled, and with group-limited routing every choice of topk_group
-// groups that could be kept holds k of them. A mask of the wrong size is a ShapeError.
-void check_disabled_experts(const RouterDims& d, const std::vector<uint8_t>& disabled, int layer);
+// its scores, also after any drop_top more are switched off for it: at least k enabled, and
+// with group-limited routing every choice of topk_group groups that could be kept holds k of
+// them. A mask of the wrong size is a ShapeError; drop_top outside [0, k] an Error.
+void check_disabled_experts(const RouterDims& d, const std::vector<uint8_t>& disabled, int layer,
+                            int drop_top = 0);
 
 // An ablation spec, "L:E,E-E;L:E" (decoder layer : expert ids and inclusive ranges; "*" for every
 // MoE layer of the main model; MTP module k is layer num_hidden_layers + k - 1), as layer ->

@@ -42,5 +42,11 @@ std::vector<int> text_tokens(const std::string& text, const LoadedModel& m);
 // --disable-experts SPEC (parse_expert_spec) applied to the backend, or through the Session when
 // there is one (which records it); layer -> ids, empty without the flag.
 std::map<int, std::vector<int>> disable_experts(const Args& a, Backend& backend, Session* session = nullptr);
+// Each token's top `r` experts switched off for it in every MoE layer of the main model (the
+// layers of a "*" spec; route()'s drop_top), through the Session when there is one (which
+// records it).
+void drop_top_experts(Backend& backend, int r, Session* session = nullptr);
+// --drop-top-experts R applied with drop_top_experts; R (0 without the flag).
+int drop_top_experts(const Args& a, Backend& backend, Session* session = nullptr);
 
 }  // namespace moescope::cli

@@ -1,17 +1,21 @@
 // moescope-cli perplexity: held-out cross-entropy of a model on a text file, and with
-// --disable-experts the same text again with those experts switched off (an ablation in the
-// manner of DeepSeekMoE's expert-redundancy experiment): how much the loss rises, and how much
-// of each layer's traffic the disabled experts had carried.
+// --disable-experts / --drop-top-experts the same text again with experts switched off (the
+// ablations of DeepSeekMoE's expert-redundancy experiments: fixed experts removed, or each
+// token's top-ranked ones, swept over R): how much the loss rises, and how much of each
+// layer's traffic the disabled experts had carried.
 #include <cmath>
 #include <cstdio>
 #include <iostream>
-#include <optional>
+#include <map>
+#include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "engine/config.h"
 #include "engine/errors.h"
 #include "engine/eval.h"
+#include "engine/model/moe.h"
 #include "engine/tools/cli.h"
 #include "engine/tools/cli_model.h"
 
@@ -36,9 +40,20 @@ double share_of(const std::vector<int64_t>& load, const std::vector<int>& expert
     return all ? double(part) / double(all) : 0.0;
 }
 
+// What an ablation run switched off, for its column and JSON.
+struct AblationRun {
+    bool masked = false;  // --disable-experts too
+    int drop_top = 0;
+    PerplexityResult result;
+    std::string label() const {
+        if (drop_top == 0) return "experts off";
+        return (masked ? "off + top " : "top ") + std::to_string(drop_top) + " dropped";
+    }
+};
+
 int cmd_perplexity(const std::vector<std::string>& argv) {
     Args a(argv, {"json", "no-mtp"});
-    a.check_known({"corpus", "context", "max-windows", "disable-experts", "backend", "weights"});
+    a.check_known({"corpus", "context", "max-windows", "disable-experts", "drop-top-experts", "backend", "weights"});
     if (a.positional().size() != 1) throw UsageError("expected one MODEL_DIR");
     const std::string dir = a.positional()[0];
     const auto corpus = a.get("corpus");
@@ -53,81 +68,121 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
     const bool json = a.has("json");
     if (!json) std::fprintf(stderr, "[%s]\n", m.notice.c_str());
     const bool tty = !json && progress_on_stderr();
-    auto progress = [&](const char* what) {
-        return [&, what](int done, int total) {
-            if (tty) std::fprintf(stderr, "\r%s: window %d/%d", what, done, total);
+    auto evaluate = [&](const std::string& what) {
+        PerplexityResult r = evaluate_perplexity(*m.backend, ids, o, [&](int done, int total) {
+            if (tty) std::fprintf(stderr, "\r%s: window %d/%d", what.c_str(), done, total);
             return true;
-        };
-    };
-    const PerplexityResult base = evaluate_perplexity(*m.backend, ids, o, progress("baseline"));
-    if (tty) std::fprintf(stderr, "\n");
-    const auto off = disable_experts(a, *m.backend);
-    std::optional<PerplexityResult> abl;
-    if (!off.empty()) {
-        abl = evaluate_perplexity(*m.backend, ids, o, progress("experts disabled"));
+        });
         if (tty) std::fprintf(stderr, "\n");
+        return r;
+    };
+    // The ablations: --disable-experts, --drop-top-experts R or a sweep R,R,... (with the mask
+    // in every run); each is checked before the baseline runs.
+    const ModelConfig& cfg = m.backend->config();
+    const auto spec = a.get("disable-experts");
+    const std::map<int, std::vector<int>> off = spec ? parse_expert_spec(*spec, cfg) : std::map<int, std::vector<int>>{};
+    std::vector<int> drops = a.int_list("drop-top-experts");
+    if (!drops.empty() && cfg.n_routed_experts == 0) throw UsageError("--drop-top-experts: the model has no routed experts");
+    if (drops.empty() && !off.empty()) drops.push_back(0);
+    auto ablate = [&](bool mask, int r) {  // drop_top 0 first, so the mask is checked alone
+        drop_top_experts(*m.backend, 0);
+        for (const auto& [layer, experts] : off)
+            m.backend->set_disabled_experts(layer, mask ? expert_mask(experts, cfg.n_routed_experts, layer)
+                                                        : std::vector<uint8_t>(size_t(cfg.n_routed_experts), 0));
+        drop_top_experts(*m.backend, r);
+    };
+    for (int r : drops) ablate(true, r);
+    ablate(false, 0);
+    const PerplexityResult base = evaluate("baseline");
+    std::vector<AblationRun> runs;
+    for (int r : drops) {
+        ablate(true, r);
+        AblationRun run{!off.empty(), r, {}};
+        run.result = evaluate(run.label());
+        runs.push_back(std::move(run));
     }
     if (json) {
         nlohmann::json j = result_json(base);
         j["corpus"] = *corpus;
         j["context"] = o.context;
         j["corpus_tokens"] = ids.size();
-        if (abl) {
-            nlohmann::json layers = nlohmann::json::array();
-            for (const auto& [layer, experts] : off) {
-                nlohmann::json l{{"layer", layer}, {"experts", experts}};
-                if (auto it = base.loads.find(layer); it != base.loads.end())
-                    l["baseline_share"] = share_of(it->second, experts);
-                layers.push_back(std::move(l));
-            }
-            nlohmann::json ab = result_json(*abl);
-            ab["disabled"] = std::move(layers);
-            ab["delta_cross_entropy"] = abl->cross_entropy - base.cross_entropy;
-            j["ablation"] = std::move(ab);
+        nlohmann::json disabled = nlohmann::json::array();
+        for (const auto& [layer, experts] : off) {
+            nlohmann::json l{{"layer", layer}, {"experts", experts}};
+            if (auto it = base.loads.find(layer); it != base.loads.end())
+                l["baseline_share"] = share_of(it->second, experts);
+            disabled.push_back(std::move(l));
+        }
+        if (!runs.empty()) j["ablations"] = nlohmann::json::array();
+        for (const AblationRun& run : runs) {
+            nlohmann::json ab = result_json(run.result);
+            ab["disabled"] = disabled;
+            ab["drop_top"] = run.drop_top;
+            ab["delta_cross_entropy"] = run.result.cross_entropy - base.cross_entropy;
+            j["ablations"].push_back(std::move(ab));
         }
         std::cout << j.dump() << "\n";
         return 0;
     }
     std::printf("corpus        %s: %zu tokens, %d window%s of up to %d, %lld predictions scored\n", corpus->c_str(),
                 ids.size(), base.windows, base.windows == 1 ? "" : "s", o.context, (long long)base.tokens);
-    if (!abl) {
+    if (runs.empty()) {
         std::printf("perplexity    %.3f (cross-entropy %.4f nats/token)\n", base.perplexity(), base.cross_entropy);
         if (base.mtp_tokens)
             std::printf("MTP module    perplexity %.3f (cross-entropy %.4f nats/token) on the token after next\n",
                         base.mtp_perplexity(), base.mtp_cross_entropy);
         return 0;
     }
-    std::printf("%-22s %12s %18s %12s\n", "", "baseline", "experts disabled", "change");
-    auto row = [](const char* name, double b, double x, bool ratio) {
-        if (ratio) std::printf("%-22s %12.3f %18.3f %+11.1f%%\n", name, b, x, 100.0 * (x / b - 1.0));
-        else std::printf("%-22s %12.4f %18.4f %+12.4f\n", name, b, x, x - b);
-    };
-    row("cross-entropy (nats)", base.cross_entropy, abl->cross_entropy, false);
-    row("perplexity", base.perplexity(), abl->perplexity(), true);
-    if (base.mtp_tokens) {
-        row("MTP cross-entropy", base.mtp_cross_entropy, abl->mtp_cross_entropy, false);
-        row("MTP perplexity", base.mtp_perplexity(), abl->mtp_perplexity(), true);
-    }
-    std::printf("disabled (share of the layer's routings they took in the baseline):\n");
-    for (const auto& [layer, experts] : off) {
-        std::string list;
-        for (int e : experts) {
-            if (!list.empty()) list += ',';
-            list += std::to_string(e);
+    // One column per run: the value, then its change from the baseline.
+    std::printf("%-22s %10s", "", "baseline");
+    for (const AblationRun& run : runs) std::printf(" %22s", run.label().c_str());
+    std::printf("\n");
+    auto row = [&](const char* name, double b, auto value, bool ratio) {
+        std::printf(ratio ? "%-22s %10.3f" : "%-22s %10.4f", name, b);
+        for (const AblationRun& run : runs) {
+            const double x = value(run.result);
+            char cell[64];
+            if (ratio) std::snprintf(cell, sizeof cell, "%.3f (%+.1f%%)", x, 100.0 * (x / b - 1.0));
+            else std::snprintf(cell, sizeof cell, "%.4f (%+.4f)", x, x - b);
+            std::printf(" %22s", cell);
         }
-        const auto it = base.loads.find(layer);
-        if (it == base.loads.end())  // an MTP module's layer: the main model's pass does not route there
-            std::printf("  layer %d: experts %s\n", layer, list.c_str());
-        else
-            std::printf("  layer %d: experts %s (%.1f%%)\n", layer, list.c_str(), 100.0 * share_of(it->second, experts));
+        std::printf("\n");
+    };
+    row("cross-entropy (nats)", base.cross_entropy, [](const PerplexityResult& r) { return r.cross_entropy; }, false);
+    row("perplexity", base.perplexity(), [](const PerplexityResult& r) { return r.perplexity(); }, true);
+    if (base.mtp_tokens) {
+        row("MTP cross-entropy", base.mtp_cross_entropy, [](const PerplexityResult& r) { return r.mtp_cross_entropy; },
+            false);
+        row("MTP perplexity", base.mtp_perplexity(), [](const PerplexityResult& r) { return r.mtp_perplexity(); }, true);
     }
+    if (!off.empty()) {
+        std::printf("experts off%s (share of the layer's routings they took in the baseline):\n",
+                    runs.size() > 1 || runs[0].drop_top > 0 ? " in every run" : "");
+        for (const auto& [layer, experts] : off) {
+            std::string list;
+            for (int e : experts) {
+                if (!list.empty()) list += ',';
+                list += std::to_string(e);
+            }
+            const auto it = base.loads.find(layer);
+            if (it == base.loads.end())  // an MTP module's layer: the main model's pass does not route there
+                std::printf("  layer %d: experts %s\n", layer, list.c_str());
+            else
+                std::printf("  layer %d: experts %s (%.1f%%)\n", layer, list.c_str(),
+                            100.0 * share_of(it->second, experts));
+        }
+    }
+    if (runs.size() > 1 || runs[0].drop_top > 0)
+        std::printf("top R dropped: each token's R highest-ranked experts switched off for it, in every MoE layer of "
+                    "the main model\n");
     return 0;
 }
 
 CliCommand perplexity_cmd("perplexity",
                           "perplexity MODEL_DIR --corpus FILE [--context N] [--max-windows N] [--no-mtp] "
-                          "[--disable-experts L:E,E-E;...] [--backend cpu|cuda|auto] [--weights f32|bf16|auto] [--json]"
-                          "   held-out cross-entropy; with experts disabled, against the baseline",
+                          "[--disable-experts L:E,E-E;...] [--drop-top-experts R[,R...]] [--backend cpu|cuda|auto] "
+                          "[--weights f32|bf16|auto] [--json]"
+                          "   held-out cross-entropy; with experts switched off, against the baseline",
                           cmd_perplexity);
 
 }  // namespace

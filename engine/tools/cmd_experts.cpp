@@ -61,7 +61,8 @@ std::vector<Record> run_model(const Args& a, const std::string& dir, std::map<in
     }
     Session s(m.backend, m.tokenizer, chunk);
     s.set_sink(&tee);
-    disable_experts(a, *m.backend, &s);  // recorded once: s.reset() keeps the backend's mask
+    disable_experts(a, *m.backend, &s);  // recorded once: s.reset() keeps the backend's ablation
+    drop_top_experts(a, *m.backend, &s);
     for (size_t off = 0; off < ids.size(); off += size_t(chunk)) {
         s.reset();
         s.append(std::vector<int>(ids.begin() + long(off), ids.begin() + long(std::min(ids.size(), off + size_t(chunk)))));
@@ -106,16 +107,16 @@ void write_csv(const fs::path& path, const ExpertAnalysis& an, const std::map<in
     });
 }
 
-// The experts each layer had switched off at the end of the records (the last ablation record).
-std::map<int, std::vector<int>> switched_off(const std::vector<Record>& recs) {
-    std::map<int, std::vector<int>> off;
+// Each layer's ablation at the end of the records (its last ablation record).
+std::map<int, AblationRecord> ablations(const std::vector<Record>& recs) {
+    std::map<int, AblationRecord> off;
     for (const auto& r : recs)
-        if (const auto* x = std::get_if<AblationRecord>(&r)) off[x->layer] = x->disabled;
+        if (const auto* x = std::get_if<AblationRecord>(&r)) off[x->layer] = *x;
     return off;
 }
 
 void print_human(const ExpertAnalysis& an, const std::map<int, std::string>& texts, const ExpertOptions& opt,
-                 const std::string& source, const std::map<int, std::vector<int>>& off) {
+                 const std::string& source, const std::map<int, AblationRecord>& off) {
     std::printf("%s: %lld positions with routing", source.c_str(), static_cast<long long>(an.positions));
     if (!an.mtp_layers.empty()) {
         std::printf(" (MTP layer%s", an.mtp_layers.size() > 1 ? "s" : "");
@@ -134,10 +135,14 @@ void print_human(const ExpertAnalysis& an, const std::map<int, std::string>& tex
                         l.specialization);
         else
             std::printf("  token consistency: n/a (no token seen %d times)\n", opt.min_count);
-        std::printf("  %6s %6s %6s  %s\n", "expert", "share", "weight", "top tokens: token ×n(e,t) (p(e|t))");
         const auto lo = off.find(l.layer);
+        if (lo != off.end() && lo->second.drop_top > 0)
+            std::printf("  each token's top %d expert%s dropped (routed to its next best)\n", lo->second.drop_top,
+                        lo->second.drop_top == 1 ? "" : "s");
+        std::printf("  %6s %6s %6s  %s\n", "expert", "share", "weight", "top tokens: token ×n(e,t) (p(e|t))");
         for (const auto& e : l.experts) {
-            const bool is_off = lo != off.end() && std::find(lo->second.begin(), lo->second.end(), e.expert) != lo->second.end();
+            const bool is_off = lo != off.end() && std::find(lo->second.disabled.begin(), lo->second.disabled.end(),
+                                                             e.expert) != lo->second.disabled.end();
             std::printf("  %6d %5.1f%% %6.3f ", e.expert, 100.0 * e.share, e.mean_weight);
             for (const auto& t : e.tokens)
                 std::printf(" %s ×%lld (%.0f%%)", token_label(t.token, texts).c_str(), static_cast<long long>(t.count),
@@ -152,7 +157,7 @@ void print_human(const ExpertAnalysis& an, const std::map<int, std::string>& tex
 int cmd_experts(const std::vector<std::string>& argv) {
     Args a(argv, {"json"});
     a.check_known({"corpus", "text", "layer", "top", "rank", "min-count", "csv", "backend", "weights", "chunk", "limit",
-                   "telemetry", "disable-experts"});
+                   "telemetry", "disable-experts", "drop-top-experts"});
     if (a.positional().size() != 1) throw UsageError("expected one SOURCE (a model folder or a TRACE.jsonl)");
     const std::string src = a.positional()[0];
     ExpertOptions opt;
@@ -188,14 +193,17 @@ int cmd_experts(const std::vector<std::string>& argv) {
     }
     if (an.layers.empty()) throw FormatError(src + ": the route records hold no main-model MoE layer");
     if (auto f = a.get("csv")) write_csv(*f, an, texts);
-    const auto off = switched_off(recs);
+    const auto off = ablations(recs);
     if (a.has("json")) {
         nlohmann::json j = to_json(an, texts);
         j["source"] = src;
         j["rank"] = token_rank_name(opt.rank);
         j["min_count"] = opt.min_count;
-        for (auto& l : j["layers"])  // experts switched off (ablation) at the end of the records
-            if (auto it = off.find(l["layer"].get<int>()); it != off.end()) l["disabled"] = it->second;
+        for (auto& l : j["layers"])  // the ablation at the end of the records
+            if (auto it = off.find(l["layer"].get<int>()); it != off.end()) {
+                if (!it->second.disabled.empty()) l["disabled"] = it->second.disabled;
+                if (it->second.drop_top > 0) l["drop_top"] = it->second.drop_top;
+            }
         std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
     } else {
         print_human(an, texts, opt, src, off);
@@ -207,7 +215,7 @@ CliCommand experts_cmd("experts",
                        "experts SOURCE (MODEL_DIR --corpus FILE | MODEL_DIR --text T | TRACE.jsonl) [--layer L[,L...]] "
                        "[--top N] [--rank p|count|lift] [--min-count N] [--csv FILE] [--json] [--chunk TOKENS] "
                        "[--limit TOKENS] [--telemetry OUT.jsonl] [--backend cpu|cuda|auto] [--weights f32|bf16|auto] "
-                       "[--disable-experts L:E,E-E;...]   "
+                       "[--disable-experts L:E,E-E;...] [--drop-top-experts R]   "
                        "which tokens each routed expert takes (expert specialization)",
                        cmd_experts);
 

@@ -128,13 +128,31 @@ std::map<int, std::vector<int>> disable_experts(const Args& a, Backend& backend,
     return off;
 }
 
+void drop_top_experts(Backend& backend, int r, Session* session) {
+    const ModelConfig& c = backend.config();
+    for (int l = 0; l < c.num_hidden_layers; ++l) {
+        if (!c.is_moe_layer(l)) continue;
+        if (session) session->set_drop_top_experts(l, r);
+        else backend.set_drop_top_experts(l, r);
+    }
+}
+
+int drop_top_experts(const Args& a, Backend& backend, Session* session) {
+    if (!a.get("drop-top-experts")) return 0;
+    const long long v = a.integer("drop-top-experts", 0);
+    const int r = v < 0 || v > 1 << 20 ? -1 : int(v);  // out of range: refused by the check, named
+    if (backend.config().n_routed_experts == 0) throw UsageError("--drop-top-experts: the model has no routed experts");
+    drop_top_experts(backend, r, session);
+    return r;
+}
+
 namespace {
 
 int cmd_generate(const std::vector<std::string>& argv) {
     Args a(argv, {"json", "chat", "mtp", "no-mtp", "no-eos", "quiet"});
     a.check_known({"prompt", "prompt-tokens", "messages", "system", "max-tokens", "temperature", "top-k", "top-p", "min-p",
                    "repetition-penalty", "frequency-penalty", "presence-penalty", "seed", "telemetry", "backend",
-                   "context", "stop", "mtp-depth", "latent-layer", "weights", "disable-experts"});
+                   "context", "stop", "mtp-depth", "latent-layer", "weights", "disable-experts", "drop-top-experts"});
     if (a.positional().size() != 1) throw UsageError("expected one MODEL_DIR");
     const std::string dir = a.positional()[0];
     LoadedModel m = open_model(dir, a.get_or("backend", "auto"), int(a.integer("context", 0)), weights_from_args(a));
@@ -153,6 +171,9 @@ int cmd_generate(const std::vector<std::string>& argv) {
     }
     const auto off = disable_experts(a, *m.backend, &s);
     if (!off.empty() && !a.has("json")) std::fprintf(stderr, "[experts disabled: %s]\n", a.get("disable-experts")->c_str());
+    if (const int r = drop_top_experts(a, *m.backend, &s); r > 0 && !a.has("json"))
+        std::fprintf(stderr, "[each token's top %d expert%s dropped in every MoE layer of the main model]\n", r,
+                     r == 1 ? "" : "s");
     const bool stream_out = !a.has("json") && !a.has("quiet");
     bool echoed = false;  // the prompt is echoed once it is known to fit
     GenerationResult r = s.generate(prompt, p, [&](const TokenEvent& ev) {
@@ -270,7 +291,7 @@ CliCommand generate_cmd(
     "generate MODEL_DIR (--prompt T [--chat] [--system S] | --messages CHAT.json | --prompt-tokens 1,2,3) [--max-tokens N --temperature T "
     "--top-k K --top-p P --min-p P --repetition-penalty R --frequency-penalty F --presence-penalty P --seed S "
     "--mtp|--no-mtp --stop STR --telemetry OUT.jsonl --latent-layer L --backend cpu|cuda|auto --context N --weights f32|bf16|auto "
-    "--disable-experts L:E,E-E;... --json]",
+    "--disable-experts L:E,E-E;... --drop-top-experts R --json]",
     cmd_generate);
 CliCommand balance_cmd("balance",
                        "balance MODEL_DIR --corpus FILE [--gamma G --steps N --chunk TOKENS --telemetry OUT.jsonl "

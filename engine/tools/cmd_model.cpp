@@ -39,7 +39,7 @@ int cmd_inspect(const std::vector<std::string>& argv) {
 
 int cmd_forward(const std::vector<std::string>& argv) {
     Args a(argv, {"json", "naive"});
-    a.check_known({"tokens", "backend", "weights", "disable-experts"});
+    a.check_known({"tokens", "backend", "weights", "disable-experts", "drop-top-experts"});
     if (a.positional().size() != 1) throw UsageError("expected one MODEL_DIR");
     std::vector<int> tokens = a.int_list("tokens");
     if (tokens.empty()) throw UsageError("--tokens 1,2,3 is required");
@@ -53,6 +53,7 @@ int cmd_forward(const std::vector<std::string>& argv) {
     if (!a.has("json")) std::fprintf(stderr, "%s\n", sel.notice.c_str());
     Backend& be = *sel.backend;
     disable_experts(a, be);
+    drop_top_experts(a, be);
     auto cache = be.new_cache(0, T);
     ForwardOptions opt;
     opt.absorbed = !a.has("naive");
@@ -113,7 +114,7 @@ int cmd_forward(const std::vector<std::string>& argv) {
 }
 
 CliCommand inspect_cmd("inspect", "inspect MODEL_DIR|config.json [--json] [--weights f32|bf16|auto]   the model card", cmd_inspect);
-CliCommand forward_cmd("forward", "forward MODEL_DIR --tokens 1,2,3 [--json] [--naive] [--backend cpu|cuda|auto] [--weights f32|bf16|auto] [--disable-experts L:E,E-E;...]   one full-sequence forward",
+CliCommand forward_cmd("forward", "forward MODEL_DIR --tokens 1,2,3 [--json] [--naive] [--backend cpu|cuda|auto] [--weights f32|bf16|auto] [--disable-experts L:E,E-E;...] [--drop-top-experts R]   one full-sequence forward",
                        cmd_forward);
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <QtTest/QtTest>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -179,6 +180,119 @@ private slots:
         QVERIFY_THROWS_EXCEPTION(ShapeError, check_disabled_experts(d, {1, 0}, 0));
     }
 
+    // Each token's top experts dropped (DeepSeekMoE's other redundancy test): route() against
+    // the brute-force router run twice, the second time with the first run's top r off too.
+    void routeDropsTopExperts_data() { routeSkipsDisabledExperts_data(); }
+    void routeDropsTopExperts() {
+        QFETCH(QString, method);
+        QFETCH(int, E);
+        QFETCH(int, k);
+        QFETCH(int, groups);
+        QFETCH(int, topkGroup);
+        QFETCH(bool, sigmoid);
+        const RouterDims d(config_with(method.toStdString(), E, k, groups, topkGroup, sigmoid));
+        std::mt19937 rng(11);
+        std::uniform_real_distribution<float> U(-3, 3);
+        int runs = 0;
+        for (int trial = 0; trial < 120; ++trial) {
+            std::vector<uint8_t> off(static_cast<size_t>(E), 0);
+            if (trial % 2)  // half with some experts off as well
+                for (auto& o : off) o = uint8_t(rng() % 5 == 0);
+            const int drop = 1 + trial % k;
+            try {
+                check_disabled_experts(d, off, 1, drop);
+            } catch (const Error&) {
+                continue;
+            }
+            ++runs;
+            const int T = 4;
+            std::vector<float> logits(size_t(T) * E), bias(static_cast<size_t>(E));
+            for (auto& v : logits) v = U(rng);
+            if (trial % 3 == 0)  // ties: the lower index decides, in both passes
+                for (auto& v : logits) v = std::round(v);
+            for (auto& v : bias) v = U(rng) / 10;
+            Routing r;
+            route(r, logits.data(), T, bias.data(), d, off.data(), drop);
+            for (int t = 0; t < T; ++t) {
+                const float* s = r.scores.data() + size_t(t) * E;
+                const std::vector<int> first = brute_route(s, bias.data(), off.data(), d);
+                std::vector<uint8_t> off2 = off;
+                for (int i = 0; i < drop; ++i) off2[size_t(first[size_t(i)])] = 1;
+                const std::vector<int> want = brute_route(s, bias.data(), off2.data(), d);
+                const std::vector<int> got(r.ids.begin() + t * k, r.ids.begin() + (t + 1) * k);
+                QCOMPARE(got, want);
+                for (int i = 0; i < drop; ++i)  // the dropped experts are gone, whatever their rank
+                    QVERIFY(std::find(got.begin(), got.end(), first[size_t(i)]) == got.end());
+                float sum = 0;
+                for (int i = 0; i < k; ++i) sum += s[got[size_t(i)]];
+                for (int i = 0; i < k; ++i) {
+                    const float w = (d.norm_topk_prob && k > 1 ? s[got[size_t(i)]] / (sum + 1e-20f) : s[got[size_t(i)]]) *
+                                    d.routed_scaling_factor;
+                    QCOMPARE(r.weights[size_t(t) * k + size_t(i)], w);
+                }
+            }
+        }
+        QVERIFY2(runs >= 40, qPrintable(QString("only %1 of 120 draws were valid").arg(runs)));
+    }
+
+    // The rule with drop_top against enumeration: valid exactly when no way of switching off up
+    // to r more enabled experts (a token's top r may sit anywhere) leaves a mask the router cannot
+    // honour (the enumeration of maskRuleMatchesEnumeration, on the per-group enabled counts).
+    void dropRuleMatchesEnumeration() {
+        for (int k : {2, 4, 5}) {
+            for (const char* method : {"noaux_tc", "group_limited_greedy"}) {
+                const RouterDims d(config_with(method, 16, k, 4, 2, true));
+                const int scored = std::string(method) == "noaux_tc" ? 2 : 1;
+                auto valid_counts = [&](const std::array<int, 4>& n) {
+                    std::vector<int> finite;
+                    for (int g = 0; g < 4; ++g)
+                        if (n[size_t(g)] >= scored) finite.push_back(n[size_t(g)]);
+                    bool ok = finite.size() >= 2;
+                    for (size_t i = 0; ok && i < finite.size(); ++i)
+                        for (size_t j = i + 1; j < finite.size(); ++j)
+                            if (finite[i] + finite[j] < k) ok = false;
+                    return ok;
+                };
+                for (int code = 0; code < 1 << 16; code += 97) {
+                    std::vector<uint8_t> off(16);
+                    std::array<int, 4> n{};
+                    for (int e = 0; e < 16; ++e) {
+                        off[size_t(e)] = uint8_t((code >> e) & 1);
+                        n[size_t(e / 4)] += !off[size_t(e)];
+                    }
+                    for (int r = 0; r <= k; ++r) {
+                        bool valid = true;  // every x (x_g <= n_g, sum <= r) leaves a valid mask
+                        for (int x = 0; x < 5 * 5 * 5 * 5 && valid; ++x) {
+                            std::array<int, 4> m = n;
+                            int used = 0;
+                            for (int g = 0, c = x; g < 4; ++g, c /= 5) {
+                                m[size_t(g)] -= c % 5;
+                                used += c % 5;
+                            }
+                            if (used > r || *std::min_element(m.begin(), m.end()) < 0) continue;
+                            valid = valid_counts(m);
+                        }
+                        bool accepted = true;
+                        try {
+                            check_disabled_experts(d, off, 2, r);
+                        } catch (const Error& e) {
+                            accepted = false;
+                            QVERIFY2(std::string(e.what()).find("layer 2") != std::string::npos, e.what());
+                        }
+                        QVERIFY2(accepted == valid,
+                                 qPrintable(QString("%1 k=%2 mask %3 drop %4: accepted %5, enumeration says %6")
+                                                .arg(method).arg(k).arg(code).arg(r).arg(accepted).arg(valid)));
+                    }
+                }
+            }
+        }
+        const RouterDims d(config_with("greedy", 8, 3, 1, 1, false));
+        check_disabled_experts(d, {1, 1, 0, 0, 0, 0, 0, 0}, 0, 3);  // 6 enabled, 3 dropped, 3 taken
+        QVERIFY_THROWS_EXCEPTION(Error, check_disabled_experts(d, {1, 1, 1, 0, 0, 0, 0, 0}, 0, 3));
+        QVERIFY_THROWS_EXCEPTION(Error, check_disabled_experts(d, std::vector<uint8_t>(8, 0), 0, 4));   // > k
+        QVERIFY_THROWS_EXCEPTION(Error, check_disabled_experts(d, std::vector<uint8_t>(8, 0), 0, -1));
+    }
+
     void parseSpec_data() {
         QTest::addColumn<QString>("spec");
         QTest::addColumn<QString>("want");   // "layer:ids;..." or "error:<substring>"
@@ -270,14 +384,67 @@ private slots:
         QVERIFY(backend->disabled_experts(1).empty());  // a refused mask changes nothing
     }
 
+    // A Session with each token's top expert dropped in every MoE layer: recorded, and in the
+    // first MoE layer (whose input the ablation cannot change) no prompt position takes the
+    // expert it ranked first without it; switched back, the routing is the baseline's.
+    void sessionDropsTopExperts() {
+        auto model = load_model(test::tiny_dir());
+        auto backend = std::shared_ptr<Backend>(make_cpu_backend(model));
+        const std::vector<int> prompt = test::tiny_tokens();
+        const ModelConfig& c = model->config();
+        const int first_moe = c.first_k_dense_replace;
+        auto run = [&](int drop, MemorySink& sink) {
+            Session s(backend, nullptr, 128);
+            s.set_sink(&sink);
+            for (int l = 0; l < c.num_hidden_layers; ++l)
+                if (c.is_moe_layer(l)) s.set_drop_top_experts(l, drop);
+            s.append(prompt);
+            std::map<int, std::vector<int>> ids;  // position -> the first MoE layer's ids
+            for (const Record& r : sink.snapshot())
+                if (const auto* rr = std::get_if<RouteRecord>(&r))
+                    for (size_t i = 0; i < rr->layers.size(); ++i)
+                        if (rr->layers[i] == first_moe)
+                            ids[rr->position] = std::vector<int>(rr->ids.begin() + long(i) * rr->k,
+                                                                 rr->ids.begin() + long(i + 1) * rr->k);
+            return ids;
+        };
+        MemorySink base_sink, drop_sink, again_sink;
+        const auto base = run(0, base_sink);
+        const auto dropped = run(1, drop_sink);
+        QCOMPARE(int(base.size()), int(prompt.size()));
+        QCOMPARE(dropped.size(), base.size());
+        for (const auto& [pos, ids] : dropped) {
+            const int top = base.at(pos)[0];
+            QVERIFY2(std::find(ids.begin(), ids.end(), top) == ids.end(),
+                     qPrintable(QString("position %1 still routed to its top expert %2").arg(pos).arg(top)));
+        }
+        int records = 0;
+        for (const Record& r : drop_sink.snapshot())
+            if (const auto* a = std::get_if<AblationRecord>(&r)) {
+                QCOMPARE(a->drop_top, 1);
+                QVERIFY(a->disabled.empty());
+                ++records;
+            }
+        QCOMPARE(records, c.num_moe_layers());
+        QCOMPARE(run(0, again_sink), base);
+        Session s(backend, nullptr, 64);
+        QVERIFY_THROWS_EXCEPTION(Error, s.set_drop_top_experts(first_moe, c.num_experts_per_tok + 1));
+        QVERIFY_THROWS_EXCEPTION(Error, s.set_drop_top_experts(0, 1));  // a dense layer
+        QCOMPARE(backend->drop_top_experts(first_moe), 0);               // a refusal changes nothing
+    }
+
     void ablationRecordRoundTrips() {
-        const Record r = AblationRecord{12, 3, {1, 4, 9}};
+        const Record r = AblationRecord{12, 3, {1, 4, 9}, 2};
         const nlohmann::json j = to_json(r);
         QCOMPARE(QString::fromStdString(j["type"].get<std::string>()), QString("ablation"));
         const auto back = std::get<AblationRecord>(record_from_json(j));
         QCOMPARE(back.step, int64_t(12));
         QCOMPARE(back.layer, 3);
         QCOMPARE(back.disabled, (std::vector<int>{1, 4, 9}));
+        QCOMPARE(back.drop_top, 2);
+        // A trace written before drop_top existed reads as 0.
+        QCOMPARE(std::get<AblationRecord>(record_from_json(
+                     nlohmann::json{{"type", "ablation"}, {"step", 1}, {"layer", 1}, {"disabled", {2}}})).drop_top, 0);
         QCOMPARE(QString(record_type(r)), QString("ablation"));
     }
 
@@ -356,7 +523,9 @@ private slots:
         const auto j = nlohmann::json::parse(r.out.toStdString());
         QVERIFY(j["tokens"].get<int64_t>() > 100);
         QCOMPARE(j["perplexity"].get<double>(), std::exp(j["cross_entropy"].get<double>()));
-        const auto& ab = j["ablation"];
+        QCOMPARE(j["ablations"].size(), size_t(1));
+        const auto& ab = j["ablations"][0];
+        QCOMPARE(ab["drop_top"].get<int>(), 0);
         QCOMPARE(ab["disabled"].size(), size_t(2));
         QCOMPARE(ab["disabled"][0]["experts"].get<std::vector<int>>(), (std::vector<int>{0, 1, 2, 3}));
         const double share = ab["disabled"][0]["baseline_share"].get<double>();
@@ -367,6 +536,26 @@ private slots:
         const test::CliRun t = test::run_cli({"perplexity", model, "--corpus", corpus, "--context", "64", "--backend", "cpu"});
         QVERIFY2(t.code == 0, t.err.constData());
         QVERIFY2(t.out.contains("perplexity") && t.out.contains("MTP module"), t.out.constData());
+        // A sweep over each token's top experts dropped, with fixed experts off in every run.
+        const test::CliRun sw = test::run_cli({"perplexity", model, "--corpus", corpus, "--context", "64", "--backend",
+                                               "cpu", "--disable-experts", "1:0", "--drop-top-experts", "1,2", "--json"});
+        QVERIFY2(sw.code == 0, sw.err.constData());
+        const auto sj = nlohmann::json::parse(sw.out.toStdString());
+        QCOMPARE(sj["cross_entropy"].get<double>(), j["cross_entropy"].get<double>());  // the same baseline
+        QCOMPARE(sj["ablations"].size(), size_t(2));
+        for (int i = 0; i < 2; ++i) {
+            const auto& run = sj["ablations"][size_t(i)];
+            QCOMPARE(run["drop_top"].get<int>(), i + 1);
+            QCOMPARE(run["disabled"][0]["experts"].get<std::vector<int>>(), std::vector<int>{0});
+            QVERIFY(run["cross_entropy"].get<double>() != sj["cross_entropy"].get<double>());
+        }
+        const test::CliRun swt = test::run_cli({"perplexity", model, "--corpus", corpus, "--context", "64", "--backend",
+                                                "cpu", "--drop-top-experts", "1"});
+        QVERIFY2(swt.code == 0, swt.err.constData());
+        QVERIFY2(swt.out.contains("top 1 dropped"), swt.out.constData());
+        const test::CliRun many = test::run_cli({"perplexity", model, "--corpus", corpus, "--drop-top-experts", "5"});
+        QVERIFY(many.code != 0);
+        QVERIFY2(many.err.contains("cannot drop 5 of each token's top experts"), many.err.constData());
         const test::CliRun bad = test::run_cli({"perplexity", model, "--corpus", corpus, "--disable-experts", "0:1"});
         QVERIFY(bad.code != 0);
         QVERIFY2(bad.err.contains("layer 0 is not an MoE layer"), bad.err.constData());

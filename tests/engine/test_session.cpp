@@ -76,6 +76,8 @@ public:
     void reset_bias() override { inner_->reset_bias(); }
     std::vector<uint8_t> disabled_experts(int l) const override { return inner_->disabled_experts(l); }
     void set_disabled_experts(int l, const std::vector<uint8_t>& d) override { inner_->set_disabled_experts(l, d); }
+    int drop_top_experts(int l) const override { return inner_->drop_top_experts(l); }
+    void set_drop_top_experts(int l, int r) override { inner_->set_drop_top_experts(l, r); }
     bool can_pick() const override { return true; }
     std::vector<TokenPick> pick(const PickParams& p, const std::vector<float>& u) override {
         const int V = config().vocab_size, R = int(last_.size()) / V;

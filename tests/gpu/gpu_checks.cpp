@@ -580,22 +580,35 @@ void check_router() {
             }
         }
         expect(drawn, "router mask " + name, "no valid mask in 100 draws");
+        // Each token's top experts dropped too (DeepSeekMoE's other ablation): as many as the
+        // mask allows, at most 3.
+        int drop = std::min(3, d.k);
+        while (drop > 1) {
+            try {
+                check_disabled_experts(d, off, 0, drop);
+                break;
+            } catch (const Error&) {
+                --drop;
+            }
+        }
         for (int T : {1, 3, 63})
-            for (int variant : {0, 1, 2}) {  // plain, ties, experts disabled
-                const bool ties = variant == 1, masked = variant == 2;
+            for (int variant : {0, 1, 2, 3, 4}) {  // plain, ties, experts disabled, + top dropped, ties + top dropped
+                const bool ties = variant == 1 || variant == 4, masked = variant == 2 || variant == 3;
+                const uint8_t dropped = variant == 3 ? uint8_t(drop) : variant == 4 ? uint8_t(d.k) : 0;
                 auto logits = randv(rng, size_t(T) * d.E, -4, 4);
                 // Ties: few distinct values, so the lower-index rule decides experts and groups.
                 if (ties)
                     for (auto& v : logits) v = std::round(v);
                 auto bias = randv(rng, size_t(d.E), -0.5f, 0.5f);  // negative too: masked must be -inf
                 Routing r;
-                route(r, logits.data(), T, bias.data(), d, masked ? off.data() : nullptr);
+                route(r, logits.data(), T, bias.data(), d, masked ? off.data() : nullptr, dropped);
                 DBuf<float> dl(logits), db(bias), dw(size_t(T) * d.k), ds(size_t(T) * d.E);
                 DBuf<int> di(size_t(T) * d.k);
-                DBuf<uint8_t> dk(size_t(T) * G), doff(off);
-                moescope::cuda::route(di.p, dw.p, ds.p, dk.p, dl.p, db.p, masked ? doff.p : nullptr, T, params_of(d),
-                                      nullptr);
-                const std::string sh = shp({T, d.E}) + (ties ? " ties" : "") + (masked ? " experts disabled" : "");
+                DBuf<uint8_t> dk(size_t(T) * G), doff(off), ddrop(std::vector<uint8_t>{dropped});
+                moescope::cuda::route(di.p, dw.p, ds.p, dk.p, dl.p, db.p, masked ? doff.p : nullptr,
+                                      dropped ? ddrop.p : nullptr, T, params_of(d), nullptr);
+                const std::string sh = shp({T, d.E}) + (ties ? " ties" : "") + (masked ? " experts disabled" : "") +
+                                       (dropped ? " top " + std::to_string(dropped) + " dropped" : "");
                 auto ids = di.down();
                 expect(ids == r.ids, "router ids " + name + " " + sh, "ids differ from route()");
                 auto kept = dk.down();
@@ -618,6 +631,7 @@ void check_router_wide() {
     RouterDims d(cfg);
     for (int T : {1, 5, 130})
         for (bool ties : {false, true}) {
+            const uint8_t drop = T == 5 ? 16 : T == 130 ? 5 : 0;  // each token's top 16 / 5 dropped
             auto logits = randv(rng, size_t(T) * d.E, -4, 4);
             auto bias = randv(rng, size_t(d.E), -0.5f, 0.5f);
             if (ties) {
@@ -625,12 +639,13 @@ void check_router_wide() {
                 for (auto& v : bias) v = std::round(v * 4) / 4;
             }
             Routing r;
-            route(r, logits.data(), T, bias.data(), d);
+            route(r, logits.data(), T, bias.data(), d, nullptr, drop);
             DBuf<float> dl(logits), db(bias), dw(size_t(T) * d.k), ds(size_t(T) * d.E);
             DBuf<int> di(size_t(T) * d.k);
-            DBuf<uint8_t> dk(size_t(T) * d.n_group);
-            moescope::cuda::route(di.p, dw.p, ds.p, dk.p, dl.p, db.p, nullptr, T, params_of(d), nullptr);
-            const std::string sh = shp({T, d.E}) + " 64 groups k 16" + (ties ? " ties" : "");
+            DBuf<uint8_t> dk(size_t(T) * d.n_group), ddrop(std::vector<uint8_t>{drop});
+            moescope::cuda::route(di.p, dw.p, ds.p, dk.p, dl.p, db.p, nullptr, ddrop.p, T, params_of(d), nullptr);
+            const std::string sh = shp({T, d.E}) + " 64 groups k 16" + (ties ? " ties" : "") +
+                                   (drop ? " top " + std::to_string(drop) + " dropped" : "");
             expect(di.down() == r.ids, "router ids " + sh, "ids differ from route()");
             expect(dk.down() == r.kept_groups, "router kept groups " + sh);
             close("router weights", sh, dw.down(), r.weights, 1e-6, 1e-5);
@@ -1432,10 +1447,20 @@ void check_session() {
             if (const auto* rr = std::get_if<RouteRecord>(&r); rr && rr->step > masked_at)
                 for (int id : rr->ids) hits += std::find(off.begin(), off.end(), id) != off.end();
         expect(hits == 0, "ablation on the device: no token routed to a disabled expert", std::to_string(hits) + " routings");
+        // Each token's top expert dropped as well (DeepSeekMoE's other ablation), again after capture.
+        for (int l = 1; l < model->config().num_hidden_layers + model->config().num_nextn_predict_layers; ++l) {
+            sc.set_drop_top_experts(l, 1);
+            sg.set_drop_top_experts(l, 1);
+        }
+        rc = sc.generate(p);
+        rg = sg.generate(p);
+        expect(rg.tokens == rc.tokens, "Session with each token's top expert dropped too: same tokens as the CPU");
         expect(gpu->graphs() && gpu->notice().empty(), "ablation: CUDA graphs stayed on (every replay verified)",
                gpu->notice());
-        for (int l = 1; l < model->config().num_hidden_layers + model->config().num_nextn_predict_layers; ++l)
-            sc.set_disabled_experts(l, {});  // the CPU backend's mask lives on the shared model
+        for (int l = 1; l < model->config().num_hidden_layers + model->config().num_nextn_predict_layers; ++l) {
+            sc.set_drop_top_experts(l, 0);  // the CPU backend's ablation lives on the shared model
+            sc.set_disabled_experts(l, {});
+        }
     }
 }
 
