@@ -240,13 +240,35 @@ void EngineController::resetBias() {
     });
 }
 
-void EngineController::applyAblation(const std::map<int, std::vector<int>>& layers) {
+// `layers`: new masks (the other layers keep theirs); drop_top for every MoE layer (-1: kept).
+void EngineController::applyAblation(const std::map<int, std::vector<int>>& layers, int drop_top) {
     if (!m_session) return;
-    // All or nothing: every layer's mask is checked before any is applied.
+    // All or nothing: every MoE layer's new state is checked before any is applied.
     const ModelConfig& c = m_backend->config();
     const RouterDims dims(c);
-    for (const auto& [l, ids] : layers) check_disabled_experts(dims, expert_mask(ids, c.n_routed_experts, l), l);
+    for (const auto& [l, ids] : layers)
+        if (!c.is_moe_stack_layer(l))
+            throw Error("layer " + std::to_string(l) + " is not an MoE layer: it has no experts to disable");
+    std::vector<int> moe;  // drop_top's layers: the main model's (those of a "*" spec)
+    for (int l = 0; l < c.num_hidden_layers; ++l)
+        if (c.is_moe_layer(l)) moe.push_back(l);
+    for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l) {
+        if (!c.is_moe_stack_layer(l)) continue;
+        const auto it = layers.find(l);
+        std::vector<uint8_t> mask =
+            it != layers.end() ? expert_mask(it->second, c.n_routed_experts, l) : m_backend->disabled_experts(l);
+        mask.resize(size_t(c.n_routed_experts), 0);
+        const bool dropped_here = l < c.num_hidden_layers && drop_top >= 0;
+        check_disabled_experts(dims, mask, l, dropped_here ? drop_top : m_backend->drop_top_experts(l));
+    }
+    // Lower drop_top first, so every intermediate state is one the checks accept.
+    if (drop_top >= 0)
+        for (int l : moe)
+            if (m_backend->drop_top_experts(l) > drop_top) m_session->set_drop_top_experts(l, drop_top);
     for (const auto& [l, ids] : layers) m_session->set_disabled_experts(l, ids);
+    if (drop_top >= 0)
+        for (int l : moe)
+            if (m_backend->drop_top_experts(l) != drop_top) m_session->set_drop_top_experts(l, drop_top);
     // The cache holds latents computed with the previous experts: the next message recomputes it.
     m_session->truncate(0);
     m_store->sink()->truncate(0);
@@ -255,14 +277,17 @@ void EngineController::applyAblation(const std::map<int, std::vector<int>>& laye
 QString EngineController::ablationSummary() const {
     QStringList parts;
     const ModelConfig& c = m_backend->config();
+    int drop = 0;
     for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l) {
-        if (l < c.num_hidden_layers ? !c.is_moe_layer(l) : c.n_routed_experts == 0) continue;
+        if (!c.is_moe_stack_layer(l)) continue;
+        drop = std::max(drop, m_backend->drop_top_experts(l));
         QStringList ids;
         const auto mask = m_backend->disabled_experts(l);
         for (size_t e = 0; e < mask.size(); ++e)
             if (mask[e]) ids << QString::number(e);
         if (!ids.isEmpty()) parts << tr("layer %1: %2").arg(l).arg(ids.join(QLatin1Char(',')));
     }
+    if (drop > 0) parts << tr("each token's top %n", nullptr, drop);
     return parts.join(QStringLiteral("; "));
 }
 
@@ -276,7 +301,19 @@ void EngineController::setDisabledExperts(int layer, const QString& text) {
             if (t.isEmpty()) layers[layer] = {};
             else if (t.contains(QLatin1Char(':'))) layers = parse_expert_spec(t.toStdString(), m_backend->config());
             else layers = parse_expert_spec(QStringLiteral("%1:%2").arg(layer).arg(t).toStdString(), m_backend->config());
-            applyAblation(layers);
+            applyAblation(layers, -1);
+        } catch (const std::exception& e) {
+            const QString msg = QString::fromUtf8(e.what());
+            reply([this, msg] { emit ablationFailed(msg); });
+        }
+    });
+}
+
+void EngineController::setDropTopExperts(int r) {
+    post([this, r] {
+        if (!m_session) return;
+        try {
+            applyAblation({}, r);
         } catch (const std::exception& e) {
             const QString msg = QString::fromUtf8(e.what());
             reply([this, msg] { emit ablationFailed(msg); });
@@ -289,9 +326,13 @@ void EngineController::clearDisabledExperts() {
         if (!m_session) return;
         const ModelConfig& c = m_backend->config();
         std::map<int, std::vector<int>> layers;
-        for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l)
+        bool dropping = false;
+        for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l) {
+            if (!c.is_moe_stack_layer(l)) continue;
             if (!m_backend->disabled_experts(l).empty()) layers[l] = {};
-        if (!layers.empty()) applyAblation(layers);
+            dropping = dropping || m_backend->drop_top_experts(l) > 0;
+        }
+        if (!layers.empty() || dropping) applyAblation(layers, 0);
     });
 }
 

@@ -66,7 +66,11 @@ public:
     // cached context was computed with the old experts, so it is dropped: the next message
     // recomputes it. Refused masks come back as ablationFailed.
     void setDisabledExperts(int layer, const QString& text);
-    void clearDisabledExperts();     // every expert of every layer on again
+    // The other ablation (DeepSeekMoE's top-expert test): each token's `r` highest-ranked
+    // experts switched off for it in every MoE layer of the main model (0: none); the cache is
+    // dropped as above.
+    void setDropTopExperts(int r);
+    void clearDisabledExperts();     // every expert of every layer on again (no top dropped)
 
     bool isLoaded() const { return m_loaded; }
     bool isBusy() const { return m_busy; }
@@ -90,7 +94,7 @@ signals:
 private:
     template <class F> void post(F&& f);      // run on the worker thread
     template <class F> void reply(F&& f);     // run on the GUI thread
-    void applyAblation(const std::map<int, std::vector<int>>& layers);  // worker thread
+    void applyAblation(const std::map<int, std::vector<int>>& layers, int drop_top);  // worker thread
     QString ablationSummary() const;                                     // worker thread
 
     TelemetryStore* m_store;

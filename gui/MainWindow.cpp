@@ -98,8 +98,12 @@ MainWindow::MainWindow(bool persistent, QWidget* parent) : QMainWindow(parent), 
     connect(bias, &BiasView::resetBiasRequested, m_engine, &EngineController::resetBias);
     connect(routing, &RoutingView::wantScoresRequested, m_engine, &EngineController::setWantScores);
     connect(routing, &RoutingView::disabledExpertsRequested, m_engine, &EngineController::setDisabledExperts);
+    connect(routing, &RoutingView::dropTopRequested, m_engine, &EngineController::setDropTopExperts);
     connect(m_engine, &EngineController::ablationFailed, this,
-            [this](const QString& msg) { statusBar()->showMessage(tr("Experts not switched off: %1").arg(msg), 15000); });
+            [this, routing](const QString& msg) {
+                statusBar()->showMessage(tr("Experts not switched off: %1").arg(msg), 15000);
+                routing->showAblationInForce();  // its controls back from the refused request
+            });
     connect(latent, &LatentView::latentLayerRequested, m_engine, &EngineController::setLatentLayer);
     connect(training, &TrainingView::openModelRequested, this, &MainWindow::openModel);
 

@@ -84,6 +84,11 @@ void TelemetryStore::flush() {
     drain();
 }
 
+int TelemetryStore::dropTop(int layer) const {
+    const auto it = m_dropTop.find(layer);
+    return it == m_dropTop.end() ? 0 : it->second;
+}
+
 const std::vector<int>& TelemetryStore::disabled(int layer) const {
     static const std::vector<int> none;
     const auto it = m_disabled.find(layer);
@@ -102,6 +107,7 @@ void TelemetryStore::clear() {
     m_loadStep.clear();
     m_maxVio.clear();
     m_disabled.clear();
+    m_dropTop.clear();
     m_bias.clear();
     m_mtp.clear();
     m_timing.clear();
@@ -228,6 +234,8 @@ void TelemetryStore::ingest(const Record& rec) {
             } else if constexpr (std::is_same_v<T, AblationRecord>) {
                 if (r.disabled.empty()) m_disabled.erase(r.layer);
                 else m_disabled[r.layer] = r.disabled;
+                if (r.drop_top == 0) m_dropTop.erase(r.layer);
+                else m_dropTop[r.layer] = r.drop_top;
             } else if constexpr (std::is_same_v<T, LatentRecord>) {
                 m_latent[r.position] = r;
             } else if constexpr (std::is_same_v<T, MtpRecord>) {

@@ -101,6 +101,8 @@ public:
     // The experts switched off now (the last ablation record of each layer; empty: none).
     const std::vector<int>& disabled(int layer) const;
     const std::map<int, std::vector<int>>& disabledByLayer() const { return m_disabled; }
+    // How many of each token's top-ranked experts are switched off for it now (0: none).
+    int dropTop(int layer) const;
     const std::vector<moescope::MtpRecord>& mtp() const { return m_mtp; }
     const std::vector<moescope::TimingRecord>& timing() const { return m_timing; }
     const std::vector<moescope::TrainRecord>& train() const { return m_train; }
@@ -130,6 +132,7 @@ private:
     std::map<int64_t, double> m_maxVio;
     std::map<int, std::vector<moescope::BiasRecord>> m_bias;
     std::map<int, std::vector<int>> m_disabled;   // layers with experts switched off
+    std::map<int, int> m_dropTop;                 // layers dropping each token's top experts
     std::vector<moescope::MtpRecord> m_mtp;
     std::vector<moescope::TimingRecord> m_timing;
     std::vector<moescope::TrainRecord> m_train;

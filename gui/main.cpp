@@ -2,6 +2,7 @@
 //   moescope [--model DIR] [--trace FILE.jsonl]
 //            [--screenshot FILE.png [--view NAME] [--prompt TEXT]... [--max-tokens N] [--seed N] [--mtp-off-turns N] [--dark]
 //             [--colour expert|mtp|surprisal] [--online-balancing GAMMA] [--disable-experts SPEC]
+//             [--drop-top-experts R]
 //             [--train tiny|small --corpus FILE... --steps N]] [--export DIR]
 // --export writes every view's PNG, PDF and CSV and the session's telemetry.jsonl into DIR.
 // --screenshot renders the window (works under QT_QPA_PLATFORM=offscreen) after loading and,
@@ -51,7 +52,8 @@ int main(int argc, char** argv) {
     QCommandLineOption colour(QStringLiteral("colour"), QStringLiteral("Token colouring: expert, mtp, surprisal."), QStringLiteral("MODE"));
     QCommandLineOption backend(QStringLiteral("backend"), QStringLiteral("Backend: auto (the GPU when available), cpu or cuda."), QStringLiteral("NAME"));
     QCommandLineOption disable(QStringLiteral("disable-experts"), QStringLiteral("Switch routed experts off after loading (an ablation): LAYER:EXPERTS, e.g. 1:3,7;2:0-3 or *:5."), QStringLiteral("SPEC"));
-    cli.addOptions({backend, model, trace, shot, view, prompt, maxTokens, seed, dark, colour, balance, disable, exportDir, train, corpus, steps, noMtpTurns});
+    QCommandLineOption dropTop(QStringLiteral("drop-top-experts"), QStringLiteral("Switch each token's R highest-ranked experts off for it in every MoE layer (DeepSeekMoE's redundancy test)."), QStringLiteral("R"));
+    cli.addOptions({backend, model, trace, shot, view, prompt, maxTokens, seed, dark, colour, balance, disable, dropTop, exportDir, train, corpus, steps, noMtpTurns});
     cli.process(app);
 
     const bool screenshot = cli.isSet(shot) || cli.isSet(exportDir);
@@ -176,6 +178,11 @@ int main(int argc, char** argv) {
     QObject::connect(w.engine(), &EngineController::modelLoaded, &app, [&] {
         // Posted before any prompt: the engine runs its jobs in order.
         if (cli.isSet(disable)) w.engine()->setDisabledExperts(-1, cli.value(disable));
+        if (cli.isSet(dropTop)) {
+            bool ok = false;
+            const int r = cli.value(dropTop).toInt(&ok);
+            w.engine()->setDropTopExperts(ok ? r : -1);  // not a number: refused, the refusal says why
+        }
         if (screenshot || cli.isSet(prompt)) afterLoad();
     });
     QObject::connect(w.engine(), &EngineController::ablationFailed, &app, [&](const QString& m) {

@@ -6,6 +6,7 @@
 #include <QHBoxLayout>
 #include <QLabel>
 #include <QLineEdit>
+#include <QSpinBox>
 #include <QTextStream>
 
 #include <algorithm>
@@ -26,7 +27,9 @@ RoutingView::RoutingView(TelemetryStore* store, QWidget* parent)
     controls()->addWidget(m_layer);
     controls()->addWidget(new QLabel(tr("Load:")));
     m_scope = new QComboBox;
-    m_scope->addItems({tr("running total"), tr("this message"), tr("this step")});
+    m_scope->addItems({tr("total"), tr("message"), tr("step")});
+    m_scope->setToolTip(tr("Expert load counted over the whole session (total), the last message, or the last "
+                           "decode step"));
     controls()->addWidget(m_scope);
     m_scores = new QCheckBox(tr("All scores"));
     m_scores->setObjectName(QStringLiteral("routingScores"));
@@ -45,7 +48,18 @@ RoutingView::RoutingView(TelemetryStore* store, QWidget* parent)
                              "Double-click a bar of the load plot to toggle one expert. The conversation is "
                              "recomputed with the new experts at the next message."));
     controls()->addWidget(m_disable);
+    controls()->addWidget(new QLabel(tr("Top off:")));
+    m_dropTop = new QSpinBox;
+    m_dropTop->setObjectName(QStringLiteral("routingDropTop"));
+    m_dropTop->setRange(0, 0);
+    m_dropTop->setKeyboardTracking(false);  // typed values apply on Enter, not per digit
+    m_dropTop->setToolTip(tr("Switch each token's highest-ranked experts off for that token, in every MoE layer of "
+                             "the main model (DeepSeekMoE's test of expert redundancy): the router ranks the experts as usual, "
+                             "drops the first N, and routes the token to the best of the rest. 0: off. The "
+                             "conversation is recomputed at the next message."));
+    controls()->addWidget(m_dropTop);
     m_info = addInfoLabel();
+    m_info->setMinimumWidth(40);  // a crowded row: the view still fits PlotView::minOnScreenExportSize()
 
     m_tokenPlot = addPlot(0, 0);
     m_tokenMap = addColorMap(m_tokenPlot, tr("weight"));
@@ -89,6 +103,7 @@ RoutingView::RoutingView(TelemetryStore* store, QWidget* parent)
     connect(m_layer, &QComboBox::currentIndexChanged, this, &RoutingView::onStoreChanged);
     connect(m_scope, &QComboBox::currentIndexChanged, this, &RoutingView::onStoreChanged);
     connect(m_disable, &QLineEdit::returnPressed, this, [this] { requestDisabled(m_disable->text()); });
+    connect(m_dropTop, &QSpinBox::valueChanged, this, &RoutingView::dropTopRequested);
     connect(m_loadPlot, &QCustomPlot::plottableDoubleClick, this,
             [this](QCPAbstractPlottable* p, int index, QMouseEvent*) {
                 if (p == m_loadBars && index >= 0 && index < m_loadBars->data()->size())
@@ -128,6 +143,17 @@ void RoutingView::toggleDisabled(int expert) {
     requestDisabled(parts.join(QLatin1Char(',')));
 }
 
+void RoutingView::showAblationInForce() {
+    const ModelShape& sh = m_store->shape();
+    if (sh.moeLayers.empty()) return;
+    QSignalBlocker block(m_dropTop);
+    m_dropTop->setRange(0, sh.topK);
+    m_dropTop->setValue(m_store->dropTop(sh.moeLayers.front()));
+    QStringList off;
+    for (int e : m_store->disabled(layer())) off << QString::number(e);
+    m_disable->setText(off.join(QLatin1Char(',')));
+}
+
 QList<int> RoutingView::disabledMarks() const {
     QList<int> out;
     for (auto it = m_disabledMarks->data()->constBegin(); it != m_disabledMarks->data()->constEnd(); ++it)
@@ -154,6 +180,12 @@ void RoutingView::refresh() {
     if (E <= 0 || R <= 0) {
         m_info->setText(tr("no routing yet"));
         return;
+    }
+    const int drop = m_store->dropTop(sh.moeLayers.front());  // the same in every MoE layer
+    if (!m_dropTop->hasFocus() || m_dropTop->maximum() != sh.topK) {
+        QSignalBlocker block(m_dropTop);
+        m_dropTop->setRange(0, sh.topK);
+        m_dropTop->setValue(drop);
     }
 
     // Selected token: layer x expert weights; experts of dropped groups are NaN (grey).
@@ -277,6 +309,9 @@ void RoutingView::refresh() {
         m_info->setText(tr("experts %1 of layer %2 are off: the next message recomputes the conversation without them")
                             .arg(offText.join(QLatin1Char(',')))
                             .arg(lay));
+    else if (drop > 0 && routes.empty())
+        m_info->setText(tr("each token's top %n expert(s) are off: the next message recomputes the conversation "
+                           "without them", nullptr, drop));
     m_loadPlot->xAxis->setRange(-0.5, E - 0.5);
     setIntTicks(m_loadPlot->xAxis, E);
     m_loadPlot->yAxis->rescale();

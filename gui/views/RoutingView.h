@@ -31,10 +31,14 @@ public:
     // field, or a double-clicked load bar toggled in or out of the layer's list.
     void requestDisabled(const QString& text);
     void toggleDisabled(int expert);
+    // The "Off" field and "Drop top" box set to the ablation in force, focused or not (after a
+    // refused request).
+    void showAblationInForce();
 
 signals:
     void wantScoresRequested(bool on);       // ask the engine to record full router score vectors
     void disabledExpertsRequested(int layer, const QString& text);  // EngineController::setDisabledExperts
+    void dropTopRequested(int r);            // EngineController::setDropTopExperts
 
 protected:
     void refresh() override;
@@ -43,6 +47,7 @@ private:
     void rebuildLayerChoices();
     class QCheckBox* m_scores;
     class QLineEdit* m_disable;
+    class QSpinBox* m_dropTop;
     QComboBox* m_layer;
     QComboBox* m_scope;
     QLabel* m_info;

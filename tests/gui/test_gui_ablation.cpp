@@ -3,6 +3,7 @@
 // (the whole conversation is recomputed), the view must mark them, and the answer's summary
 // must say which experts were off.
 #include <QLineEdit>
+#include <QSpinBox>
 #include <QTableWidget>
 #include <QTextBrowser>
 
@@ -37,6 +38,17 @@ std::vector<int> routedIn(const TelemetryStore& st, int layer) {
 }
 
 bool contains(const std::vector<int>& v, int x) { return std::find(v.begin(), v.end(), x) != v.end(); }
+
+// Position -> the ids `layer` routed that position to.
+std::map<int, std::vector<int>> routesByPosition(const TelemetryStore& st, int layer) {
+    std::map<int, std::vector<int>> out;
+    for (const auto& [pos, r] : st.routes())
+        for (size_t li = 0; li < r.layers.size(); ++li)
+            if (r.layers[li] == layer)
+                out[pos] = std::vector<int>(r.ids.begin() + std::ptrdiff_t(li * size_t(r.k)),
+                                            r.ids.begin() + std::ptrdiff_t((li + 1) * size_t(r.k)));
+    return out;
+}
 
 }  // namespace
 
@@ -111,6 +123,60 @@ private slots:
         GenerationSummary again;
         QVERIFY(generateOnce(w, QStringLiteral("11"), 4, &again));
         QVERIFY(again.ablation.isEmpty());
+    }
+
+    // The "Drop top" box: each token's top-ranked expert switched off for it in every MoE layer.
+    // Layer 1 is the first MoE layer, so its input is the baseline's and no prompt position may
+    // take the expert it ranked first there; a refused value leaves the box at the one in force.
+    void dropTopExpertsFromTheSpinBox() {
+        MainWindow w(false);
+        w.show();
+        QVERIFY(QTest::qWaitForWindowExposed(&w));
+        QVERIFY(loadFixture(w));
+        w.chat()->setStopAtEos(false);
+        auto* rv = qobject_cast<RoutingView*>(w.view(QStringLiteral("routing")));
+        QVERIFY(rv);
+        const QString prompt = QStringLiteral("1,2,3,4,5,6,7,8");
+        QVERIFY(generateOnce(w, prompt, 4, nullptr));
+        const auto base = routesByPosition(*w.store(), 1);
+        rv->refreshNow();
+        auto* box = rv->findChild<QSpinBox*>(QStringLiteral("routingDropTop"));
+        QVERIFY(box);
+        QCOMPARE(box->value(), 0);
+        QCOMPARE(box->maximum(), w.store()->shape().topK);
+        box->setFocus();
+        QTest::keyClick(box, Qt::Key_Up);
+        QTRY_VERIFY_WITH_TIMEOUT((w.store()->flush(), w.store()->dropTop(1) == 1), 10000);
+        QCOMPARE(w.store()->dropTop(3), 1);  // every MoE layer
+        QVERIFY(w.store()->routes().empty());
+        GenerationSummary abl;  // the conversation so far is recomputed, then the new message
+        QVERIFY(generateOnce(w, QStringLiteral("9,10"), 4, &abl));
+        QVERIFY2(abl.ablation.contains(QStringLiteral("each token's top 1")), qPrintable(abl.ablation));
+        const auto dropped = routesByPosition(*w.store(), 1);
+        int compared = 0;
+        for (const auto& [pos, ids] : dropped)
+            if (auto it = base.find(pos); it != base.end() && pos < 8) {
+                QVERIFY2(!contains(ids, it->second[0]), qPrintable(QString("position %1 kept its top expert").arg(pos)));
+                ++compared;
+            }
+        QCOMPARE(compared, 8);
+        // Layer 1 down to two experts per group: dropping 3 could leave a token too few; refused.
+        QSignalSpy failed(w.engine(), &EngineController::ablationFailed);
+        rv->setLayer(1);
+        typeOff(rv, QStringLiteral("0,1,4,5,8,9,12,13"));
+        QTRY_VERIFY_WITH_TIMEOUT((w.store()->flush(), w.store()->disabled(1).size() == 8), 10000);
+        box->setFocus();
+        box->setValue(3);
+        QVERIFY(failed.wait(10000) || failed.count() == 1);
+        QVERIFY2(failed.first().first().toString().contains(QStringLiteral("each token's top 3")),
+                 qPrintable(failed.first().first().toString()));
+        QTRY_COMPARE(box->value(), 1);
+        w.store()->flush();
+        QCOMPARE(w.store()->dropTop(1), 1);
+        // All on again: no mask, nothing dropped.
+        w.engine()->clearDisabledExperts();
+        QTRY_VERIFY_WITH_TIMEOUT((w.store()->flush(), w.store()->dropTop(1) == 0 && w.store()->disabledByLayer().empty()),
+                                 10000);
     }
 };
 
