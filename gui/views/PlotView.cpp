@@ -113,8 +113,16 @@ void PlotView::legendBelow(QCustomPlot* plot) {
     plot->axisRect()->insetLayout()->take(legend);
     QCPLayoutGrid* grid = plot->plotLayout();
     const int row = grid->rowCount();
-    grid->addElement(row, 0, legend);
+    // A grid caps a column at the smallest maximum width of its elements, and an empty legend
+    // (no curves yet) is as wide at most as its margins: alone under the plot it squeezed the
+    // plot to a sliver. Beside an empty element, whose maximum is unbounded, it cannot.
+    auto* strip = new QCPLayoutGrid;
+    grid->addElement(row, 0, strip);
     grid->setRowStretchFactor(row, 0.001);
+    strip->addElement(0, 0, legend);
+    strip->addElement(0, 1, new QCPLayoutElement(plot));
+    strip->setColumnStretchFactor(1, 0.001);
+    strip->setColumnSpacing(0);
     legend->setFillOrder(QCPLegend::foColumnsFirst);
     legend->setBorderPen(Qt::NoPen);
     legend->setFont(QFont(plot->font().family(), 8));

@@ -71,6 +71,12 @@ RoutingView::RoutingView(TelemetryStore* store, QWidget* parent)
     m_seqPlot = addPlot(0, 1);
     m_seqMap = addColorMap(m_seqPlot, tr("weight"));
     m_seqPlot->xAxis->setLabel(tr("position"));
+    {
+        QSharedPointer<QCPAxisTickerFixed> positions(new QCPAxisTickerFixed);  // whole positions only
+        positions->setTickStep(1);
+        positions->setScaleStrategy(QCPAxisTickerFixed::ssMultiples);
+        m_seqPlot->xAxis->setTicker(positions);
+    }
     m_seqPlot->yAxis->setLabel(tr("expert"));
     m_seqMarker = new QCPItemStraightLine(m_seqPlot);
     m_seqMarker->setPen(QPen(QColor(255, 80, 80), 1.5));

@@ -16,6 +16,8 @@
 #include "gui_test_util.h"
 #include "views/BiasView.h"
 
+#include <qcustomplot.h>
+
 using namespace moescope;
 
 static QString defaultModel() { return QStringLiteral(MOESCOPE_SOURCE_DIR "/resources/models/default"); }
@@ -201,6 +203,13 @@ private slots:
         const auto range = bv->heatmapColourRange();
         QCOMPARE(range.first, -range.second);
         QCOMPARE(range.second, amax > 0 ? amax : 1.0);  // all zero: a neutral scale, not 1e-9
+        // Nothing routed yet: every plot still spans its widget (an empty legend under the
+        // MaxVio plot once squeezed it to a sliver).
+        for (QCustomPlot* p : bv->plots())
+            QVERIFY2(p->axisRect()->width() > p->width() / 2,
+                     qPrintable(QStringLiteral("plot %1 px wide, its axes %2 px")
+                                    .arg(p->width())
+                                    .arg(p->axisRect()->width())));
 
         // Online balancing during a generation: the view switches to the drift over updates.
         w.chat()->setStopAtEos(false);
