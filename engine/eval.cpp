@@ -14,12 +14,14 @@ double PerplexityResult::mtp_perplexity() const { return mtp_tokens ? std::exp(m
 
 namespace {
 
-// Sum over rows r of -ln softmax(logits[r])[target[r]].
-double nll_sum(const float* logits, const int* target, int rows, int V) {
+// Sum over rows r of -ln softmax(logits[r])[target[r]]; each term appended to `each` when given.
+double nll_sum(const float* logits, const int* target, int rows, int V, std::vector<double>* each = nullptr) {
     double s = 0;
     for (int r = 0; r < rows; ++r) {
         const float* l = logits + size_t(r) * V;
-        s += log_sum_exp(l, V) - double(l[target[r]]);
+        const double nll = log_sum_exp(l, V) - double(l[target[r]]);
+        s += nll;
+        if (each) each->push_back(nll);
     }
     return s;
 }
@@ -53,7 +55,9 @@ PerplexityResult evaluate_perplexity(Backend& backend, const std::vector<int>& i
         auto cache = backend.new_cache(0, n);
         ForwardResult r;
         backend.forward(tok, n, *cache, opt, r);
-        nll += nll_sum(r.logits.data(), tok + 1, n - 1, V);
+        nll += nll_sum(r.logits.data(), tok + 1, n - 1, V, o.keep_losses ? &res.losses : nullptr);
+        if (o.keep_losses)
+            for (int i = 1; i < n; ++i) res.targets.push_back(int64_t(start) + i);
         res.tokens += n - 1;
         for (const auto& lr : r.routing) {
             auto& load = res.loads[lr.layer];
@@ -74,6 +78,34 @@ PerplexityResult evaluate_perplexity(Backend& backend, const std::vector<int>& i
     res.cross_entropy = nll / double(res.tokens);
     res.mtp_cross_entropy = res.mtp_tokens ? mtp_nll / double(res.mtp_tokens) : 0.0;
     return res;
+}
+
+std::vector<TokenImpact> token_impact(const std::vector<int>& ids, const PerplexityResult& base,
+                                      const PerplexityResult& ablated, int min_count, int top) {
+    if (base.targets != ablated.targets || base.losses.size() != base.targets.size() ||
+        ablated.losses.size() != ablated.targets.size())
+        throw Error("token_impact: the two runs did not score the same predictions (keep_losses, same ids and windows)");
+    std::map<int, TokenImpact> by_token;
+    for (size_t i = 0; i < base.losses.size(); ++i) {
+        const int64_t at = base.targets[i];
+        if (at < 0 || size_t(at) >= ids.size()) throw Error("token_impact: a prediction outside the token stream");
+        TokenImpact& t = by_token[ids[size_t(at)]];
+        ++t.count;
+        t.baseline += base.losses[i];
+        t.ablated += ablated.losses[i];
+    }
+    std::vector<TokenImpact> out;
+    for (auto& [token, t] : by_token) {
+        if (t.count < min_count) continue;
+        t.token = token;
+        t.added = t.ablated - t.baseline;
+        t.baseline /= double(t.count);
+        t.ablated /= double(t.count);
+        out.push_back(t);
+    }
+    std::stable_sort(out.begin(), out.end(), [](const TokenImpact& a, const TokenImpact& b) { return a.added > b.added; });
+    if (top > 0 && out.size() > size_t(top)) out.resize(size_t(top));
+    return out;
 }
 
 }  // namespace moescope

@@ -15,6 +15,7 @@ struct PerplexityOptions {
     int context = 512;       // window length (positions); windows do not overlap
     int max_windows = 0;     // 0: every full window (a shorter tail is evaluated too when it has >= 2 tokens)
     bool mtp = true;         // also score MTP module 1 (when the model has one)
+    bool keep_losses = false;  // PerplexityResult::losses / targets
 };
 
 struct PerplexityResult {
@@ -24,9 +25,27 @@ struct PerplexityResult {
     int64_t mtp_tokens = 0;            // MTP module 1: position i predicts token i + 2
     double mtp_cross_entropy = 0;      // nats; 0 when not scored
     std::map<int, std::vector<int64_t>> loads;  // MoE layer -> [E] tokens routed (main model)
+    // With keep_losses, per scored prediction in stream order: -ln p(next token) and the index
+    // in `ids` of the token it predicted.
+    std::vector<double> losses;
+    std::vector<int64_t> targets;
     double perplexity() const;
     double mtp_perplexity() const;
 };
+
+// How an ablation changed the loss on one predicted token.
+struct TokenImpact {
+    int token = 0;
+    int64_t count = 0;                 // predictions of this token
+    double baseline = 0, ablated = 0;  // mean -ln p over them
+    double added = 0;                  // sum of (ablated - baseline): its part of the rise in total loss
+};
+
+// The predicted tokens whose loss an ablation raised most, by total added loss (ties: lower id
+// first), among tokens predicted at least min_count times; at most `top` (0: all). `base` and
+// `ablated` come from keep_losses runs over the same `ids` and options.
+std::vector<TokenImpact> token_impact(const std::vector<int>& ids, const PerplexityResult& base,
+                                      const PerplexityResult& ablated, int min_count, int top);
 
 // Runs `ids` through `backend` window by window (a fresh cache each). `on_window(done, total)`
 // reports progress and may return false to stop early (the result covers the windows done).

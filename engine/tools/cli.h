@@ -49,4 +49,7 @@ std::map<std::string, CommandEntry>& registry();
 // Whether stderr is a terminal: "\r" progress lines only there (a log gets the summaries).
 bool progress_on_stderr();
 
+// A CSV field: in double quotes, quotes doubled (RFC 4180), so commas and newlines are safe.
+std::string csv_field(const std::string& s);
+
 }  // namespace moescope::cli

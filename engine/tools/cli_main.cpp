@@ -21,6 +21,12 @@ bool progress_on_stderr() {
     return tty;
 }
 
+std::string csv_field(const std::string& s) {
+    std::string r = "\"";
+    for (char c : s) r += c == '"' ? std::string("\"\"") : std::string(1, c);
+    return r + "\"";
+}
+
 CliCommand::CliCommand(const char* name, const char* usage, Fn fn) {
     registry()[name] = CommandEntry{name, usage, std::move(fn)};
 }

@@ -15,7 +15,10 @@
 #include "engine/config.h"
 #include "engine/errors.h"
 #include "engine/eval.h"
+#include "engine/expert_analysis.h"
 #include "engine/model/moe.h"
+#include "engine/safetensors.h"
+#include "engine/tokenizer/tokenizer.h"
 #include "engine/tools/cli.h"
 #include "engine/tools/cli_model.h"
 
@@ -40,6 +43,11 @@ double share_of(const std::vector<int64_t>& load, const std::vector<int>& expert
     return all ? double(part) / double(all) : 0.0;
 }
 
+// A token's text; without a tokenizer, its byte.
+std::string token_text(const LoadedModel& m, int id) {
+    return m.tokenizer ? m.tokenizer->decode({id}) : std::string(1, char(id));
+}
+
 // What an ablation run switched off, for its column and JSON.
 struct AblationRun {
     bool masked = false;  // --disable-experts too
@@ -51,9 +59,37 @@ struct AblationRun {
     }
 };
 
+// Per scored prediction: index in the text, the token, its text, -ln p in the baseline and in
+// each ablation run (written to a temporary file, then renamed).
+void write_losses_csv(const std::string& path, const std::vector<int>& ids, const PerplexityResult& base,
+                      const std::vector<AblationRun>& runs, const LoadedModel& m) {
+    write_file_atomic(path, [&](std::ostream& o) {
+        o << "index,token,text,baseline";
+        for (const AblationRun& run : runs) o << ',' << csv_field(run.label());
+        o << '\n';
+        char buf[32];
+        for (size_t i = 0; i < base.losses.size(); ++i) {
+            const int64_t at = base.targets[i];
+            o << at << ',' << ids[size_t(at)] << ',' << csv_field(token_text(m, ids[size_t(at)]));
+            std::snprintf(buf, sizeof buf, ",%.9g", base.losses[i]);
+            o << buf;
+            for (const AblationRun& run : runs) {
+                std::snprintf(buf, sizeof buf, ",%.9g", run.result.losses[i]);
+                o << buf;
+            }
+            o << '\n';
+        }
+    });
+}
+
 int cmd_perplexity(const std::vector<std::string>& argv) {
     Args a(argv, {"json", "no-mtp"});
-    a.check_known({"corpus", "context", "max-windows", "disable-experts", "drop-top-experts", "backend", "weights"});
+    a.check_known({"corpus", "context", "max-windows", "disable-experts", "drop-top-experts", "backend", "weights",
+                   "show-tokens", "min-count", "losses-csv"});
+    const int show_tokens = int(a.integer("show-tokens", 10));  // 0: none
+    const int min_count = int(a.integer("min-count", 3));
+    if (show_tokens < 0) throw UsageError("--show-tokens must be >= 0");
+    if (min_count < 1) throw UsageError("--min-count must be >= 1");
     if (a.positional().size() != 1) throw UsageError("expected one MODEL_DIR");
     const std::string dir = a.positional()[0];
     const auto corpus = a.get("corpus");
@@ -84,6 +120,8 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
     std::vector<int> drops = a.int_list("drop-top-experts");
     if (!drops.empty() && cfg.n_routed_experts == 0) throw UsageError("--drop-top-experts: the model has no routed experts");
     if (drops.empty() && !off.empty()) drops.push_back(0);
+    if (a.has("losses-csv") && drops.empty()) throw UsageError("--losses-csv needs an ablation to compare with");
+    o.keep_losses = !drops.empty();
     auto ablate = [&](bool mask, int r) {  // drop_top 0 first, so the mask is checked alone
         drop_top_experts(*m.backend, 0);
         for (const auto& [layer, experts] : off)
@@ -119,11 +157,19 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
             ab["disabled"] = disabled;
             ab["drop_top"] = run.drop_top;
             ab["delta_cross_entropy"] = run.result.cross_entropy - base.cross_entropy;
+            nlohmann::json hurt = nlohmann::json::array();
+            if (show_tokens > 0)
+                for (const TokenImpact& t : token_impact(ids, base, run.result, min_count, show_tokens))
+                    hurt.push_back({{"token", t.token}, {"text", token_text(m, t.token)}, {"count", t.count},
+                                    {"baseline_nll", t.baseline}, {"ablated_nll", t.ablated}, {"added_nll", t.added}});
+            ab["most_affected"] = std::move(hurt);
             j["ablations"].push_back(std::move(ab));
         }
-        std::cout << j.dump() << "\n";
+        if (auto f = a.get("losses-csv")) write_losses_csv(*f, ids, base, runs, m);
+        std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
         return 0;
     }
+    if (auto f = a.get("losses-csv")) write_losses_csv(*f, ids, base, runs, m);
     std::printf("corpus        %s: %zu tokens, %d window%s of up to %d, %lld predictions scored\n", corpus->c_str(),
                 ids.size(), base.windows, base.windows == 1 ? "" : "s", o.context, (long long)base.tokens);
     if (runs.empty()) {
@@ -175,13 +221,28 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
     if (runs.size() > 1 || runs[0].drop_top > 0)
         std::printf("top R dropped: each token's R highest-ranked experts switched off for it, in every MoE layer of "
                     "the main model\n");
+    for (const AblationRun& run : runs) {
+        if (show_tokens == 0) break;
+        const auto hurt = token_impact(ids, base, run.result, min_count, show_tokens);
+        if (hurt.empty()) continue;
+        const double rise = (run.result.cross_entropy - base.cross_entropy) * double(base.tokens);
+        std::printf("\ntokens it hurt most, %s (predicted >= %d times; -ln p baseline -> ablated, share of the rise):\n",
+                    run.label().c_str(), min_count);
+        for (const TokenImpact& t : hurt) {
+            std::printf("  %-16s x%-5lld %6.2f -> %6.2f (%+.2f each", quote_token(token_text(m, t.token)).c_str(),
+                        static_cast<long long>(t.count), t.baseline, t.ablated, t.ablated - t.baseline);
+            if (rise > 0) std::printf(", %4.1f%%", 100.0 * t.added / rise);
+            std::printf(")\n");
+        }
+    }
     return 0;
 }
 
 CliCommand perplexity_cmd("perplexity",
                           "perplexity MODEL_DIR --corpus FILE [--context N] [--max-windows N] [--no-mtp] "
-                          "[--disable-experts L:E,E-E;...] [--drop-top-experts R[,R...]] [--backend cpu|cuda|auto] "
-                          "[--weights f32|bf16|auto] [--json]"
+                          "[--disable-experts L:E,E-E;...] [--drop-top-experts R[,R...]] [--show-tokens N] "
+                          "[--min-count N] [--losses-csv FILE] [--backend cpu|cuda|auto] [--weights f32|bf16|auto] "
+                          "[--json]"
                           "   held-out cross-entropy; with experts switched off, against the baseline",
                           cmd_perplexity);
 

@@ -83,11 +83,6 @@ std::string token_label(int id, const std::map<int, std::string>& texts) {
 
 void write_csv(const fs::path& path, const ExpertAnalysis& an, const std::map<int, std::string>& texts) {
     write_file_atomic(path, [&](std::ostream& o) {
-        auto esc = [](const std::string& s) {
-            std::string r = "\"";
-            for (char c : s) r += c == '"' ? std::string("\"\"") : std::string(1, c);
-            return r + "\"";
-        };
         o << "layer,expert,slots,share,mean_weight,rank,token,text,count,occurrences,p,lift\n";
         char buf[256];
         for (const auto& l : an.layers)
@@ -98,7 +93,7 @@ void write_csv(const fs::path& path, const ExpertAnalysis& an, const std::map<in
                 for (size_t r = 0; r < e.tokens.size(); ++r) {
                     const auto& t = e.tokens[r];
                     auto it = texts.find(t.token);
-                    o << buf << r + 1 << ',' << t.token << ',' << (it == texts.end() ? std::string() : esc(it->second)) << ',';
+                    o << buf << r + 1 << ',' << t.token << ',' << (it == texts.end() ? std::string() : csv_field(it->second)) << ',';
                     std::snprintf(buf + 200, 56, "%lld,%lld,%.9g,%.9g", static_cast<long long>(t.count),
                                   static_cast<long long>(t.occurrences), t.p, t.lift);
                     o << (buf + 200) << '\n';

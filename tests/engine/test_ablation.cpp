@@ -461,7 +461,11 @@ private slots:
         for (int i = 0; i < 2 * 40 + 7; ++i) ids.push_back(int(rng() % unsigned(V)));
         PerplexityOptions o;
         o.context = 40;
+        o.keep_losses = true;
         const PerplexityResult got = evaluate_perplexity(*backend, ids, o);
+        QCOMPARE(got.losses.size(), size_t(got.tokens));
+        QCOMPARE(got.targets.size(), size_t(got.tokens));
+        std::vector<double> slow;  // -ln p of each prediction, token by token
         QCOMPARE(got.windows, 3);  // two full windows and a tail of 7
         QCOMPARE(got.tokens, int64_t(39 + 39 + 6));
         QCOMPARE(got.mtp_tokens, int64_t(38 + 38 + 5));
@@ -480,7 +484,10 @@ private slots:
                 ForwardResult r;
                 model->forward(&ids[start + size_t(t)], 1, cache, ForwardOptions{}, r);
                 hidden.insert(hidden.end(), r.hidden.begin(), r.hidden.end());
-                if (t + 1 < n) sum += nll(r.logits.data(), ids[start + size_t(t) + 1]);
+                if (t + 1 < n) {
+                    sum += nll(r.logits.data(), ids[start + size_t(t) + 1]);
+                    slow.push_back(nll(r.logits.data(), ids[start + size_t(t) + 1]));
+                }
                 for (const auto& lr : r.routing)
                     for (int e : lr.r.ids) ++load[size_t(lr.layer)][size_t(e)];
             }
@@ -494,6 +501,11 @@ private slots:
         QVERIFY2(std::abs(got.mtp_cross_entropy - mtp_sum / 81) < 1e-5,
                  qPrintable(QString("%1 vs %2").arg(got.mtp_cross_entropy).arg(mtp_sum / 81)));
         QCOMPARE(got.perplexity(), std::exp(got.cross_entropy));
+        for (size_t i = 0; i < slow.size(); ++i) {  // each prediction's loss, and the token it scored
+            QVERIFY2(std::abs(got.losses[i] - slow[i]) < 1e-4, qPrintable(QString("prediction %1: %2 vs %3")
+                                                                            .arg(i).arg(got.losses[i]).arg(slow[i])));
+            QCOMPARE(got.targets[i], int64_t(i / 39 * 40 + i % 39 + 1));
+        }
         for (int l = 1; l < 4; ++l) QCOMPARE(got.loads.at(l), load[size_t(l)]);
         // max_windows, and the refusals.
         o.max_windows = 1;
@@ -503,6 +515,39 @@ private slots:
         o.context = 40;
         QVERIFY_THROWS_EXCEPTION(Error, evaluate_perplexity(*backend, {1}, o));
         QVERIFY_THROWS_EXCEPTION(Error, evaluate_perplexity(*backend, {1, V}, o));
+    }
+
+    // token_impact against a recount from its definition: tokens by total added loss, the
+    // minimum count, the cut to `top`, ties to the lower id, and mismatched runs refused.
+    void tokenImpactRanksByAddedLoss() {
+        const std::vector<int> ids = {9, 5, 7, 5, 9, 5, 7, 2, 5, 9};
+        PerplexityResult base, abl;
+        for (int64_t i = 1; i < int64_t(ids.size()); ++i) {
+            base.targets.push_back(i);
+            abl.targets.push_back(i);
+            base.losses.push_back(1.0 + 0.25 * double(i));  // binary fractions: every sum exact, ties real
+            // token 5 gains 0.5 each (x4), 7 gains 1.5 each (x2), 9 loses 0.25 each (x2), 2 gains 3 (x1)
+            const int t = ids[size_t(i)];
+            abl.losses.push_back(base.losses.back() + (t == 5 ? 0.5 : t == 7 ? 1.5 : t == 9 ? -0.25 : 3.0));
+        }
+        auto all = token_impact(ids, base, abl, 1, 0);
+        QCOMPARE(int(all.size()), 4);
+        QCOMPARE(all[0].token, 2);   // 3.0
+        QCOMPARE(all[1].token, 7);   // 3.0 too: a tie keeps the lower id first
+        QCOMPARE(all[2].token, 5);   // 2.0
+        QCOMPARE(all[3].token, 9);   // -0.5
+        QCOMPARE(all[2].count, int64_t(4));
+        QVERIFY(std::abs(all[2].added - 2.0) < 1e-12);
+        const double mean5 = (1.25 + 1.75 + 2.25 + 3.0) / 4;  // token 5 at positions 1, 3, 5, 8
+        QVERIFY(std::abs(all[2].baseline - mean5) < 1e-12);
+        QVERIFY(std::abs(all[2].ablated - (mean5 + 0.5)) < 1e-12);
+        auto common = token_impact(ids, base, abl, 2, 2);  // token 2 is predicted once
+        QCOMPARE(int(common.size()), 2);
+        QCOMPARE(common[0].token, 7);
+        QCOMPARE(common[1].token, 5);
+        abl.targets.pop_back();
+        abl.losses.pop_back();
+        QVERIFY_THROWS_EXCEPTION(Error, token_impact(ids, base, abl, 1, 0));
     }
 
     // The commands as a user runs them: perplexity baseline and ablation (JSON and text), experts with
@@ -549,10 +594,49 @@ private slots:
             QCOMPARE(run["disabled"][0]["experts"].get<std::vector<int>>(), std::vector<int>{0});
             QVERIFY(run["cross_entropy"].get<double>() != sj["cross_entropy"].get<double>());
         }
+        // Each run's most affected tokens, checked against the per-prediction CSV.
+        const QString csv = dir.filePath("losses.csv");
         const test::CliRun swt = test::run_cli({"perplexity", model, "--corpus", corpus, "--context", "64", "--backend",
-                                                "cpu", "--drop-top-experts", "1"});
+                                                "cpu", "--drop-top-experts", "1", "--losses-csv", csv, "--json",
+                                                "--min-count", "2", "--show-tokens", "5"});
         QVERIFY2(swt.code == 0, swt.err.constData());
-        QVERIFY2(swt.out.contains("top 1 dropped"), swt.out.constData());
+        const auto tj = nlohmann::json::parse(swt.out.toStdString());
+        QFile cf(csv);
+        QVERIFY(cf.open(QIODevice::ReadOnly));
+        const QList<QByteArray> lines = cf.readAll().split('\n');
+        QCOMPARE(lines[0], QByteArray("index,token,text,baseline,\"top 1 dropped\""));
+        std::map<int, std::pair<int, double>> added;  // token -> (count, sum of ablated - baseline)
+        int rows = 0;
+        for (qsizetype i = 1; i < lines.size(); ++i) {
+            const QList<QByteArray> f = lines[i].split(',');
+            if (f.size() < 5) continue;
+            ++rows;
+            auto& [n, sum] = added[f[1].toInt()];
+            ++n;
+            sum += f.last().toDouble() - f[f.size() - 2].toDouble();
+        }
+        QCOMPARE(rows, tj["tokens"].get<int>());
+        const auto& hurt = tj["ablations"][0]["most_affected"];
+        QVERIFY(hurt.size() >= 1 && hurt.size() <= 5);
+        for (size_t i = 0; i < hurt.size(); ++i) {
+            const auto& [n, sum] = added.at(hurt[i]["token"].get<int>());
+            QCOMPARE(hurt[i]["count"].get<int>(), n);
+            QVERIFY(n >= 2);
+            QVERIFY2(std::abs(hurt[i]["added_nll"].get<double>() - sum) < 1e-4 * n,
+                     qPrintable(QString("%1 vs %2").arg(hurt[i]["added_nll"].get<double>()).arg(sum)));
+            if (i) QVERIFY(hurt[i]["added_nll"].get<double>() <= hurt[i - 1]["added_nll"].get<double>());
+        }
+        double best = -1e300;  // the first is the largest of all tokens predicted twice or more
+        for (const auto& [t, ns] : added)
+            if (ns.first >= 2) best = std::max(best, ns.second);
+        QVERIFY(std::abs(hurt[0]["added_nll"].get<double>() - best) < 1e-4 * 64);
+        const test::CliRun txt = test::run_cli({"perplexity", model, "--corpus", corpus, "--context", "64", "--backend",
+                                                "cpu", "--drop-top-experts", "1"});
+        QVERIFY2(txt.code == 0, txt.err.constData());
+        QVERIFY2(txt.out.contains("top 1 dropped") && txt.out.contains("tokens it hurt most"), txt.out.constData());
+        const test::CliRun quiet = test::run_cli({"perplexity", model, "--corpus", corpus, "--context", "64", "--backend",
+                                                  "cpu", "--drop-top-experts", "1", "--show-tokens", "0"});
+        QVERIFY2(quiet.code == 0 && !quiet.out.contains("tokens it hurt most"), quiet.out.constData());
         const test::CliRun many = test::run_cli({"perplexity", model, "--corpus", corpus, "--drop-top-experts", "5"});
         QVERIFY(many.code != 0);
         QVERIFY2(many.err.contains("cannot drop 5 of each token's top experts"), many.err.constData());
