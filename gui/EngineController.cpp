@@ -2,6 +2,7 @@
 #include "EngineController.h"
 
 #include <QDir>
+#include <QFile>
 #include <QFileInfo>
 #include <QMetaObject>
 
@@ -27,6 +28,7 @@ EngineController::EngineController(TelemetryStore* store, QObject* parent)
     qRegisterMetaType<ModelInfo>();
     qRegisterMetaType<GeneratedToken>();
     qRegisterMetaType<GenerationSummary>();
+    qRegisterMetaType<EvaluationReport>();
     m_thread.setObjectName(QStringLiteral("moescope-engine"));
     m_worker->moveToThread(&m_thread);
     m_thread.start();
@@ -287,7 +289,7 @@ QString EngineController::ablationSummary() const {
             if (mask[e]) ids << QString::number(e);
         if (!ids.isEmpty()) parts << tr("layer %1: %2").arg(l).arg(ids.join(QLatin1Char(',')));
     }
-    if (drop > 0) parts << tr("each token's top %n", nullptr, drop);
+    if (drop > 0) parts << tr("each token's top %1").arg(drop);
     return parts.join(QStringLiteral("; "));
 }
 
@@ -333,6 +335,104 @@ void EngineController::clearDisabledExperts() {
             dropping = dropping || m_backend->drop_top_experts(l) > 0;
         }
         if (!layers.empty() || dropping) applyAblation(layers, 0);
+    });
+}
+
+void EngineController::evaluate(const QString& path, int maxWindows, int showTokens) {
+    if (!m_loaded) {
+        emit evaluationFailed(tr("no model loaded"));
+        return;
+    }
+    QFile f(path);
+    if (!f.open(QIODevice::ReadOnly)) {
+        emit evaluationFailed(tr("%1: cannot open the text (%2)").arg(path, f.errorString()));
+        return;
+    }
+    const std::string text = f.readAll().toStdString();
+    m_busy = true;
+    emit busyChanged(true);
+    const int64_t job = ++m_jobId;
+    post([this, path, text, maxWindows, showTokens, job] {
+        EvaluationReport rep;
+        rep.path = path;
+        try {
+            const ModelConfig& c = m_backend->config();
+            std::vector<int> ids;
+            if (m_tokenizer) ids = m_tokenizer->encode(text, false, true);  // specials parsed, as training does
+            else
+                for (unsigned char ch : text) ids.push_back(int(ch) % c.vocab_size);
+            rep.textTokens = int(ids.size());
+            PerplexityOptions o;
+            o.context = std::min({512, c.max_position_embeddings, m_session->context_cap()});
+            o.max_windows = maxWindows;
+            o.keep_losses = true;
+            rep.context = o.context;
+            // The ablation in force, set aside for the baseline and put back after it (on the
+            // backend alone: the session's cache and telemetry are not touched).
+            const int L = c.num_hidden_layers + c.num_nextn_predict_layers;
+            std::vector<std::vector<uint8_t>> masks(static_cast<size_t>(L));
+            std::vector<int> drops(static_cast<size_t>(L), 0);
+            for (int l = 0; l < L; ++l)
+                if (c.is_moe_stack_layer(l)) {
+                    masks[size_t(l)] = m_backend->disabled_experts(l);
+                    drops[size_t(l)] = m_backend->drop_top_experts(l);
+                    rep.ablated = rep.ablated || drops[size_t(l)] > 0 || !masks[size_t(l)].empty();
+                }
+            rep.ablation = ablationSummary();
+            auto progress = [this, job](const QString& what) {
+                return [this, job, what](int done, int total) {
+                    reply([this, done, total, what] { emit evaluationProgress(done, total, what); });
+                    return m_cancelUpTo < job;
+                };
+            };
+            auto set_ablation = [&](bool on) {
+                for (int l = 0; l < L; ++l) {
+                    if (!c.is_moe_stack_layer(l)) continue;
+                    m_backend->set_drop_top_experts(l, 0);  // first, so every mask passes its check
+                    std::vector<uint8_t> mask = on ? masks[size_t(l)] : std::vector<uint8_t>();
+                    mask.resize(size_t(c.n_routed_experts), 0);
+                    m_backend->set_disabled_experts(l, mask);
+                    m_backend->set_drop_top_experts(l, on ? drops[size_t(l)] : 0);
+                }
+            };
+            if (rep.ablated) set_ablation(false);
+            try {
+                rep.baseline = evaluate_perplexity(*m_backend, ids, o, progress(tr("all experts")));
+            } catch (...) {
+                if (rep.ablated) set_ablation(true);
+                throw;
+            }
+            if (rep.ablated) {
+                set_ablation(true);
+                if (m_cancelUpTo < job)
+                    rep.withAblation = evaluate_perplexity(*m_backend, ids, o, progress(tr("experts off")));
+            }
+            if (m_cancelUpTo >= job) throw CancelledError("evaluation cancelled");
+            if (rep.ablated) {
+                rep.hurt = token_impact(ids, rep.baseline, rep.withAblation, 3, showTokens);
+                for (const TokenImpact& t : rep.hurt)
+                    rep.texts[t.token] = m_tokenizer ? QString::fromStdString(m_tokenizer->decode({t.token}))
+                                                     : QString(QChar(t.token));
+            }
+            rep.baseline.losses.clear();  // the report crosses threads: only what the view draws
+            rep.baseline.targets.clear();
+            rep.withAblation.losses.clear();
+            rep.withAblation.targets.clear();
+        } catch (const std::exception& e) {
+            const QString msg = dynamic_cast<const CancelledError*>(&e) ? tr("evaluation cancelled")
+                                                                        : QString::fromUtf8(e.what());
+            reply([this, msg] {
+                m_busy = false;
+                emit evaluationFailed(msg);
+                emit busyChanged(false);
+            });
+            return;
+        }
+        reply([this, rep] {
+            m_busy = false;
+            emit evaluationFinished(rep);
+            emit busyChanged(false);
+        });
     });
 }
 

@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "TelemetryStore.h"
+#include "engine/eval.h"
 #include "engine/session.h"
 
 namespace moescope {
@@ -45,6 +46,20 @@ struct GeneratedToken {
     float surprisal = 0;
 };
 
+// Held-out perplexity of the loaded model on a text file, with every expert on and with the
+// ablation in force (when there is one): what `moescope-cli perplexity` prints.
+struct EvaluationReport {
+    QString path;                    // the text file
+    int context = 0;                 // window length
+    int textTokens = 0;              // tokens in the file
+    moescope::PerplexityResult baseline;
+    bool ablated = false;            // an ablation was in force: `withAblation` holds its run
+    moescope::PerplexityResult withAblation;
+    QString ablation;                // what was off (the answer summaries' wording)
+    std::vector<moescope::TokenImpact> hurt;  // the tokens the ablation hurt most
+    std::map<int, QString> texts;    // token id -> text, for `hurt`
+};
+
 class EngineController : public QObject {
     Q_OBJECT
 public:
@@ -71,6 +86,10 @@ public:
     // dropped as above.
     void setDropTopExperts(int r);
     void clearDisabledExperts();     // every expert of every layer on again (no top dropped)
+    // Scores the text file `path` in windows of up to 512 tokens (at most maxWindows, 0: all),
+    // with every expert on, then with the ablation in force; the conversation is kept. Progress,
+    // then evaluationFinished or evaluationFailed (a missing file, a text under 2 tokens, cancel()).
+    void evaluate(const QString& path, int maxWindows, int showTokens = 12);
 
     bool isLoaded() const { return m_loaded; }
     bool isBusy() const { return m_busy; }
@@ -90,6 +109,9 @@ signals:
     void generationFailed(const QString& message);
     void busyChanged(bool busy);
     void ablationFailed(const QString& message);
+    void evaluationProgress(int done, int total, const QString& what);
+    void evaluationFinished(const EvaluationReport& report);
+    void evaluationFailed(const QString& message);
 
 private:
     template <class F> void post(F&& f);      // run on the worker thread
@@ -124,3 +146,4 @@ private:
 Q_DECLARE_METATYPE(ModelInfo)
 Q_DECLARE_METATYPE(GeneratedToken)
 Q_DECLARE_METATYPE(GenerationSummary)
+Q_DECLARE_METATYPE(EvaluationReport)

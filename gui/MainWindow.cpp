@@ -34,6 +34,7 @@
 #include "views/LatentView.h"
 #include "views/ModelCardView.h"
 #include "views/MtpView.h"
+#include "views/EvaluateView.h"
 #include "views/ExpertsView.h"
 #include "views/RoutingView.h"
 #include "views/TrainingView.h"
@@ -74,6 +75,7 @@ MainWindow::MainWindow(bool persistent, QWidget* parent) : QMainWindow(parent), 
     auto* experts = new ExpertsView(m_store);
     auto* training = new TrainingView(m_store);
     auto* card = new ModelCardView(m_store);
+    auto* evaluate = new EvaluateView(m_store);
     training->setReplayRunner(m_trainer);
 #ifdef MOESCOPE_HAVE_TRAINER
     m_engineTrainer = new EngineTrainer(m_store->sink(), this);
@@ -86,11 +88,13 @@ MainWindow::MainWindow(bool persistent, QWidget* parent) : QMainWindow(parent), 
     QDockWidget* dBias = addView(bias, Qt::BottomDockWidgetArea, QKeySequence(Qt::ALT | Qt::Key_4));
     QDockWidget* dTrain = addView(training, Qt::BottomDockWidgetArea, QKeySequence(Qt::ALT | Qt::Key_5));
     QDockWidget* dCard = addView(card, Qt::BottomDockWidgetArea, QKeySequence(Qt::ALT | Qt::Key_6));
+    QDockWidget* dEval = addView(evaluate, Qt::BottomDockWidgetArea, QKeySequence(Qt::ALT | Qt::Key_8));
     tabifyDockWidget(dRouting, dLatent);
     tabifyDockWidget(dRouting, dMtp);
     tabifyDockWidget(dRouting, dExperts);
     tabifyDockWidget(dBias, dTrain);
     tabifyDockWidget(dBias, dCard);
+    tabifyDockWidget(dBias, dEval);
     dRouting->raise();
     dBias->raise();
 
@@ -105,6 +109,14 @@ MainWindow::MainWindow(bool persistent, QWidget* parent) : QMainWindow(parent), 
                 routing->showAblationInForce();  // its controls back from the refused request
             });
     connect(latent, &LatentView::latentLayerRequested, m_engine, &EngineController::setLatentLayer);
+    connect(evaluate, &EvaluateView::evaluationRequested, m_engine,
+            [this](const QString& path, int windows) { m_engine->evaluate(path, windows); });
+    connect(evaluate, &EvaluateView::cancelRequested, m_engine, &EngineController::cancel);
+    connect(m_engine, &EngineController::evaluationProgress, evaluate, &EvaluateView::setProgress);
+    connect(m_engine, &EngineController::evaluationFinished, evaluate, &EvaluateView::setReport);
+    connect(m_engine, &EngineController::evaluationFailed, evaluate, &EvaluateView::setFailure);
+    connect(m_engine, &EngineController::modelLoaded, evaluate, &EvaluateView::clear);
+    connect(m_engine, &EngineController::busyChanged, evaluate, &EvaluateView::setBusy);
     connect(training, &TrainingView::openModelRequested, this, &MainWindow::openModel);
 
     m_backend = new QLabel(tr("no model"));

@@ -2,7 +2,7 @@
 //   moescope [--model DIR] [--trace FILE.jsonl]
 //            [--screenshot FILE.png [--view NAME] [--prompt TEXT]... [--max-tokens N] [--seed N] [--mtp-off-turns N] [--dark]
 //             [--colour expert|mtp|surprisal] [--online-balancing GAMMA] [--disable-experts SPEC]
-//             [--drop-top-experts R]
+//             [--drop-top-experts R] [--evaluate FILE [--eval-windows N]]
 //             [--train tiny|small --corpus FILE... --steps N]] [--export DIR]
 // --export writes every view's PNG, PDF and CSV and the session's telemetry.jsonl into DIR.
 // --screenshot renders the window (works under QT_QPA_PLATFORM=offscreen) after loading and,
@@ -20,6 +20,7 @@
 #include "TelemetryStore.h"
 #include "TrainerRunner.h"
 #include "views/BiasView.h"
+#include "views/EvaluateView.h"
 #include "views/TrainingView.h"
 #include "views/PlotView.h"
 
@@ -53,7 +54,9 @@ int main(int argc, char** argv) {
     QCommandLineOption backend(QStringLiteral("backend"), QStringLiteral("Backend: auto (the GPU when available), cpu or cuda."), QStringLiteral("NAME"));
     QCommandLineOption disable(QStringLiteral("disable-experts"), QStringLiteral("Switch routed experts off after loading (an ablation): LAYER:EXPERTS, e.g. 1:3,7;2:0-3 or *:5."), QStringLiteral("SPEC"));
     QCommandLineOption dropTop(QStringLiteral("drop-top-experts"), QStringLiteral("Switch each token's R highest-ranked experts off for it in every MoE layer (DeepSeekMoE's redundancy test)."), QStringLiteral("R"));
-    cli.addOptions({backend, model, trace, shot, view, prompt, maxTokens, seed, dark, colour, balance, disable, dropTop, exportDir, train, corpus, steps, noMtpTurns});
+    QCommandLineOption evalText(QStringLiteral("evaluate"), QStringLiteral("Score a held-out text file after loading (the Evaluate view): perplexity with every expert on and with the ablation set."), QStringLiteral("FILE"));
+    QCommandLineOption evalWindows(QStringLiteral("eval-windows"), QStringLiteral("Windows of the --evaluate text to score (default 8, 0: all)."), QStringLiteral("N"));
+    cli.addOptions({backend, model, trace, shot, view, prompt, maxTokens, seed, dark, colour, balance, disable, dropTop, evalText, evalWindows, exportDir, train, corpus, steps, noMtpTurns});
     cli.process(app);
 
     const bool screenshot = cli.isSet(shot) || cli.isSet(exportDir);
@@ -134,6 +137,13 @@ int main(int argc, char** argv) {
                 finish(QStringLiteral("could not start training: ") + err);
             return;  // the screenshot follows the run's end
         }
+        if (cli.isSet(evalText)) {  // posted before any prompt: scored first
+            auto* ev = qobject_cast<EvaluateView*>(w.view(QStringLiteral("evaluate")));
+            ev->setTextPath(cli.value(evalText));
+            if (cli.isSet(evalWindows)) ev->setWindows(cli.value(evalWindows).toInt());
+            ev->run();
+            if (!cli.isSet(prompt)) return;  // the screenshot follows the report
+        }
         if (cli.isSet(prompt)) {
             auto s = w.chat()->sampling();
             if (cli.isSet(maxTokens)) s.max_tokens = cli.value(maxTokens).toInt();
@@ -163,6 +173,12 @@ int main(int argc, char** argv) {
         });
     }
     QObject::connect(w.engine(), &EngineController::generationFailed, &app, [&](const QString& m) { finish(m); });
+    QObject::connect(w.engine(), &EngineController::evaluationFinished, &app, [&] {
+        if (cli.isSet(evalText) && !cli.isSet(prompt)) finish(QString());
+    });
+    QObject::connect(w.engine(), &EngineController::evaluationFailed, &app, [&](const QString& m) {
+        if (cli.isSet(evalText)) finish(QStringLiteral("could not score the text: ") + m);
+    });
 
     if (cli.isSet(trace)) {
         QString err;

@@ -316,8 +316,8 @@ void RoutingView::refresh() {
                             .arg(offText.join(QLatin1Char(',')))
                             .arg(lay));
     else if (drop > 0 && routes.empty())
-        m_info->setText(tr("each token's top %n expert(s) are off: the next message recomputes the conversation "
-                           "without them", nullptr, drop));
+        m_info->setText((drop == 1 ? tr("each token's top expert is off") : tr("each token's top %1 experts are off").arg(drop)) +
+                        tr(": the next message recomputes the conversation without them"));
     m_loadPlot->xAxis->setRange(-0.5, E - 0.5);
     setIntTicks(m_loadPlot->xAxis, E);
     m_loadPlot->yAxis->rescale();

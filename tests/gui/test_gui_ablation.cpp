@@ -1,13 +1,22 @@
+// The Evaluate view scores a text with every expert on and with the ablation in force, the same
+// numbers as evaluate_perplexity on a backend of its own, and leaves the ablation in force.
 // Switching experts off from the Routing view, as a user does it: the "Off" field of a layer,
 // a load bar toggled, a refused mask, and all on again. The engine must stop routing to them
 // (the whole conversation is recomputed), the view must mark them, and the answer's summary
 // must say which experts were off.
 #include <QLineEdit>
+#include <QPushButton>
+#include <QTemporaryDir>
 #include <QSpinBox>
 #include <QTableWidget>
 #include <QTextBrowser>
 
+#include "engine/backend.h"
+#include "engine/eval.h"
+#include "engine/loader.h"
+#include "engine/model/moe.h"
 #include "gui_test_util.h"
+#include "views/EvaluateView.h"
 #include "views/ExpertsView.h"
 #include "views/RoutingView.h"
 
@@ -123,6 +132,82 @@ private slots:
         GenerationSummary again;
         QVERIFY(generateOnce(w, QStringLiteral("11"), 4, &again));
         QVERIFY(again.ablation.isEmpty());
+    }
+
+    void evaluateViewScoresWithAndWithoutTheAblation() {
+        MainWindow w(false);
+        w.show();
+        QVERIFY(QTest::qWaitForWindowExposed(&w));
+        QVERIFY(loadFixture(w));
+        auto* ev = qobject_cast<EvaluateView*>(w.view(QStringLiteral("evaluate")));
+        QVERIFY(ev);
+        QTemporaryDir dir;
+        const QString text = dir.filePath(QStringLiteral("held-out.txt"));
+        std::string bytes;
+        for (int i = 0; i < 300; ++i) bytes += char('a' + (i * 7 + i / 13) % 26);
+        {
+            QFile f(text);
+            QVERIFY(f.open(QIODevice::WriteOnly));
+            f.write(bytes.data(), qint64(bytes.size()));
+        }
+        w.engine()->setDisabledExperts(1, QStringLiteral("0,5"));
+        QTRY_VERIFY_WITH_TIMEOUT((w.store()->flush(), w.store()->disabled(1) == std::vector<int>{0, 5}), 10000);
+        w.showView(QStringLiteral("evaluate"));
+        ev->setTextPath(text);
+        ev->setWindows(0);
+        QSignalSpy done(w.engine(), &EngineController::evaluationFinished);
+        QTest::mouseClick(ev->findChild<QPushButton*>(QStringLiteral("evalRun")), Qt::LeftButton);
+        QVERIFY(done.wait(60000) || done.count() == 1);
+        QVERIFY(ev->hasReport());
+        const EvaluationReport& r = ev->report();
+        QVERIFY(r.ablated);
+        QCOMPARE(r.ablation, QStringLiteral("layer 1: 0,5"));
+        // The same numbers from a backend of our own (the fixture has no tokenizer: bytes).
+        auto model = load_model(fixtureModel().toStdString());
+        auto be = make_cpu_backend(model);
+        std::vector<int> ids;
+        for (unsigned char c : bytes) ids.push_back(int(c) % model->config().vocab_size);
+        PerplexityOptions o;
+        o.context = r.context;
+        o.keep_losses = true;
+        const PerplexityResult base = evaluate_perplexity(*be, ids, o);
+        be->set_disabled_experts(1, expert_mask({0, 5}, model->config().n_routed_experts, 1));
+        const PerplexityResult abl = evaluate_perplexity(*be, ids, o);
+        QCOMPARE(r.textTokens, int(ids.size()));
+        QCOMPARE(r.baseline.tokens, base.tokens);
+        QCOMPARE(r.baseline.cross_entropy, base.cross_entropy);
+        QCOMPARE(r.baseline.mtp_cross_entropy, base.mtp_cross_entropy);
+        QCOMPARE(r.withAblation.cross_entropy, abl.cross_entropy);
+        QVERIFY(abl.cross_entropy != base.cross_entropy);
+        const auto hurt = token_impact(ids, base, abl, 3, 12);
+        QCOMPARE(int(r.hurt.size()), int(hurt.size()));
+        for (size_t i = 0; i < hurt.size(); ++i) QCOMPARE(r.hurt[i].token, hurt[i].token);
+        // Drawn: two bars per run, one labelled bar per hurt token, the numbers in the info line.
+        QCOMPARE(ev->perplexityBarCount(), 4);
+        QCOMPARE(ev->tokenBarLabels().size(), qsizetype(hurt.size()));
+        QVERIFY2(ev->infoText().contains(QString::number(std::exp(base.cross_entropy), 'f', 2)), qPrintable(ev->infoText()));
+        QVERIFY(ev->csv().startsWith(QStringLiteral("row,token,text,count,all_experts,experts_off\ncross_entropy,")));
+        // Cancelled (Stop) before its first window ends: reported, Run again, nothing changed.
+        QSignalSpy stopped(w.engine(), &EngineController::evaluationFailed);
+        ev->run();
+        QVERIFY(ev->running());
+        w.engine()->cancel();
+        QVERIFY(stopped.wait(10000) || stopped.count() == 1);
+        QVERIFY2(ev->infoText().contains(QStringLiteral("cancelled")), qPrintable(ev->infoText()));
+        QVERIFY(!ev->running());
+        QCOMPARE(ev->report().baseline.cross_entropy, base.cross_entropy);  // the last report stays
+        // The ablation is still in force: the next answer never routes layer 1 to 0 or 5.
+        w.chat()->setStopAtEos(false);
+        QVERIFY(generateOnce(w, QStringLiteral("1,2,3,4"), 8, nullptr));
+        const std::vector<int> routed = routedIn(*w.store(), 1);
+        QVERIFY(!routed.empty() && !contains(routed, 0) && !contains(routed, 5));
+        // A missing file: refused with its name, the report kept.
+        ev->setTextPath(dir.filePath(QStringLiteral("missing.txt")));
+        QSignalSpy failed(w.engine(), &EngineController::evaluationFailed);
+        ev->run();
+        QVERIFY(failed.count() == 1 || failed.wait(10000));
+        QVERIFY2(ev->infoText().contains(QStringLiteral("missing.txt")), qPrintable(ev->infoText()));
+        QVERIFY(ev->hasReport());
     }
 
     // The "Drop top" box: each token's top-ranked expert switched off for it in every MoE layer.

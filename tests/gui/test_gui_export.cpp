@@ -19,6 +19,7 @@
 #include "TrainerRunner.h"
 #include "gui_test_util.h"
 #include "views/BiasView.h"
+#include "views/EvaluateView.h"
 #include "views/LatentView.h"
 #include "views/ModelCardView.h"
 #include "views/MtpView.h"
@@ -37,7 +38,7 @@ static QStringList readLines(const QString& path) {
 
 // The tab group each dock sits in at start (MainWindow tabifies them so).
 static const QStringList kRightGroup = {"routing", "latent", "mtp", "experts"};
-static const QStringList kBottomGroup = {"bias", "training", "card"};
+static const QStringList kBottomGroup = {"bias", "training", "card", "evaluate"};
 
 static QDockWidget* dockOf(MainWindow& w, const QString& view) { return w.findChild<QDockWidget*>(view + "Dock"); }
 
@@ -155,6 +156,18 @@ private slots:
         w->chat()->setStopAtEos(false);
         QVERIFY(generateOnce(*w, QStringLiteral("3, 1, 4, 1, 5, 9, 2, 6"), 12));
         w->store()->select(10);
+        // The Evaluate view with a report (every expert on: no ablation, the cache stays).
+        const QString text = tmp.filePath("held-out.txt");
+        QFile f(text);
+        QVERIFY(f.open(QIODevice::WriteOnly));
+        for (int i = 0; i < 200; ++i) f.putChar(char('a' + i * 5 % 26));
+        f.close();
+        auto* ev = qobject_cast<EvaluateView*>(w->view("evaluate"));
+        QVERIFY(ev);
+        ev->setTextPath(text);
+        QSignalSpy scored(w->engine(), &EngineController::evaluationFinished);
+        ev->run();
+        QVERIFY(scored.wait(60000) || scored.count() == 1);
     }
     void cleanupTestCase() { delete w; }
     // Every dock back in its tab group, the first tab of each group raised, whatever a test did.
@@ -364,9 +377,12 @@ private slots:
         auto* m1 = qobject_cast<MtpView*>(replay.view("mtp"));
         QCOMPARE(m1->ratePoints(), m0->ratePoints());
         QCOMPARE(qobject_cast<ModelCardView*>(replay.view("card"))->layerRows(), 5);  // 4 layers + MTP
-        // The data behind every view is identical.
+        // The data behind every view is identical (an evaluation is a report of the engine's, not
+        // telemetry: a replay has none).
         for (auto* v : w->views()) {
-            if (v->viewName() == QLatin1String("mtp") || v->viewName() == QLatin1String("card")) continue;
+            if (v->viewName() == QLatin1String("mtp") || v->viewName() == QLatin1String("card") ||
+                v->viewName() == QLatin1String("evaluate"))
+                continue;
             QCOMPARE(replay.view(v->viewName())->csv(), v->csv());
         }
         QCOMPARE(replay.view("mtp")->csv(), w->view("mtp")->csv());

@@ -1,0 +1,251 @@
+// EvaluateView: draws an EvaluationReport; the view itself only formats.
+#include "views/EvaluateView.h"
+
+#include <QFileDialog>
+#include <QFileInfo>
+#include <QHBoxLayout>
+#include <QLabel>
+#include <QLineEdit>
+#include <QPushButton>
+#include <QSpinBox>
+#include <QTextStream>
+#include <QToolButton>
+
+#include <cmath>
+
+#include <qcustomplot.h>
+
+#include "engine/expert_analysis.h"
+
+using namespace moescope;
+
+EvaluateView::EvaluateView(TelemetryStore* store, QWidget* parent)
+    : PlotView(store, QStringLiteral("evaluate"), tr("Evaluate"), parent) {
+    controls()->addWidget(new QLabel(tr("Text:")));
+    m_path = new QLineEdit;
+    m_path->setObjectName(QStringLiteral("evalText"));
+    m_path->setPlaceholderText(tr("a text file the model did not train on"));
+    m_path->setMinimumWidth(120);
+    m_path->setToolTip(tr("Held-out text to score: the model's cross-entropy on each next token, in windows of up to "
+                          "512 tokens, with every expert on and with the experts switched off in the Routing view"));
+    controls()->addWidget(m_path, 2);
+    auto* browse = new QToolButton;
+    browse->setText(tr("..."));
+    browse->setToolTip(tr("Choose the text file"));
+    controls()->addWidget(browse);
+    controls()->addWidget(new QLabel(tr("Windows:")));
+    m_windows = new QSpinBox;
+    m_windows->setObjectName(QStringLiteral("evalWindows"));
+    m_windows->setRange(0, 100000);
+    m_windows->setValue(8);
+    m_windows->setSpecialValueText(tr("all"));
+    m_windows->setToolTip(tr("How many windows of the text to score (0: all of it)"));
+    controls()->addWidget(m_windows);
+    m_run = new QPushButton(tr("Run"));
+    m_run->setObjectName(QStringLiteral("evalRun"));
+    m_run->setToolTip(tr("Score the text now (the conversation is kept)"));
+    controls()->addWidget(m_run);
+    m_info = addInfoLabel();
+
+    m_pplPlot = addPlot(0, 0);
+    m_baseBars = new QCPBars(m_pplPlot->xAxis, m_pplPlot->yAxis);
+    m_ablBars = new QCPBars(m_pplPlot->xAxis, m_pplPlot->yAxis);
+    m_baseBars->setName(tr("all experts"));
+    m_ablBars->setName(tr("experts off"));
+    m_baseBars->setBrush(QColor(33, 145, 140));
+    m_ablBars->setBrush(QColor(200, 60, 60));
+    for (QCPBars* b : {m_baseBars, m_ablBars}) {
+        b->setPen(Qt::NoPen);
+        b->setWidth(0.35);
+    }
+    QSharedPointer<QCPAxisTickerText> what(new QCPAxisTickerText);
+    what->addTick(0, tr("next token"));
+    what->addTick(1, tr("MTP: token after next"));
+    m_pplPlot->xAxis->setTicker(what);
+    m_pplPlot->xAxis->setRange(-0.6, 1.6);
+    m_pplPlot->yAxis->setLabel(tr("perplexity"));
+    m_pplPlot->plotLayout()->insertRow(0);
+    m_pplPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_pplPlot, tr("held-out perplexity")));
+    m_pplPlot->legend->setVisible(true);
+    legendBelow(m_pplPlot);
+
+    m_tokenPlot = addPlot(0, 1);
+    m_tokenBars = new QCPBars(m_tokenPlot->yAxis, m_tokenPlot->xAxis);  // horizontal: tokens down the y axis
+    m_tokenBars->setWidth(0.7);
+    m_tokenBars->setPen(Qt::NoPen);
+    m_tokenBars->setBrush(QColor(200, 60, 60));
+    m_tokenPlot->yAxis->setRangeReversed(true);
+    m_tokenPlot->yAxis->setTicker(QSharedPointer<QCPAxisTickerText>(new QCPAxisTickerText));
+    m_tokenPlot->yAxis->setTickLabelFont(QFont(QStringLiteral("DejaVu Sans Mono"), 8));
+    m_tokenPlot->xAxis->setLabel(tr("loss added (nats, summed over the token's predictions)"));
+    m_tokenPlot->setToolTip(tr("The tokens whose loss the ablation raised most (predicted 3 times or more), by the loss "
+                               "they added in total; the label gives the count and the mean -ln p before and after"));
+    m_tokenPlot->plotLayout()->insertRow(0);
+    m_tokenPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_tokenPlot, tr("tokens the ablation hurt most")));
+    plotGrid()->setColumnStretch(0, 2);
+    plotGrid()->setColumnStretch(1, 3);
+
+    connect(m_run, &QPushButton::clicked, this, [this] {
+        if (m_running) emit cancelRequested();
+        else run();
+    });
+    connect(m_path, &QLineEdit::returnPressed, this, &EvaluateView::run);
+    connect(browse, &QToolButton::clicked, this, [this] {
+        const QString f = QFileDialog::getOpenFileName(this, tr("Text to score"), m_path->text());
+        if (!f.isEmpty()) m_path->setText(f);
+    });
+    setDark(false);
+}
+
+void EvaluateView::setTextPath(const QString& path) { m_path->setText(path); }
+QString EvaluateView::textPath() const { return m_path->text(); }
+int EvaluateView::windows() const { return m_windows->value(); }
+void EvaluateView::setWindows(int n) { m_windows->setValue(n); }
+
+void EvaluateView::run() {
+    if (m_path->text().trimmed().isEmpty()) {
+        m_info->setText(tr("choose a text file to score first"));
+        return;
+    }
+    m_info->setText(tr("scoring %1 ...").arg(m_path->text().trimmed()));
+    setRunning(true);
+    emit evaluationRequested(m_path->text().trimmed(), m_windows->value());
+}
+
+void EvaluateView::setRunning(bool on) {
+    m_running = on;
+    m_run->setText(on ? tr("Stop") : tr("Run"));
+    m_run->setEnabled(true);
+}
+
+void EvaluateView::setReport(const EvaluationReport& report) {
+    setRunning(false);
+    m_report = report;
+    m_has = true;
+    refreshNow();
+}
+
+void EvaluateView::setProgress(int done, int total, const QString& what) {
+    m_info->setText(tr("scoring, %1: window %2 of %3").arg(what).arg(done).arg(total));
+}
+
+void EvaluateView::setFailure(const QString& message) {
+    setRunning(false);
+    m_info->setText(tr("not scored: %1").arg(message));
+}
+
+void EvaluateView::setBusy(bool busy) { m_run->setEnabled(!busy || m_running); }
+
+void EvaluateView::clear() {
+    m_has = false;
+    m_report = EvaluationReport{};
+    refreshNow();
+}
+
+QString EvaluateView::infoText() const { return m_info->text(); }
+int EvaluateView::perplexityBarCount() const { return m_baseBars->data()->size() + m_ablBars->data()->size(); }
+
+QStringList EvaluateView::tokenBarLabels() const {
+    QStringList out;
+    auto* t = static_cast<QCPAxisTickerText*>(m_tokenPlot->yAxis->ticker().data());
+    for (auto it = t->ticks().constBegin(); it != t->ticks().constEnd(); ++it) out << it.value();
+    return out;
+}
+
+void EvaluateView::refresh() {
+    m_baseBars->data()->clear();
+    m_ablBars->data()->clear();
+    m_tokenBars->data()->clear();
+    auto* ticks = static_cast<QCPAxisTickerText*>(m_tokenPlot->yAxis->ticker().data());
+    ticks->clear();
+    if (!m_has) {
+        if (m_info->text().isEmpty())
+            m_info->setText(tr("score a held-out text with every expert on and with the ablation set in the Routing view"));
+        m_pplPlot->yAxis->setRange(0, 1);
+        m_tokenPlot->xAxis->setRange(0, 1);
+        m_tokenPlot->yAxis->setRange(-0.5, 0.5);
+        return;
+    }
+    const EvaluationReport& r = m_report;
+    const PerplexityResult& b = r.baseline;
+    const bool mtp = b.mtp_tokens > 0;
+    // Side by side: all experts left of each category, the ablation right of it.
+    const double off = r.ablated ? 0.19 : 0.0;
+    m_baseBars->addData(0 - off, b.perplexity());
+    if (mtp) m_baseBars->addData(1 - off, b.mtp_perplexity());
+    double top = std::max(b.perplexity(), b.mtp_perplexity());
+    if (r.ablated) {
+        const PerplexityResult& a = r.withAblation;
+        m_ablBars->addData(0 + off, a.perplexity());
+        if (mtp) m_ablBars->addData(1 + off, a.mtp_perplexity());
+        top = std::max({top, a.perplexity(), a.mtp_perplexity()});
+    }
+    m_ablBars->setVisible(r.ablated);
+    if (!r.ablated) m_ablBars->removeFromLegend();
+    else if (!m_pplPlot->legend->hasItemWithPlottable(m_ablBars)) m_ablBars->addToLegend();
+    m_pplPlot->yAxis->setRange(0, top * 1.15);
+
+    QString text = tr("%1: %2 tokens, %3 predictions in %4 of up to %5 tokens; perplexity %6")
+                       .arg(QFileInfo(r.path).fileName())
+                       .arg(r.textTokens)
+                       .arg(b.tokens)
+                       .arg(b.windows == 1 ? tr("1 window") : tr("%1 windows").arg(b.windows))
+                       .arg(r.context)
+                       .arg(b.perplexity(), 0, 'f', 2);
+    if (r.ablated) {
+        const PerplexityResult& a = r.withAblation;
+        text += tr(", with experts off (%1) %2 (%3%4%)")
+                    .arg(r.ablation)
+                    .arg(a.perplexity(), 0, 'f', 2)
+                    .arg(a.perplexity() >= b.perplexity() ? QStringLiteral("+") : QString())
+                    .arg(100.0 * (a.perplexity() / b.perplexity() - 1.0), 0, 'f', 1);
+    } else {
+        text += tr("; switch experts off in the Routing view and run again to see what they carried");
+    }
+    m_info->setText(text);
+
+    for (size_t i = 0; i < r.hurt.size(); ++i) {
+        const TokenImpact& t = r.hurt[i];
+        const auto it = r.texts.find(t.token);
+        const QString tok = it == r.texts.end() ? QStringLiteral("#%1").arg(t.token)
+                                                : QString::fromStdString(quote_token(it->second.toStdString()));
+        m_tokenBars->addData(double(i), t.added);
+        ticks->addTick(double(i), QStringLiteral("%1 ×%2  %3→%4")
+                                      .arg(tok)
+                                      .arg(t.count)
+                                      .arg(t.baseline, 0, 'f', 1)
+                                      .arg(t.ablated, 0, 'f', 1));
+    }
+    double lo = 0, hi = 0;
+    for (const TokenImpact& t : r.hurt) {
+        lo = std::min(lo, t.added);
+        hi = std::max(hi, t.added);
+    }
+    m_tokenPlot->xAxis->setRange(lo, hi > lo ? hi * 1.05 : lo + 1);
+    m_tokenPlot->yAxis->setRange(-0.6, std::max<double>(1, double(r.hurt.size())) - 0.4);
+}
+
+QString EvaluateView::csv() const {
+    // The two runs, then the tokens the ablation hurt most.
+    QString out;
+    QTextStream s(&out);
+    // Cross-entropies in nats: the two runs' means, then each hurt token's mean over its predictions.
+    s << "row,token,text,count,all_experts,experts_off\n";
+    if (!m_has) return out;
+    const EvaluationReport& r = m_report;
+    auto num = [](double x) { return QString::number(x, 'g', 9); };
+    auto quoted = [](QString x) { return QLatin1Char('"') + x.replace(QLatin1Char('"'), QStringLiteral("\"\"")) + QLatin1Char('"'); };
+    const PerplexityResult& b = r.baseline;
+    const PerplexityResult& a = r.withAblation;
+    s << "cross_entropy,,next token," << b.tokens << ',' << num(b.cross_entropy) << ','
+      << (r.ablated ? num(a.cross_entropy) : QString()) << '\n';
+    if (b.mtp_tokens)
+        s << "mtp_cross_entropy,,token after next," << b.mtp_tokens << ',' << num(b.mtp_cross_entropy) << ','
+          << (r.ablated ? num(a.mtp_cross_entropy) : QString()) << '\n';
+    for (const TokenImpact& t : r.hurt) {
+        const auto it = r.texts.find(t.token);
+        s << "token," << t.token << ',' << quoted(it == r.texts.end() ? QString() : it->second) << ',' << t.count << ','
+          << num(t.baseline) << ',' << num(t.ablated) << '\n';
+    }
+    return out;
+}

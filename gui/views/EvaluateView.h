@@ -1,0 +1,60 @@
+// EvaluateView: held-out perplexity of the loaded model on a text file, with every expert on and
+// with the ablation set in the Routing view ("Off", "Top off"): the cost of the ablation for the
+// next token and for the MTP module's token after next, and the tokens it hurt most. The numbers
+// are engine/eval.h's, the same as `moescope-cli perplexity`; the engine computes them
+// (EngineController::evaluate) and the view draws the report.
+#pragma once
+#include "EngineController.h"
+#include "views/PlotView.h"
+
+class QLineEdit;
+class QPushButton;
+class QSpinBox;
+class QCPBars;
+
+class EvaluateView : public PlotView {
+    Q_OBJECT
+public:
+    explicit EvaluateView(TelemetryStore* store, QWidget* parent = nullptr);
+    QString csv() const override;
+
+    void setTextPath(const QString& path);
+    QString textPath() const;
+    int windows() const;
+    void setWindows(int n);
+    void run();                              // asks for an evaluation (evaluationRequested)
+    bool running() const { return m_running; }
+
+    // From the engine.
+    void setReport(const EvaluationReport& report);
+    void setProgress(int done, int total, const QString& what);
+    void setFailure(const QString& message);
+    void clear();                            // a new model: the old report no longer applies
+    void setBusy(bool busy);                 // Run waits while the engine works
+
+    // What is drawn, for tests.
+    bool hasReport() const { return m_has; }
+    const EvaluationReport& report() const { return m_report; }
+    int perplexityBarCount() const;          // baseline + ablated bars (0, 2 or 4)
+    QStringList tokenBarLabels() const;      // the hurt tokens, most hurt first
+    QString infoText() const;
+
+signals:
+    void evaluationRequested(const QString& path, int maxWindows);
+    void cancelRequested();                  // Stop while scoring (EngineController::cancel)
+
+protected:
+    void refresh() override;
+
+private:
+    QLineEdit* m_path;
+    QSpinBox* m_windows;
+    QPushButton* m_run;
+    QLabel* m_info;
+    QCustomPlot *m_pplPlot, *m_tokenPlot;
+    QCPBars *m_baseBars, *m_ablBars, *m_tokenBars;
+    EvaluationReport m_report;
+    bool m_has = false;
+    bool m_running = false;                  // Run reads "Stop" meanwhile
+    void setRunning(bool on);
+};
