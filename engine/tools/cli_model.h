@@ -37,7 +37,9 @@ nlohmann::json meta_settings(const LoadedModel& m, const std::string& dir, const
 // A corpus file's text; an Error naming the file when it cannot be read (read it before loading
 // a model, so a wrong path fails at once).
 std::string read_corpus(const std::string& path);
-// Text as token ids: the model's tokenizer; without one, bytes modulo the vocabulary.
+// Text as token ids: the model's tokenizer, special tokens written in the text (<|bos|>, ...)
+// read as those tokens, as training reads its corpus; without a tokenizer, bytes modulo the
+// vocabulary.
 std::vector<int> text_tokens(const std::string& text, const LoadedModel& m);
 // --disable-experts SPEC (parse_expert_spec) applied to the backend, or through the Session when
 // there is one (which records it); layer -> ids, empty without the flag.

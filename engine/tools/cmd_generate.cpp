@@ -110,7 +110,7 @@ std::string read_corpus(const std::string& path) {
 }
 
 std::vector<int> text_tokens(const std::string& text, const LoadedModel& m) {
-    if (m.tokenizer) return m.tokenizer->encode(text, false, false);
+    if (m.tokenizer) return m.tokenizer->encode(text, false, true);  // specials parsed, as training reads a corpus
     std::vector<int> ids;
     const int V = m.backend->config().vocab_size;
     for (unsigned char ch : text) ids.push_back(int(ch) % V);
