@@ -70,6 +70,17 @@ ModelConfig config_with(const std::string& method, int E, int k, int groups, int
     return c;
 }
 
+// The router of the current data row (routeSkipsDisabledExperts_data's columns).
+RouterDims fetched_router() {
+    QFETCH(QString, method);
+    QFETCH(int, E);
+    QFETCH(int, k);
+    QFETCH(int, groups);
+    QFETCH(int, topkGroup);
+    QFETCH(bool, sigmoid);
+    return RouterDims(config_with(method.toStdString(), E, k, groups, topkGroup, sigmoid));
+}
+
 }  // namespace
 
 class TestAblation : public QObject {
@@ -89,13 +100,8 @@ private slots:
         QTest::newRow("greedy softmax 64") << "greedy" << 64 << 6 << 1 << 1 << false;
     }
     void routeSkipsDisabledExperts() {
-        QFETCH(QString, method);
-        QFETCH(int, E);
-        QFETCH(int, k);
-        QFETCH(int, groups);
-        QFETCH(int, topkGroup);
-        QFETCH(bool, sigmoid);
-        const RouterDims d(config_with(method.toStdString(), E, k, groups, topkGroup, sigmoid));
+        const RouterDims d = fetched_router();
+        const int E = d.E, k = d.k;
         std::mt19937 rng(7);
         std::uniform_real_distribution<float> U(-3, 3);
         int masks = 0;
@@ -184,13 +190,8 @@ private slots:
     // the brute-force router run twice, the second time with the first run's top r off too.
     void routeDropsTopExperts_data() { routeSkipsDisabledExperts_data(); }
     void routeDropsTopExperts() {
-        QFETCH(QString, method);
-        QFETCH(int, E);
-        QFETCH(int, k);
-        QFETCH(int, groups);
-        QFETCH(int, topkGroup);
-        QFETCH(bool, sigmoid);
-        const RouterDims d(config_with(method.toStdString(), E, k, groups, topkGroup, sigmoid));
+        const RouterDims d = fetched_router();
+        const int E = d.E, k = d.k;
         std::mt19937 rng(11);
         std::uniform_real_distribution<float> U(-3, 3);
         int runs = 0;

@@ -66,10 +66,9 @@ class TestGuiAblation : public QObject {
 
 private slots:
     void switchExpertsOffAndOn() {
-        MainWindow w(false);
-        w.show();
-        QVERIFY(QTest::qWaitForWindowExposed(&w));
-        QVERIFY(loadFixture(w));
+        std::unique_ptr<MainWindow> win(fixtureWindow());
+        QVERIFY(win);
+        MainWindow& w = *win;
         w.chat()->setStopAtEos(false);
         auto* rv = qobject_cast<RoutingView*>(w.view(QStringLiteral("routing")));
         QVERIFY(rv);
@@ -135,10 +134,9 @@ private slots:
     }
 
     void evaluateViewScoresWithAndWithoutTheAblation() {
-        MainWindow w(false);
-        w.show();
-        QVERIFY(QTest::qWaitForWindowExposed(&w));
-        QVERIFY(loadFixture(w));
+        std::unique_ptr<MainWindow> win(fixtureWindow());
+        QVERIFY(win);
+        MainWindow& w = *win;
         auto* ev = qobject_cast<EvaluateView*>(w.view(QStringLiteral("evaluate")));
         QVERIFY(ev);
         QTemporaryDir dir;
@@ -214,10 +212,9 @@ private slots:
     // Layer 1 is the first MoE layer, so its input is the baseline's and no prompt position may
     // take the expert it ranked first there; a refused value leaves the box at the one in force.
     void dropTopExpertsFromTheSpinBox() {
-        MainWindow w(false);
-        w.show();
-        QVERIFY(QTest::qWaitForWindowExposed(&w));
-        QVERIFY(loadFixture(w));
+        std::unique_ptr<MainWindow> win(fixtureWindow());
+        QVERIFY(win);
+        MainWindow& w = *win;
         w.chat()->setStopAtEos(false);
         auto* rv = qobject_cast<RoutingView*>(w.view(QStringLiteral("routing")));
         QVERIFY(rv);
