@@ -120,6 +120,17 @@ int main(int argc, char** argv) {
         const QString p = prompts.value(sent++);
         if (!w.chat()->send(p)) finish(QStringLiteral("could not send the prompt: ") + w.chat()->statusText());
     };
+    auto startPrompts = [&] {
+        if (!cli.isSet(prompt)) {
+            finish(QString());
+            return;
+        }
+        auto s = w.chat()->sampling();
+        if (cli.isSet(maxTokens)) s.max_tokens = cli.value(maxTokens).toInt();
+        if (cli.isSet(seed)) s.seed = cli.value(seed).toULongLong();
+        w.chat()->setSampling(s);
+        sendNext();
+    };
     auto afterLoad = [&] {
         if (cli.isSet(colour)) {
             const QString c = cli.value(colour);
@@ -137,22 +148,14 @@ int main(int argc, char** argv) {
                 finish(QStringLiteral("could not start training: ") + err);
             return;  // the screenshot follows the run's end
         }
-        if (cli.isSet(evalText)) {  // posted before any prompt: scored first
+        if (cli.isSet(evalText)) {  // scored first; the prompts follow the report
             auto* ev = qobject_cast<EvaluateView*>(w.view(QStringLiteral("evaluate")));
             ev->setTextPath(cli.value(evalText));
             if (cli.isSet(evalWindows)) ev->setWindows(cli.value(evalWindows).toInt());
             ev->run();
-            if (!cli.isSet(prompt)) return;  // the screenshot follows the report
+            return;
         }
-        if (cli.isSet(prompt)) {
-            auto s = w.chat()->sampling();
-            if (cli.isSet(maxTokens)) s.max_tokens = cli.value(maxTokens).toInt();
-            if (cli.isSet(seed)) s.seed = cli.value(seed).toULongLong();
-            w.chat()->setSampling(s);
-            sendNext();
-        } else {
-            finish(QString());
-        }
+        startPrompts();
     };
     QObject::connect(w.engine(), &EngineController::generationFinished, &app, [&] {
         if (sent < prompts.size()) {
@@ -174,7 +177,7 @@ int main(int argc, char** argv) {
     }
     QObject::connect(w.engine(), &EngineController::generationFailed, &app, [&](const QString& m) { finish(m); });
     QObject::connect(w.engine(), &EngineController::evaluationFinished, &app, [&] {
-        if (cli.isSet(evalText) && !cli.isSet(prompt)) finish(QString());
+        if (cli.isSet(evalText)) QTimer::singleShot(0, &app, startPrompts);  // once the engine is idle again
     });
     QObject::connect(w.engine(), &EngineController::evaluationFailed, &app, [&](const QString& m) {
         if (cli.isSet(evalText)) finish(QStringLiteral("could not score the text: ") + m);
