@@ -276,6 +276,9 @@ QString ExpertsView::summaryText() const {
                  .arg(L->specialization, 0, 'f', 3);
     else
         s += tr("; no token seen twice yet, so no consistency");
+    if (const int drop = m_store->dropTop(L->layer); drop > 0)
+        s += drop == 1 ? tr("; each token's top expert is off (it takes its next best)")
+                       : tr("; each token's top %1 experts are off (it takes its next best)").arg(drop);
     return s;
 }
 

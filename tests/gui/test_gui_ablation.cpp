@@ -242,6 +242,10 @@ private slots:
                 ++compared;
             }
         QCOMPARE(compared, 8);
+        auto* ev = qobject_cast<ExpertsView*>(w.view(QStringLiteral("experts")));
+        ev->setLayer(1);
+        ev->refreshNow();
+        QVERIFY2(ev->summaryText().contains(QStringLiteral("each token's top expert is off")), qPrintable(ev->summaryText()));
         // Layer 1 down to two experts per group: dropping 3 could leave a token too few; refused.
         QSignalSpy failed(w.engine(), &EngineController::ablationFailed);
         rv->setLayer(1);
