@@ -338,7 +338,7 @@ void EngineController::clearDisabledExperts() {
     });
 }
 
-void EngineController::evaluate(const QString& path, int maxWindows, int showTokens) {
+void EngineController::evaluate(const QString& path, int maxWindows, bool sweep, int showTokens) {
     if (!m_loaded) {
         emit evaluationFailed(tr("no model loaded"));
         return;
@@ -352,7 +352,7 @@ void EngineController::evaluate(const QString& path, int maxWindows, int showTok
     m_busy = true;
     emit busyChanged(true);
     const int64_t job = ++m_jobId;
-    post([this, path, text, maxWindows, showTokens, job] {
+    post([this, path, text, maxWindows, sweep, showTokens, job] {
         EvaluationReport rep;
         rep.path = path;
         try {
@@ -385,28 +385,50 @@ void EngineController::evaluate(const QString& path, int maxWindows, int showTok
                     return m_cancelUpTo < job;
                 };
             };
-            auto set_ablation = [&](bool on) {
+            // mask: the masks in force or none; drop: each layer's in force (-1), or r in the main
+            // model's MoE layers (the layers "Top off" sets).
+            auto set_ablation = [&](bool mask_on, int drop) {
                 for (int l = 0; l < L; ++l) {
                     if (!c.is_moe_stack_layer(l)) continue;
                     m_backend->set_drop_top_experts(l, 0);  // first, so every mask passes its check
-                    std::vector<uint8_t> mask = on ? masks[size_t(l)] : std::vector<uint8_t>();
+                    std::vector<uint8_t> mask = mask_on ? masks[size_t(l)] : std::vector<uint8_t>();
                     mask.resize(size_t(c.n_routed_experts), 0);
                     m_backend->set_disabled_experts(l, mask);
-                    m_backend->set_drop_top_experts(l, on ? drops[size_t(l)] : 0);
+                    m_backend->set_drop_top_experts(l, drop < 0 ? drops[size_t(l)] : l < c.num_hidden_layers ? drop : 0);
                 }
             };
-            if (rep.ablated) set_ablation(false);
+            auto restore = [&] {
+                if (rep.ablated || sweep) set_ablation(true, -1);
+            };
             try {
+                if (rep.ablated) set_ablation(false, 0);
                 rep.baseline = evaluate_perplexity(*m_backend, ids, o, progress(tr("all experts")));
+                if (rep.ablated && m_cancelUpTo < job) {
+                    set_ablation(true, -1);
+                    rep.withAblation = evaluate_perplexity(*m_backend, ids, o, progress(tr("experts off")));
+                }
+                const RouterDims dims(c);
+                for (int r = 0; sweep && r <= dims.k && m_cancelUpTo < job; ++r) {
+                    bool valid = true;  // as far as the experts switched off allow
+                    for (int l = 0; l < c.num_hidden_layers && valid; ++l) {
+                        if (!c.is_moe_layer(l)) continue;
+                        std::vector<uint8_t> mask = masks[size_t(l)];
+                        mask.resize(size_t(c.n_routed_experts), 0);
+                        try {
+                            check_disabled_experts(dims, mask, l, r);
+                        } catch (const Error&) {
+                            valid = false;
+                        }
+                    }
+                    if (!valid) break;
+                    set_ablation(true, r);
+                    rep.sweep.push_back(evaluate_perplexity(*m_backend, ids, o, progress(tr("top %1 off").arg(r))));
+                }
             } catch (...) {
-                if (rep.ablated) set_ablation(true);
+                restore();
                 throw;
             }
-            if (rep.ablated) {
-                set_ablation(true);
-                if (m_cancelUpTo < job)
-                    rep.withAblation = evaluate_perplexity(*m_backend, ids, o, progress(tr("experts off")));
-            }
+            restore();
             if (m_cancelUpTo >= job) throw CancelledError("evaluation cancelled");
             if (rep.ablated) {
                 rep.hurt = token_impact(ids, rep.baseline, rep.withAblation, 3, showTokens);
@@ -418,6 +440,7 @@ void EngineController::evaluate(const QString& path, int maxWindows, int showTok
             rep.baseline.targets.clear();
             rep.withAblation.losses.clear();
             rep.withAblation.targets.clear();
+            for (PerplexityResult& s : rep.sweep) s.losses.clear(), s.targets.clear();
         } catch (const std::exception& e) {
             const QString msg = dynamic_cast<const CancelledError*>(&e) ? tr("evaluation cancelled")
                                                                         : QString::fromUtf8(e.what());

@@ -58,6 +58,9 @@ struct EvaluationReport {
     QString ablation;                // what was off (the answer summaries' wording)
     std::vector<moescope::TokenImpact> hurt;  // the tokens the ablation hurt most
     std::map<int, QString> texts;    // token id -> text, for `hurt`
+    // With a sweep: each token's top R experts dropped for R = 0, 1, ... (as far as the experts
+    // switched off allow), those experts off in every run; sweep[i] is R = i.
+    std::vector<moescope::PerplexityResult> sweep;
 };
 
 class EngineController : public QObject {
@@ -89,7 +92,8 @@ public:
     // Scores the text file `path` in windows of up to 512 tokens (at most maxWindows, 0: all),
     // with every expert on, then with the ablation in force; the conversation is kept. Progress,
     // then evaluationFinished or evaluationFailed (a missing file, a text under 2 tokens, cancel()).
-    void evaluate(const QString& path, int maxWindows, int showTokens = 12);
+    // sweep: also R = 0..k of "Top off" (EvaluationReport::sweep), DeepSeekMoE's figure.
+    void evaluate(const QString& path, int maxWindows, bool sweep = false, int showTokens = 12);
 
     bool isLoaded() const { return m_loaded; }
     bool isBusy() const { return m_busy; }

@@ -1,6 +1,7 @@
 // EvaluateView: draws an EvaluationReport; the view itself only formats.
 #include "views/EvaluateView.h"
 
+#include <QCheckBox>
 #include <QFileDialog>
 #include <QFileInfo>
 #include <QHBoxLayout>
@@ -41,6 +42,11 @@ EvaluateView::EvaluateView(TelemetryStore* store, QWidget* parent)
     m_windows->setSpecialValueText(tr("all"));
     m_windows->setToolTip(tr("How many windows of the text to score (0: all of it)"));
     controls()->addWidget(m_windows);
+    m_sweep = new QCheckBox(tr("Sweep top off"));
+    m_sweep->setObjectName(QStringLiteral("evalSweep"));
+    m_sweep->setToolTip(tr("Also score the text with each token's top 0, 1, ..., k experts dropped (DeepSeekMoE's "
+                           "redundancy test), the experts switched off in the Routing view off in every run"));
+    controls()->addWidget(m_sweep);
     m_run = new QPushButton(tr("Run"));
     m_run->setObjectName(QStringLiteral("evalRun"));
     m_run->setToolTip(tr("Score the text now (the conversation is kept)"));
@@ -69,7 +75,34 @@ EvaluateView::EvaluateView(TelemetryStore* store, QWidget* parent)
     m_pplPlot->legend->setVisible(true);
     legendBelow(m_pplPlot);
 
-    m_tokenPlot = addPlot(0, 1);
+    m_sweepPlot = addPlot(1, 0);
+    m_sweepMain = m_sweepPlot->addGraph();
+    m_sweepMain->setName(tr("next token"));
+    m_sweepMain->setPen(QPen(QColor(200, 60, 60), 2));
+    m_sweepMain->setScatterStyle(QCPScatterStyle(QCPScatterStyle::ssDisc, 6));
+    m_sweepMtp = m_sweepPlot->addGraph();
+    m_sweepMtp->setName(tr("MTP: token after next"));
+    m_sweepMtp->setPen(QPen(QColor(230, 150, 30), 2, Qt::DashLine));
+    m_sweepMtp->setScatterStyle(QCPScatterStyle(QCPScatterStyle::ssDisc, 6));
+    {
+        QSharedPointer<QCPAxisTickerFixed> whole(new QCPAxisTickerFixed);  // R is a whole number
+        whole->setTickStep(1);
+        whole->setScaleStrategy(QCPAxisTickerFixed::ssMultiples);
+        m_sweepPlot->xAxis->setTicker(whole);
+    }
+    m_sweepPlot->xAxis->setLabel(tr("each token's top R experts dropped"));
+    m_sweepPlot->yAxis->setLabel(tr("perplexity"));
+    m_sweepPlot->plotLayout()->insertRow(0);
+    m_sweepPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_sweepPlot, tr("sweep of \"Top off\"")));
+    m_sweepHint = new QCPItemText(m_sweepPlot);
+    m_sweepHint->setPositionAlignment(Qt::AlignCenter);
+    m_sweepHint->position->setType(QCPItemPosition::ptAxisRectRatio);
+    m_sweepHint->position->setCoords(0.5, 0.5);
+    m_sweepHint->setText(tr("check \"Sweep top off\" and Run: perplexity with each token's top 0..k experts dropped"));
+    m_sweepPlot->legend->setVisible(true);
+    legendBelow(m_sweepPlot);  // a short plot: any inset legend covered a curve
+
+    m_tokenPlot = addPlot(0, 1, 2, 1);
     m_tokenBars = new QCPBars(m_tokenPlot->yAxis, m_tokenPlot->xAxis);  // horizontal: tokens down the y axis
     m_tokenBars->setWidth(0.7);
     m_tokenBars->setPen(Qt::NoPen);
@@ -84,6 +117,8 @@ EvaluateView::EvaluateView(TelemetryStore* store, QWidget* parent)
     m_tokenPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_tokenPlot, tr("tokens the ablation hurt most")));
     plotGrid()->setColumnStretch(0, 2);
     plotGrid()->setColumnStretch(1, 3);
+    plotGrid()->setRowStretch(0, 1);
+    plotGrid()->setRowStretch(1, 1);
 
     connect(m_run, &QPushButton::clicked, this, [this] {
         if (m_running) emit cancelRequested();
@@ -101,6 +136,8 @@ void EvaluateView::setTextPath(const QString& path) { m_path->setText(path); }
 QString EvaluateView::textPath() const { return m_path->text(); }
 int EvaluateView::windows() const { return m_windows->value(); }
 void EvaluateView::setWindows(int n) { m_windows->setValue(n); }
+void EvaluateView::setSweep(bool on) { m_sweep->setChecked(on); }
+int EvaluateView::sweepPoints() const { return m_sweepMain->data()->size(); }
 
 void EvaluateView::run() {
     if (m_path->text().trimmed().isEmpty()) {
@@ -109,7 +146,7 @@ void EvaluateView::run() {
     }
     m_info->setText(tr("scoring %1 ...").arg(m_path->text().trimmed()));
     setRunning(true);
-    emit evaluationRequested(m_path->text().trimmed(), m_windows->value());
+    emit evaluationRequested(m_path->text().trimmed(), m_windows->value(), m_sweep->isChecked());
 }
 
 void EvaluateView::setRunning(bool on) {
@@ -156,6 +193,8 @@ void EvaluateView::refresh() {
     m_baseBars->data()->clear();
     m_ablBars->data()->clear();
     m_tokenBars->data()->clear();
+    m_sweepMain->data()->clear();
+    m_sweepMtp->data()->clear();
     auto* ticks = static_cast<QCPAxisTickerText*>(m_tokenPlot->yAxis->ticker().data());
     ticks->clear();
     if (!m_has) {
@@ -164,6 +203,9 @@ void EvaluateView::refresh() {
         m_pplPlot->yAxis->setRange(0, 1);
         m_tokenPlot->xAxis->setRange(0, 1);
         m_tokenPlot->yAxis->setRange(-0.5, 0.5);
+        m_sweepPlot->xAxis->setRange(0, 1);
+        m_sweepPlot->yAxis->setRange(0, 1);
+        m_sweepHint->setVisible(true);
         return;
     }
     const EvaluationReport& r = m_report;
@@ -223,6 +265,19 @@ void EvaluateView::refresh() {
     }
     m_tokenPlot->xAxis->setRange(lo, hi > lo ? hi * 1.05 : lo + 1);
     m_tokenPlot->yAxis->setRange(-0.6, std::max<double>(1, double(r.hurt.size())) - 0.4);
+
+    double sweepTop = 0;
+    for (size_t i = 0; i < r.sweep.size(); ++i) {
+        m_sweepMain->addData(double(i), r.sweep[i].perplexity());
+        sweepTop = std::max(sweepTop, r.sweep[i].perplexity());
+        if (r.sweep[i].mtp_tokens) {
+            m_sweepMtp->addData(double(i), r.sweep[i].mtp_perplexity());
+            sweepTop = std::max(sweepTop, r.sweep[i].mtp_perplexity());
+        }
+    }
+    m_sweepHint->setVisible(r.sweep.empty());
+    m_sweepPlot->xAxis->setRange(-0.3, std::max<double>(1, double(r.sweep.size()) - 1) + 0.3);
+    m_sweepPlot->yAxis->setRange(0, sweepTop > 0 ? sweepTop * 1.15 : 1);
 }
 
 QString EvaluateView::csv() const {
@@ -242,6 +297,9 @@ QString EvaluateView::csv() const {
     if (b.mtp_tokens)
         s << "mtp_cross_entropy,,token after next," << b.mtp_tokens << ',' << num(b.mtp_cross_entropy) << ','
           << (r.ablated ? num(a.mtp_cross_entropy) : QString()) << '\n';
+    for (size_t i = 0; i < r.sweep.size(); ++i)  // the sweep: experts_off holds the run with R dropped
+        s << "sweep_cross_entropy," << i << ",top " << i << " dropped," << r.sweep[i].tokens << ','
+          << num(b.cross_entropy) << ',' << num(r.sweep[i].cross_entropy) << '\n';
     for (const TokenImpact& t : r.hurt) {
         const auto it = r.texts.find(t.token);
         s << "token," << t.token << ',' << quoted(it == r.texts.end() ? QString() : it->second) << ',' << t.count << ','

@@ -7,10 +7,13 @@
 #include "EngineController.h"
 #include "views/PlotView.h"
 
+class QCheckBox;
 class QLineEdit;
 class QPushButton;
 class QSpinBox;
 class QCPBars;
+class QCPGraph;
+class QCPItemText;
 
 class EvaluateView : public PlotView {
     Q_OBJECT
@@ -22,6 +25,7 @@ public:
     QString textPath() const;
     int windows() const;
     void setWindows(int n);
+    void setSweep(bool on);                  // also each token's top 0..k experts dropped
     void run();                              // asks for an evaluation (evaluationRequested)
     bool running() const { return m_running; }
 
@@ -37,10 +41,11 @@ public:
     const EvaluationReport& report() const { return m_report; }
     int perplexityBarCount() const;          // baseline + ablated bars (0, 2 or 4)
     QStringList tokenBarLabels() const;      // the hurt tokens, most hurt first
+    int sweepPoints() const;                 // points of the next-token curve of the sweep
     QString infoText() const;
 
 signals:
-    void evaluationRequested(const QString& path, int maxWindows);
+    void evaluationRequested(const QString& path, int maxWindows, bool sweep);
     void cancelRequested();                  // Stop while scoring (EngineController::cancel)
 
 protected:
@@ -50,9 +55,12 @@ private:
     QLineEdit* m_path;
     QSpinBox* m_windows;
     QPushButton* m_run;
+    QCheckBox* m_sweep;
     QLabel* m_info;
-    QCustomPlot *m_pplPlot, *m_tokenPlot;
+    QCustomPlot *m_pplPlot, *m_tokenPlot, *m_sweepPlot;
     QCPBars *m_baseBars, *m_ablBars, *m_tokenBars;
+    QCPGraph *m_sweepMain, *m_sweepMtp;
+    QCPItemText* m_sweepHint;
     EvaluationReport m_report;
     bool m_has = false;
     bool m_running = false;                  // Run reads "Stop" meanwhile

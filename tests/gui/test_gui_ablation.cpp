@@ -185,6 +185,23 @@ private slots:
         QCOMPARE(ev->tokenBarLabels().size(), qsizetype(hurt.size()));
         QVERIFY2(ev->infoText().contains(QString::number(std::exp(base.cross_entropy), 'f', 2)), qPrintable(ev->infoText()));
         QVERIFY(ev->csv().startsWith(QStringLiteral("row,token,text,count,all_experts,experts_off\ncross_entropy,")));
+        QCOMPARE(ev->sweepPoints(), 0);
+        // The sweep: each token's top R = 0..k experts dropped, experts 0 and 5 of layer 1 off in
+        // every run; R = 0 is the run above, R = 2 equals our own backend's.
+        ev->setSweep(true);
+        QSignalSpy swept(w.engine(), &EngineController::evaluationFinished);
+        ev->run();
+        QVERIFY(swept.wait(60000) || swept.count() == 1);
+        const int k = model->config().num_experts_per_tok;
+        QCOMPARE(int(ev->report().sweep.size()), k + 1);
+        QCOMPARE(ev->sweepPoints(), k + 1);
+        QCOMPARE(ev->report().sweep[0].cross_entropy, abl.cross_entropy);
+        for (int l = 0; l < model->config().num_hidden_layers; ++l)
+            if (model->config().is_moe_layer(l)) be->set_drop_top_experts(l, 2);
+        QCOMPARE(ev->report().sweep[2].cross_entropy, evaluate_perplexity(*be, ids, o).cross_entropy);
+        QVERIFY(ev->report().sweep[2].cross_entropy != ev->report().sweep[0].cross_entropy);  // random weights: any change
+        QVERIFY(ev->csv().contains(QStringLiteral("\nsweep_cross_entropy,2,top 2 dropped,")));
+        ev->setSweep(false);
         // Cancelled (Stop) before its first window ends: reported, Run again, nothing changed.
         QSignalSpy stopped(w.engine(), &EngineController::evaluationFailed);
         ev->run();
