@@ -101,6 +101,8 @@ nlohmann::json meta_settings(const LoadedModel& m, const std::string& dir, const
 }
 
 std::string read_corpus(const std::string& path) {
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec)) throw Error(path + ": is a folder, not a text file");
     std::ifstream in(path, std::ios::binary);
     if (!in) throw Error(path + ": cannot open the corpus");
     std::stringstream ss;

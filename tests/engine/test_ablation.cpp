@@ -668,6 +668,9 @@ private slots:
         const test::CliRun missing = test::run_cli({"perplexity", model, "--corpus", dir.filePath("none.txt")});
         QVERIFY(missing.code != 0);
         QVERIFY2(missing.err.contains("none.txt: cannot open the corpus"), missing.err.constData());
+        const test::CliRun folder = test::run_cli({"perplexity", model, "--corpus", dir.path()});
+        QVERIFY(folder.code != 0);
+        QVERIFY2(folder.err.contains("is a folder, not a text file"), folder.err.constData());
     }
 };
 
