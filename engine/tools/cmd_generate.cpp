@@ -142,10 +142,14 @@ void drop_top_experts(Backend& backend, int r, Session* session) {
 int drop_top_experts(const Args& a, Backend& backend, Session* session) {
     if (!a.get("drop-top-experts")) return 0;
     const long long v = a.integer("drop-top-experts", 0);
-    const int r = v < 0 || v > 1 << 20 ? -1 : int(v);  // out of range: refused by the check, named
-    if (backend.config().n_routed_experts == 0) throw UsageError("--drop-top-experts: the model has no routed experts");
-    drop_top_experts(backend, r, session);
-    return r;
+    const ModelConfig& c = backend.config();
+    if (c.n_routed_experts == 0) throw UsageError("--drop-top-experts: the model has no routed experts");
+    if (v < 0 || v > c.num_experts_per_tok)
+        throw UsageError("--drop-top-experts: each token takes " + std::to_string(c.num_experts_per_tok) +
+                         " experts, so 0-" + std::to_string(c.num_experts_per_tok) + " can be dropped; got " +
+                         std::to_string(v));
+    drop_top_experts(backend, int(v), session);
+    return int(v);
 }
 
 namespace {
