@@ -229,7 +229,7 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
         std::printf("\ntokens it hurt most, %s (predicted >= %d times; -ln p baseline -> ablated, share of the rise):\n",
                     run.label().c_str(), min_count);
         for (const TokenImpact& t : hurt) {
-            std::printf("  %-16s x%-5lld %6.2f -> %6.2f (%+.2f each", quote_token(token_text(m, t.token)).c_str(),
+            std::printf("  %-16s ×%-5lld %6.2f -> %6.2f (%+.2f each", quote_token(token_text(m, t.token)).c_str(),
                         static_cast<long long>(t.count), t.baseline, t.ablated, t.ablated - t.baseline);
             if (rise > 0) std::printf(", %4.1f%%", 100.0 * t.added / rise);
             std::printf(")\n");
