@@ -338,7 +338,7 @@ void EngineController::clearDisabledExperts() {
     });
 }
 
-void EngineController::evaluate(const QString& path, int maxWindows, bool sweep, int showTokens) {
+void EngineController::evaluate(const QString& path, int maxWindows, EvalSweep sweep, int showTokens) {
     if (!m_loaded) {
         emit evaluationFailed(tr("no model loaded"));
         return;
@@ -398,7 +398,7 @@ void EngineController::evaluate(const QString& path, int maxWindows, bool sweep,
                 }
             };
             auto restore = [&] {
-                if (rep.ablated || sweep) set_ablation(true, -1);
+                if (rep.ablated || sweep != EvalSweep::None) set_ablation(true, -1);
             };
             try {
                 if (rep.ablated) set_ablation(false, 0);
@@ -408,21 +408,29 @@ void EngineController::evaluate(const QString& path, int maxWindows, bool sweep,
                     rep.withAblation = evaluate_perplexity(*m_backend, ids, o, progress(tr("experts off")));
                 }
                 const RouterDims dims(c);
-                for (int r = 0; sweep && r <= dims.k && m_cancelUpTo < job; ++r) {
-                    bool valid = true;  // as far as the experts switched off allow
-                    for (int l = 0; l < c.num_hidden_layers && valid; ++l) {
-                        if (!c.is_moe_layer(l)) continue;
-                        std::vector<uint8_t> mask = masks[size_t(l)];
-                        mask.resize(size_t(c.n_routed_experts), 0);
-                        try {
-                            check_disabled_experts(dims, mask, l, r);
-                        } catch (const Error&) {
-                            valid = false;
-                        }
+                auto allows = [&](int l, int r) {  // layer l's experts switched off leave room for r more
+                    std::vector<uint8_t> mask = masks[size_t(l)];
+                    mask.resize(size_t(c.n_routed_experts), 0);
+                    try {
+                        check_disabled_experts(dims, mask, l, r);
+                        return true;
+                    } catch (const Error&) {
+                        return false;
                     }
+                };
+                for (int r = 0; sweep == EvalSweep::TopR && r <= dims.k && m_cancelUpTo < job; ++r) {
+                    bool valid = true;
+                    for (int l = 0; l < c.num_hidden_layers && valid; ++l) valid = !c.is_moe_layer(l) || allows(l, r);
                     if (!valid) break;
                     set_ablation(true, r);
                     rep.sweep.push_back(evaluate_perplexity(*m_backend, ids, o, progress(tr("top %1 off").arg(r))));
+                }
+                for (int l = 0; sweep == EvalSweep::PerLayer && l < c.num_hidden_layers && m_cancelUpTo < job; ++l) {
+                    if (!c.is_moe_layer(l) || !allows(l, 1)) continue;
+                    set_ablation(true, 0);
+                    m_backend->set_drop_top_experts(l, 1);
+                    rep.sweep.push_back(evaluate_perplexity(*m_backend, ids, o, progress(tr("layer %1, top 1 off").arg(l))));
+                    rep.sweepLayers.push_back(l);
                 }
             } catch (...) {
                 restore();

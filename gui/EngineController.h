@@ -58,10 +58,15 @@ struct EvaluationReport {
     QString ablation;                // what was off (the answer summaries' wording)
     std::vector<moescope::TokenImpact> hurt;  // the tokens the ablation hurt most
     std::map<int, QString> texts;    // token id -> text, for `hurt`
-    // With a sweep: each token's top R experts dropped for R = 0, 1, ... (as far as the experts
-    // switched off allow), those experts off in every run; sweep[i] is R = i.
+    // With a sweep, the experts switched off stay off in every run. Over R: each token's top R
+    // experts dropped in every MoE layer of the main model, R = 0, 1, ... as far as the experts
+    // switched off allow (sweep[i] is R = i). Per layer: each token's top expert dropped in one
+    // MoE layer alone, sweepLayers[i] being that layer.
     std::vector<moescope::PerplexityResult> sweep;
+    std::vector<int> sweepLayers;
 };
+
+enum class EvalSweep { None, TopR, PerLayer };
 
 class EngineController : public QObject {
     Q_OBJECT
@@ -92,8 +97,9 @@ public:
     // Scores the text file `path` in windows of up to 512 tokens (at most maxWindows, 0: all),
     // with every expert on, then with the ablation in force; the conversation is kept. Progress,
     // then evaluationFinished or evaluationFailed (a missing file, a text under 2 tokens, cancel()).
-    // sweep: also R = 0..k of "Top off" (EvaluationReport::sweep), DeepSeekMoE's figure.
-    void evaluate(const QString& path, int maxWindows, bool sweep = false, int showTokens = 12);
+    // sweep: also "Top off" at R = 0..k (DeepSeekMoE's figure) or at 1 in each MoE layer alone
+    // (EvaluationReport::sweep).
+    void evaluate(const QString& path, int maxWindows, EvalSweep sweep = EvalSweep::None, int showTokens = 12);
 
     bool isLoaded() const { return m_loaded; }
     bool isBusy() const { return m_busy; }

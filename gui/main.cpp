@@ -2,7 +2,7 @@
 //   moescope [--model DIR] [--trace FILE.jsonl]
 //            [--screenshot FILE.png [--view NAME] [--prompt TEXT]... [--max-tokens N] [--seed N] [--mtp-off-turns N] [--dark]
 //             [--colour expert|mtp|surprisal] [--online-balancing GAMMA] [--disable-experts SPEC]
-//             [--drop-top-experts R] [--evaluate FILE [--eval-windows N] [--eval-sweep]]
+//             [--drop-top-experts R] [--evaluate FILE [--eval-windows N] [--eval-sweep top|layers]]
 //             [--train tiny|small --corpus FILE... --steps N]] [--export DIR]
 // --export writes every view's PNG, PDF and CSV and the session's telemetry.jsonl into DIR.
 // --screenshot renders the window (works under QT_QPA_PLATFORM=offscreen) after loading and,
@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
     QCommandLineOption disable(QStringLiteral("disable-experts"), QStringLiteral("Switch routed experts off after loading (an ablation): LAYER:EXPERTS, e.g. 1:3,7;2:0-3 or *:5."), QStringLiteral("SPEC"));
     QCommandLineOption dropTop(QStringLiteral("drop-top-experts"), QStringLiteral("Switch each token's R highest-ranked experts off for it in every MoE layer (DeepSeekMoE's redundancy test)."), QStringLiteral("R"));
     QCommandLineOption evalText(QStringLiteral("evaluate"), QStringLiteral("Score a held-out text file after loading (the Evaluate view): perplexity with every expert on and with the ablation set."), QStringLiteral("FILE"));
-    QCommandLineOption evalSweep(QStringLiteral("eval-sweep"), QStringLiteral("With --evaluate: also each token's top 0..k experts dropped (the Evaluate view's sweep)."));
+    QCommandLineOption evalSweep(QStringLiteral("eval-sweep"), QStringLiteral("With --evaluate: also a sweep of Top off, over R (top) or one MoE layer at a time (layers)."), QStringLiteral("top|layers"));
     QCommandLineOption evalWindows(QStringLiteral("eval-windows"), QStringLiteral("Windows of the --evaluate text to score (default 8, 0: all)."), QStringLiteral("N"));
     cli.addOptions({backend, model, trace, shot, view, prompt, maxTokens, seed, dark, colour, balance, disable, dropTop, evalText, evalWindows, evalSweep, exportDir, train, corpus, steps, noMtpTurns});
     cli.process(app);
@@ -153,7 +153,8 @@ int main(int argc, char** argv) {
             auto* ev = qobject_cast<EvaluateView*>(w.view(QStringLiteral("evaluate")));
             ev->setTextPath(cli.value(evalText));
             if (cli.isSet(evalWindows)) ev->setWindows(cli.value(evalWindows).toInt());
-            ev->setSweep(cli.isSet(evalSweep));
+            if (cli.isSet(evalSweep))
+                ev->setSweep(cli.value(evalSweep) == QLatin1String("layers") ? EvalSweep::PerLayer : EvalSweep::TopR);
             ev->run();
             return;
         }

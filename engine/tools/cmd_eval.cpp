@@ -52,9 +52,11 @@ std::string token_text(const LoadedModel& m, int id) {
 struct AblationRun {
     bool masked = false;  // --disable-experts too
     int drop_top = 0;
+    int layer = -1;       // --per-layer: the one MoE layer dropping them (-1: every MoE layer)
     PerplexityResult result;
     std::string label() const {
         if (drop_top == 0) return "experts off";
+        if (layer >= 0) return "layer " + std::to_string(layer) + ": top " + std::to_string(drop_top) + " off";
         return (masked ? "off + top " : "top ") + std::to_string(drop_top) + " dropped";
     }
 };
@@ -83,7 +85,7 @@ void write_losses_csv(const std::string& path, const std::vector<int>& ids, cons
 }
 
 int cmd_perplexity(const std::vector<std::string>& argv) {
-    Args a(argv, {"json", "no-mtp"});
+    Args a(argv, {"json", "no-mtp", "per-layer"});
     a.check_known({"corpus", "context", "max-windows", "disable-experts", "drop-top-experts", "backend", "weights",
                    "show-tokens", "min-count", "losses-csv"});
     const int show_tokens = int(a.integer("show-tokens", 10));  // 0: none
@@ -119,25 +121,34 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
     const std::map<int, std::vector<int>> off = spec ? parse_expert_spec(*spec, cfg) : std::map<int, std::vector<int>>{};
     std::vector<int> drops = a.int_list("drop-top-experts");
     if (!drops.empty() && cfg.n_routed_experts == 0) throw UsageError("--drop-top-experts: the model has no routed experts");
+    if (a.has("per-layer") && drops.empty()) throw UsageError("--per-layer needs --drop-top-experts R");
     if (drops.empty() && !off.empty()) drops.push_back(0);
     if (a.has("losses-csv") && drops.empty()) throw UsageError("--losses-csv needs an ablation to compare with");
     o.keep_losses = !drops.empty();
-    auto ablate = [&](bool mask, int r) {  // drop_top 0 first, so the mask is checked alone
-        drop_top_experts(*m.backend, 0);
-        for (const auto& [layer, experts] : off)
-            m.backend->set_disabled_experts(layer, mask ? expert_mask(experts, cfg.n_routed_experts, layer)
-                                                        : std::vector<uint8_t>(size_t(cfg.n_routed_experts), 0));
-        drop_top_experts(*m.backend, r);
-    };
-    for (int r : drops) ablate(true, r);
-    ablate(false, 0);
-    const PerplexityResult base = evaluate("baseline");
+    // The runs: R in every MoE layer of the main model, or with --per-layer in each one alone.
     std::vector<AblationRun> runs;
     for (int r : drops) {
-        ablate(true, r);
-        AblationRun run{!off.empty(), r, {}};
+        if (!a.has("per-layer") || r == 0) {
+            runs.push_back(AblationRun{!off.empty(), r, -1, {}});
+            continue;
+        }
+        for (int l = 0; l < cfg.num_hidden_layers; ++l)
+            if (cfg.is_moe_layer(l)) runs.push_back(AblationRun{!off.empty(), r, l, {}});
+    }
+    auto ablate = [&](bool mask, int r, int layer) {  // drop_top 0 first, so the mask is checked alone
+        drop_top_experts(*m.backend, 0);
+        for (const auto& [l, experts] : off)
+            m.backend->set_disabled_experts(l, mask ? expert_mask(experts, cfg.n_routed_experts, l)
+                                                    : std::vector<uint8_t>(size_t(cfg.n_routed_experts), 0));
+        if (layer < 0) drop_top_experts(*m.backend, r);
+        else m.backend->set_drop_top_experts(layer, r);
+    };
+    for (const AblationRun& run : runs) ablate(true, run.drop_top, run.layer);
+    ablate(false, 0, -1);
+    const PerplexityResult base = evaluate("baseline");
+    for (AblationRun& run : runs) {
+        ablate(true, run.drop_top, run.layer);
         run.result = evaluate(run.label());
-        runs.push_back(std::move(run));
     }
     if (json) {
         nlohmann::json j = result_json(base);
@@ -156,6 +167,7 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
             nlohmann::json ab = result_json(run.result);
             ab["disabled"] = disabled;
             ab["drop_top"] = run.drop_top;
+            if (run.layer >= 0) ab["layer"] = run.layer;
             ab["delta_cross_entropy"] = run.result.cross_entropy - base.cross_entropy;
             nlohmann::json hurt = nlohmann::json::array();
             if (show_tokens > 0)
@@ -219,8 +231,8 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
         }
     }
     if (runs.size() > 1 || runs[0].drop_top > 0)
-        std::printf("top R dropped: each token's R highest-ranked experts switched off for it, in every MoE layer of "
-                    "the main model\n");
+        std::printf("top R dropped: each token's R highest-ranked experts switched off for it, in %s\n",
+                    a.has("per-layer") ? "the layer named" : "every MoE layer of the main model");
     for (const AblationRun& run : runs) {
         if (show_tokens == 0) break;
         const auto hurt = token_impact(ids, base, run.result, min_count, show_tokens);
@@ -240,7 +252,7 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
 
 CliCommand perplexity_cmd("perplexity",
                           "perplexity MODEL_DIR --corpus FILE [--context N] [--max-windows N] [--no-mtp] "
-                          "[--disable-experts L:E,E-E;...] [--drop-top-experts R[,R...]] [--show-tokens N] "
+                          "[--disable-experts L:E,E-E;...] [--drop-top-experts R[,R...] [--per-layer]] [--show-tokens N] "
                           "[--min-count N] [--losses-csv FILE] [--backend cpu|cuda|auto] [--weights f32|bf16|auto] "
                           "[--json]"
                           "   held-out cross-entropy; with experts switched off, against the baseline",

@@ -1,7 +1,7 @@
 // EvaluateView: draws an EvaluationReport; the view itself only formats.
 #include "views/EvaluateView.h"
 
-#include <QCheckBox>
+#include <QComboBox>
 #include <QFileDialog>
 #include <QFileInfo>
 #include <QHBoxLayout>
@@ -42,10 +42,15 @@ EvaluateView::EvaluateView(TelemetryStore* store, QWidget* parent)
     m_windows->setSpecialValueText(tr("all"));
     m_windows->setToolTip(tr("How many windows of the text to score (0: all of it)"));
     controls()->addWidget(m_windows);
-    m_sweep = new QCheckBox(tr("Sweep top off"));
+    m_sweep = new QComboBox;
     m_sweep->setObjectName(QStringLiteral("evalSweep"));
-    m_sweep->setToolTip(tr("Also score the text with each token's top 0, 1, ..., k experts dropped (DeepSeekMoE's "
-                           "redundancy test), the experts switched off in the Routing view off in every run"));
+    m_sweep->addItem(tr("no sweep"), int(EvalSweep::None));
+    m_sweep->addItem(tr("Top off 0..k"), int(EvalSweep::TopR));
+    m_sweep->addItem(tr("Top off by layer"), int(EvalSweep::PerLayer));
+    m_sweep->setToolTip(tr("Also score the text with each token's top 0, 1, ..., k experts dropped in every MoE layer "
+                           "(DeepSeekMoE's redundancy test), or with its top expert dropped in one MoE layer at a time "
+                           "(which layer's routing matters most); the experts switched off in the Routing view stay "
+                           "off in every run"));
     controls()->addWidget(m_sweep);
     m_run = new QPushButton(tr("Run"));
     m_run->setObjectName(QStringLiteral("evalRun"));
@@ -98,7 +103,8 @@ EvaluateView::EvaluateView(TelemetryStore* store, QWidget* parent)
     m_sweepHint->setPositionAlignment(Qt::AlignCenter);
     m_sweepHint->position->setType(QCPItemPosition::ptAxisRectRatio);
     m_sweepHint->position->setCoords(0.5, 0.5);
-    m_sweepHint->setText(tr("check \"Sweep top off\" and Run: perplexity with each token's top 0..k experts dropped"));
+    m_sweepHint->setText(tr("choose a sweep and Run: perplexity with each token's top 0..k experts dropped, or its top "
+                            "expert in one layer at a time"));
     m_sweepPlot->legend->setVisible(true);
     legendBelow(m_sweepPlot);  // a short plot: any inset legend covered a curve
 
@@ -136,7 +142,7 @@ void EvaluateView::setTextPath(const QString& path) { m_path->setText(path); }
 QString EvaluateView::textPath() const { return m_path->text(); }
 int EvaluateView::windows() const { return m_windows->value(); }
 void EvaluateView::setWindows(int n) { m_windows->setValue(n); }
-void EvaluateView::setSweep(bool on) { m_sweep->setChecked(on); }
+void EvaluateView::setSweep(EvalSweep sweep) { m_sweep->setCurrentIndex(m_sweep->findData(int(sweep))); }
 int EvaluateView::sweepPoints() const { return m_sweepMain->data()->size(); }
 
 void EvaluateView::run() {
@@ -146,7 +152,7 @@ void EvaluateView::run() {
     }
     m_info->setText(tr("scoring %1 ...").arg(m_path->text().trimmed()));
     setRunning(true);
-    emit evaluationRequested(m_path->text().trimmed(), m_windows->value(), m_sweep->isChecked());
+    emit evaluationRequested(m_path->text().trimmed(), m_windows->value(), EvalSweep(m_sweep->currentData().toInt()));
 }
 
 void EvaluateView::setRunning(bool on) {
@@ -266,17 +272,25 @@ void EvaluateView::refresh() {
     m_tokenPlot->xAxis->setRange(lo, hi > lo ? hi * 1.05 : lo + 1);
     m_tokenPlot->yAxis->setRange(-0.6, std::max<double>(1, double(r.hurt.size())) - 0.4);
 
+    // Over R: x is R. Per layer: x is the layer, and the baseline (nothing dropped) is the
+    // dotted level every point is measured against.
+    const bool perLayer = !r.sweepLayers.empty();
     double sweepTop = 0;
     for (size_t i = 0; i < r.sweep.size(); ++i) {
-        m_sweepMain->addData(double(i), r.sweep[i].perplexity());
+        const double x = perLayer ? double(r.sweepLayers[i]) : double(i);
+        m_sweepMain->addData(x, r.sweep[i].perplexity());
         sweepTop = std::max(sweepTop, r.sweep[i].perplexity());
         if (r.sweep[i].mtp_tokens) {
-            m_sweepMtp->addData(double(i), r.sweep[i].mtp_perplexity());
+            m_sweepMtp->addData(x, r.sweep[i].mtp_perplexity());
             sweepTop = std::max(sweepTop, r.sweep[i].mtp_perplexity());
         }
     }
     m_sweepHint->setVisible(r.sweep.empty());
-    m_sweepPlot->xAxis->setRange(-0.3, std::max<double>(1, double(r.sweep.size()) - 1) + 0.3);
+    m_sweepPlot->xAxis->setLabel(perLayer ? tr("MoE layer where each token's top expert is dropped")
+                                          : tr("each token's top R experts dropped"));
+    const double x0 = perLayer ? double(r.sweepLayers.front()) : 0.0;
+    const double x1 = perLayer ? double(r.sweepLayers.back()) : double(r.sweep.size()) - 1;
+    m_sweepPlot->xAxis->setRange(x0 - 0.3, std::max(x0 + 1, x1) + 0.3);
     m_sweepPlot->yAxis->setRange(0, sweepTop > 0 ? sweepTop * 1.15 : 1);
 }
 
@@ -298,8 +312,10 @@ QString EvaluateView::csv() const {
         s << "mtp_cross_entropy,,token after next," << b.mtp_tokens << ',' << num(b.mtp_cross_entropy) << ','
           << (r.ablated ? num(a.mtp_cross_entropy) : QString()) << '\n';
     for (size_t i = 0; i < r.sweep.size(); ++i)  // the sweep: experts_off holds the run with R dropped
-        s << "sweep_cross_entropy," << i << ",top " << i << " dropped," << r.sweep[i].tokens << ','
-          << num(b.cross_entropy) << ',' << num(r.sweep[i].cross_entropy) << '\n';
+        s << "sweep_cross_entropy," << i << ','
+          << (r.sweepLayers.empty() ? QStringLiteral("top %1 dropped").arg(i)
+                                    : QStringLiteral("layer %1: top 1 dropped").arg(r.sweepLayers[i]))
+          << ',' << r.sweep[i].tokens << ',' << num(b.cross_entropy) << ',' << num(r.sweep[i].cross_entropy) << '\n';
     for (const TokenImpact& t : r.hurt) {
         const auto it = r.texts.find(t.token);
         s << "token," << t.token << ',' << quoted(it == r.texts.end() ? QString() : it->second) << ',' << t.count << ','

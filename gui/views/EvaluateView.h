@@ -7,7 +7,7 @@
 #include "EngineController.h"
 #include "views/PlotView.h"
 
-class QCheckBox;
+class QComboBox;
 class QLineEdit;
 class QPushButton;
 class QSpinBox;
@@ -25,7 +25,7 @@ public:
     QString textPath() const;
     int windows() const;
     void setWindows(int n);
-    void setSweep(bool on);                  // also each token's top 0..k experts dropped
+    void setSweep(EvalSweep sweep);          // also "Top off" over R, or in each layer alone
     void run();                              // asks for an evaluation (evaluationRequested)
     bool running() const { return m_running; }
 
@@ -45,7 +45,7 @@ public:
     QString infoText() const;
 
 signals:
-    void evaluationRequested(const QString& path, int maxWindows, bool sweep);
+    void evaluationRequested(const QString& path, int maxWindows, EvalSweep sweep);
     void cancelRequested();                  // Stop while scoring (EngineController::cancel)
 
 protected:
@@ -55,7 +55,7 @@ private:
     QLineEdit* m_path;
     QSpinBox* m_windows;
     QPushButton* m_run;
-    QCheckBox* m_sweep;
+    QComboBox* m_sweep;
     QLabel* m_info;
     QCustomPlot *m_pplPlot, *m_tokenPlot, *m_sweepPlot;
     QCPBars *m_baseBars, *m_ablBars, *m_tokenBars;

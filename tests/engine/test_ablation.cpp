@@ -638,6 +638,28 @@ private slots:
         const test::CliRun quiet = test::run_cli({"perplexity", model, "--corpus", corpus, "--context", "64", "--backend",
                                                   "cpu", "--drop-top-experts", "1", "--show-tokens", "0"});
         QVERIFY2(quiet.code == 0 && !quiet.out.contains("tokens it hurt most"), quiet.out.constData());
+        // --per-layer: one run per MoE layer, each equal to a backend dropping there alone.
+        const test::CliRun pl = test::run_cli({"perplexity", model, "--corpus", corpus, "--context", "64", "--backend",
+                                               "cpu", "--drop-top-experts", "1", "--per-layer", "--json"});
+        QVERIFY2(pl.code == 0, pl.err.constData());
+        const auto pj = nlohmann::json::parse(pl.out.toStdString());
+        QCOMPARE(pj["ablations"].size(), size_t(3));  // MoE layers 1-3 of tiny-v3
+        {
+            auto m = load_model(test::tiny_dir());
+            auto be = make_cpu_backend(m);
+            std::vector<int> ids;
+            QFile cf2(corpus);
+            QVERIFY(cf2.open(QIODevice::ReadOnly));
+            for (char ch : cf2.readAll()) ids.push_back(int(static_cast<unsigned char>(ch)) % m->config().vocab_size);
+            PerplexityOptions po;
+            po.context = 64;
+            for (int i = 0; i < 3; ++i) {
+                const auto& run = pj["ablations"][size_t(i)];
+                QCOMPARE(run["layer"].get<int>(), i + 1);
+                for (int l = 1; l <= 3; ++l) be->set_drop_top_experts(l, l == i + 1 ? 1 : 0);
+                QCOMPARE(run["cross_entropy"].get<double>(), evaluate_perplexity(*be, ids, po).cross_entropy);
+            }
+        }
         const test::CliRun many = test::run_cli({"perplexity", model, "--corpus", corpus, "--drop-top-experts", "5"});
         QVERIFY(many.code != 0);
         QVERIFY2(many.err.contains("cannot drop 5 of each token's top experts"), many.err.constData());

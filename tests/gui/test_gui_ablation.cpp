@@ -188,7 +188,7 @@ private slots:
         QCOMPARE(ev->sweepPoints(), 0);
         // The sweep: each token's top R = 0..k experts dropped, experts 0 and 5 of layer 1 off in
         // every run; R = 0 is the run above, R = 2 equals our own backend's.
-        ev->setSweep(true);
+        ev->setSweep(EvalSweep::TopR);
         QSignalSpy swept(w.engine(), &EngineController::evaluationFinished);
         ev->run();
         QVERIFY(swept.wait(60000) || swept.count() == 1);
@@ -201,7 +201,19 @@ private slots:
         QCOMPARE(ev->report().sweep[2].cross_entropy, evaluate_perplexity(*be, ids, o).cross_entropy);
         QVERIFY(ev->report().sweep[2].cross_entropy != ev->report().sweep[0].cross_entropy);  // random weights: any change
         QVERIFY(ev->csv().contains(QStringLiteral("\nsweep_cross_entropy,2,top 2 dropped,")));
-        ev->setSweep(false);
+        // Per layer: each token's top expert dropped in one MoE layer alone.
+        ev->setSweep(EvalSweep::PerLayer);
+        QSignalSpy layered(w.engine(), &EngineController::evaluationFinished);
+        ev->run();
+        QVERIFY(layered.wait(60000) || layered.count() == 1);
+        QCOMPARE(ev->report().sweepLayers, (std::vector<int>{1, 2, 3}));
+        QCOMPARE(ev->sweepPoints(), 3);
+        for (int i = 0; i < 3; ++i) {
+            for (int l = 1; l <= 3; ++l) be->set_drop_top_experts(l, l == i + 1 ? 1 : 0);
+            QCOMPARE(ev->report().sweep[size_t(i)].cross_entropy, evaluate_perplexity(*be, ids, o).cross_entropy);
+        }
+        QVERIFY(ev->csv().contains(QStringLiteral("\nsweep_cross_entropy,1,layer 2: top 1 dropped,")));
+        ev->setSweep(EvalSweep::None);
         // Cancelled (Stop) before its first window ends: reported, Run again, nothing changed.
         QSignalSpy stopped(w.engine(), &EngineController::evaluationFailed);
         ev->run();
