@@ -22,8 +22,10 @@ int cmd_trace(const std::vector<std::string>& argv) {
     std::map<std::string, int> count;
     std::map<int, std::vector<int64_t>> total;
     int64_t drafted = 0, accepted = 0;
+    std::vector<AblationRecord> ablations;  // every change, in order
     for (const auto& r : recs) {
         count[record_type(r)]++;
+        if (auto* x = std::get_if<AblationRecord>(&r)) ablations.push_back(*x);
         if (auto* x = std::get_if<RouteRecord>(&r)) routes.push_back(*x);
         if (auto* x = std::get_if<LoadRecord>(&r)) {
             loads.push_back(*x);
@@ -48,6 +50,12 @@ int cmd_trace(const std::vector<std::string>& argv) {
     j["mtp"] = {{"draft_tokens", drafted},
                 {"accepted_tokens", accepted},
                 {"acceptance_rate", drafted ? double(accepted) / double(drafted) : 0.0}};
+    if (!ablations.empty()) {
+        j["ablations"] = nlohmann::json::array();
+        for (const auto& x : ablations)
+            j["ablations"].push_back({{"step", x.step}, {"layer", x.layer}, {"disabled", x.disabled},
+                                      {"drop_top", x.drop_top}});
+    }
     if (a.has("json")) {
         std::cout << j.dump() << "\n";
     } else {
@@ -56,6 +64,14 @@ int cmd_trace(const std::vector<std::string>& argv) {
         for (const auto& [layer, t] : total) std::printf("  layer %d: MaxVio over the trace %.3f\n", layer, max_violation(t));
         if (drafted) std::printf("  MTP acceptance %.1f%% of %lld drafted tokens\n", 100.0 * accepted / drafted,
                                  static_cast<long long>(drafted));
+        for (const auto& x : ablations) {  // what was switched off, from which step
+            std::string what;
+            for (int e : x.disabled) what += (what.empty() ? "experts " : ",") + std::to_string(e);
+            if (x.drop_top > 0)
+                what += (what.empty() ? "" : "; ") + std::string("each token's top ") + std::to_string(x.drop_top) + " dropped";
+            std::printf("  ablation from step %lld, layer %d: %s\n", static_cast<long long>(x.step), x.layer,
+                        what.empty() ? "every expert on" : what.c_str());
+        }
     }
     return 0;
 }

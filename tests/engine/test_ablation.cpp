@@ -690,6 +690,24 @@ private slots:
         const test::CliRun missing = test::run_cli({"perplexity", model, "--corpus", dir.filePath("none.txt")});
         QVERIFY(missing.code != 0);
         QVERIFY2(missing.err.contains("none.txt: cannot open the corpus"), missing.err.constData());
+        // A generation's trace records both ablations, and `trace` reports them.
+        const QString trace = dir.filePath("ablated.jsonl");
+        const test::CliRun gen = test::run_cli({"generate", model, "--prompt-tokens", "1,2,3", "--max-tokens", "4",
+                                                "--backend", "cpu", "--disable-experts", "1:3", "--drop-top-experts", "1",
+                                                "--telemetry", trace, "--quiet"});
+        QVERIFY2(gen.code == 0, gen.err.constData());
+        const test::CliRun tr = test::run_cli({"trace", trace, "--json"});
+        QVERIFY2(tr.code == 0, tr.err.constData());
+        const auto trj = nlohmann::json::parse(tr.out.toStdString());
+        const auto& abls = trj["ablations"];
+        QCOMPARE(abls.size(), size_t(4));  // layer 1's mask, then drop_top in layers 1-3
+        QCOMPARE(abls[0]["disabled"].get<std::vector<int>>(), std::vector<int>{3});
+        QCOMPARE(abls[1]["layer"].get<int>(), 1);
+        QCOMPARE(abls[1]["drop_top"].get<int>(), 1);
+        QCOMPARE(abls[1]["disabled"].get<std::vector<int>>(), std::vector<int>{3});
+        QCOMPARE(abls[3]["layer"].get<int>(), 3);
+        const test::CliRun trt = test::run_cli({"trace", trace});
+        QVERIFY2(trt.out.contains("layer 1: experts 3; each token's top 1 dropped"), trt.out.constData());
         const test::CliRun folder = test::run_cli({"perplexity", model, "--corpus", dir.path()});
         QVERIFY(folder.code != 0);
         QVERIFY2(folder.err.contains("is a folder, not a text file"), folder.err.constData());
