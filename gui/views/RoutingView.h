@@ -31,7 +31,7 @@ public:
     // field, or a double-clicked load bar toggled in or out of the layer's list.
     void requestDisabled(const QString& text);
     void toggleDisabled(int expert);
-    // The "Off" field and "Drop top" box set to the ablation in force, focused or not (after a
+    // The "Off" field and "Top off" box set to the ablation in force, focused or not (after a
     // refused request).
     void showAblationInForce();
 

@@ -237,7 +237,7 @@ private slots:
         QVERIFY(ev->hasReport());
     }
 
-    // The "Drop top" box: each token's top-ranked expert switched off for it in every MoE layer.
+    // The "Top off" box: each token's top-ranked expert switched off for it in every MoE layer.
     // Layer 1 is the first MoE layer, so its input is the baseline's and no prompt position may
     // take the expert it ranked first there; a refused value leaves the box at the one in force.
     void dropTopExpertsFromTheSpinBox() {
