@@ -248,9 +248,7 @@ void EngineController::applyAblation(const std::map<int, std::vector<int>>& laye
     // All or nothing: every MoE layer's new state is checked before any is applied.
     const ModelConfig& c = m_backend->config();
     const RouterDims dims(c);
-    for (const auto& [l, ids] : layers)
-        if (!c.is_moe_stack_layer(l))
-            throw Error("layer " + std::to_string(l) + " is not an MoE layer: it has no experts to disable");
+    for (const auto& [l, ids] : layers) check_moe_layer(c, l);
     std::vector<int> moe;  // drop_top's layers: the main model's (those of a "*" spec)
     for (int l = 0; l < c.num_hidden_layers; ++l)
         if (c.is_moe_layer(l)) moe.push_back(l);

@@ -325,11 +325,6 @@ struct CudaBackend::Impl {
         return n;
     }
 
-    void check_moe_layer(int layer) const {
-        if (layer < 0 || size_t(layer) >= layers.size() || !layers[size_t(layer)].moe)
-            throw Error("layer " + std::to_string(layer) + " is not an MoE layer: it has no experts to disable");
-    }
-
     // The host's mask and drop_top of an MoE layer into its device ablation buffer,
     // stream-ordered and waited for (the next forward sees them; graphs read the buffer).
     void upload_ablation(int layer) {
@@ -1401,7 +1396,7 @@ std::vector<uint8_t> CudaBackend::disabled_experts(int layer) const {
 
 void CudaBackend::set_disabled_experts(int layer, const std::vector<uint8_t>& disabled) {
     Impl& I = *impl_;
-    I.check_moe_layer(layer);
+    check_moe_layer(I.cfg, layer);
     check_disabled_experts(RouterDims(I.cfg), disabled, layer, I.drop_top_host[size_t(layer)]);
     std::vector<uint8_t> off = disabled;
     if (std::count(off.begin(), off.end(), uint8_t(0)) == std::ptrdiff_t(off.size())) off.clear();
@@ -1413,7 +1408,7 @@ int CudaBackend::drop_top_experts(int layer) const { return impl_->drop_top_host
 
 void CudaBackend::set_drop_top_experts(int layer, int drop_top) {
     Impl& I = *impl_;
-    I.check_moe_layer(layer);
+    check_moe_layer(I.cfg, layer);
     std::vector<uint8_t> mask = I.disabled_host[size_t(layer)];
     mask.resize(size_t(I.cfg.n_routed_experts), 0);
     check_disabled_experts(RouterDims(I.cfg), mask, layer, drop_top);

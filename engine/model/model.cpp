@@ -32,20 +32,15 @@ Model::Model(ModelConfig cfg, Weights w)
     drop_top_.assign(disabled_.size(), 0);
 }
 
-void Model::check_moe_layer(int layer) const {
-    if (layer < 0 || size_t(layer) >= bias_.size() || bias_[size_t(layer)].empty())
-        throw Error("layer " + std::to_string(layer) + " is not an MoE layer: it has no experts to disable");
-}
-
 void Model::set_disabled_experts(int layer, std::vector<uint8_t> disabled) {
-    check_moe_layer(layer);
+    check_moe_layer(cfg_, layer);
     check_disabled_experts(router_, disabled, layer, drop_top_[size_t(layer)]);
     if (std::count(disabled.begin(), disabled.end(), uint8_t(0)) == std::ptrdiff_t(disabled.size())) disabled.clear();
     disabled_[size_t(layer)] = std::move(disabled);
 }
 
 void Model::set_drop_top_experts(int layer, int drop_top) {
-    check_moe_layer(layer);
+    check_moe_layer(cfg_, layer);
     std::vector<uint8_t> mask = disabled_[size_t(layer)];
     mask.resize(size_t(router_.E), 0);
     check_disabled_experts(router_, mask, layer, drop_top);

@@ -81,7 +81,6 @@ public:
     void set_drop_top_experts(int layer, int drop_top);
 
 private:
-    void check_moe_layer(int layer) const;  // Error unless `layer` routes
     void layer_forward(float* h, int T, int start, const LayerWeights& L, int layer_index, LatentCache& cache,
                        const ForwardOptions& opt, ForwardResult& out) const;
     void head_forward(const float* hn, int T, const Tensor& head, const ForwardOptions& opt, ForwardResult& out) const;

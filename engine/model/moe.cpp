@@ -109,6 +109,11 @@ void route(Routing& r, const float* logits, int T, const float* bias, const Rout
     }
 }
 
+void check_moe_layer(const ModelConfig& c, int layer) {
+    if (!c.is_moe_stack_layer(layer))
+        throw Error("layer " + std::to_string(layer) + " is not an MoE layer: it has no experts to disable");
+}
+
 std::vector<uint8_t> expert_mask(const std::vector<int>& experts, int E, int layer) {
     std::vector<uint8_t> mask(size_t(E), 0);
     for (int e : experts) {

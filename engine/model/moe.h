@@ -38,6 +38,10 @@ struct Routing {
 void route(Routing& r, const float* logits, int T, const float* bias, const RouterDims& d,
            const uint8_t* disabled = nullptr, int drop_top = 0);
 
+// Error unless layer `layer` of the stack (MTP module k: num_hidden_layers + k - 1) routes: the
+// ablation setters' check (Model, CudaBackend, the app's all-or-nothing check).
+void check_moe_layer(const ModelConfig& c, int layer);
+
 // The [E] mask of `experts` (1 = disabled); an Error naming `layer` for an id outside [0, E).
 std::vector<uint8_t> expert_mask(const std::vector<int>& experts, int E, int layer);
 
