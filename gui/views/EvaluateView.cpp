@@ -303,7 +303,6 @@ QString EvaluateView::csv() const {
     if (!m_has) return out;
     const EvaluationReport& r = m_report;
     auto num = [](double x) { return QString::number(x, 'g', 9); };
-    auto quoted = [](QString x) { return QLatin1Char('"') + x.replace(QLatin1Char('"'), QStringLiteral("\"\"")) + QLatin1Char('"'); };
     const PerplexityResult& b = r.baseline;
     const PerplexityResult& a = r.withAblation;
     s << "cross_entropy,,next token," << b.tokens << ',' << num(b.cross_entropy) << ','
@@ -318,7 +317,7 @@ QString EvaluateView::csv() const {
           << ',' << r.sweep[i].tokens << ',' << num(b.cross_entropy) << ',' << num(r.sweep[i].cross_entropy) << '\n';
     for (const TokenImpact& t : r.hurt) {
         const auto it = r.texts.find(t.token);
-        s << "token," << t.token << ',' << quoted(it == r.texts.end() ? QString() : it->second) << ',' << t.count << ','
+        s << "token," << t.token << ',' << csvEscape(it == r.texts.end() ? QString() : it->second) << ',' << t.count << ','
           << num(t.baseline) << ',' << num(t.ablated) << '\n';
     }
     return out;
