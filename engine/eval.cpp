@@ -3,11 +3,38 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 
 #include "engine/errors.h"
 #include "engine/model/ops.h"
+#include "engine/tokenizer/tokenizer.h"
 
 namespace moescope {
+
+std::string read_corpus(const std::string& path) {
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec)) throw Error(path + ": is a folder, not a text file");
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw Error(path + ": cannot open the corpus");
+    std::stringstream ss;
+    ss << in.rdbuf();
+    if (in.bad()) throw Error(path + ": cannot read the corpus");
+    return ss.str();
+}
+
+std::vector<int> corpus_ids(const Tokenizer* tokenizer, std::string_view text, int vocab_size) {
+    if (tokenizer) return tokenizer->encode(text, false, true);
+    std::vector<int> ids;
+    ids.reserve(text.size());
+    for (unsigned char ch : text) ids.push_back(int(ch) % vocab_size);
+    return ids;
+}
+
+std::string token_piece(const Tokenizer* tokenizer, int id) {
+    return tokenizer ? tokenizer->decode({id}) : std::string(1, char(id));
+}
 
 double PerplexityResult::perplexity() const { return tokens ? std::exp(cross_entropy) : 0.0; }
 double PerplexityResult::mtp_perplexity() const { return mtp_tokens ? std::exp(mtp_cross_entropy) : 0.0; }

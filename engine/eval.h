@@ -5,11 +5,25 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "engine/backend.h"
 
 namespace moescope {
+
+class Tokenizer;
+
+// A text file's contents, the corpus to score; an Error naming the file when it is a folder or
+// cannot be read.
+std::string read_corpus(const std::string& path);
+// A text as the model reads a corpus: the tokenizer, special tokens written in the text
+// (<|bos|>, ...) read as those tokens, as training reads its corpus; without a tokenizer (null),
+// bytes modulo the vocabulary.
+std::vector<int> corpus_ids(const Tokenizer* tokenizer, std::string_view text, int vocab_size);
+// One token's text: the tokenizer's decoding of it alone; without a tokenizer, its byte.
+std::string token_piece(const Tokenizer* tokenizer, int id);
 
 struct PerplexityOptions {
     int context = 512;       // window length (positions); windows do not overlap

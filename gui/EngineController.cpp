@@ -2,7 +2,6 @@
 #include "EngineController.h"
 
 #include <QDir>
-#include <QFile>
 #include <QFileInfo>
 #include <QMetaObject>
 
@@ -341,24 +340,16 @@ void EngineController::evaluate(const QString& path, int maxWindows, EvalSweep s
         emit evaluationFailed(tr("no model loaded"));
         return;
     }
-    QFile f(path);
-    if (!f.open(QIODevice::ReadOnly)) {
-        emit evaluationFailed(tr("%1: cannot open the text (%2)").arg(path, f.errorString()));
-        return;
-    }
-    const std::string text = f.readAll().toStdString();
     m_busy = true;
     emit busyChanged(true);
     const int64_t job = ++m_jobId;
-    post([this, path, text, maxWindows, sweep, showTokens, job] {
+    post([this, path, maxWindows, sweep, showTokens, job] {
         EvaluationReport rep;
         rep.path = path;
         try {
             const ModelConfig& c = m_backend->config();
-            std::vector<int> ids;
-            if (m_tokenizer) ids = m_tokenizer->encode(text, false, true);  // specials parsed, as training does
-            else
-                for (unsigned char ch : text) ids.push_back(int(ch) % c.vocab_size);
+            // Read here, not on the GUI thread: a large file would freeze the window.
+            const std::vector<int> ids = corpus_ids(m_tokenizer.get(), read_corpus(path.toStdString()), c.vocab_size);
             rep.textTokens = int(ids.size());
             PerplexityOptions o;
             o.context = std::min({512, c.max_position_embeddings, m_session->context_cap()});
@@ -439,8 +430,7 @@ void EngineController::evaluate(const QString& path, int maxWindows, EvalSweep s
             if (rep.ablated) {
                 rep.hurt = token_impact(ids, rep.baseline, rep.withAblation, 3, showTokens);
                 for (const TokenImpact& t : rep.hurt)
-                    rep.texts[t.token] = m_tokenizer ? QString::fromStdString(m_tokenizer->decode({t.token}))
-                                                     : QString(QChar(t.token));
+                    rep.texts[t.token] = QString::fromStdString(token_piece(m_tokenizer.get(), t.token));
             }
             rep.baseline.losses.clear();  // the report crosses threads: only what the view draws
             rep.baseline.targets.clear();

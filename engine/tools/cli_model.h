@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/backend.h"
+#include "engine/eval.h"
 #include "engine/session.h"
 #include "engine/tools/cli.h"
 
@@ -34,12 +35,7 @@ WeightStorage weights_from_args(const Args& a);
 SamplingParams sampling_from_args(const Args& a, const ModelConfig& cfg);
 std::vector<int> prompt_tokens(const Args& a, const LoadedModel& m);
 nlohmann::json meta_settings(const LoadedModel& m, const std::string& dir, const SamplingParams& p);
-// A corpus file's text; an Error naming the file when it cannot be read (read it before loading
-// a model, so a wrong path fails at once).
-std::string read_corpus(const std::string& path);
-// Text as token ids: the model's tokenizer, special tokens written in the text (<|bos|>, ...)
-// read as those tokens, as training reads its corpus; without a tokenizer, bytes modulo the
-// vocabulary.
+// A corpus as the loaded model reads it (corpus_ids of engine/eval.h).
 std::vector<int> text_tokens(const std::string& text, const LoadedModel& m);
 // --disable-experts SPEC (parse_expert_spec) applied to the backend, or through the Session when
 // there is one (which records it); layer -> ids, empty without the flag.

@@ -18,7 +18,6 @@
 #include "engine/expert_analysis.h"
 #include "engine/model/moe.h"
 #include "engine/safetensors.h"
-#include "engine/tokenizer/tokenizer.h"
 #include "engine/tools/cli.h"
 #include "engine/tools/cli_model.h"
 
@@ -41,11 +40,6 @@ double share_of(const std::vector<int64_t>& load, const std::vector<int>& expert
     for (int64_t c : load) all += c;
     for (int e : experts) part += load[size_t(e)];
     return all ? double(part) / double(all) : 0.0;
-}
-
-// A token's text; without a tokenizer, its byte.
-std::string token_text(const LoadedModel& m, int id) {
-    return m.tokenizer ? m.tokenizer->decode({id}) : std::string(1, char(id));
 }
 
 // What an ablation run switched off, for its column and JSON.
@@ -72,7 +66,7 @@ void write_losses_csv(const std::string& path, const std::vector<int>& ids, cons
         char buf[32];
         for (size_t i = 0; i < base.losses.size(); ++i) {
             const int64_t at = base.targets[i];
-            o << at << ',' << ids[size_t(at)] << ',' << csv_field(token_text(m, ids[size_t(at)]));
+            o << at << ',' << ids[size_t(at)] << ',' << csv_field(token_piece(m.tokenizer.get(), ids[size_t(at)]));
             std::snprintf(buf, sizeof buf, ",%.9g", base.losses[i]);
             o << buf;
             for (const AblationRun& run : runs) {
@@ -172,7 +166,7 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
             nlohmann::json hurt = nlohmann::json::array();
             if (show_tokens > 0)
                 for (const TokenImpact& t : token_impact(ids, base, run.result, min_count, show_tokens))
-                    hurt.push_back({{"token", t.token}, {"text", token_text(m, t.token)}, {"count", t.count},
+                    hurt.push_back({{"token", t.token}, {"text", token_piece(m.tokenizer.get(), t.token)}, {"count", t.count},
                                     {"baseline_nll", t.baseline}, {"ablated_nll", t.ablated}, {"added_nll", t.added}});
             ab["most_affected"] = std::move(hurt);
             j["ablations"].push_back(std::move(ab));
@@ -241,7 +235,7 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
         std::printf("\ntokens it hurt most, %s (predicted >= %d times; -ln p baseline -> ablated, share of the rise):\n",
                     run.label().c_str(), min_count);
         for (const TokenImpact& t : hurt) {
-            std::printf("  %-16s ×%-5lld %6.2f -> %6.2f (%+.2f each", quote_token(token_text(m, t.token)).c_str(),
+            std::printf("  %-16s ×%-5lld %6.2f -> %6.2f (%+.2f each", quote_token(token_piece(m.tokenizer.get(), t.token)).c_str(),
                         static_cast<long long>(t.count), t.baseline, t.ablated, t.ablated - t.baseline);
             if (rise > 0) std::printf(", %4.1f%%", 100.0 * t.added / rise);
             std::printf(")\n");

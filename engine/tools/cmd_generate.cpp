@@ -2,9 +2,7 @@
 // telemetry, and the online aux-loss-free balancing demonstration over a corpus.
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -100,23 +98,8 @@ nlohmann::json meta_settings(const LoadedModel& m, const std::string& dir, const
             {"mtp", p.mtp}};
 }
 
-std::string read_corpus(const std::string& path) {
-    std::error_code ec;
-    if (std::filesystem::is_directory(path, ec)) throw Error(path + ": is a folder, not a text file");
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw Error(path + ": cannot open the corpus");
-    std::stringstream ss;
-    ss << in.rdbuf();
-    if (in.bad()) throw Error(path + ": cannot read the corpus");
-    return ss.str();
-}
-
 std::vector<int> text_tokens(const std::string& text, const LoadedModel& m) {
-    if (m.tokenizer) return m.tokenizer->encode(text, false, true);  // specials parsed, as training reads a corpus
-    std::vector<int> ids;
-    const int V = m.backend->config().vocab_size;
-    for (unsigned char ch : text) ids.push_back(int(ch) % V);
-    return ids;
+    return corpus_ids(m.tokenizer.get(), text, m.backend->config().vocab_size);
 }
 
 std::map<int, std::vector<int>> disable_experts(const Args& a, Backend& backend, Session* session) {
