@@ -117,6 +117,30 @@ std::vector<TokenPick> Backend::pick(const PickParams&, const std::vector<float>
     throw Error("backend " + name() + " cannot choose tokens itself: sample the host logits");
 }
 
+Ablation current_ablation(const Backend& b) {
+    const ModelConfig& c = b.config();
+    const int L = c.num_hidden_layers + c.num_nextn_predict_layers;
+    Ablation a{std::vector<std::vector<uint8_t>>(size_t(L)), std::vector<int>(size_t(L), 0)};
+    for (int l = 0; l < L; ++l)
+        if (c.is_moe_stack_layer(l)) {
+            a.masks[size_t(l)] = b.disabled_experts(l);
+            a.drop_top[size_t(l)] = b.drop_top_experts(l);
+        }
+    return a;
+}
+
+void set_ablation(Backend& b, const Ablation& a) {
+    const ModelConfig& c = b.config();
+    for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l) {
+        if (!c.is_moe_stack_layer(l)) continue;
+        std::vector<uint8_t> mask = size_t(l) < a.masks.size() ? a.masks[size_t(l)] : std::vector<uint8_t>();
+        mask.resize(size_t(c.n_routed_experts), 0);
+        b.set_drop_top_experts(l, 0);
+        b.set_disabled_experts(l, mask);
+        b.set_drop_top_experts(l, size_t(l) < a.drop_top.size() ? a.drop_top[size_t(l)] : 0);
+    }
+}
+
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<Model> model) {
     return std::make_unique<CpuBackend>(std::move(model));
 }

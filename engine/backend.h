@@ -72,6 +72,17 @@ public:
 
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<Model> model);
 
+// Every layer's ablation as a backend holds it, indexed by stack layer (decoder layers, then MTP
+// modules): the expert mask ([E], empty: none switched off) and drop_top (0 for dense layers).
+struct Ablation {
+    std::vector<std::vector<uint8_t>> masks;
+    std::vector<int> drop_top;
+};
+Ablation current_ablation(const Backend& b);
+// Puts `a` on the backend, each MoE layer's drop_top set to 0 before its mask and to its value
+// after, so that no step in between is refused (the setters check each layer's final state).
+void set_ablation(Backend& b, const Ablation& a);
+
 struct BackendSelection {
     std::unique_ptr<Backend> backend;
     std::string notice;  // why this backend (e.g. "no CUDA device: running on the CPU")

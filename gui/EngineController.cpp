@@ -358,15 +358,9 @@ void EngineController::evaluate(const QString& path, int maxWindows, EvalSweep s
             rep.context = o.context;
             // The ablation in force, set aside for the baseline and put back after it (on the
             // backend alone: the session's cache and telemetry are not touched).
-            const int L = c.num_hidden_layers + c.num_nextn_predict_layers;
-            std::vector<std::vector<uint8_t>> masks(static_cast<size_t>(L));
-            std::vector<int> drops(static_cast<size_t>(L), 0);
-            for (int l = 0; l < L; ++l)
-                if (c.is_moe_stack_layer(l)) {
-                    masks[size_t(l)] = m_backend->disabled_experts(l);
-                    drops[size_t(l)] = m_backend->drop_top_experts(l);
-                    rep.ablated = rep.ablated || drops[size_t(l)] > 0 || !masks[size_t(l)].empty();
-                }
+            const Ablation in_force = current_ablation(*m_backend);
+            for (size_t l = 0; l < in_force.masks.size(); ++l)
+                rep.ablated = rep.ablated || in_force.drop_top[l] > 0 || !in_force.masks[l].empty();
             rep.ablation = ablationSummary();
             auto progress = [this, job](const QString& what) {
                 return [this, job, what](int done, int total) {
@@ -374,31 +368,29 @@ void EngineController::evaluate(const QString& path, int maxWindows, EvalSweep s
                     return m_cancelUpTo < job;
                 };
             };
-            // mask: the masks in force or none; drop: each layer's in force (-1), or r in the main
-            // model's MoE layers (the layers "Top off" sets).
-            auto set_ablation = [&](bool mask_on, int drop) {
-                for (int l = 0; l < L; ++l) {
-                    if (!c.is_moe_stack_layer(l)) continue;
-                    m_backend->set_drop_top_experts(l, 0);  // first, so every mask passes its check
-                    std::vector<uint8_t> mask = mask_on ? masks[size_t(l)] : std::vector<uint8_t>();
-                    mask.resize(size_t(c.n_routed_experts), 0);
-                    m_backend->set_disabled_experts(l, mask);
-                    m_backend->set_drop_top_experts(l, drop < 0 ? drops[size_t(l)] : l < c.num_hidden_layers ? drop : 0);
-                }
+            // A run's ablation on the backend alone: the masks in force or none, and drop_top r in
+            // the main model's MoE layers (those "Top off" sets), every one or `layer` alone.
+            auto run_with = [&](bool masks, int r, int layer = -1) {
+                Ablation a = in_force;
+                if (!masks)
+                    for (auto& m : a.masks) m.clear();
+                for (int l = 0; l < int(a.drop_top.size()); ++l)
+                    a.drop_top[size_t(l)] = l < c.num_hidden_layers && c.is_moe_layer(l) && (layer < 0 || l == layer) ? r : 0;
+                set_ablation(*m_backend, a);
             };
             auto restore = [&] {
-                if (rep.ablated || sweep != EvalSweep::None) set_ablation(true, -1);
+                if (rep.ablated || sweep != EvalSweep::None) set_ablation(*m_backend, in_force);
             };
             try {
-                if (rep.ablated) set_ablation(false, 0);
+                if (rep.ablated) run_with(false, 0);
                 rep.baseline = evaluate_perplexity(*m_backend, ids, o, progress(tr("all experts")));
                 if (rep.ablated && m_cancelUpTo < job) {
-                    set_ablation(true, -1);
+                    set_ablation(*m_backend, in_force);
                     rep.withAblation = evaluate_perplexity(*m_backend, ids, o, progress(tr("experts off")));
                 }
                 const RouterDims dims(c);
                 auto allows = [&](int l, int r) {  // layer l's experts switched off leave room for r more
-                    std::vector<uint8_t> mask = masks[size_t(l)];
+                    std::vector<uint8_t> mask = in_force.masks[size_t(l)];
                     mask.resize(size_t(c.n_routed_experts), 0);
                     try {
                         check_disabled_experts(dims, mask, l, r);
@@ -411,13 +403,12 @@ void EngineController::evaluate(const QString& path, int maxWindows, EvalSweep s
                     bool valid = true;
                     for (int l = 0; l < c.num_hidden_layers && valid; ++l) valid = !c.is_moe_layer(l) || allows(l, r);
                     if (!valid) break;
-                    set_ablation(true, r);
+                    run_with(true, r);
                     rep.sweep.push_back(evaluate_perplexity(*m_backend, ids, o, progress(tr("top %1 off").arg(r))));
                 }
                 for (int l = 0; sweep == EvalSweep::PerLayer && l < c.num_hidden_layers && m_cancelUpTo < job; ++l) {
                     if (!c.is_moe_layer(l) || !allows(l, 1)) continue;
-                    set_ablation(true, 0);
-                    m_backend->set_drop_top_experts(l, 1);
+                    run_with(true, 1, l);
                     rep.sweep.push_back(evaluate_perplexity(*m_backend, ids, o, progress(tr("layer %1, top 1 off").arg(l))));
                     rep.sweepLayers.push_back(l);
                 }

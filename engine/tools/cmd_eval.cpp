@@ -129,13 +129,16 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
         for (int l = 0; l < cfg.num_hidden_layers; ++l)
             if (cfg.is_moe_layer(l)) runs.push_back(AblationRun{!off.empty(), r, l, {}});
     }
-    auto ablate = [&](bool mask, int r, int layer) {  // drop_top 0 first, so the mask is checked alone
-        drop_top_experts(*m.backend, 0);
-        for (const auto& [l, experts] : off)
-            m.backend->set_disabled_experts(l, mask ? expert_mask(experts, cfg.n_routed_experts, l)
-                                                    : std::vector<uint8_t>(size_t(cfg.n_routed_experts), 0));
-        if (layer < 0) drop_top_experts(*m.backend, r);
-        else m.backend->set_drop_top_experts(layer, r);
+    // A run's ablation: the --disable-experts masks (or none), and drop_top r in every MoE layer
+    // of the main model or in `layer` alone.
+    const Ablation none = current_ablation(*m.backend);
+    auto ablate = [&](bool mask, int r, int layer) {
+        Ablation a = none;
+        if (mask)
+            for (const auto& [l, experts] : off) a.masks[size_t(l)] = expert_mask(experts, cfg.n_routed_experts, l);
+        for (int l = 0; l < cfg.num_hidden_layers; ++l)
+            if (cfg.is_moe_layer(l) && (layer < 0 || l == layer)) a.drop_top[size_t(l)] = r;
+        set_ablation(*m.backend, a);
     };
     for (const AblationRun& run : runs) ablate(true, run.drop_top, run.layer);
     ablate(false, 0, -1);
