@@ -149,15 +149,21 @@ void RoutingView::toggleDisabled(int expert) {
     requestDisabled(parts.join(QLatin1Char(',')));
 }
 
-void RoutingView::showAblationInForce() {
+void RoutingView::showAblationInForce() { syncAblationControls(true); }
+
+void RoutingView::syncAblationControls(bool evenFocused) {
     const ModelShape& sh = m_store->shape();
     if (sh.moeLayers.empty()) return;
-    QSignalBlocker block(m_dropTop);
-    m_dropTop->setRange(0, sh.topK);
-    m_dropTop->setValue(m_store->dropTop(sh.moeLayers.front()));
-    QStringList off;
-    for (int e : m_store->disabled(layer())) off << QString::number(e);
-    m_disable->setText(off.join(QLatin1Char(',')));
+    if (evenFocused || !m_dropTop->hasFocus() || m_dropTop->maximum() != sh.topK) {
+        QSignalBlocker block(m_dropTop);
+        m_dropTop->setRange(0, sh.topK);
+        m_dropTop->setValue(m_store->dropTop(sh.moeLayers.front()));  // the same in every MoE layer
+    }
+    if (evenFocused || !m_disable->hasFocus()) {
+        QStringList off;
+        for (int e : m_store->disabled(layer())) off << QString::number(e);
+        m_disable->setText(off.join(QLatin1Char(',')));
+    }
 }
 
 QList<int> RoutingView::disabledMarks() const {
@@ -188,11 +194,7 @@ void RoutingView::refresh() {
         return;
     }
     const int drop = m_store->dropTop(sh.moeLayers.front());  // the same in every MoE layer
-    if (!m_dropTop->hasFocus() || m_dropTop->maximum() != sh.topK) {
-        QSignalBlocker block(m_dropTop);
-        m_dropTop->setRange(0, sh.topK);
-        m_dropTop->setValue(drop);
-    }
+    syncAblationControls(false);
 
     // Selected token: layer x expert weights; experts of dropped groups are NaN (grey).
     const int sel = m_store->selected();
@@ -310,7 +312,6 @@ void RoutingView::refresh() {
         offVals << 0.0;
     }
     m_disabledMarks->setData(offKeys, offVals, true);
-    if (!m_disable->hasFocus()) m_disable->setText(offText.join(QLatin1Char(',')));
     if (!off.empty() && routes.empty())
         m_info->setText(tr("experts %1 of layer %2 are off: the next message recomputes the conversation without them")
                             .arg(offText.join(QLatin1Char(',')))

@@ -45,6 +45,9 @@ protected:
 
 private:
     void rebuildLayerChoices();
+    // The "Off" field and "Top off" box from the store; one the user is editing is left alone
+    // unless evenFocused.
+    void syncAblationControls(bool evenFocused);
     class QCheckBox* m_scores;
     class QLineEdit* m_disable;
     class QSpinBox* m_dropTop;
