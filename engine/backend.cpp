@@ -4,9 +4,11 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "engine/errors.h"
+#include "engine/model/moe.h"
 
 namespace moescope {
 namespace {
@@ -131,13 +133,27 @@ Ablation current_ablation(const Backend& b) {
 
 void set_ablation(Backend& b, const Ablation& a) {
     const ModelConfig& c = b.config();
-    for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l) {
+    const int L = c.num_hidden_layers + c.num_nextn_predict_layers;
+    const RouterDims dims(c);
+    std::vector<std::vector<uint8_t>> masks(static_cast<size_t>(L));
+    std::vector<int> drops(static_cast<size_t>(L), 0);
+    for (int l = 0; l < L; ++l) {
+        if (size_t(l) < a.masks.size()) masks[size_t(l)] = a.masks[size_t(l)];
+        if (size_t(l) < a.drop_top.size()) drops[size_t(l)] = a.drop_top[size_t(l)];
+        const auto& m = masks[size_t(l)];
+        const bool any = drops[size_t(l)] != 0 || std::any_of(m.begin(), m.end(), [](uint8_t x) { return x != 0; });
+        if (!c.is_moe_stack_layer(l)) {
+            if (any) check_moe_layer(c, l);  // throws: nothing to switch off there
+            continue;
+        }
+        if (masks[size_t(l)].empty()) masks[size_t(l)].assign(size_t(c.n_routed_experts), 0);
+        check_disabled_experts(dims, masks[size_t(l)], l, drops[size_t(l)]);
+    }
+    for (int l = 0; l < L; ++l) {
         if (!c.is_moe_stack_layer(l)) continue;
-        std::vector<uint8_t> mask = size_t(l) < a.masks.size() ? a.masks[size_t(l)] : std::vector<uint8_t>();
-        mask.resize(size_t(c.n_routed_experts), 0);
         b.set_drop_top_experts(l, 0);
-        b.set_disabled_experts(l, mask);
-        b.set_drop_top_experts(l, size_t(l) < a.drop_top.size() ? a.drop_top[size_t(l)] : 0);
+        b.set_disabled_experts(l, masks[size_t(l)]);
+        b.set_drop_top_experts(l, drops[size_t(l)]);
     }
 }
 

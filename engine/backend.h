@@ -79,8 +79,10 @@ struct Ablation {
     std::vector<int> drop_top;
 };
 Ablation current_ablation(const Backend& b);
-// Puts `a` on the backend, each MoE layer's drop_top set to 0 before its mask and to its value
-// after, so that no step in between is refused (the setters check each layer's final state).
+// Puts `a` on the backend, all or nothing: every layer's new state is checked first
+// (check_moe_layer for a layer given experts to switch off, check_disabled_experts), then each
+// MoE layer's drop_top is set to 0 before its mask and to its value after, so that no step in
+// between is refused.
 void set_ablation(Backend& b, const Ablation& a);
 
 struct BackendSelection {

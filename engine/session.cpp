@@ -163,6 +163,14 @@ void Session::set_drop_top_experts(int layer, int drop_top) {
     record_ablation(layer);
 }
 
+void Session::set_ablation(const Ablation& a) {
+    const Ablation before = current_ablation(*backend_);
+    moescope::set_ablation(*backend_, a);
+    const Ablation after = current_ablation(*backend_);
+    for (size_t l = 0; l < after.masks.size(); ++l)
+        if (after.masks[l] != before.masks[l] || after.drop_top[l] != before.drop_top[l]) record_ablation(int(l));
+}
+
 void Session::record_ablation(int layer) {
     if (!sink_) return;
     const std::vector<uint8_t> mask = backend_->disabled_experts(layer);

@@ -109,6 +109,9 @@ public:
     // Switches each token's drop_top highest-ranked experts of an MoE layer off for it (0: none)
     // from the next position on; records an AblationRecord. Throws like the mask's setter.
     void set_drop_top_experts(int layer, int drop_top);
+    // Every layer's ablation at once (engine/backend.h set_ablation: all or nothing); records an
+    // AblationRecord for each layer whose state changed.
+    void set_ablation(const Ablation& a);
 
     Backend& backend() { return *backend_; }
     int64_t step() const { return step_; }

@@ -244,30 +244,17 @@ void EngineController::resetBias() {
 // `layers`: new masks (the other layers keep theirs); drop_top for every MoE layer (-1: kept).
 void EngineController::applyAblation(const std::map<int, std::vector<int>>& layers, int drop_top) {
     if (!m_session) return;
-    // All or nothing: every MoE layer's new state is checked before any is applied.
+    // All or nothing (Session::set_ablation checks every layer before it changes one).
     const ModelConfig& c = m_backend->config();
-    const RouterDims dims(c);
-    for (const auto& [l, ids] : layers) check_moe_layer(c, l);
-    std::vector<int> moe;  // drop_top's layers: the main model's (those of a "*" spec)
-    for (int l = 0; l < c.num_hidden_layers; ++l)
-        if (c.is_moe_layer(l)) moe.push_back(l);
-    for (int l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l) {
-        if (!c.is_moe_stack_layer(l)) continue;
-        const auto it = layers.find(l);
-        std::vector<uint8_t> mask =
-            it != layers.end() ? expert_mask(it->second, c.n_routed_experts, l) : m_backend->disabled_experts(l);
-        mask.resize(size_t(c.n_routed_experts), 0);
-        const bool dropped_here = l < c.num_hidden_layers && drop_top >= 0;
-        check_disabled_experts(dims, mask, l, dropped_here ? drop_top : m_backend->drop_top_experts(l));
+    Ablation a = current_ablation(*m_backend);
+    for (const auto& [l, ids] : layers) {
+        check_moe_layer(c, l);
+        a.masks[size_t(l)] = expert_mask(ids, c.n_routed_experts, l);
     }
-    // Lower drop_top first, so every intermediate state is one the checks accept.
-    if (drop_top >= 0)
-        for (int l : moe)
-            if (m_backend->drop_top_experts(l) > drop_top) m_session->set_drop_top_experts(l, drop_top);
-    for (const auto& [l, ids] : layers) m_session->set_disabled_experts(l, ids);
-    if (drop_top >= 0)
-        for (int l : moe)
-            if (m_backend->drop_top_experts(l) != drop_top) m_session->set_drop_top_experts(l, drop_top);
+    if (drop_top >= 0)  // the main model's MoE layers (those of a "*" spec)
+        for (int l = 0; l < c.num_hidden_layers; ++l)
+            if (c.is_moe_layer(l)) a.drop_top[size_t(l)] = drop_top;
+    m_session->set_ablation(a);
     // The cache holds latents computed with the previous experts: the next message recomputes it.
     m_session->truncate(0);
     m_store->sink()->truncate(0);

@@ -434,6 +434,42 @@ private slots:
         QCOMPARE(backend->drop_top_experts(first_moe), 0);               // a refusal changes nothing
     }
 
+    // set_ablation is all or nothing, in an order no setter refuses, and a Session records only
+    // the layers it changed.
+    void setAblationAllOrNothing() {
+        auto model = load_model(test::tiny_dir());
+        auto backend = std::shared_ptr<Backend>(make_cpu_backend(model));
+        const int E = model->config().n_routed_experts;
+        Ablation a = current_ablation(*backend);
+        QCOMPARE(a.masks.size(), size_t(5));  // 4 layers + the MTP module
+        a.masks[1] = expert_mask({0, 1, 4, 5, 8, 9, 12, 13}, E, 1);  // 2 left per group
+        a.drop_top[1] = 2;                                           // fine with that mask
+        a.masks[2] = expert_mask({0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, E, 2);  // 3 left: refused
+        QVERIFY_THROWS_EXCEPTION(Error, set_ablation(*backend, a));
+        QVERIFY(backend->disabled_experts(1).empty());  // nothing changed
+        QCOMPARE(backend->drop_top_experts(1), 0);
+        a.masks[2].clear();
+        MemorySink sink;
+        Session s(backend, nullptr, 64);
+        s.set_sink(&sink);
+        s.set_ablation(a);
+        QCOMPARE(backend->drop_top_experts(1), 2);
+        QCOMPARE(backend->disabled_experts(1), a.masks[1]);
+        int records = 0;
+        for (const Record& r : sink.snapshot())
+            if (const auto* x = std::get_if<AblationRecord>(&r)) {
+                QCOMPARE(x->layer, 1);
+                QCOMPARE(x->drop_top, 2);
+                ++records;
+            }
+        QCOMPARE(records, 1);
+        Ablation dense = current_ablation(*backend);
+        dense.drop_top[0] = 1;  // layer 0 is dense
+        QVERIFY_THROWS_EXCEPTION(Error, set_ablation(*backend, dense));
+        set_ablation(*backend, Ablation{});  // all on again
+        QVERIFY(backend->disabled_experts(1).empty());
+    }
+
     void ablationRecordRoundTrips() {
         const Record r = AblationRecord{12, 3, {1, 4, 9}, 2};
         const nlohmann::json j = to_json(r);
