@@ -278,6 +278,7 @@ struct CudaBackend::Impl {
     float *q, *qa, *kv;            // [Tc, H*dq], [Tc, q_lora], [Tc, d_c + d_rope]
     float *q_lat, *o_lat, *partial, *attn_out;  // [Tc, H, d_c] x2, [rows, d_c + 2], [Tc, H*d_v]
     float *kvb_full, *scores;      // naive: [Sn, H*(dn+dv)], [H, Tc, Sn]
+    OneGroupScratch naive_kvb;     // naive: an FP8 kv_b(c) through the grouped GEMM
     float *logits_r, *scores_scratch;  // router logits / scores [Tc, E]
     int *counts, *offsets, *perm, *row_of_slot, *row_expert;  // [E], [E+1], [Tc*k] x3
     int2* tile_map = nullptr;      // [grouped_max_tiles(Tc*k, E)] tiles of the grouped expert GEMM
@@ -463,6 +464,10 @@ struct CudaBackend::Impl {
         attn_out = act_arena.carve<float>(T * H * dv);
         kvb_full = act_arena.carve<float>(Sn * H * (dn + dv));
         scores = act_arena.carve<float>(H * T * Sn);
+        naive_kvb.table = act_arena.carve<const void*>(1);
+        naive_kvb.offsets = act_arena.carve<int>(2);
+        naive_kvb.max_tiles = grouped_max_tiles(Sn, 1);
+        naive_kvb.map = act_arena.carve<int2>(naive_kvb.max_tiles);
         logits_r = act_arena.carve<float>(T * E);
         scores_scratch = act_arena.carve<float>(T * E);
         counts = act_arena.carve<int>(E);
@@ -531,7 +536,18 @@ struct CudaBackend::Impl {
         latent_append(cache_c, cache_kpe, kv, L.kv_a_norm, n, start, mla, inv_freq, rope.mscale, s, dyn_start);
         if (!dyn_start && !o.absorbed && S <= plan.dims.naive_positions) {
             const int dkvb = mla.d_nope + mla.d_v;
-            gemm->linear(kvb_full, cache_c, L.kv_b, S);  // [S, H*(dn+dv)]
+            // [S, H*(dn+dv)]. An FP8 kv_b goes through the grouped GEMM (verified on this device
+            // by its self-check), which keeps the CPU's weights and f32-accurate latents: every key
+            // and value of the prompt comes from this product, and cuBLASLt's e4m3 latents or the
+            // fallback's bf16 weights would round them all.
+            if (L.kv_b.fp8() && grouped_ok) {
+                gemm_fp8_exact(kvb_full, cache_c, L.kv_b, S, naive_kvb, s);
+            } else {
+                const int step = L.kv_b.fp8() ? plan.dims.chunk : S;  // the FP8 activation scratch's rows
+                for (int r0 = 0; r0 < S; r0 += step)
+                    gemm->linear(kvb_full + int64_t(r0) * H * dkvb, cache_c + int64_t(r0) * mla.d_c, L.kv_b,
+                                 std::min(step, S - r0));
+            }
             // scores_h[n, S] = q_nope_h k_nope_h^T + q_pe_h k_pe^T
             gemm->batched_rowmajor(scores, q, kvb_full, n, S, mla.d_nope, H * dq, H * dkvb, S, dq, dkvb,
                                    int64_t(n) * S, H, true, 1.0f, 0.0f);

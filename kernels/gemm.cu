@@ -593,4 +593,24 @@ void grouped_gemm_fp8(float* y, const float* x, const void* const* weights, cons
     launch_grouped(y, x, Fp8Tiles{weights, split}, offsets, map, max_tiles, out, in, s);
 }
 
+namespace {
+__global__ void one_group_kernel(const void** table, const void* w, int* offsets, int rows) {
+    table[0] = w;
+    offsets[0] = 0;
+    offsets[1] = rows;
+}
+}  // namespace
+
+void gemm_fp8_exact(float* y, const float* x, const WRef& W, int R, const OneGroupScratch& z, cudaStream_t s) {
+    if (R <= 0) return;
+    if (!W.fp8()) throw DeviceError("gemm_fp8_exact: the weight is not FP8");
+    if ((R + kGroupedRows - 1) / kGroupedRows > z.max_tiles)
+        throw DeviceError("gemm_fp8_exact: " + std::to_string(R) + " rows need more than the " +
+                          std::to_string(z.max_tiles) + " tiles of the scratch");
+    one_group_kernel<<<1, 1, 0, s>>>(z.table, W.ptr, z.offsets, R);
+    check_launch("one_group_kernel");
+    expert_tiles(z.map, z.offsets, 1, z.max_tiles, s);
+    grouped_gemm_fp8(y, x, z.table, z.offsets, z.map, z.max_tiles, int(W.rows), int(W.cols), W.split, s);
+}
+
 }  // namespace moescope::cuda

@@ -127,6 +127,19 @@ void grouped_gemm_bf16(float* y, const float* x, const void* const* weights, con
 void grouped_gemm_fp8(float* y, const float* x, const void* const* weights, const int* offsets, const int2* map,
                       int max_tiles, int out, int in, int64_t split, cudaStream_t s);
 
+// y[R, out] = x[R, in] W^T for one FP8 matrix with the f32-accurate numbers of the grouped GEMM
+// (the matrix as a single group: weights exactly the CPU's, activations as bf16 hi + lo), for
+// products where the e4m3 activations of cuBLASLt's path or the bf16 weights of its fallback
+// cost too much accuracy (the naive attention's kv_b(c)). Scratch: one device pointer, two
+// offsets and a tile map of at least ceil(R / kGroupedRows) entries.
+struct OneGroupScratch {
+    const void** table = nullptr;
+    int* offsets = nullptr;
+    int2* map = nullptr;
+    int max_tiles = 0;
+};
+void gemm_fp8_exact(float* y, const float* x, const WRef& W, int R, const OneGroupScratch& z, cudaStream_t s);
+
 // ---- FP8 kernels (fp8.cu) -------------------------------------------------------------------
 
 // y[r, 0:out] (= or +=) x[r, 0:in] W^T for r < R <= kGemvMaxRows, W an FP8 matrix: each weight

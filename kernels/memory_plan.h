@@ -15,9 +15,9 @@
 
 namespace moescope::cuda {
 
-// FP8: the linear weights that FP8 checkpoints quantize are e4m3 with 128x128 block scales
-// (kernels/fp8.h); the other big matrices (embeddings, heads, kv_b, which the absorbed
-// attention reads per head) are BF16; norms and the router f32.
+// FP8: the linear weights that FP8 checkpoints quantize (kv_b included) are e4m3 with 128x128
+// block scales (kernels/fp8.h); the other big matrices (embeddings, heads) are BF16; norms and
+// the router f32.
 enum class WeightDtype { BF16, F32, FP8 };
 
 inline const char* weight_dtype_name(WeightDtype d) {
@@ -73,7 +73,7 @@ inline void layer_specs(std::vector<TensorSpec>& s, const ModelConfig& c, int l,
     }
     s.push_back({Role::KVA, l, -1, c.kv_lora_rank + c.qk_rope_head_dim, D, true, true});
     s.push_back({Role::KVANorm, l, -1, 1, c.kv_lora_rank, false});
-    s.push_back({Role::KVB, l, -1, H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, true});
+    s.push_back({Role::KVB, l, -1, H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, true, true});
     s.push_back({Role::OProj, l, -1, D, H * c.v_head_dim, true, true});
     if (!moe) {
         s.push_back({Role::MlpGateUp, l, -1, 2 * int64_t(c.intermediate_size), D, true, true, c.intermediate_size});
@@ -173,6 +173,7 @@ inline int64_t activation_bytes(const ModelConfig& c, const ActivationDims& a) {
     add(T * H * dv);                                // o
     add(Sn * H * (dn + dv));                        // naive: kv_b(c) of the cached positions
     add(H * T * Sn);                                // naive: scores
+    add(2 + 2 + 2 * int64_t(grouped_max_tiles(Sn, 1)));  // naive: FP8 kv_b(c) as one group (pointer, offsets, tiles)
     add(T * E);                                     // router logits
     add(T * E);                                     // router scores
     add(T * k * 2);                                 // ids, weights

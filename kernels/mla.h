@@ -1,7 +1,8 @@
 // Multi-head latent attention kernels (deepseek-v3.md 2.1). The cache keeps, per layer and
 // position, the normalized latent c (d_c floats) and the rope'd k_pe (d_rope floats), f32.
 // Absorbed path: q_lat = W_UK^T q_nope per head, split-sequence attention over the latent
-// cache with an online softmax (flash-decoding), a combine of the splits, o = W_UV o_lat.
+// cache with an online softmax (flash-decoding; one block reads a cache row once for a group
+// of heads), a combine of the splits, o = W_UV o_lat. kv_b may be f32, BF16 or FP8.
 // Naive path (prefill): kv_b(c) decompressed by a GEMM, scores and P V by batched cuBLAS.
 #pragma once
 #include "kernels/common.h"
@@ -26,6 +27,10 @@ void absorb_query(float* q_lat, const float* q, const WRef& kv_b, int T, const M
 
 // Splits used for T query rows (more splits when few rows: keeps the SMs busy in decode).
 int attention_splits(int T, int n_max, int max_splits);
+
+// Heads one attention block serves for T rows and `splits` splits (at most 16; fewer when the
+// shared memory or the number of blocks asks for it).
+int attention_heads_per_block(int H, int T, int splits, const MlaShape& m);
 
 // Causal attention of query t (position start + t) over cache positions [0, start + t], in
 // latent space. partial: [T, H, splits, d_c + 2] scratch; o_lat: [T, H, d_c] normalized.

@@ -207,9 +207,11 @@ private slots:
                 QCOMPARE(t.bytes(WeightDtype::FP8), t.bytes(WeightDtype::BF16));
                 other_bf16 += t.bytes(WeightDtype::BF16);
             }
-            // kv_b stays BF16 (the absorbed attention reads it per head), as do embeddings and heads.
-            if (t.role == Role::KVB || t.role == Role::Embed || t.role == Role::Head || t.role == Role::Router)
-                QVERIFY(!t.fp8);
+            // Embeddings and heads stay BF16 (DeepSeek's FP8 release keeps them so), the router f32;
+            // every linear weight the release quantizes is FP8, kv_b included.
+            if (t.role == Role::Embed || t.role == Role::Head || t.role == Role::Router) QVERIFY(!t.fp8);
+            if (t.role == Role::KVB || t.role == Role::KVA || t.role == Role::OProj || t.role == Role::ExpDown)
+                QVERIFY(t.fp8);
             if (t.role == Role::ExpGateUp || t.role == Role::MlpGateUp || t.role == Role::SharedGateUp)
                 QCOMPARE(t.split * 2, t.rows);
         }

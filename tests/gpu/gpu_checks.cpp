@@ -385,6 +385,30 @@ void check_grouped_gemm() {
             close("grouped expert GEMM", shape, dy.down(), ref, 4e-5 * std::sqrt(double(c.in)), 4e-5);
             expect(dy.pad_intact(), "grouped expert GEMM padding " + shape);
         }
+    // One FP8 matrix as a single group (the naive attention's kv_b(c)): row counts off the tile,
+    // a matrix whose rows and columns end inside a 128 block, the same tolerance.
+    for (auto [R, out, in] : {std::array{1, 160, 40}, {63, 300, 512}, {65, 4096, 512}, {130, 200, 136}}) {
+        HostFp8 m = host_fp8(rng, out, in);
+        auto x = randv(rng, size_t(R) * in);
+        std::vector<float> ref(size_t(R) * out, 0.0f);
+        for (int r = 0; r < R; ++r)
+            for (int o = 0; o < out; ++o) {
+                double a = 0;
+                for (int i = 0; i < in; ++i) a += double(x[size_t(r) * in + i]) * m.values[size_t(o) * in + i];
+                ref[size_t(r) * out + o] = float(a);
+            }
+        DBuf<uint8_t> dw(m.carve);
+        DBuf<float> dx(x), dy(size_t(R) * out);
+        DBuf<const void*> table(1);
+        DBuf<int> off(2);
+        const int tiles = grouped_max_tiles(R, 1);
+        DBuf<int> map(size_t(2 * tiles));
+        gemm_fp8_exact(dy.p, dx.p, fp8_ref(dw.p, out, in), R,
+                       OneGroupScratch{table.p, off.p, reinterpret_cast<int2*>(map.p), tiles}, nullptr);
+        const std::string shape = shp({R, out, in});
+        close("gemm_fp8_exact (one group)", shape, dy.down(), ref, 4e-5 * std::sqrt(double(in)), 4e-5);
+        expect(dy.pad_intact() && map.pad_intact(), "gemm_fp8_exact padding " + shape);
+    }
 }
 
 // The FP8 GEMV (decode) against the CPU on the dequantized weights: the same f32 weights, so
@@ -708,7 +732,19 @@ void check_dispatch_combine() {
 // Absorbed attention pieces against a direct transcription of engine/model/mla.cpp.
 void check_mla() {
     std::mt19937 rng(7);
-    for (auto [H, dn, dr, dv, dc] : {std::array{4, 16, 16, 16, 32}, {16, 128, 64, 128, 512}, {3, 5, 6, 7, 63}}) {
+    // Heads per attention block: as many as 16, fewer when that leaves under 128 blocks, within
+    // 48 KiB of shared memory, evened out over the groups.
+    const MlaShape lite{16, 128, 64, 128, 512, 1.0f}, v3{128, 128, 64, 128, 512, 1.0f}, wide{16, 8, 8, 8, 1024, 1.0f};
+    expect(attention_heads_per_block(16, 1, 64, lite) == 8 && attention_heads_per_block(128, 1, 64, v3) == 16 &&
+               attention_heads_per_block(16, 256, 1, lite) == 16 && attention_heads_per_block(16, 1, 1, lite) == 1 &&
+               attention_heads_per_block(20, 3, 64, MlaShape{20, 8, 8, 8, 40, 1.0f}) == 10 &&
+               attention_heads_per_block(16, 256, 1, wide) == 8,
+           "attention heads per block (16 heads decode: 8; 128: 16; prefill: 16; 1 block: 1; 20 heads: 10 + 10; "
+           "d_c 1024: 8 + 8)");
+    // H = 20: two groups of 10 heads; H = 16 / 4 / 3: groups of 1, 3, 4, 8 and 16 heads over the
+    // splits below; d_c 600: four latent channels per thread (past 512), groups of up to 8 heads.
+    for (auto [H, dn, dr, dv, dc] : {std::array{4, 16, 16, 16, 32}, {16, 128, 64, 128, 512}, {3, 5, 6, 7, 63},
+                                     {20, 8, 8, 8, 40}, {12, 8, 8, 8, 600}}) {
         ModelConfig cfg = ModelConfig::load(kFixtures + "/tiny-v3");
         cfg.qk_rope_head_dim = dr;
         Rope rope(cfg);
@@ -777,6 +813,39 @@ void check_mla() {
                     attention_absorbed(dol.p, part.p, dql.p, dq_.p, dC.p, dKP.p, T, start, splits, m, nullptr);
                     project_values(dout.p, dol.p, W, T, m, nullptr);
                     close("attention_absorbed splits " + std::to_string(splits), sh, dout.down(), o_ref, 1e-5, 1e-4);
+                }
+                // FP8 kv_b (e4m3 with 128x128 block scales, as the FP8 plan keeps it): the kernels
+                // must use exactly the CPU's dequantized weights, e4m3 x scale, in f32.
+                {
+                    const Fp8Grid g{int64_t(H) * dkvb, dc, 0};
+                    std::vector<uint8_t> carve(size_t(g.bytes()), 0);
+                    auto* sc = reinterpret_cast<float*>(carve.data() + g.scale_offset());
+                    quantize_fp8_amax(carve.data(), sc, g.ld(), 0, wkvb.data(), g.rows, dc);
+                    std::vector<float> w8(wkvb.size());
+                    for (int64_t r = 0; r < g.rows; ++r)
+                        for (int64_t c = 0; c < dc; ++c) w8[size_t(r * dc + c)] = fp8_value(carve.data(), sc, g, r, c);
+                    const std::vector<float> ol = dol.down();
+                    std::vector<float> ql8(size_t(T) * H * dc, 0.0f), o8(size_t(T) * H * dv, 0.0f);
+                    for (int t = 0; t < T; ++t)
+                        for (int h = 0; h < H; ++h) {
+                            const float* qh = q.data() + (size_t(t) * H + h) * dq;
+                            const float* Wuk = w8.data() + size_t(h) * dkvb * dc;
+                            const float* Wuv = Wuk + size_t(dn) * dc;
+                            float* ql = ql8.data() + (size_t(t) * H + h) * dc;
+                            for (int i = 0; i < dn; ++i)
+                                for (int c = 0; c < dc; ++c) ql[c] += qh[i] * Wuk[size_t(i) * dc + c];
+                            for (int i = 0; i < dv; ++i)
+                                for (int c = 0; c < dc; ++c)
+                                    o8[(size_t(t) * H + h) * dv + i] +=
+                                        Wuv[size_t(i) * dc + c] * ol[(size_t(t) * H + h) * dc + c];
+                        }
+                    DBuf<uint8_t> dw8(carve);
+                    const WRef W8 = fp8_ref(dw8.p, g.rows, dc);
+                    absorb_query(dql.p, dq_.p, W8, T, m, nullptr);
+                    close("absorb_query fp8 kv_b", sh, dql.down(), ql8, 1e-5, 1e-4);
+                    project_values(dout.p, dol.p, W8, T, m, nullptr);
+                    close("project_values fp8 kv_b", sh, dout.down(), o8, 1e-5, 1e-4);
+                    expect(dw8.pad_intact() && dout.pad_intact(), "mla fp8 kv_b padding " + sh);
                 }
                 expect(dout.pad_intact() && dC.pad_intact(), "mla padding " + sh);
             }
@@ -1275,17 +1344,22 @@ void check_fixture() {
 
 // `m`'s weights as a device backend holds them, as a CPU model saved under `dir`: every tensor
 // the device keeps in BF16 rounded to bf16 (all bf16_storable ones; with `fp8`, only those the
-// FP8 plan keeps in BF16: kv_b, the embeddings and the heads; its FP8 matrices are the CPU's
-// e4m3 x scale values already). Against the unrounded weights the rounding alone moved
+// FP8 plan keeps in BF16: the embeddings and the heads; its FP8 matrices, kv_b included, are
+// the CPU's e4m3 x scale values already). Against the unrounded weights the rounding alone moved
 // tiny-v3's logits by 1.0 (routing near-ties decided the other way in 3 of 24 rows, an FP8
 // checkpoint in BF16); against these, the device must agree as tightly as on a BF16 checkpoint.
-std::shared_ptr<Model> rounded_like_device(const Model& m, bool fp8, const fs::path& dir) {
+// `fp8_fallback`: the weights an FP8 prefill multiplies without cuBLASLt: its fallback rounds the
+// dequantized FP8 matrices to bf16 too, except the routed experts (grouped GEMM) and kv_b (read
+// by the attention kernels, or by the grouped GEMM in the naive path), which stay exact.
+std::shared_ptr<Model> rounded_like_device(const Model& m, bool fp8, const fs::path& dir, bool fp8_fallback = false) {
     Weights w = m.weights();
+    auto has = [](const std::string& name, const char* part) { return name.find(part) != std::string::npos; };
     for (NamedTensor& nt : tensor_table(w, m.config())) {
         Tensor& t = *nt.tensor;
         if (!nt.bf16_storable || t.empty() || t.is_bf16()) continue;
-        const bool kv_b = nt.name.size() >= 16 && nt.name.compare(nt.name.size() - 16, 16, "kv_b_proj.weight") == 0;
-        if (fp8 && nt.quantizable && !kv_b) continue;
+        if (fp8 && nt.quantizable &&
+            (!fp8_fallback || has(nt.name, ".mlp.experts.") || has(nt.name, "kv_b_proj.weight")))
+            continue;
         for (float& x : t.data) x = bf16_to_f32(f32_to_bf16(x));
         t.block_scale.clear();
     }
@@ -1335,10 +1409,10 @@ void check_checkpoint(SaveFormat fmt, const std::string& name) {
     if (fmt == SaveFormat::FP8) {
         // FP8-resident (the default for an FP8 checkpoint). Token by token every FP8 matrix goes
         // through the FP8 GEMV, which multiplies the CPU's own f32 weights (e4m3 * scale, the
-        // checkpoint bytes recovered exactly) with f32 activations; the only rounded weights are
-        // kv_b, the embeddings and the heads (BF16 on the device: the absorbed attention reads
-        // kv_b per head, as DeepSeek's inference dequantizes wkv_b): against the CPU on those
-        // same values, token by token is as tight as BF16's, routing exact.
+        // checkpoint bytes recovered exactly) with f32 activations, and the absorbed attention
+        // reads kv_b the same way; the only rounded weights are the embeddings and the heads
+        // (BF16 on the device): against the CPU on those same values, token by token is as
+        // tight as BF16's, routing exact.
         const fs::path dir8 = fs::temp_directory_path() / ("moescope-gpu-checks-" + name + "-as-fp8");
         auto cpu8 = make_cpu_backend(rounded_like_device(*model, true, dir8));
         Run c8 = run_prompt(*cpu8, toks, ForwardOptions{}, false);
@@ -1353,12 +1427,25 @@ void check_checkpoint(SaveFormat fmt, const std::string& name) {
                std::to_string(gp.plan().weights) + " vs " + std::to_string(gb.plan().weights));
         compare_runs(name + " checkpoint, fp8 device weights, token-by-token",
                      run_prompt(gp, toks, ForwardOptions{}, true), c8, 2e-4, true);
-        // One pass (prefill GEMMs): the activations are rounded once per matrix, to e4m3 (3
-        // mantissa bits) on the cuBLASLt path or to bf16 on the fallback; the bf16 case keeps
-        // the 0.15 of the BF16 one-pass check, e4m3 rounding is ~16x coarser: 0.5.
+        // One pass (prefill GEMMs), absorbed and naive attention: the activations are rounded
+        // once per matrix, to e4m3 (3 mantissa bits) on the cuBLASLt path, against the CPU on
+        // the FP8 values, ~16x coarser than bf16: 0.5; or to bf16 on the fallback, which also
+        // rounds its weights to bf16: against the CPU on those weights, the 0.15 of the BF16
+        // one-pass check (against exact weights a near-tie flipped early moved later rows by 0.26).
         const bool lt = gp.notice().find("prefill: cuBLASLt") != std::string::npos;
-        compare_runs(name + " checkpoint, fp8 device weights, one pass (" + (lt ? "cuBLASLt" : "bf16 fallback") + ")",
-                     run_prompt(gp, toks, ForwardOptions{}, false, &c8.main.hidden), c8, lt ? 0.5 : 0.15, false);
+        Run ref = c8;
+        if (!lt) {
+            auto cpu8f = make_cpu_backend(rounded_like_device(*model, true, dir8, true));
+            ref = run_prompt(*cpu8f, toks, ForwardOptions{}, false);
+            fs::remove_all(dir8);
+        }
+        for (bool absorbed : {true, false}) {
+            ForwardOptions fo;
+            fo.absorbed = absorbed;
+            compare_runs(name + " checkpoint, fp8 device weights, one pass (" + (lt ? "cuBLASLt" : "bf16 fallback") +
+                             (absorbed ? ", absorbed)" : ", naive)"),
+                         run_prompt(gp, toks, fo, false, &ref.main.hidden), ref, lt ? 0.5 : 0.15, false);
+        }
         // Strict parity still available: f32 device weights equal the CPU's.
         CudaOptions f;
         f.dtype = WeightDtype::F32;
