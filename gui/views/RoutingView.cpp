@@ -66,7 +66,7 @@ RoutingView::RoutingView(TelemetryStore* store, QWidget* parent)
     m_tokenPlot->xAxis->setLabel(tr("expert"));
     m_tokenPlot->yAxis->setLabel(tr("MoE layer"));
     m_tokenPlot->plotLayout()->insertRow(0);
-    m_tokenPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_tokenPlot, tr("selected token (grey: group dropped)")));
+    m_tokenPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_tokenPlot, tr("selected token: none yet")));
 
     m_seqPlot = addPlot(0, 1);
     m_seqMap = addColorMap(m_seqPlot, tr("weight"));
@@ -234,8 +234,9 @@ void RoutingView::refresh() {
     if (it == routes.end()) m_info->setText(tr("no routing yet: send a message"));
     setFiniteDataRange(m_tokenMap, true);
     if (auto* t = qobject_cast<QCPTextElement*>(m_tokenPlot->plotLayout()->element(0, 0)))
-        t->setText(showScores ? tr("selected token: every router score (grey: group dropped)")
-                              : tr("selected token (grey: group dropped)"));
+        t->setText(it == routes.end() ? tr("selected token: none yet")
+                   : showScores       ? tr("selected token: every router score (grey: group dropped)")
+                                      : tr("selected token (grey: group dropped)"));
     m_tokenMap->colorScale()->axis()->setLabel(showScores ? tr("score") : tr("weight"));
     m_tokenPlot->xAxis->setRange(-0.5, E - 0.5);
     m_tokenPlot->yAxis->setRange(-0.5, R - 0.5);
@@ -331,6 +332,11 @@ QSize RoutingView::sequenceMapSize() const { return QSize(m_seqMap->data()->keyS
 int RoutingView::loadBarCount() const { return m_loadBars->data()->size(); }
 QSize RoutingView::coactivationSize() const { return QSize(m_coMap->data()->keySize(), m_coMap->data()->valueSize()); }
 double RoutingView::tokenMapValue(int expert, int row) const { return m_tokenMap->data()->cell(expert, row); }
+
+QString RoutingView::tokenMapTitle() const {
+    const auto* t = qobject_cast<QCPTextElement*>(m_tokenPlot->plotLayout()->element(0, 0));
+    return t ? t->text() : QString();
+}
 
 QString RoutingView::csv() const {
     // Every routing decision the store holds, one row per (position, layer, rank), and the load.

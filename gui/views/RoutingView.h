@@ -25,6 +25,7 @@ public:
     int loadBarCount() const;
     QSize coactivationSize() const;
     double tokenMapValue(int expert, int row) const;
+    QString tokenMapTitle() const;
     QList<int> disabledMarks() const;        // experts marked as switched off in the load plot
 
     // Asks to switch experts of the chosen layer off (an ablation): the text of the "Off"

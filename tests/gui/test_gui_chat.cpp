@@ -53,10 +53,14 @@ private slots:
     void cleanupTestCase() { delete w; }
 
     void roundTripFeedsViews() {
+        routing()->refreshNow();  // before any token: the grey map is not "groups dropped"
+        QCOMPARE(routing()->tokenMapTitle(), QStringLiteral("selected token: none yet"));
         QSignalSpy routingRefreshed(routing(), &PlotView::refreshed);
         GenerationSummary sum;
         QVERIFY(generateOnce(*w, QStringLiteral("5, 17, 42, 100, 7, 300, 12"), 10, &sum));
         QCOMPARE(sum.tokens, 10);
+        routing()->refreshNow();
+        QCOMPARE(routing()->tokenMapTitle(), QStringLiteral("selected token (grey: group dropped)"));
         QVERIFY(sum.mtp);
         QVERIFY(sum.draftTokens > 0);
         const std::vector<int>& ctx = w->engine()->contextTokens();
