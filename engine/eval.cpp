@@ -55,6 +55,20 @@ double nll_sum(const float* logits, const int* target, int rows, int V, std::vec
 
 }  // namespace
 
+PerplexityRun perplexity_run(const PerplexityResult& r) {
+    return PerplexityRun{r.windows, r.tokens, r.cross_entropy, r.mtp_tokens, r.mtp_cross_entropy};
+}
+
+PerplexityResult perplexity_result(const PerplexityRun& r) {
+    PerplexityResult p;
+    p.windows = r.windows;
+    p.tokens = r.tokens;
+    p.cross_entropy = r.cross_entropy;
+    p.mtp_tokens = r.mtp_tokens;
+    p.mtp_cross_entropy = r.mtp_cross_entropy;
+    return p;
+}
+
 PerplexityResult evaluate_perplexity(Backend& backend, const std::vector<int>& ids, const PerplexityOptions& o,
                                      const std::function<bool(int, int)>& on_window) {
     const ModelConfig& cfg = backend.config();

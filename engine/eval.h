@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/telemetry.h"
 
 namespace moescope {
 
@@ -60,6 +61,10 @@ struct TokenImpact {
 // `ablated` come from keep_losses runs over the same `ids` and options.
 std::vector<TokenImpact> token_impact(const std::vector<int>& ids, const PerplexityResult& base,
                                       const PerplexityResult& ablated, int min_count, int top);
+
+// A result's numbers as the telemetry's evaluation record keeps them (no loads, no losses), and back.
+PerplexityRun perplexity_run(const PerplexityResult& r);
+PerplexityResult perplexity_result(const PerplexityRun& r);
 
 // Runs `ids` through `backend` window by window (a fresh cache each). `on_window(done, total)`
 // reports progress and may return false to stop early (the result covers the windows done).

@@ -79,8 +79,8 @@ std::vector<T> flat(const json& j, size_t& cols) {
 }  // namespace
 
 const char* record_type(const Record& r) {
-    static const char* names[] = {"meta",   "token", "route", "load", "bias",    "latent",
-                                  "mtp",    "timing", "train", "eval", "ablation"};
+    static const char* names[] = {"meta", "token", "route", "load", "bias",     "latent",
+                                  "mtp",  "timing", "train", "eval", "ablation", "evaluation"};
     return names[r.index()];
 }
 
@@ -145,6 +145,34 @@ json to_json(const Record& rec) {
             [](const AblationRecord& r) {
                 return json{{"type", "ablation"}, {"step", r.step},         {"layer", r.layer},
                             {"disabled", r.disabled}, {"drop_top", r.drop_top}};
+            },
+            [](const EvaluationRecord& r) {
+                auto run = [](const PerplexityRun& p) {
+                    json j{{"windows", p.windows}, {"tokens", p.tokens}, {"cross_entropy", p.cross_entropy}};
+                    if (p.mtp_tokens > 0) {
+                        j["mtp_tokens"] = p.mtp_tokens;
+                        j["mtp_cross_entropy"] = p.mtp_cross_entropy;
+                    }
+                    return j;
+                };
+                json j{{"type", "evaluation"}, {"step", r.step},       {"corpus", r.corpus},
+                       {"context", r.context},  {"text_tokens", r.text_tokens}, {"baseline", run(r.baseline)}};
+                if (r.ablated) {
+                    j["ablation"] = r.ablation;
+                    j["with_ablation"] = run(r.with_ablation);
+                    json hurt = json::array();
+                    for (const HurtToken& h : r.hurt)
+                        hurt.push_back({{"token", h.token}, {"text", h.text}, {"count", h.count},
+                                        {"baseline", h.baseline}, {"ablated", h.ablated}, {"added", h.added}});
+                    j["hurt"] = hurt;
+                }
+                if (!r.sweep.empty()) {
+                    json sw = json::array();
+                    for (const PerplexityRun& p : r.sweep) sw.push_back(run(p));
+                    j["sweep"] = sw;
+                    if (!r.sweep_layers.empty()) j["sweep_layers"] = r.sweep_layers;
+                }
+                return j;
             },
         },
         rec);
@@ -223,6 +251,37 @@ Record record_from_json(const json& j) {
                                get("aux_loss", 0.0),    get("lr", 0.0),        get("grad_norm", 0.0),
                                get("tokens_per_s", 0.0), get("maxvio_batch", 0.0)};
         if (t == "eval") return EvalRecord{get("step", int64_t(0)), get("val_loss", 0.0), get("maxvio_global", 0.0)};
+        if (t == "evaluation") {
+            auto run = [](const json& o) {
+                if (!o.is_object()) throw FormatError("evaluation record: a run is not an object");
+                PerplexityRun p;
+                p.windows = o.value("windows", 0);
+                p.tokens = o.value("tokens", int64_t(0));
+                p.cross_entropy = o.value("cross_entropy", 0.0);
+                p.mtp_tokens = o.value("mtp_tokens", int64_t(0));
+                p.mtp_cross_entropy = o.value("mtp_cross_entropy", 0.0);
+                return p;
+            };
+            EvaluationRecord r;
+            r.step = get("step", int64_t(0));
+            r.corpus = get("corpus", std::string());
+            r.context = get("context", 0);
+            r.text_tokens = get("text_tokens", int64_t(0));
+            r.baseline = run(j.at("baseline"));
+            r.ablated = j.contains("with_ablation");
+            if (r.ablated) {
+                r.with_ablation = run(j["with_ablation"]);
+                r.ablation = get("ablation", std::string());
+                for (const json& h : j.contains("hurt") ? j["hurt"] : json::array())
+                    r.hurt.push_back({h.at("token").get<int>(), h.value("text", std::string()), h.value("count", int64_t(0)),
+                                      h.value("baseline", 0.0), h.value("ablated", 0.0), h.value("added", 0.0)});
+            }
+            for (const json& p : j.contains("sweep") ? j["sweep"] : json::array()) r.sweep.push_back(run(p));
+            r.sweep_layers = get("sweep_layers", std::vector<int>());
+            if (!r.sweep_layers.empty() && r.sweep_layers.size() != r.sweep.size())
+                throw FormatError("evaluation record: sweep_layers does not match sweep");
+            return r;
+        }
     } catch (const json::exception& e) {
         throw FormatError("record of type '" + t + "': " + e.what());
     }

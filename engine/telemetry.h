@@ -103,8 +103,42 @@ struct AblationRecord {        // a layer's ablation from this step on
     int drop_top = 0;              // each token's highest-ranked experts switched off for it
 };
 
+// One scoring of a held-out text (the app's Evaluate view, `perplexity --telemetry`). Cross-
+// entropies in nats: mean -ln p of the next token, and of the token after it (MTP module 1).
+struct PerplexityRun {
+    int windows = 0;
+    int64_t tokens = 0;
+    double cross_entropy = 0;
+    int64_t mtp_tokens = 0;        // 0: the MTP module was not scored
+    double mtp_cross_entropy = 0;
+    bool operator==(const PerplexityRun&) const = default;
+};
+
+struct HurtToken {                 // a token whose loss an ablation raised (eval.h TokenImpact)
+    int token = 0;
+    std::string text;
+    int64_t count = 0;
+    double baseline = 0, ablated = 0, added = 0;
+    bool operator==(const HurtToken&) const = default;
+};
+
+struct EvaluationRecord {          // a held-out evaluation, every run of it
+    int64_t step = 0;
+    std::string corpus;            // the text file
+    int context = 0;               // window length
+    int64_t text_tokens = 0;       // tokens in the file
+    PerplexityRun baseline;        // every expert on
+    bool ablated = false;          // an ablation was in force: `with_ablation` is its run
+    PerplexityRun with_ablation;
+    std::string ablation;          // what was off, in words
+    std::vector<HurtToken> hurt;   // the tokens the ablation hurt most
+    std::vector<PerplexityRun> sweep;   // each token's top R experts dropped, R = 0, 1, ... or per layer:
+    std::vector<int> sweep_layers;      // the MoE layer of each run of a per-layer sweep (empty: over R)
+    bool operator==(const EvaluationRecord&) const = default;
+};
+
 using Record = std::variant<MetaRecord, TokenRecord, RouteRecord, LoadRecord, BiasRecord, LatentRecord, MtpRecord,
-                            TimingRecord, TrainRecord, EvalRecord, AblationRecord>;
+                            TimingRecord, TrainRecord, EvalRecord, AblationRecord, EvaluationRecord>;
 
 nlohmann::json to_json(const Record& r);
 Record record_from_json(const nlohmann::json& j);  // FormatError on a malformed record

@@ -322,6 +322,47 @@ void EngineController::clearDisabledExperts() {
     });
 }
 
+EvaluationRecord evaluationRecord(const EvaluationReport& r) {
+    EvaluationRecord e;
+    e.corpus = r.path.toStdString();
+    e.context = r.context;
+    e.text_tokens = r.textTokens;
+    e.baseline = perplexity_run(r.baseline);
+    e.ablated = r.ablated;
+    if (r.ablated) {
+        e.with_ablation = perplexity_run(r.withAblation);
+        e.ablation = r.ablation.toStdString();
+    }
+    for (const TokenImpact& t : r.hurt) {
+        const auto it = r.texts.find(t.token);
+        e.hurt.push_back({t.token, it == r.texts.end() ? std::string() : it->second.toStdString(), t.count, t.baseline,
+                          t.ablated, t.added});
+    }
+    for (const PerplexityResult& p : r.sweep) e.sweep.push_back(perplexity_run(p));
+    e.sweep_layers = r.sweepLayers;
+    return e;
+}
+
+EvaluationReport evaluationReport(const EvaluationRecord& e) {
+    EvaluationReport r;
+    r.path = QString::fromStdString(e.corpus);
+    r.context = e.context;
+    r.textTokens = int(e.text_tokens);
+    r.baseline = perplexity_result(e.baseline);
+    r.ablated = e.ablated;
+    if (e.ablated) {
+        r.withAblation = perplexity_result(e.with_ablation);
+        r.ablation = QString::fromStdString(e.ablation);
+    }
+    for (const HurtToken& h : e.hurt) {
+        r.hurt.push_back(TokenImpact{h.token, h.count, h.baseline, h.ablated, h.added});
+        r.texts[h.token] = QString::fromStdString(h.text);
+    }
+    for (const PerplexityRun& p : e.sweep) r.sweep.push_back(perplexity_result(p));
+    r.sweepLayers = e.sweep_layers;
+    return r;
+}
+
 void EngineController::evaluate(const QString& path, int maxWindows, EvalSweep sweep, int showTokens) {
     if (!m_loaded) {
         emit evaluationFailed(tr("no model loaded"));
@@ -415,6 +456,10 @@ void EngineController::evaluate(const QString& path, int maxWindows, EvalSweep s
             rep.withAblation.losses.clear();
             rep.withAblation.targets.clear();
             for (PerplexityResult& s : rep.sweep) s.losses.clear(), s.targets.clear();
+            // Into the session's telemetry: saved with it, and replayed into the Evaluate view.
+            EvaluationRecord rec = evaluationRecord(rep);
+            rec.step = m_session ? m_session->step() : 0;
+            m_store->sink()->record(std::move(rec));
         } catch (const std::exception& e) {
             const QString msg = dynamic_cast<const CancelledError*>(&e) ? tr("evaluation cancelled")
                                                                         : QString::fromUtf8(e.what());

@@ -66,6 +66,11 @@ struct EvaluationReport {
     std::vector<int> sweepLayers;
 };
 
+// The report as a telemetry record (saved with the session's telemetry, replayed into the
+// Evaluate view), and back: every number the view draws and exports, bit for bit.
+moescope::EvaluationRecord evaluationRecord(const EvaluationReport& r);
+EvaluationReport evaluationReport(const moescope::EvaluationRecord& r);
+
 enum class EvalSweep { None, TopR, PerLayer };
 
 class EngineController : public QObject {

@@ -338,6 +338,14 @@ bool MainWindow::openTrace(const QString& path, QString* error) {
         return false;
     }
     m_store->replace(recs);
+    if (auto* evaluate = qobject_cast<EvaluateView*>(view(QStringLiteral("evaluate")))) {
+        if (const EvaluationRecord* e = m_store->evaluation()) {
+            evaluate->setReport(evaluationReport(*e));
+            evaluate->setTextPath(QString::fromStdString(e->corpus));  // Run scores it again once a model is open
+        } else {
+            evaluate->clear();
+        }
+    }
     m_modelLabel->setText(tr("replaying %1 (%2 records)").arg(QDir::toNativeSeparators(path)).arg(recs.size()));
     return true;
 }

@@ -107,6 +107,8 @@ public:
     const std::vector<moescope::TimingRecord>& timing() const { return m_timing; }
     const std::vector<moescope::TrainRecord>& train() const { return m_train; }
     const std::vector<moescope::EvalRecord>& evals() const { return m_eval; }
+    // The latest held-out evaluation (the Evaluate view's), nullptr before the first.
+    const moescope::EvaluationRecord* evaluation() const { return m_evaluation ? &*m_evaluation : nullptr; }
     const std::vector<GenerationSummary>& generations() const { return m_generations; }
     qint64 recordCount() const { return qint64(m_all.size()); }
 
@@ -137,6 +139,7 @@ private:
     std::vector<moescope::TimingRecord> m_timing;
     std::vector<moescope::TrainRecord> m_train;
     std::vector<moescope::EvalRecord> m_eval;
+    std::optional<moescope::EvaluationRecord> m_evaluation;
     std::vector<GenerationSummary> m_generations;
     int64_t m_loadStepId = -1;
     int m_selected = -1;

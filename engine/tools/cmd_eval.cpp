@@ -16,8 +16,10 @@
 #include "engine/errors.h"
 #include "engine/eval.h"
 #include "engine/expert_analysis.h"
+#include "engine/loader.h"
 #include "engine/model/moe.h"
 #include "engine/safetensors.h"
+#include "engine/telemetry.h"
 #include "engine/tools/cli.h"
 #include "engine/tools/cli_model.h"
 
@@ -55,6 +57,22 @@ struct AblationRun {
     }
 };
 
+// A run's ablation in words (an evaluation record's `ablation`): the experts off, then the top
+// ranks dropped, e.g. "layer 1: experts 0,5; each token's top 1 in layer 2".
+std::string ablation_words(const std::map<int, std::vector<int>>& off, const AblationRun& run) {
+    std::string w;
+    if (run.masked)
+        for (const auto& [layer, experts] : off) {
+            w += (w.empty() ? "" : "; ") + std::string("layer ") + std::to_string(layer) + ": experts ";
+            for (size_t i = 0; i < experts.size(); ++i) w += (i ? "," : "") + std::to_string(experts[i]);
+        }
+    if (run.drop_top > 0) {
+        w += (w.empty() ? "" : "; ") + std::string("each token's top ") + std::to_string(run.drop_top);
+        if (run.layer >= 0) w += " in layer " + std::to_string(run.layer);
+    }
+    return w;
+}
+
 // Per scored prediction: index in the text, the token, its text, -ln p in the baseline and in
 // each ablation run (written to a temporary file, then renamed).
 void write_losses_csv(const std::string& path, const std::vector<int>& ids, const PerplexityResult& base,
@@ -81,7 +99,7 @@ void write_losses_csv(const std::string& path, const std::vector<int>& ids, cons
 int cmd_perplexity(const std::vector<std::string>& argv) {
     Args a(argv, {"json", "no-mtp", "per-layer"});
     a.check_known({"corpus", "context", "max-windows", "disable-experts", "drop-top-experts", "backend", "weights",
-                   "show-tokens", "min-count", "losses-csv"});
+                   "show-tokens", "min-count", "losses-csv", "telemetry"});
     const int show_tokens = int(a.integer("show-tokens", 10));  // 0: none
     const int min_count = int(a.integer("min-count", 3));
     if (show_tokens < 0) throw UsageError("--show-tokens must be >= 0");
@@ -146,6 +164,35 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
     for (AblationRun& run : runs) {
         ablate(true, run.drop_top, run.layer);
         run.result = evaluate(run.label());
+    }
+    if (auto f = a.get("telemetry")) {
+        // A trace the app replays into its Evaluate view: the meta record, then one evaluation
+        // record per ablation run (each against the baseline, with the tokens it hurt most), or
+        // the baseline alone.
+        std::vector<Record> recs{MetaRecord{loaded_model_card(*m.model).to_json(cfg), cfg.to_json(),
+                                            {{"model", dir}, {"mode", "perplexity"}, {"source", *corpus},
+                                             {"backend", m.backend->name()}}}};
+        EvaluationRecord e;
+        e.corpus = *corpus;
+        e.context = o.context;
+        e.text_tokens = int64_t(ids.size());
+        e.baseline = perplexity_run(base);
+        if (runs.empty()) recs.push_back(e);
+        for (const AblationRun& run : runs) {
+            EvaluationRecord x = e;
+            x.ablated = true;
+            x.with_ablation = perplexity_run(run.result);
+            x.ablation = ablation_words(off, run);
+            if (show_tokens > 0)
+                for (const TokenImpact& t : token_impact(ids, base, run.result, min_count, show_tokens))
+                    x.hurt.push_back({t.token, token_piece(m.tokenizer.get(), t.token), t.count, t.baseline, t.ablated,
+                                      t.added});
+            recs.push_back(std::move(x));
+        }
+        write_file_atomic(*f, [&](std::ostream& out) {
+            for (const Record& r : recs)
+                out << to_json(r).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
+        });
     }
     if (json) {
         nlohmann::json j = result_json(base);
@@ -250,8 +297,8 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
 CliCommand perplexity_cmd("perplexity",
                           "perplexity MODEL_DIR --corpus FILE [--context N] [--max-windows N] [--no-mtp] "
                           "[--disable-experts L:E,E-E;...] [--drop-top-experts R[,R...] [--per-layer]] [--show-tokens N] "
-                          "[--min-count N] [--losses-csv FILE] [--backend cpu|cuda|auto] [--weights f32|bf16|auto] "
-                          "[--json]"
+                          "[--min-count N] [--losses-csv FILE] [--telemetry OUT.jsonl] [--backend cpu|cuda|auto] "
+                          "[--weights f32|bf16|auto] [--json]"
                           "   held-out cross-entropy; with experts switched off, against the baseline",
                           cmd_perplexity);
 

@@ -1,5 +1,6 @@
 // moescope-cli trace: summarize a JSONL telemetry trace and export it in the shapes serving
 // engines use (routed experts [tokens, moe_layers, k], expert load [steps, layers, experts]).
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <map>
@@ -23,9 +24,11 @@ int cmd_trace(const std::vector<std::string>& argv) {
     std::map<int, std::vector<int64_t>> total;
     int64_t drafted = 0, accepted = 0;
     std::vector<AblationRecord> ablations;  // every change, in order
+    std::vector<EvaluationRecord> evaluations;
     for (const auto& r : recs) {
         count[record_type(r)]++;
         if (auto* x = std::get_if<AblationRecord>(&r)) ablations.push_back(*x);
+        if (auto* x = std::get_if<EvaluationRecord>(&r)) evaluations.push_back(*x);
         if (auto* x = std::get_if<RouteRecord>(&r)) routes.push_back(*x);
         if (auto* x = std::get_if<LoadRecord>(&r)) {
             loads.push_back(*x);
@@ -56,11 +59,29 @@ int cmd_trace(const std::vector<std::string>& argv) {
             j["ablations"].push_back({{"step", x.step}, {"layer", x.layer}, {"disabled", x.disabled},
                                       {"drop_top", x.drop_top}});
     }
+    // Held-out evaluations: perplexity with every expert on, with the ablation, and each sweep run.
+    auto ppl = [](const PerplexityRun& p) { return std::exp(p.cross_entropy); };
+    if (!evaluations.empty()) {
+        j["evaluations"] = nlohmann::json::array();
+        for (const auto& e : evaluations) {
+            nlohmann::json x{{"step", e.step}, {"corpus", e.corpus}, {"perplexity", ppl(e.baseline)}};
+            if (e.ablated) {
+                x["ablation"] = e.ablation;
+                x["perplexity_ablated"] = ppl(e.with_ablation);
+            }
+            if (!e.sweep.empty()) {
+                x["sweep_perplexity"] = nlohmann::json::array();
+                for (const auto& p : e.sweep) x["sweep_perplexity"].push_back(ppl(p));
+                if (!e.sweep_layers.empty()) x["sweep_layers"] = e.sweep_layers;
+            }
+            j["evaluations"].push_back(x);
+        }
+    }
     if (a.has("json")) {
         std::cout << j.dump() << "\n";
     } else {
         std::printf("%s: %zu records\n", a.positional()[0].c_str(), recs.size());
-        for (const auto& [t, n] : count) std::printf("  %-7s %d\n", t.c_str(), n);
+        for (const auto& [t, n] : count) std::printf("  %-10s %d\n", t.c_str(), n);
         for (const auto& [layer, t] : total) std::printf("  layer %d: MaxVio over the trace %.3f\n", layer, max_violation(t));
         if (drafted) std::printf("  MTP acceptance %.1f%% of %lld drafted tokens\n", 100.0 * accepted / drafted,
                                  static_cast<long long>(drafted));
@@ -71,6 +92,16 @@ int cmd_trace(const std::vector<std::string>& argv) {
                 what += (what.empty() ? "" : "; ") + std::string("each token's top ") + std::to_string(x.drop_top) + " dropped";
             std::printf("  ablation from step %lld, layer %d: %s\n", static_cast<long long>(x.step), x.layer,
                         what.empty() ? "every expert on" : what.c_str());
+        }
+        for (const auto& e : evaluations) {
+            std::printf("  evaluation at step %lld of %s: perplexity %.2f", static_cast<long long>(e.step),
+                        e.corpus.c_str(), ppl(e.baseline));
+            if (e.ablated) std::printf("; off (%s): %.2f", e.ablation.c_str(), ppl(e.with_ablation));
+            const bool per_layer = !e.sweep_layers.empty();
+            for (size_t i = 0; i < e.sweep.size(); ++i)
+                std::printf("%s %s %d: %.2f", i ? "," : per_layer ? "; each token's top expert dropped in" : "; each token's top R dropped,",
+                            per_layer ? "layer" : "R", per_layer ? e.sweep_layers[i] : int(i), ppl(e.sweep[i]));
+            std::printf("\n");
         }
     }
     return 0;

@@ -103,8 +103,9 @@ EvaluateView::EvaluateView(TelemetryStore* store, QWidget* parent)
     m_sweepHint->setPositionAlignment(Qt::AlignCenter);
     m_sweepHint->position->setType(QCPItemPosition::ptAxisRectRatio);
     m_sweepHint->position->setCoords(0.5, 0.5);
-    m_sweepHint->setText(tr("choose a sweep and Run: perplexity with each token's top 0..k experts dropped, or its top "
-                            "expert in one layer at a time"));
+    m_sweepHint->setText(tr("choose a sweep and Run: perplexity with each token's top 0..k\n"
+                            "experts dropped, or its top expert in one layer at a time"));
+    m_sweepHint->setTextAlignment(Qt::AlignCenter);
     m_sweepPlot->legend->setVisible(true);
     legendBelow(m_sweepPlot);  // a short plot: any inset legend covered a curve
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <filesystem>
 #include <numeric>
 #include <random>
 
@@ -483,6 +484,45 @@ private slots:
         QCOMPARE(std::get<AblationRecord>(record_from_json(
                      nlohmann::json{{"type", "ablation"}, {"step", 1}, {"layer", 1}, {"disabled", {2}}})).drop_top, 0);
         QCOMPARE(QString(record_type(r)), QString("ablation"));
+    }
+
+    // An evaluation's record carries every run bit for bit (doubles as JSON numbers), through a
+    // JSONL file as the app saves and replays it; the optional parts are left out when absent.
+    void evaluationRecordRoundTrips() {
+        EvaluationRecord e;
+        e.step = 7;
+        e.corpus = "held out.txt";
+        e.context = 512;
+        e.text_tokens = 12345;
+        e.baseline = {3, 1533, 3.7123456789012345, 1530, 4.1000000000000001};
+        e.ablated = true;
+        e.with_ablation = {3, 1533, 4.2 + 1e-15, 1530, 4.6};
+        e.ablation = "layer 1: 0-7";
+        e.hurt = {{42, " the", 17, 1.5, 2.25, 12.75}, {7, "\"\n", 3, 0.1, 0.3, 0.6}};
+        e.sweep = {{3, 1533, 3.71, 0, 0}, {3, 1533, 4.1, 0, 0}};
+        e.sweep_layers = {1, 3};
+        const auto path = std::filesystem::temp_directory_path() / "moescope-evaluation-record.jsonl";
+        {
+            JsonlWriter w(path);
+            w.record(Record(e));
+            w.flush();
+        }
+        const std::vector<Record> back = read_trace(path);
+        std::filesystem::remove(path);
+        QCOMPARE(int(back.size()), 1);
+        QVERIFY(std::get<EvaluationRecord>(back[0]) == e);
+        QCOMPARE(QString(record_type(back[0])), QString("evaluation"));
+        // No ablation, no sweep: those keys are absent and read back empty.
+        EvaluationRecord plain;
+        plain.corpus = "a.txt";
+        plain.baseline = {1, 10, 2.0, 0, 0};
+        const nlohmann::json j = to_json(Record(plain));
+        QVERIFY(!j.contains("with_ablation") && !j.contains("sweep") && !j["baseline"].contains("mtp_tokens"));
+        QVERIFY(std::get<EvaluationRecord>(record_from_json(j)) == plain);
+        // A per-layer sweep whose layers do not match its runs is refused.
+        nlohmann::json bad = to_json(Record(e));
+        bad["sweep_layers"] = {1};
+        QVERIFY_THROWS_EXCEPTION(FormatError, record_from_json(bad));
     }
 
     // Perplexity over windows against a slower path: every window decoded token by token

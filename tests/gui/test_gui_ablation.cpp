@@ -213,6 +213,19 @@ private slots:
             QCOMPARE(ev->report().sweep[size_t(i)].cross_entropy, evaluate_perplexity(*be, ids, o).cross_entropy);
         }
         QVERIFY(ev->csv().contains(QStringLiteral("\nsweep_cross_entropy,1,layer 2: top 1 dropped,")));
+        // The report is in the telemetry as it is drawn (ablation, hurt tokens, per-layer sweep),
+        // and a view given the record back draws and exports the same.
+        w.store()->flush();
+        QVERIFY(w.store()->evaluation());
+        const EvaluationRecord& rec = *w.store()->evaluation();
+        EvaluationRecord want = evaluationRecord(ev->report());
+        want.step = rec.step;
+        QVERIFY(rec == want);
+        QVERIFY(rec.ablated && !rec.hurt.empty() && rec.sweep_layers == (std::vector<int>{1, 2, 3}));
+        EvaluateView again(w.store());
+        again.setReport(evaluationReport(rec));
+        QCOMPARE(again.csv(), ev->csv());
+        QCOMPARE(again.tokenBarLabels(), ev->tokenBarLabels());
         ev->setSweep(EvalSweep::None);
         // Cancelled (Stop) before its first window ends: reported, Run again, nothing changed.
         QSignalSpy stopped(w.engine(), &EngineController::evaluationFailed);

@@ -377,14 +377,15 @@ private slots:
         auto* m1 = qobject_cast<MtpView*>(replay.view("mtp"));
         QCOMPARE(m1->ratePoints(), m0->ratePoints());
         QCOMPARE(qobject_cast<ModelCardView*>(replay.view("card"))->layerRows(), 5);  // 4 layers + MTP
-        // The data behind every view is identical (an evaluation is a report of the engine's, not
-        // telemetry: a replay has none).
+        // The data behind every view is identical, the evaluation too (its record in the trace).
+        QVERIFY(w->store()->evaluation());
+        QVERIFY(qobject_cast<EvaluateView*>(w->view("evaluate"))->perplexityBarCount() > 0);
         for (auto* v : w->views()) {
-            if (v->viewName() == QLatin1String("mtp") || v->viewName() == QLatin1String("card") ||
-                v->viewName() == QLatin1String("evaluate"))
-                continue;
+            if (v->viewName() == QLatin1String("mtp") || v->viewName() == QLatin1String("card")) continue;
             QCOMPARE(replay.view(v->viewName())->csv(), v->csv());
         }
+        QCOMPARE(qobject_cast<EvaluateView*>(replay.view("evaluate"))->infoText(),
+                 qobject_cast<EvaluateView*>(w->view("evaluate"))->infoText());
         QCOMPARE(replay.view("mtp")->csv(), w->view("mtp")->csv());
     }
 
