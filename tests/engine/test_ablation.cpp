@@ -784,6 +784,37 @@ private slots:
         QCOMPARE(abls[3]["layer"].get<int>(), 3);
         const test::CliRun trt = test::run_cli({"trace", trace});
         QVERIFY2(trt.out.contains("layer 1: experts 3; each token's top 1 dropped"), trt.out.constData());
+        // perplexity --telemetry: the meta record, then one evaluation per run with the numbers of
+        // the JSON output, the tokens it hurt among them; `trace` summarizes them.
+        const QString evtrace = dir.filePath("evaluation.jsonl");
+        const test::CliRun pe = test::run_cli({"perplexity", model, "--corpus", corpus, "--context", "64", "--backend",
+                                               "cpu", "--disable-experts", "1:0", "--drop-top-experts", "0,1", "--json",
+                                               "--telemetry", evtrace});
+        QVERIFY2(pe.code == 0, pe.err.constData());
+        const auto pej = nlohmann::json::parse(pe.out.toStdString());
+        const std::vector<Record> evrecs = read_trace(evtrace.toStdString());
+        QCOMPARE(int(evrecs.size()), 3);
+        QVERIFY(std::holds_alternative<MetaRecord>(evrecs[0]));
+        for (int i = 0; i < 2; ++i) {
+            const auto& e = std::get<EvaluationRecord>(evrecs[size_t(i) + 1]);
+            const auto& run = pej["ablations"][size_t(i)];
+            QCOMPARE(e.baseline.cross_entropy, pej["cross_entropy"].get<double>());
+            QCOMPARE(e.context, 64);
+            QVERIFY(e.ablated);
+            QCOMPARE(e.with_ablation.cross_entropy, run["cross_entropy"].get<double>());
+            QCOMPARE(e.with_ablation.tokens, run["tokens"].get<int64_t>());
+            QCOMPARE(QString::fromStdString(e.ablation),
+                     i == 0 ? QStringLiteral("layer 1: experts 0") : QStringLiteral("layer 1: experts 0; each token's top 1"));
+            QCOMPARE(e.hurt.size(), run["most_affected"].size());
+            for (size_t h = 0; h < e.hurt.size(); ++h) {
+                QCOMPARE(e.hurt[h].token, run["most_affected"][h]["token"].get<int>());
+                QCOMPARE(e.hurt[h].added, run["most_affected"][h]["added_nll"].get<double>());
+            }
+        }
+        const test::CliRun pet = test::run_cli({"trace", evtrace});
+        QVERIFY2(pet.code == 0 && pet.out.count("evaluation at step 0 of ") == 2 &&
+                     pet.out.contains("off (layer 1: experts 0; each token's top 1): "),
+                 pet.out.constData());
         const test::CliRun folder = test::run_cli({"perplexity", model, "--corpus", dir.path()});
         QVERIFY(folder.code != 0);
         QVERIFY2(folder.err.contains("is a folder, not a text file"), folder.err.constData());
