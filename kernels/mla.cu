@@ -79,10 +79,10 @@ constexpr int max_heads_per_block(int d_c) { return 32 / channels_per_thread(d_c
 // Grid (splits, head groups, T). Block: one (token, split) and G consecutive heads h0.., so each
 // cache row is read once for all of them (per head, the cache would be read H times per step).
 // Online softmax over tiles of kTile positions: a warp scores a position for every head (lanes
-// over d_c: each cached value is loaded once for the G queries, which sit in shared memory); a warp per head updates
-// its max and sum; each thread then accumulates its own latent channels c = threadIdx.x + i *
-// kThreads for every head. Writes per head the unnormalized partial o, its max m and sum l:
-// partial[((t*H + h)*splits + split) * (d_c + 2) + {0..d_c-1, d_c: m, d_c+1: l}].
+// over d_c: each cached value is loaded once for the G queries, which sit in shared memory); a
+// warp per head updates its max and sum; each thread then accumulates its own latent channels
+// c = threadIdx.x + i * kThreads for every head. Writes per head the unnormalized partial o, its
+// max m and sum l: partial[((t*H + h)*splits + split) * (d_c + 2) + {0..d_c-1, d_c: m, d_c+1: l}].
 template <int kMaxC>
 __global__ void __launch_bounds__(kThreads, 2)
     attention_kernel(float* partial, const float* q_lat, const float* q, const float* cache_c, const float* cache_kpe,

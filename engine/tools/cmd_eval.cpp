@@ -63,11 +63,16 @@ std::string ablation_words(const std::map<int, std::vector<int>>& off, const Abl
     std::string w;
     if (run.masked)
         for (const auto& [layer, experts] : off) {
-            w += (w.empty() ? "" : "; ") + std::string("layer ") + std::to_string(layer) + ": experts ";
-            for (size_t i = 0; i < experts.size(); ++i) w += (i ? "," : "") + std::to_string(experts[i]);
+            w += w.empty() ? "layer " : "; layer ";
+            w += std::to_string(layer);
+            for (size_t i = 0; i < experts.size(); ++i) {
+                w += i ? "," : ": experts ";
+                w += std::to_string(experts[i]);
+            }
         }
     if (run.drop_top > 0) {
-        w += (w.empty() ? "" : "; ") + std::string("each token's top ") + std::to_string(run.drop_top);
+        w += w.empty() ? "each token's top " : "; each token's top ";
+        w += std::to_string(run.drop_top);
         if (run.layer >= 0) w += " in layer " + std::to_string(run.layer);
     }
     return w;

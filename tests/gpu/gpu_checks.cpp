@@ -774,36 +774,48 @@ void check_mla() {
                 const std::string sh = shp({T, H, dc}) + " start " + std::to_string(start);
                 close("latent_append c", sh, dC.down(), C, 1e-6, 1e-5);
                 close("latent_append k_pe", sh, dKP.down(), KP, 1e-5, 1e-5);
-                // Queries and kv_b; reference attention in latent space.
+                // Queries and kv_b; reference attention in latent space: q_lat = W_UK^T q_nope and
+                // o = W_UV o_lat per (row, head), for any kv_b W (f32 here, FP8 values below).
                 auto q = randv(rng, size_t(T) * H * dq);
                 auto wkvb = randv(rng, size_t(H) * dkvb * dc, -0.2f, 0.2f);
-                std::vector<float> qlat_ref(size_t(T) * H * dc), o_ref(size_t(T) * H * dv);
+                auto absorb_ref = [&](const std::vector<float>& W) {
+                    std::vector<float> ql(size_t(T) * H * dc, 0.0f);
+                    for (size_t th = 0; th < size_t(T) * H; ++th)
+                        for (int i = 0; i < dn; ++i) {
+                            const float* Wuk = W.data() + ((th % H) * dkvb + size_t(i)) * dc;  // row i of W_UK_h
+                            for (int c = 0; c < dc; ++c) ql[th * dc + size_t(c)] += q[th * dq + size_t(i)] * Wuk[c];
+                        }
+                    return ql;
+                };
+                auto project_ref = [&](const std::vector<float>& W, const std::vector<float>& ol) {
+                    std::vector<float> o(size_t(T) * H * dv, 0.0f);
+                    for (size_t th = 0; th < size_t(T) * H; ++th)
+                        for (int i = 0; i < dv; ++i) {
+                            const float* Wuv = W.data() + ((th % H) * dkvb + size_t(dn + i)) * dc;  // row i of W_UV_h
+                            for (int c = 0; c < dc; ++c) o[th * dv + size_t(i)] += Wuv[c] * ol[th * dc + size_t(c)];
+                        }
+                    return o;
+                };
+                const std::vector<float> qlat_ref = absorb_ref(wkvb);
+                std::vector<float> olat_ref(size_t(T) * H * dc, 0.0f);
                 for (int t = 0; t < T; ++t)
                     for (int h = 0; h < H; ++h) {
-                        const float* qh = q.data() + (size_t(t) * H + h) * dq;
-                        const float* Wuk = wkvb.data() + size_t(h) * dkvb * dc;
-                        const float* Wuv = Wuk + size_t(dn) * dc;
-                        float* ql = qlat_ref.data() + (size_t(t) * H + h) * dc;
-                        for (int i = 0; i < dn; ++i)
-                            for (int c = 0; c < dc; ++c) ql[c] += qh[i] * Wuk[size_t(i) * dc + c];
+                        const size_t th = size_t(t) * H + size_t(h);
+                        const float* ql = qlat_ref.data() + th * dc;
                         const int n = start + t + 1;
                         std::vector<float> p(static_cast<size_t>(n));
                         for (int j = 0; j < n; ++j) {
                             float sc = 0;
                             for (int c = 0; c < dc; ++c) sc += ql[c] * C[size_t(j) * dc + c];
-                            for (int i = 0; i < dr; ++i) sc += qh[dn + i] * KP[size_t(j) * dr + i];
+                            for (int i = 0; i < dr; ++i) sc += q[th * dq + size_t(dn + i)] * KP[size_t(j) * dr + i];
                             p[size_t(j)] = sc * m.scale;
                         }
                         softmax_inplace(p.data(), n);
-                        std::vector<float> ol(static_cast<size_t>(dc), 0.0f);
                         for (int j = 0; j < n; ++j)
-                            for (int c = 0; c < dc; ++c) ol[size_t(c)] += p[size_t(j)] * C[size_t(j) * dc + c];
-                        for (int i = 0; i < dv; ++i) {
-                            float a = 0;
-                            for (int c = 0; c < dc; ++c) a += Wuv[size_t(i) * dc + c] * ol[size_t(c)];
-                            o_ref[(size_t(t) * H + h) * dv + i] = a;
-                        }
+                            for (int c = 0; c < dc; ++c)
+                                olat_ref[th * dc + size_t(c)] += p[size_t(j)] * C[size_t(j) * dc + c];
                     }
+                const std::vector<float> o_ref = project_ref(wkvb, olat_ref);
                 DBuf<float> dq_(q), dw(wkvb), dql(size_t(T) * H * dc), dol(size_t(T) * H * dc), dout(size_t(T) * H * dv);
                 WRef W{dw.p, false, int64_t(H) * dkvb, dc};
                 absorb_query(dql.p, dq_.p, W, T, m, nullptr);
@@ -824,21 +836,7 @@ void check_mla() {
                     std::vector<float> w8(wkvb.size());
                     for (int64_t r = 0; r < g.rows; ++r)
                         for (int64_t c = 0; c < dc; ++c) w8[size_t(r * dc + c)] = fp8_value(carve.data(), sc, g, r, c);
-                    const std::vector<float> ol = dol.down();
-                    std::vector<float> ql8(size_t(T) * H * dc, 0.0f), o8(size_t(T) * H * dv, 0.0f);
-                    for (int t = 0; t < T; ++t)
-                        for (int h = 0; h < H; ++h) {
-                            const float* qh = q.data() + (size_t(t) * H + h) * dq;
-                            const float* Wuk = w8.data() + size_t(h) * dkvb * dc;
-                            const float* Wuv = Wuk + size_t(dn) * dc;
-                            float* ql = ql8.data() + (size_t(t) * H + h) * dc;
-                            for (int i = 0; i < dn; ++i)
-                                for (int c = 0; c < dc; ++c) ql[c] += qh[i] * Wuk[size_t(i) * dc + c];
-                            for (int i = 0; i < dv; ++i)
-                                for (int c = 0; c < dc; ++c)
-                                    o8[(size_t(t) * H + h) * dv + i] +=
-                                        Wuv[size_t(i) * dc + c] * ol[(size_t(t) * H + h) * dc + c];
-                        }
+                    const std::vector<float> ql8 = absorb_ref(w8), o8 = project_ref(w8, dol.down());
                     DBuf<uint8_t> dw8(carve);
                     const WRef W8 = fp8_ref(dw8.p, g.rows, dc);
                     absorb_query(dql.p, dq_.p, W8, T, m, nullptr);
