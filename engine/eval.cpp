@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "engine/errors.h"
+#include "engine/model/moe.h"
 #include "engine/model/ops.h"
 #include "engine/tokenizer/tokenizer.h"
 
@@ -146,6 +147,42 @@ std::vector<TokenImpact> token_impact(const std::vector<int>& ids, const Perplex
     }
     std::stable_sort(out.begin(), out.end(), [](const TokenImpact& a, const TokenImpact& b) { return a.added > b.added; });
     if (top > 0 && out.size() > size_t(top)) out.resize(size_t(top));
+    return out;
+}
+
+std::vector<ExpertImportance> expert_importance(Backend& backend, const std::vector<int>& ids,
+                                                const PerplexityOptions& o, int layer,
+                                                const std::function<bool(int, int, int)>& on_run,
+                                                const std::function<bool(int, int)>& on_window) {
+    const ModelConfig& c = backend.config();
+    check_moe_layer(c, layer);
+    const Ablation in_force = current_ablation(backend);
+    std::vector<uint8_t> base = in_force.masks[size_t(layer)];
+    base.resize(size_t(c.n_routed_experts), 0);
+    std::vector<int> todo;
+    for (int e = 0; e < c.n_routed_experts; ++e)
+        if (!base[size_t(e)]) todo.push_back(e);
+    const RouterDims dims(c);
+    std::vector<ExpertImportance> out;
+    try {
+        for (size_t i = 0; i < todo.size(); ++i) {
+            if (on_run && !on_run(todo[i], int(i), int(todo.size()))) break;
+            Ablation a = in_force;
+            a.masks[size_t(layer)] = base;
+            a.masks[size_t(layer)][size_t(todo[i])] = 1;
+            try {
+                check_disabled_experts(dims, a.masks[size_t(layer)], layer, in_force.drop_top[size_t(layer)]);
+            } catch (const Error&) {
+                continue;  // the router cannot lose this expert (a token would keep fewer than k)
+            }
+            set_ablation(backend, a);
+            out.push_back({todo[i], evaluate_perplexity(backend, ids, o, on_window)});
+        }
+    } catch (...) {
+        set_ablation(backend, in_force);
+        throw;
+    }
+    set_ablation(backend, in_force);
     return out;
 }
 

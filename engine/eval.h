@@ -71,4 +71,18 @@ PerplexityResult perplexity_result(const PerplexityRun& r);
 PerplexityResult evaluate_perplexity(Backend& backend, const std::vector<int>& ids, const PerplexityOptions& o,
                                      const std::function<bool(int, int)>& on_window = {});
 
+// Expert importance: the text scored once per routed expert of MoE `layer` with that expert
+// switched off alone, on top of the ablation in force (put back afterwards, also on error).
+// Experts already off, and those whose removal the router refuses (a token could be left fewer
+// than k experts), are skipped. `on_run(done, total)` is called before each run and may return
+// false to stop (the points so far are returned); `on_window` reports each run's windows.
+struct ExpertImportance {
+    int expert = 0;
+    PerplexityResult result;
+};
+std::vector<ExpertImportance> expert_importance(Backend& backend, const std::vector<int>& ids,
+                                                const PerplexityOptions& o, int layer,
+                                                const std::function<bool(int expert, int done, int total)>& on_run = {},
+                                                const std::function<bool(int, int)>& on_window = {});
+
 }  // namespace moescope

@@ -171,6 +171,10 @@ json to_json(const Record& rec) {
                     for (const PerplexityRun& p : r.sweep) sw.push_back(run(p));
                     j["sweep"] = sw;
                     if (!r.sweep_layers.empty()) j["sweep_layers"] = r.sweep_layers;
+                    if (!r.sweep_experts.empty()) {
+                        j["sweep_experts"] = r.sweep_experts;
+                        j["sweep_expert_layer"] = r.sweep_expert_layer;
+                    }
                 }
                 return j;
             },
@@ -278,8 +282,12 @@ Record record_from_json(const json& j) {
             }
             for (const json& p : j.contains("sweep") ? j["sweep"] : json::array()) r.sweep.push_back(run(p));
             r.sweep_layers = get("sweep_layers", std::vector<int>());
+            r.sweep_experts = get("sweep_experts", std::vector<int>());
+            r.sweep_expert_layer = get("sweep_expert_layer", -1);
             if (!r.sweep_layers.empty() && r.sweep_layers.size() != r.sweep.size())
                 throw FormatError("evaluation record: sweep_layers does not match sweep");
+            if (!r.sweep_experts.empty() && (r.sweep_experts.size() != r.sweep.size() || !r.sweep_layers.empty()))
+                throw FormatError("evaluation record: sweep_experts does not match sweep");
             return r;
         }
     } catch (const json::exception& e) {

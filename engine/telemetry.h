@@ -134,6 +134,8 @@ struct EvaluationRecord {          // a held-out evaluation, every run of it
     std::vector<HurtToken> hurt;   // the tokens the ablation hurt most
     std::vector<PerplexityRun> sweep;   // each token's top R experts dropped, R = 0, 1, ... or per layer:
     std::vector<int> sweep_layers;      // the MoE layer of each run of a per-layer sweep (empty: over R)
+    std::vector<int> sweep_experts;     // or per expert: the expert of `sweep_expert_layer` each run switched off
+    int sweep_expert_layer = -1;
     bool operator==(const EvaluationRecord&) const = default;
 };
 

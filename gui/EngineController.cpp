@@ -340,6 +340,8 @@ EvaluationRecord evaluationRecord(const EvaluationReport& r) {
     }
     for (const PerplexityResult& p : r.sweep) e.sweep.push_back(perplexity_run(p));
     e.sweep_layers = r.sweepLayers;
+    e.sweep_experts = r.sweepExperts;
+    e.sweep_expert_layer = r.sweepExperts.empty() ? -1 : r.sweepExpertLayer;
     return e;
 }
 
@@ -360,10 +362,12 @@ EvaluationReport evaluationReport(const EvaluationRecord& e) {
     }
     for (const PerplexityRun& p : e.sweep) r.sweep.push_back(perplexity_result(p));
     r.sweepLayers = e.sweep_layers;
+    r.sweepExperts = e.sweep_experts;
+    r.sweepExpertLayer = e.sweep_expert_layer;
     return r;
 }
 
-void EngineController::evaluate(const QString& path, int maxWindows, EvalSweep sweep, int showTokens) {
+void EngineController::evaluate(const QString& path, int maxWindows, EvalSweep sweep, int showTokens, int expertLayer) {
     if (!m_loaded) {
         emit evaluationFailed(tr("no model loaded"));
         return;
@@ -371,7 +375,7 @@ void EngineController::evaluate(const QString& path, int maxWindows, EvalSweep s
     m_busy = true;
     emit busyChanged(true);
     const int64_t job = ++m_jobId;
-    post([this, path, maxWindows, sweep, showTokens, job] {
+    post([this, path, maxWindows, sweep, showTokens, expertLayer, job] {
         EvaluationReport rep;
         rep.path = path;
         try {
@@ -439,6 +443,20 @@ void EngineController::evaluate(const QString& path, int maxWindows, EvalSweep s
                     run_with(true, 1, l);
                     rep.sweep.push_back(evaluate_perplexity(*m_backend, ids, o, progress(tr("layer %1, top 1 off").arg(l))));
                     rep.sweepLayers.push_back(l);
+                }
+                if (sweep == EvalSweep::PerExpert && m_cancelUpTo < job) {
+                    // The ablation in force is on the backend again here; each expert goes on top.
+                    int current = -1;
+                    for (const ExpertImportance& p : expert_importance(
+                             *m_backend, ids, o, expertLayer,
+                             [&](int e, int, int) { return (current = e), m_cancelUpTo < job; },
+                             [&](int done, int total) {
+                                 return progress(tr("layer %1, expert %2 off").arg(expertLayer).arg(current))(done, total);
+                             })) {
+                        rep.sweep.push_back(p.result);
+                        rep.sweepExperts.push_back(p.expert);
+                    }
+                    rep.sweepExpertLayer = expertLayer;
                 }
             } catch (...) {
                 restore();

@@ -64,6 +64,10 @@ struct EvaluationReport {
     // MoE layer alone, sweepLayers[i] being that layer.
     std::vector<moescope::PerplexityResult> sweep;
     std::vector<int> sweepLayers;
+    // Or per expert: each routed expert of MoE layer sweepExpertLayer switched off alone (on top
+    // of the ablation in force), sweepExperts[i] being the expert of sweep[i].
+    std::vector<int> sweepExperts;
+    int sweepExpertLayer = -1;
 };
 
 // The report as a telemetry record (saved with the session's telemetry, replayed into the
@@ -71,7 +75,7 @@ struct EvaluationReport {
 moescope::EvaluationRecord evaluationRecord(const EvaluationReport& r);
 EvaluationReport evaluationReport(const moescope::EvaluationRecord& r);
 
-enum class EvalSweep { None, TopR, PerLayer };
+enum class EvalSweep { None, TopR, PerLayer, PerExpert };
 
 class EngineController : public QObject {
     Q_OBJECT
@@ -104,7 +108,9 @@ public:
     // then evaluationFinished or evaluationFailed (a missing file, a text under 2 tokens, cancel()).
     // sweep: also "Top off" at R = 0..k (DeepSeekMoE's figure) or at 1 in each MoE layer alone
     // (EvaluationReport::sweep).
-    void evaluate(const QString& path, int maxWindows, EvalSweep sweep = EvalSweep::None, int showTokens = 12);
+    // PerExpert: `expertLayer` is the MoE layer whose experts are switched off one at a time.
+    void evaluate(const QString& path, int maxWindows, EvalSweep sweep = EvalSweep::None, int showTokens = 12,
+                  int expertLayer = -1);
 
     bool isLoaded() const { return m_loaded; }
     bool isBusy() const { return m_busy; }

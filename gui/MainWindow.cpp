@@ -110,7 +110,9 @@ MainWindow::MainWindow(bool persistent, QWidget* parent) : QMainWindow(parent), 
             });
     connect(latent, &LatentView::latentLayerRequested, m_engine, &EngineController::setLatentLayer);
     connect(evaluate, &EvaluateView::evaluationRequested, m_engine,
-            [this](const QString& path, int windows, EvalSweep sweep) { m_engine->evaluate(path, windows, sweep); });
+            [this](const QString& path, int windows, EvalSweep sweep, int layer) {
+                m_engine->evaluate(path, windows, sweep, 12, layer);
+            });
     connect(evaluate, &EvaluateView::cancelRequested, m_engine, &EngineController::cancel);
     connect(m_engine, &EngineController::evaluationProgress, evaluate, &EvaluateView::setProgress);
     connect(m_engine, &EngineController::evaluationFinished, evaluate, &EvaluateView::setReport);

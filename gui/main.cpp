@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
     QCommandLineOption disable(QStringLiteral("disable-experts"), QStringLiteral("Switch routed experts off after loading (an ablation): LAYER:EXPERTS, e.g. 1:3,7;2:0-3 or *:5."), QStringLiteral("SPEC"));
     QCommandLineOption dropTop(QStringLiteral("drop-top-experts"), QStringLiteral("Switch each token's R highest-ranked experts off for it in every MoE layer (DeepSeekMoE's redundancy test)."), QStringLiteral("R"));
     QCommandLineOption evalText(QStringLiteral("evaluate"), QStringLiteral("Score a held-out text file after loading (the Evaluate view): perplexity with every expert on and with the ablation set."), QStringLiteral("FILE"));
-    QCommandLineOption evalSweep(QStringLiteral("eval-sweep"), QStringLiteral("With --evaluate: also a sweep of Top off, over R (top) or one MoE layer at a time (layers)."), QStringLiteral("top|layers"));
+    QCommandLineOption evalSweep(QStringLiteral("eval-sweep"), QStringLiteral("With --evaluate: also a sweep of Top off, over R (top) or one MoE layer at a time (layers), or each routed expert of MoE layer L switched off alone (experts:L)."), QStringLiteral("top|layers|experts:L"));
     QCommandLineOption evalWindows(QStringLiteral("eval-windows"), QStringLiteral("Windows of the --evaluate text to score (default 8, 0: all)."), QStringLiteral("N"));
     cli.addOptions({backend, model, trace, shot, view, prompt, maxTokens, seed, dark, colour, balance, disable, dropTop, evalText, evalWindows, evalSweep, exportDir, train, corpus, steps, noMtpTurns});
     cli.process(app);
@@ -153,8 +153,15 @@ int main(int argc, char** argv) {
             auto* ev = qobject_cast<EvaluateView*>(w.view(QStringLiteral("evaluate")));
             ev->setTextPath(cli.value(evalText));
             if (cli.isSet(evalWindows)) ev->setWindows(cli.value(evalWindows).toInt());
-            if (cli.isSet(evalSweep))
-                ev->setSweep(cli.value(evalSweep) == QLatin1String("layers") ? EvalSweep::PerLayer : EvalSweep::TopR);
+            if (cli.isSet(evalSweep)) {
+                const QString sw = cli.value(evalSweep);
+                if (sw.startsWith(QLatin1String("experts:"))) {
+                    ev->setSweep(EvalSweep::PerExpert);
+                    ev->setExpertLayer(sw.mid(8).toInt());
+                } else {
+                    ev->setSweep(sw == QLatin1String("layers") ? EvalSweep::PerLayer : EvalSweep::TopR);
+                }
+            }
             ev->run();
             return;
         }

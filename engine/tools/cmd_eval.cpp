@@ -78,6 +78,21 @@ std::string ablation_words(const std::map<int, std::vector<int>>& off, const Abl
     return w;
 }
 
+// A trace of evaluations (`--telemetry`): the meta record, then the records, written to a
+// temporary file and renamed.
+void write_trace(const std::string& path, const LoadedModel& m, const std::string& dir, const std::string& corpus,
+                 const std::vector<EvaluationRecord>& evals) {
+    const ModelConfig& cfg = m.backend->config();
+    std::vector<Record> recs{MetaRecord{loaded_model_card(*m.model).to_json(cfg), cfg.to_json(),
+                                        {{"model", dir}, {"mode", "perplexity"}, {"source", corpus},
+                                         {"backend", m.backend->name()}}}};
+    recs.insert(recs.end(), evals.begin(), evals.end());
+    write_file_atomic(path, [&](std::ostream& out) {
+        for (const Record& r : recs)
+            out << to_json(r).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
+    });
+}
+
 // Per scored prediction: index in the text, the token, its text, -ln p in the baseline and in
 // each ablation run (written to a temporary file, then renamed).
 void write_losses_csv(const std::string& path, const std::vector<int>& ids, const PerplexityResult& base,
@@ -101,10 +116,85 @@ void write_losses_csv(const std::string& path, const std::vector<int>& ids, cons
     });
 }
 
+// --per-expert L: the baseline, then each routed expert of layer L switched off alone (the
+// --disable-experts ones staying off in every run): how much each one's absence costs.
+int per_expert(const Args& a, const LoadedModel& m, const std::string& dir, const std::string& corpus,
+               const std::vector<int>& ids, const PerplexityOptions& o, const std::map<int, std::vector<int>>& off,
+               bool json, bool tty) {
+    const ModelConfig& cfg = m.backend->config();
+    const int layer = int(a.integer("per-expert", -1));
+    check_moe_layer(cfg, layer);
+    auto window = [&](const std::string& what) {
+        return [&, what](int done, int total) {
+            if (tty) std::fprintf(stderr, "\r%s: window %d/%d   ", what.c_str(), done, total);
+            return true;
+        };
+    };
+    const PerplexityResult base = evaluate_perplexity(*m.backend, ids, o, window("baseline"));
+    Ablation masked = current_ablation(*m.backend);
+    for (const auto& [l, experts] : off) masked.masks[size_t(l)] = expert_mask(experts, cfg.n_routed_experts, l);
+    set_ablation(*m.backend, masked);
+    int current = -1;
+    const std::vector<ExpertImportance> points = expert_importance(
+        *m.backend, ids, o, layer, [&](int e, int, int) { return (current = e), true; },
+        [&](int done, int total) { return window("expert " + std::to_string(current) + " off")(done, total); });
+    if (tty) std::fprintf(stderr, "\n");
+    const auto load = base.loads.find(layer);
+    auto share = [&](int e) { return load == base.loads.end() ? 0.0 : share_of(load->second, {e}); };
+    if (auto f = a.get("telemetry")) {
+        EvaluationRecord r;
+        r.corpus = corpus;
+        r.context = o.context;
+        r.text_tokens = int64_t(ids.size());
+        r.baseline = perplexity_run(base);
+        r.sweep_expert_layer = layer;
+        for (const ExpertImportance& p : points) {
+            r.sweep.push_back(perplexity_run(p.result));
+            r.sweep_experts.push_back(p.expert);
+        }
+        write_trace(*f, m, dir, corpus, {r});
+    }
+    if (json) {
+        nlohmann::json j = result_json(base);
+        j["corpus"] = corpus;
+        j["context"] = o.context;
+        j["corpus_tokens"] = ids.size();
+        j["layer"] = layer;
+        j["experts"] = nlohmann::json::array();
+        for (const ExpertImportance& p : points) {
+            nlohmann::json x = result_json(p.result);
+            x["expert"] = p.expert;
+            x["baseline_share"] = share(p.expert);
+            x["delta_cross_entropy"] = p.result.cross_entropy - base.cross_entropy;
+            j["experts"].push_back(std::move(x));
+        }
+        std::cout << j.dump() << "\n";
+        return 0;
+    }
+    std::printf("corpus        %s: %zu tokens, %d window%s of up to %d, %lld predictions scored\n", corpus.c_str(),
+                ids.size(), base.windows, base.windows == 1 ? "" : "s", o.context, (long long)base.tokens);
+    std::printf("perplexity    %.3f with every expert on%s\n", base.perplexity(),
+                off.empty() ? "" : " (the --disable-experts ones stay off in each run below)");
+    if (base.mtp_tokens) std::printf("MTP module    perplexity %.3f on the token after next\n", base.mtp_perplexity());
+    std::printf("\neach routed expert of layer %d switched off alone (share: of the layer's routings in the baseline):\n",
+                layer);
+    std::printf("  expert   share   perplexity    change%s\n", base.mtp_tokens ? "   MTP perplexity" : "");
+    for (const ExpertImportance& p : points) {
+        std::printf("  %6d  %5.1f%%  %11.3f  %+7.1f%%", p.expert, 100.0 * share(p.expert), p.result.perplexity(),
+                    100.0 * (p.result.perplexity() / base.perplexity() - 1.0));
+        if (base.mtp_tokens) std::printf("  %15.3f", p.result.mtp_perplexity());
+        std::printf("\n");
+    }
+    if (int(points.size()) + int(off.count(layer) ? off.at(layer).size() : 0) < cfg.n_routed_experts)
+        std::printf("(experts left out: the router cannot lose them, a token would keep fewer than %d)\n",
+                    cfg.num_experts_per_tok);
+    return 0;
+}
+
 int cmd_perplexity(const std::vector<std::string>& argv) {
     Args a(argv, {"json", "no-mtp", "per-layer"});
     a.check_known({"corpus", "context", "max-windows", "disable-experts", "drop-top-experts", "backend", "weights",
-                   "show-tokens", "min-count", "losses-csv", "telemetry"});
+                   "show-tokens", "min-count", "losses-csv", "telemetry", "per-expert"});
     const int show_tokens = int(a.integer("show-tokens", 10));  // 0: none
     const int min_count = int(a.integer("min-count", 3));
     if (show_tokens < 0) throw UsageError("--show-tokens must be >= 0");
@@ -139,6 +229,12 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
     std::vector<int> drops = a.int_list("drop-top-experts");
     if (!drops.empty() && cfg.n_routed_experts == 0) throw UsageError("--drop-top-experts: the model has no routed experts");
     if (a.has("per-layer") && drops.empty()) throw UsageError("--per-layer needs --drop-top-experts R");
+    if (a.has("per-expert")) {
+        if (!drops.empty() || a.has("losses-csv"))
+            throw UsageError("--per-expert goes alone (with --disable-experts at most), not with --drop-top-experts "
+                             "or --losses-csv");
+        return per_expert(a, m, dir, *corpus, ids, o, off, json, tty);
+    }
     if (drops.empty() && !off.empty()) drops.push_back(0);
     if (a.has("losses-csv") && drops.empty()) throw UsageError("--losses-csv needs an ablation to compare with");
     o.keep_losses = !drops.empty();
@@ -174,15 +270,13 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
         // A trace the app replays into its Evaluate view: the meta record, then one evaluation
         // record per ablation run (each against the baseline, with the tokens it hurt most), or
         // the baseline alone.
-        std::vector<Record> recs{MetaRecord{loaded_model_card(*m.model).to_json(cfg), cfg.to_json(),
-                                            {{"model", dir}, {"mode", "perplexity"}, {"source", *corpus},
-                                             {"backend", m.backend->name()}}}};
+        std::vector<EvaluationRecord> evals;
         EvaluationRecord e;
         e.corpus = *corpus;
         e.context = o.context;
         e.text_tokens = int64_t(ids.size());
         e.baseline = perplexity_run(base);
-        if (runs.empty()) recs.push_back(e);
+        if (runs.empty()) evals.push_back(e);
         for (const AblationRun& run : runs) {
             EvaluationRecord x = e;
             x.ablated = true;
@@ -192,12 +286,9 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
                 for (const TokenImpact& t : token_impact(ids, base, run.result, min_count, show_tokens))
                     x.hurt.push_back({t.token, token_piece(m.tokenizer.get(), t.token), t.count, t.baseline, t.ablated,
                                       t.added});
-            recs.push_back(std::move(x));
+            evals.push_back(std::move(x));
         }
-        write_file_atomic(*f, [&](std::ostream& out) {
-            for (const Record& r : recs)
-                out << to_json(r).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
-        });
+        write_trace(*f, m, dir, *corpus, evals);
     }
     if (json) {
         nlohmann::json j = result_json(base);
@@ -301,7 +392,7 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
 
 CliCommand perplexity_cmd("perplexity",
                           "perplexity MODEL_DIR --corpus FILE [--context N] [--max-windows N] [--no-mtp] "
-                          "[--disable-experts L:E,E-E;...] [--drop-top-experts R[,R...] [--per-layer]] [--show-tokens N] "
+                          "[--disable-experts L:E,E-E;...] [--drop-top-experts R[,R...] [--per-layer] | --per-expert L] [--show-tokens N] "
                           "[--min-count N] [--losses-csv FILE] [--telemetry OUT.jsonl] [--backend cpu|cuda|auto] "
                           "[--weights f32|bf16|auto] [--json]"
                           "   held-out cross-entropy; with experts switched off, against the baseline",

@@ -73,6 +73,10 @@ int cmd_trace(const std::vector<std::string>& argv) {
                 x["sweep_perplexity"] = nlohmann::json::array();
                 for (const auto& p : e.sweep) x["sweep_perplexity"].push_back(ppl(p));
                 if (!e.sweep_layers.empty()) x["sweep_layers"] = e.sweep_layers;
+                if (!e.sweep_experts.empty()) {
+                    x["sweep_experts"] = e.sweep_experts;
+                    x["sweep_expert_layer"] = e.sweep_expert_layer;
+                }
             }
             j["evaluations"].push_back(x);
         }
@@ -97,10 +101,13 @@ int cmd_trace(const std::vector<std::string>& argv) {
             std::printf("  evaluation at step %lld of %s: perplexity %.2f", static_cast<long long>(e.step),
                         e.corpus.c_str(), ppl(e.baseline));
             if (e.ablated) std::printf("; off (%s): %.2f", e.ablation.c_str(), ppl(e.with_ablation));
-            const bool per_layer = !e.sweep_layers.empty();
+            const bool per_layer = !e.sweep_layers.empty(), per_expert = !e.sweep_experts.empty();
+            const std::string intro = per_expert ? "; each expert of layer " + std::to_string(e.sweep_expert_layer) + " off alone,"
+                                      : per_layer ? "; each token's top expert dropped in"
+                                                  : "; each token's top R dropped,";
             for (size_t i = 0; i < e.sweep.size(); ++i)
-                std::printf("%s %s %d: %.2f", i ? "," : per_layer ? "; each token's top expert dropped in" : "; each token's top R dropped,",
-                            per_layer ? "layer" : "R", per_layer ? e.sweep_layers[i] : int(i), ppl(e.sweep[i]));
+                std::printf("%s %s %d: %.2f", i ? "," : intro.c_str(), per_expert ? "expert" : per_layer ? "layer" : "R",
+                            per_expert ? e.sweep_experts[i] : per_layer ? e.sweep_layers[i] : int(i), ppl(e.sweep[i]));
             std::printf("\n");
         }
     }

@@ -47,11 +47,21 @@ EvaluateView::EvaluateView(TelemetryStore* store, QWidget* parent)
     m_sweep->addItem(tr("no sweep"), int(EvalSweep::None));
     m_sweep->addItem(tr("Top off 0..k"), int(EvalSweep::TopR));
     m_sweep->addItem(tr("Top off by layer"), int(EvalSweep::PerLayer));
+    m_sweep->addItem(tr("Each expert off"), int(EvalSweep::PerExpert));
     m_sweep->setToolTip(tr("Also score the text with each token's top 0, 1, ..., k experts dropped in every MoE layer "
-                           "(DeepSeekMoE's redundancy test), or with its top expert dropped in one MoE layer at a time "
-                           "(which layer's routing matters most); the experts switched off in the Routing view stay "
-                           "off in every run"));
+                           "(DeepSeekMoE's redundancy test), with its top expert dropped in one MoE layer at a time "
+                           "(which layer's routing matters most), or with each routed expert of one layer switched off "
+                           "alone (which experts matter); the experts switched off in the Routing view stay off in "
+                           "every run"));
     controls()->addWidget(m_sweep);
+    m_expertLayer = new QComboBox;
+    m_expertLayer->setObjectName(QStringLiteral("evalExpertLayer"));
+    m_expertLayer->setToolTip(tr("The MoE layer whose routed experts are switched off one at a time"));
+    m_expertLayer->setVisible(false);
+    controls()->addWidget(m_expertLayer);
+    connect(m_sweep, &QComboBox::currentIndexChanged, this, [this] {
+        m_expertLayer->setVisible(EvalSweep(m_sweep->currentData().toInt()) == EvalSweep::PerExpert);
+    });
     m_run = new QPushButton(tr("Run"));
     m_run->setObjectName(QStringLiteral("evalRun"));
     m_run->setToolTip(tr("Score the text now (the conversation is kept)"));
@@ -99,6 +109,9 @@ EvaluateView::EvaluateView(TelemetryStore* store, QWidget* parent)
     m_sweepPlot->yAxis->setLabel(tr("perplexity"));
     m_sweepPlot->plotLayout()->insertRow(0);
     m_sweepPlot->plotLayout()->addElement(0, 0, new QCPTextElement(m_sweepPlot, tr("sweep of \"Top off\"")));
+    m_sweepBase = new QCPItemStraightLine(m_sweepPlot);
+    m_sweepBase->setPen(QPen(QColor(33, 145, 140), 1.5, Qt::DotLine));
+    m_sweepBase->setVisible(false);
     m_sweepHint = new QCPItemText(m_sweepPlot);
     m_sweepHint->setPositionAlignment(Qt::AlignCenter);
     m_sweepHint->position->setType(QCPItemPosition::ptAxisRectRatio);
@@ -144,6 +157,30 @@ QString EvaluateView::textPath() const { return m_path->text(); }
 int EvaluateView::windows() const { return m_windows->value(); }
 void EvaluateView::setWindows(int n) { m_windows->setValue(n); }
 void EvaluateView::setSweep(EvalSweep sweep) { m_sweep->setCurrentIndex(m_sweep->findData(int(sweep))); }
+
+void EvaluateView::setExpertLayer(int layer) {
+    m_wantedLayer = layer;  // kept until the model's MoE layers are known
+    rebuildExpertLayers();
+    const int i = m_expertLayer->findData(layer);
+    if (i >= 0) m_expertLayer->setCurrentIndex(i);
+}
+
+int EvaluateView::expertLayer() const {
+    return m_expertLayer->count() ? m_expertLayer->currentData().toInt() : m_wantedLayer;
+}
+
+void EvaluateView::rebuildExpertLayers() {
+    const std::vector<int>& layers = m_store->shape().moeLayers;
+    bool same = int(layers.size()) == m_expertLayer->count();
+    for (int i = 0; same && i < m_expertLayer->count(); ++i) same = m_expertLayer->itemData(i).toInt() == layers[size_t(i)];
+    if (same) return;
+    const int keep = m_expertLayer->count() ? expertLayer() : m_wantedLayer;
+    QSignalBlocker b(m_expertLayer);
+    m_expertLayer->clear();
+    for (int l : layers) m_expertLayer->addItem(tr("layer %1").arg(l), l);
+    const int i = m_expertLayer->findData(keep);
+    m_expertLayer->setCurrentIndex(i >= 0 ? i : 0);
+}
 int EvaluateView::sweepPoints() const { return m_sweepMain->data()->size(); }
 
 void EvaluateView::run() {
@@ -153,7 +190,9 @@ void EvaluateView::run() {
     }
     m_info->setText(tr("scoring %1 ...").arg(m_path->text().trimmed()));
     setRunning(true);
-    emit evaluationRequested(m_path->text().trimmed(), m_windows->value(), EvalSweep(m_sweep->currentData().toInt()));
+    rebuildExpertLayers();
+    emit evaluationRequested(m_path->text().trimmed(), m_windows->value(), EvalSweep(m_sweep->currentData().toInt()),
+                             expertLayer());
 }
 
 void EvaluateView::setRunning(bool on) {
@@ -197,6 +236,7 @@ QStringList EvaluateView::tokenBarLabels() const {
 }
 
 void EvaluateView::refresh() {
+    rebuildExpertLayers();
     m_baseBars->data()->clear();
     m_ablBars->data()->clear();
     m_tokenBars->data()->clear();
@@ -213,6 +253,7 @@ void EvaluateView::refresh() {
         m_sweepPlot->xAxis->setRange(0, 1);
         m_sweepPlot->yAxis->setRange(0, 1);
         m_sweepHint->setVisible(true);
+        m_sweepBase->setVisible(false);
         return;
     }
     const EvaluationReport& r = m_report;
@@ -251,6 +292,16 @@ void EvaluateView::refresh() {
     } else {
         text += tr("; switch experts off in the Routing view and run again to see what they carried");
     }
+    if (!r.sweepExperts.empty()) {  // the per-expert sweep's answer: the expert the text needs most
+        size_t top = 0;
+        for (size_t i = 1; i < r.sweep.size(); ++i)
+            if (r.sweep[i].cross_entropy > r.sweep[top].cross_entropy) top = i;
+        text += tr("; alone, expert %1 of layer %2 costs the most when off (%3%4%)")
+                    .arg(r.sweepExperts[top])
+                    .arg(r.sweepExpertLayer)
+                    .arg(r.sweep[top].perplexity() >= b.perplexity() ? QStringLiteral("+") : QString())
+                    .arg(100.0 * (r.sweep[top].perplexity() / b.perplexity() - 1.0), 0, 'f', 1);
+    }
     m_info->setText(text);
 
     for (size_t i = 0; i < r.hurt.size(); ++i) {
@@ -273,26 +324,39 @@ void EvaluateView::refresh() {
     m_tokenPlot->xAxis->setRange(lo, hi > lo ? hi * 1.05 : lo + 1);
     m_tokenPlot->yAxis->setRange(-0.6, std::max<double>(1, double(r.hurt.size())) - 0.4);
 
-    // Over R: x is R. Per layer: x is the layer, and the baseline (nothing dropped) is the
-    // dotted level every point is measured against.
-    const bool perLayer = !r.sweepLayers.empty();
-    double sweepTop = 0;
+    // Over R: x is R; per layer: the layer; per expert: the expert. The baseline (every expert on)
+    // is the dotted level every point is measured against.
+    const bool perLayer = !r.sweepLayers.empty(), perExpert = !r.sweepExperts.empty();
+    const std::vector<int>& xs = perExpert ? r.sweepExperts : r.sweepLayers;  // x of each run; over R: its index
+    double sweepTop = 0, sweepLow = b.perplexity();
     for (size_t i = 0; i < r.sweep.size(); ++i) {
-        const double x = perLayer ? double(r.sweepLayers[i]) : double(i);
+        const double x = perLayer || perExpert ? double(xs[i]) : double(i);
         m_sweepMain->addData(x, r.sweep[i].perplexity());
         sweepTop = std::max(sweepTop, r.sweep[i].perplexity());
+        sweepLow = std::min(sweepLow, r.sweep[i].perplexity());
         if (r.sweep[i].mtp_tokens) {
             m_sweepMtp->addData(x, r.sweep[i].mtp_perplexity());
             sweepTop = std::max(sweepTop, r.sweep[i].mtp_perplexity());
+            sweepLow = std::min(sweepLow, r.sweep[i].mtp_perplexity());
         }
     }
     m_sweepHint->setVisible(r.sweep.empty());
-    m_sweepPlot->xAxis->setLabel(perLayer ? tr("MoE layer where each token's top expert is dropped")
-                                          : tr("each token's top R experts dropped"));
-    const double x0 = perLayer ? double(r.sweepLayers.front()) : 0.0;
-    const double x1 = perLayer ? double(r.sweepLayers.back()) : double(r.sweep.size()) - 1;
+    m_sweepBase->setVisible(!r.sweep.empty());
+    m_sweepBase->point1->setCoords(0, b.perplexity());
+    m_sweepBase->point2->setCoords(1, b.perplexity());
+    if (auto* t = qobject_cast<QCPTextElement*>(m_sweepPlot->plotLayout()->element(0, 0)))
+        t->setText(perExpert ? tr("each expert off alone (dotted: every expert on)")
+                             : tr("sweep of \"Top off\" (dotted: every expert on)"));
+    m_sweepPlot->xAxis->setLabel(perExpert  ? tr("expert of layer %1 switched off alone").arg(r.sweepExpertLayer)
+                                 : perLayer ? tr("MoE layer where each token's top expert is dropped")
+                                            : tr("each token's top R experts dropped"));
+    const double x0 = perLayer || perExpert ? double(xs.front()) : 0.0;
+    const double x1 = perLayer || perExpert ? double(xs.back()) : double(r.sweep.size()) - 1;
     m_sweepPlot->xAxis->setRange(x0 - 0.3, std::max(x0 + 1, x1) + 0.3);
-    m_sweepPlot->yAxis->setRange(0, sweepTop > 0 ? sweepTop * 1.15 : 1);
+    // Dropping top experts moves perplexity by tens of percent: from 0. One expert off moves it
+    // by a few: around the points, or every curve would look flat.
+    if (perExpert) m_sweepPlot->yAxis->setRange(sweepLow * 0.97, std::max(sweepTop * 1.03, sweepLow * 0.97 + 1e-6));
+    else m_sweepPlot->yAxis->setRange(0, sweepTop > 0 ? sweepTop * 1.15 : 1);
 }
 
 QString EvaluateView::csv() const {
@@ -313,8 +377,10 @@ QString EvaluateView::csv() const {
           << (r.ablated ? num(a.mtp_cross_entropy) : QString()) << '\n';
     for (size_t i = 0; i < r.sweep.size(); ++i)  // the sweep: experts_off holds the run with R dropped
         s << "sweep_cross_entropy," << i << ','
-          << (r.sweepLayers.empty() ? QStringLiteral("top %1 dropped").arg(i)
-                                    : QStringLiteral("layer %1: top 1 dropped").arg(r.sweepLayers[i]))
+          << (!r.sweepExperts.empty()
+                  ? QStringLiteral("layer %1: expert %2 off").arg(r.sweepExpertLayer).arg(r.sweepExperts[i])
+              : r.sweepLayers.empty() ? QStringLiteral("top %1 dropped").arg(i)
+                                      : QStringLiteral("layer %1: top 1 dropped").arg(r.sweepLayers[i]))
           << ',' << r.sweep[i].tokens << ',' << num(b.cross_entropy) << ',' << num(r.sweep[i].cross_entropy) << '\n';
     for (const TokenImpact& t : r.hurt) {
         const auto it = r.texts.find(t.token);

@@ -13,6 +13,7 @@ class QPushButton;
 class QSpinBox;
 class QCPBars;
 class QCPGraph;
+class QCPItemStraightLine;
 class QCPItemText;
 
 class EvaluateView : public PlotView {
@@ -25,7 +26,9 @@ public:
     QString textPath() const;
     int windows() const;
     void setWindows(int n);
-    void setSweep(EvalSweep sweep);          // also "Top off" over R, or in each layer alone
+    void setSweep(EvalSweep sweep);          // also "Top off" over R, or in each layer alone, or experts one by one
+    void setExpertLayer(int layer);          // PerExpert: the MoE layer whose experts go off one at a time
+    int expertLayer() const;
     void run();                              // asks for an evaluation (evaluationRequested)
     bool running() const { return m_running; }
 
@@ -45,7 +48,7 @@ public:
     QString infoText() const;
 
 signals:
-    void evaluationRequested(const QString& path, int maxWindows, EvalSweep sweep);
+    void evaluationRequested(const QString& path, int maxWindows, EvalSweep sweep, int expertLayer);
     void cancelRequested();                  // Stop while scoring (EngineController::cancel)
 
 protected:
@@ -56,13 +59,17 @@ private:
     QSpinBox* m_windows;
     QPushButton* m_run;
     QComboBox* m_sweep;
+    QComboBox* m_expertLayer;                // the MoE layers, shown for the per-expert sweep
+    int m_wantedLayer = -1;                  // setExpertLayer before the layers are known
     QLabel* m_info;
     QCustomPlot *m_pplPlot, *m_tokenPlot, *m_sweepPlot;
     QCPBars *m_baseBars, *m_ablBars, *m_tokenBars;
     QCPGraph *m_sweepMain, *m_sweepMtp;
     QCPItemText* m_sweepHint;
+    QCPItemStraightLine* m_sweepBase;        // the sweep's baseline: every expert on
     EvaluationReport m_report;
     bool m_has = false;
     bool m_running = false;                  // Run reads "Stop" meanwhile
     void setRunning(bool on);
+    void rebuildExpertLayers();
 };

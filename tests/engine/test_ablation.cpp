@@ -519,10 +519,61 @@ private slots:
         const nlohmann::json j = to_json(Record(plain));
         QVERIFY(!j.contains("with_ablation") && !j.contains("sweep") && !j["baseline"].contains("mtp_tokens"));
         QVERIFY(std::get<EvaluationRecord>(record_from_json(j)) == plain);
+        // A per-expert sweep keeps its experts and layer.
+        EvaluationRecord pe = plain;
+        pe.sweep = e.sweep;
+        pe.sweep_experts = {4, 9};
+        pe.sweep_expert_layer = 2;
+        QVERIFY(std::get<EvaluationRecord>(record_from_json(to_json(Record(pe)))) == pe);
+        nlohmann::json badx = to_json(Record(pe));
+        badx["sweep_experts"] = {4};
+        QVERIFY_THROWS_EXCEPTION(FormatError, record_from_json(badx));
         // A per-layer sweep whose layers do not match its runs is refused.
         nlohmann::json bad = to_json(Record(e));
         bad["sweep_layers"] = {1};
         QVERIFY_THROWS_EXCEPTION(FormatError, record_from_json(bad));
+    }
+
+    // Expert importance against its definition: each expert of a layer switched off alone on top
+    // of the ablation in force (already-off experts skipped), scored like evaluate_perplexity,
+    // and the ablation in force put back; stopping early returns the runs so far.
+    void expertImportanceMatchesOneByOne() {
+        auto model = load_model(test::tiny_dir());
+        auto backend = make_cpu_backend(model);
+        const int E = model->config().n_routed_experts;
+        std::vector<int> ids;
+        std::mt19937 rng(11);
+        for (int i = 0; i < 150; ++i) ids.push_back(int(rng() % unsigned(model->config().vocab_size)));
+        PerplexityOptions o;
+        o.context = 48;
+        backend->set_disabled_experts(1, expert_mask({3}, E, 1));
+        backend->set_disabled_experts(2, expert_mask({6}, E, 2));
+        backend->set_drop_top_experts(3, 1);
+        const Ablation before = current_ablation(*backend);
+        std::vector<int> order;
+        const auto points = expert_importance(*backend, ids, o, 2, [&](int e, int done, int total) {
+            order.push_back(e);
+            return done < total;
+        });
+        QCOMPARE(int(points.size()), E - 1);  // expert 6 is off already
+        QCOMPARE(int(order.size()), E - 1);
+        QVERIFY(current_ablation(*backend).masks == before.masks && current_ablation(*backend).drop_top == before.drop_top);
+        auto ref = make_cpu_backend(load_model(test::tiny_dir()));  // a model of its own: masks live in the Model
+        ref->set_disabled_experts(1, expert_mask({3}, E, 1));
+        ref->set_drop_top_experts(3, 1);
+        for (const ExpertImportance& p : points) {
+            QVERIFY(p.expert != 6);
+            ref->set_disabled_experts(2, expert_mask({6, p.expert}, E, 2));
+            const PerplexityResult r = evaluate_perplexity(*ref, ids, o);
+            QCOMPARE(p.result.cross_entropy, r.cross_entropy);
+            QCOMPARE(p.result.mtp_cross_entropy, r.mtp_cross_entropy);
+        }
+        QVERIFY(points[0].result.cross_entropy != points[1].result.cross_entropy);
+        // Stopped after three runs; a dense layer is refused by name.
+        const auto three = expert_importance(*backend, ids, o, 1, [](int, int done, int) { return done < 3; });
+        QCOMPARE(int(three.size()), 3);
+        QVERIFY(current_ablation(*backend).masks == before.masks);
+        QVERIFY_THROWS_EXCEPTION(Error, expert_importance(*backend, ids, o, 0));
     }
 
     // Perplexity over windows against a slower path: every window decoded token by token
@@ -639,6 +690,17 @@ private slots:
             for (int i = 0; i < 40; ++i) f.write("the quick brown fox jumps over the lazy dog. ");
         }
         const QString model = QString::fromStdString(test::tiny_dir().string());
+        // The corpus as the CLI reads it for tiny-v3 (no tokenizer: a token per byte), with the
+        // options it scores with.
+        auto byte_ids = [&](const Model& m) {
+            QFile cf(corpus);
+            std::vector<int> ids;
+            if (cf.open(QIODevice::ReadOnly))
+                for (char ch : cf.readAll()) ids.push_back(int(static_cast<unsigned char>(ch)) % m.config().vocab_size);
+            return ids;
+        };
+        PerplexityOptions po;
+        po.context = 64;
         const test::CliRun r = test::run_cli({"perplexity", model, "--corpus", corpus, "--context", "64",
                                               "--disable-experts", "1:0-3;2:5", "--backend", "cpu", "--json"});
         QVERIFY2(r.code == 0, r.err.constData());
@@ -723,12 +785,7 @@ private slots:
         {
             auto m = load_model(test::tiny_dir());
             auto be = make_cpu_backend(m);
-            std::vector<int> ids;
-            QFile cf2(corpus);
-            QVERIFY(cf2.open(QIODevice::ReadOnly));
-            for (char ch : cf2.readAll()) ids.push_back(int(static_cast<unsigned char>(ch)) % m->config().vocab_size);
-            PerplexityOptions po;
-            po.context = 64;
+            const std::vector<int> ids = byte_ids(*m);
             for (int i = 0; i < 3; ++i) {
                 const auto& run = pj["ablations"][size_t(i)];
                 QCOMPARE(run["layer"].get<int>(), i + 1);
@@ -815,6 +872,39 @@ private slots:
         QVERIFY2(pet.code == 0 && pet.out.count("evaluation at step 0 of ") == 2 &&
                      pet.out.contains("off (layer 1: experts 0; each token's top 1): "),
                  pet.out.constData());
+        // --per-expert: each expert of layer 2 off alone, with layer 1's expert 0 off in every run;
+        // the same numbers as expert_importance on a backend of our own, in the JSON and the trace.
+        const QString petrace = dir.filePath("per-expert.jsonl");
+        const test::CliRun px = test::run_cli({"perplexity", model, "--corpus", corpus, "--context", "64", "--backend",
+                                               "cpu", "--disable-experts", "1:0", "--per-expert", "2", "--json",
+                                               "--telemetry", petrace});
+        QVERIFY2(px.code == 0, px.err.constData());
+        const auto pxj = nlohmann::json::parse(px.out.toStdString());
+        {
+            auto m = load_model(test::tiny_dir());
+            auto be = make_cpu_backend(m);
+            const std::vector<int> ids = byte_ids(*m);
+            QCOMPARE(pxj["cross_entropy"].get<double>(), evaluate_perplexity(*be, ids, po).cross_entropy);
+            be->set_disabled_experts(1, expert_mask({0}, m->config().n_routed_experts, 1));
+            const auto points = expert_importance(*be, ids, po, 2);
+            QCOMPARE(pxj["experts"].size(), points.size());
+            const auto perec = std::get<EvaluationRecord>(read_trace(petrace.toStdString()).at(1));
+            QCOMPARE(perec.sweep_expert_layer, 2);
+            for (size_t i = 0; i < points.size(); ++i) {
+                QCOMPARE(pxj["experts"][i]["expert"].get<int>(), points[i].expert);
+                QCOMPARE(pxj["experts"][i]["cross_entropy"].get<double>(), points[i].result.cross_entropy);
+                QCOMPARE(perec.sweep_experts[i], points[i].expert);
+                QCOMPARE(perec.sweep[i].cross_entropy, points[i].result.cross_entropy);
+            }
+        }
+        const test::CliRun pxt = test::run_cli({"perplexity", model, "--corpus", corpus, "--context", "64", "--backend",
+                                                "cpu", "--per-expert", "1"});
+        QVERIFY2(pxt.code == 0 && pxt.out.contains("each routed expert of layer 1 switched off alone"), pxt.out.constData());
+        const test::CliRun pxd = test::run_cli({"perplexity", model, "--corpus", corpus, "--per-expert", "0"});
+        QVERIFY2(pxd.code != 0 && pxd.err.contains("layer 0 is not an MoE layer"), pxd.err.constData());
+        const test::CliRun pxm = test::run_cli({"perplexity", model, "--corpus", corpus, "--per-expert", "1",
+                                                "--drop-top-experts", "1"});
+        QVERIFY2(pxm.code != 0 && pxm.err.contains("--per-expert goes alone"), pxm.err.constData());
         const test::CliRun folder = test::run_cli({"perplexity", model, "--corpus", dir.path()});
         QVERIFY(folder.code != 0);
         QVERIFY2(folder.err.contains("is a folder, not a text file"), folder.err.constData());

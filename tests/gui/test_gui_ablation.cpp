@@ -5,6 +5,7 @@
 // (the whole conversation is recomputed), the view must mark them, and the answer's summary
 // must say which experts were off.
 #include <QLineEdit>
+#include <QComboBox>
 #include <QPushButton>
 #include <QTemporaryDir>
 #include <QSpinBox>
@@ -226,7 +227,44 @@ private slots:
         again.setReport(evaluationReport(rec));
         QCOMPARE(again.csv(), ev->csv());
         QCOMPARE(again.tokenBarLabels(), ev->tokenBarLabels());
+        // Each expert of layer 2 off alone, on top of layer 1's experts 0 and 5: one run per expert,
+        // each equal to our backend with those masks; in the record, the CSV and the layer choice.
+        ev->setSweep(EvalSweep::PerExpert);
+        auto* layerBox = ev->findChild<QComboBox*>(QStringLiteral("evalExpertLayer"));
+        QVERIFY(layerBox && layerBox->isVisibleTo(ev) && layerBox->count() == 3);  // MoE layers 1-3
+        ev->setExpertLayer(2);
+        QCOMPARE(ev->expertLayer(), 2);
+        QSignalSpy perExpert(w.engine(), &EngineController::evaluationFinished);
+        ev->run();
+        QVERIFY(perExpert.wait(60000) || perExpert.count() == 1);
+        const int E = model->config().n_routed_experts;
+        QCOMPARE(ev->report().sweepExpertLayer, 2);
+        QCOMPARE(int(ev->report().sweepExperts.size()), E);
+        QCOMPARE(ev->sweepPoints(), E);
+        for (int l = 1; l <= 3; ++l) be->set_drop_top_experts(l, 0);
+        for (int e : {0, 7, E - 1}) {
+            QCOMPARE(ev->report().sweepExperts[size_t(e)], e);
+            be->set_disabled_experts(2, expert_mask({e}, E, 2));
+            QCOMPARE(ev->report().sweep[size_t(e)].cross_entropy, evaluate_perplexity(*be, ids, o).cross_entropy);
+        }
+        be->set_disabled_experts(2, expert_mask({}, E, 2));
+        QVERIFY(ev->csv().contains(QStringLiteral("\nsweep_cross_entropy,7,layer 2: expert 7 off,")));
+        {
+            const auto& sw = ev->report().sweep;
+            const auto most = std::max_element(sw.begin(), sw.end(), [](const auto& x, const auto& y) {
+                return x.cross_entropy < y.cross_entropy;
+            });
+            QVERIFY2(ev->infoText().contains(QStringLiteral("expert %1 of layer 2 costs the most").arg(most - sw.begin())),
+                     qPrintable(ev->infoText()));
+        }
+        w.store()->flush();
+        QCOMPARE(w.store()->evaluation()->sweep_experts, ev->report().sweepExperts);
+        again.setReport(evaluationReport(*w.store()->evaluation()));
+        QCOMPARE(again.csv(), ev->csv());
+        QCOMPARE(w.store()->disabled(1), (std::vector<int>{0, 5}));  // the ablation in force, untouched
+        QVERIFY(w.store()->disabled(2).empty());
         ev->setSweep(EvalSweep::None);
+        QVERIFY(!layerBox->isVisibleTo(ev));
         // Cancelled (Stop) before its first window ends: reported, Run again, nothing changed.
         QSignalSpy stopped(w.engine(), &EngineController::evaluationFailed);
         ev->run();
