@@ -446,10 +446,13 @@ void EngineController::evaluate(const QString& path, int maxWindows, EvalSweep s
                 }
                 if (sweep == EvalSweep::PerExpert && m_cancelUpTo < job) {
                     // The ablation in force is on the backend again here; each expert goes on top.
-                    int current = -1;
+                    int current = -1;  // the expert whose run is going on, for the progress line
+                    auto on_run = [&](int e, int, int) {
+                        current = e;
+                        return m_cancelUpTo < job;
+                    };
                     for (const ExpertImportance& p : expert_importance(
-                             *m_backend, ids, o, expertLayer,
-                             [&](int e, int, int) { return (current = e), m_cancelUpTo < job; },
+                             *m_backend, ids, o, expertLayer, on_run,
                              [&](int done, int total) {
                                  return progress(tr("layer %1, expert %2 off").arg(expertLayer).arg(current))(done, total);
                              })) {

@@ -50,6 +50,7 @@ struct AblationRun {
     int drop_top = 0;
     int layer = -1;       // --per-layer: the one MoE layer dropping them (-1: every MoE layer)
     PerplexityResult result;
+    std::vector<TokenImpact> hurt;  // the tokens it hurt most (--show-tokens, --min-count)
     std::string label() const {
         if (drop_top == 0) return "experts off";
         if (layer >= 0) return "layer " + std::to_string(layer) + ": top " + std::to_string(drop_top) + " off";
@@ -76,6 +77,17 @@ std::string ablation_words(const std::map<int, std::vector<int>>& off, const Abl
         if (run.layer >= 0) w += " in layer " + std::to_string(run.layer);
     }
     return w;
+}
+
+// An evaluation record's common part: the text, the windows and the baseline.
+EvaluationRecord evaluation_of(const std::string& corpus, const PerplexityOptions& o, const std::vector<int>& ids,
+                               const PerplexityResult& base) {
+    EvaluationRecord e;
+    e.corpus = corpus;
+    e.context = o.context;
+    e.text_tokens = int64_t(ids.size());
+    e.baseline = perplexity_run(base);
+    return e;
 }
 
 // A trace of evaluations (`--telemetry`): the meta record, then the records, written to a
@@ -134,19 +146,19 @@ int per_expert(const Args& a, const LoadedModel& m, const std::string& dir, cons
     Ablation masked = current_ablation(*m.backend);
     for (const auto& [l, experts] : off) masked.masks[size_t(l)] = expert_mask(experts, cfg.n_routed_experts, l);
     set_ablation(*m.backend, masked);
-    int current = -1;
+    int current = -1;  // the expert whose run is going on, for the progress line
+    auto on_run = [&](int e, int, int) {
+        current = e;
+        return true;
+    };
     const std::vector<ExpertImportance> points = expert_importance(
-        *m.backend, ids, o, layer, [&](int e, int, int) { return (current = e), true; },
+        *m.backend, ids, o, layer, on_run,
         [&](int done, int total) { return window("expert " + std::to_string(current) + " off")(done, total); });
     if (tty) std::fprintf(stderr, "\n");
     const auto load = base.loads.find(layer);
     auto share = [&](int e) { return load == base.loads.end() ? 0.0 : share_of(load->second, {e}); };
     if (auto f = a.get("telemetry")) {
-        EvaluationRecord r;
-        r.corpus = corpus;
-        r.context = o.context;
-        r.text_tokens = int64_t(ids.size());
-        r.baseline = perplexity_run(base);
+        EvaluationRecord r = evaluation_of(corpus, o, ids, base);
         r.sweep_expert_layer = layer;
         for (const ExpertImportance& p : points) {
             r.sweep.push_back(perplexity_run(p.result));
@@ -242,11 +254,11 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
     std::vector<AblationRun> runs;
     for (int r : drops) {
         if (!a.has("per-layer") || r == 0) {
-            runs.push_back(AblationRun{!off.empty(), r, -1, {}});
+            runs.push_back(AblationRun{!off.empty(), r, -1, {}, {}});
             continue;
         }
         for (int l = 0; l < cfg.num_hidden_layers; ++l)
-            if (cfg.is_moe_layer(l)) runs.push_back(AblationRun{!off.empty(), r, l, {}});
+            if (cfg.is_moe_layer(l)) runs.push_back(AblationRun{!off.empty(), r, l, {}, {}});
     }
     // A run's ablation: the --disable-experts masks (or none), and drop_top r in every MoE layer
     // of the main model or in `layer` alone.
@@ -265,27 +277,23 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
     for (AblationRun& run : runs) {
         ablate(true, run.drop_top, run.layer);
         run.result = evaluate(run.label());
+        if (show_tokens > 0) run.hurt = token_impact(ids, base, run.result, min_count, show_tokens);
     }
     if (auto f = a.get("telemetry")) {
         // A trace the app replays into its Evaluate view: the meta record, then one evaluation
         // record per ablation run (each against the baseline, with the tokens it hurt most), or
         // the baseline alone.
         std::vector<EvaluationRecord> evals;
-        EvaluationRecord e;
-        e.corpus = *corpus;
-        e.context = o.context;
-        e.text_tokens = int64_t(ids.size());
-        e.baseline = perplexity_run(base);
+        const EvaluationRecord e = evaluation_of(*corpus, o, ids, base);
         if (runs.empty()) evals.push_back(e);
         for (const AblationRun& run : runs) {
             EvaluationRecord x = e;
             x.ablated = true;
             x.with_ablation = perplexity_run(run.result);
             x.ablation = ablation_words(off, run);
-            if (show_tokens > 0)
-                for (const TokenImpact& t : token_impact(ids, base, run.result, min_count, show_tokens))
-                    x.hurt.push_back({t.token, token_piece(m.tokenizer.get(), t.token), t.count, t.baseline, t.ablated,
-                                      t.added});
+            for (const TokenImpact& t : run.hurt)
+                x.hurt.push_back({t.token, token_piece(m.tokenizer.get(), t.token), t.count, t.baseline, t.ablated,
+                                  t.added});
             evals.push_back(std::move(x));
         }
         write_trace(*f, m, dir, *corpus, evals);
@@ -310,10 +318,9 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
             if (run.layer >= 0) ab["layer"] = run.layer;
             ab["delta_cross_entropy"] = run.result.cross_entropy - base.cross_entropy;
             nlohmann::json hurt = nlohmann::json::array();
-            if (show_tokens > 0)
-                for (const TokenImpact& t : token_impact(ids, base, run.result, min_count, show_tokens))
-                    hurt.push_back({{"token", t.token}, {"text", token_piece(m.tokenizer.get(), t.token)}, {"count", t.count},
-                                    {"baseline_nll", t.baseline}, {"ablated_nll", t.ablated}, {"added_nll", t.added}});
+            for (const TokenImpact& t : run.hurt)
+                hurt.push_back({{"token", t.token}, {"text", token_piece(m.tokenizer.get(), t.token)}, {"count", t.count},
+                                {"baseline_nll", t.baseline}, {"ablated_nll", t.ablated}, {"added_nll", t.added}});
             ab["most_affected"] = std::move(hurt);
             j["ablations"].push_back(std::move(ab));
         }
@@ -375,7 +382,7 @@ int cmd_perplexity(const std::vector<std::string>& argv) {
                     a.has("per-layer") ? "the layer named" : "every MoE layer of the main model");
     for (const AblationRun& run : runs) {
         if (show_tokens == 0) break;
-        const auto hurt = token_impact(ids, base, run.result, min_count, show_tokens);
+        const std::vector<TokenImpact>& hurt = run.hurt;
         if (hurt.empty()) continue;
         const double rise = (run.result.cross_entropy - base.cross_entropy) * double(base.tokens);
         std::printf("\ntokens it hurt most, %s (predicted >= %d times; -ln p baseline -> ablated, share of the rise):\n",
