@@ -533,7 +533,9 @@ struct CudaBackend::Impl {
         }
         rope_apply_q(n, start);
         gemm->linear(kv, xn, L.kv_a, n);
-        latent_append(cache_c, cache_kpe, kv, L.kv_a_norm, n, start, mla, inv_freq, rope.mscale, s, dyn_start);
+        // Telemetry: the norms of the new cached latents, written by the append.
+        float* norms = telemetry ? reinterpret_cast<float*>(tele + tl.norms) + int64_t(norm_slot) * n : nullptr;
+        latent_append(cache_c, cache_kpe, kv, L.kv_a_norm, n, start, mla, inv_freq, rope.mscale, s, dyn_start, norms);
         if (!dyn_start && !o.absorbed && S <= plan.dims.naive_positions) {
             const int dkvb = mla.d_nope + mla.d_v;
             // [S, H*(dn+dv)]. An FP8 kv_b goes through the grouped GEMM (verified on this device
@@ -574,16 +576,10 @@ struct CudaBackend::Impl {
             project_values(attn_out, o_lat, L.kv_b, n, mla, s);
         }
         gemm->linear(h, attn_out, L.o_proj, n, /*accumulate=*/true);
-        // Telemetry: the norms of the new cached latents.
-        if (telemetry)
-            row_norms(reinterpret_cast<float*>(tele + tl.norms) + int64_t(norm_slot) * n,
-                      dyn_start ? cache_c : cache_c + int64_t(start) * mla.d_c, n, mla.d_c, s, dyn_start);
         // out = h + FFN(RMSNorm_post(h))
         rmsnorm(xn, h, L.post_norm, n, D, eps, s);
         if (!L.moe) {
-            gemm->linear(sh_gu, xn, L.mlp_gu, n);
-            const int I = int(L.mlp_down.cols);
-            swiglu(sh_act, sh_gu, n, I, s);
+            gemm->linear_swiglu(sh_act, xn, L.mlp_gu, n, sh_gu);
             gemm->linear(h, sh_act, L.mlp_down, n, true);
             return;
         }
@@ -609,17 +605,19 @@ struct CudaBackend::Impl {
         int* counts_d = reinterpret_cast<int*>(tele + tl.counts) + int64_t(slot) * E;
         route(ids_d, w_d, sc_d, kept_d, logits_r, L.bias, L.disabled, L.disabled + E, n, router, s);
         dispatch(counts_d, offsets, perm, row_of_slot, row_expert, ids_d, n, k, E, s);
-        gather_rows(xin, xn, perm, R, k, D, s);
         const bool bf16 = opt.dtype == WeightDtype::BF16, fp8 = opt.dtype == WeightDtype::FP8;
         if (R <= 64) {
-            // Decode: every row names its expert; no host round trip (capturable in a graph).
-            if (fp8) grouped_gemv_fp8(gu, xin, L.exp_gu_dev, row_expert, R, 2 * I, D, I, s);
-            else grouped_gemv(gu, xin, L.exp_gu_dev, bf16, row_expert, R, 2 * I, D, s);
-            swiglu(act, gu, R, I, s);
+            // Decode: every row names its expert; no host round trip (capturable in a graph). The
+            // gate|up GEMV reads each row's token from xn through the permutation and ends in
+            // the SwiGLU, so neither a gather nor a SwiGLU launch.
+            const GemvRows gate_up{perm, k, true};
+            if (fp8) grouped_gemv_fp8(act, xn, L.exp_gu_dev, row_expert, R, 2 * I, D, I, s, gate_up);
+            else grouped_gemv(act, xn, L.exp_gu_dev, bf16, row_expert, R, 2 * I, D, s, gate_up);
             if (fp8) grouped_gemv_fp8(ye, act, L.exp_down_dev, row_expert, R, D, I, 0, s);
             else grouped_gemv(ye, act, L.exp_down_dev, bf16, row_expert, R, D, I, s);
         } else if (grouped) {
             // Prefill, BF16 / FP8 experts: two grouped GEMMs over the device offsets, no host wait.
+            gather_rows(xin, xn, perm, R, k, D, s);
             const int tiles = grouped_max_tiles(R, E);
             expert_tiles(tile_map, offsets, E, tiles, s);
             grouped_gemm(gu, xin, L.exp_gu_dev, tiles, 2 * I, D, I);
@@ -627,6 +625,7 @@ struct CudaBackend::Impl {
             grouped_gemm(ye, act, L.exp_down_dev, tiles, D, I, 0);
         } else {
             // Prefill: one cuBLAS GEMM per expert that received tokens.
+            gather_rows(xin, xn, perm, R, k, D, s);
             int* off = static_cast<int*>(pin_offsets.p);
             check(cudaMemcpyAsync(off, offsets, sizeof(int) * size_t(E + 1), cudaMemcpyDeviceToHost, s),
                   "copy expert offsets");
@@ -637,9 +636,7 @@ struct CudaBackend::Impl {
         }
         const float* shared = nullptr;
         if (!L.shared_gu.empty()) {
-            gemm->linear(sh_gu, xn, L.shared_gu, n);
-            const int Is = int(L.shared_down.cols);
-            swiglu(sh_act, sh_gu, n, Is, s);
+            gemm->linear_swiglu(sh_act, xn, L.shared_gu, n, sh_gu);
             gemm->linear(sh_out, sh_act, L.shared_down, n);
             shared = sh_out;
         }

@@ -85,6 +85,23 @@ __device__ __forceinline__ void warp_store_rows(float* y, const float (&a)[N], i
     }
 }
 
+// SwiGLU of one gate value g and up value u: silu(g) * u, as the CPU's swiglu computes it.
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+// The end of a SwiGLU GEMV warp: gate and up partial sums g[r], u[r] (r < R) reduced over the
+// warp; lane 0 writes y[r, o] = silu(gate) * up.
+template <int N>
+__device__ __forceinline__ void warp_store_swiglu(float* y, const float (&g)[N], const float (&u)[N], int R,
+                                                  int64_t ld_y, int64_t o) {
+#pragma unroll
+    for (int r = 0; r < N; ++r) {
+        if (r < R) {
+            const float gv = warp_sum(g[r]), uv = warp_sum(u[r]);
+            if ((threadIdx.x & 31) == 0) y[int64_t(r) * ld_y + o] = silu_mul(gv, uv);
+        }
+    }
+}
+
 inline unsigned blocks_for(long long n, int threads) { return unsigned((n + threads - 1) / threads); }
 
 }  // namespace moescope::cuda

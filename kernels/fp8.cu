@@ -24,21 +24,11 @@ __device__ __forceinline__ void load16(const uint8_t* p, float s, float* wv) {
     for (int j = 0; j < 16; ++j) wv[j] *= s;
 }
 
-// One warp per output row o (8 per block), all R <= 8 token rows at once: each weight byte is
-// read once. Lanes walk the row in 16-byte vectors when the row allows it.
-__global__ void gemv_fp8_kernel(float* y, const float* x, const uint8_t* w, const float* scales, Fp8Grid g, int R,
-                                int ld_x, bool acc) {
+// This lane's share of the dot products of FP8 weight row wr (block scales srow) with the R <= 8
+// rows of x (a[r] +=). Lanes walk the row in 16-byte vectors when `vec`.
+__device__ __forceinline__ void gemv_fp8_lane(float (&a)[kGemvMaxRows], const uint8_t* wr, const float* srow,
+                                              const float* x, int R, int in, int ld_x, bool vec) {
     const int lane = threadIdx.x & 31;
-    const int64_t o = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (o >= g.rows) return;
-    const int in = int(g.cols);
-    const uint8_t* wr = w + o * in;
-    const float* srow = scales + g.scale_row(o) * g.ld();
-    float a[kGemvMaxRows];
-#pragma unroll
-    for (int r = 0; r < kGemvMaxRows; ++r) a[r] = 0.0f;
-    const bool vec = (in % 16 == 0) && (ld_x % 4 == 0) && ((reinterpret_cast<uintptr_t>(w) & 15) == 0) &&
-                     ((reinterpret_cast<uintptr_t>(x) & 15) == 0);
     if (vec) {
         for (int i = lane * 16; i < in; i += 32 * 16) {
             float wv[16];
@@ -63,37 +53,58 @@ __global__ void gemv_fp8_kernel(float* y, const float* x, const uint8_t* w, cons
                 if (r < R) a[r] += wv * x[int64_t(r) * ld_x + i];
         }
     }
-    warp_store_rows(y, a, R, g.rows, o, acc);
 }
 
-// Grid (ceil(out / 8), R): warp = output row o of token row r, weights of expert[r].
+// One warp per output row o (8 per block), all R <= 8 token rows at once: each weight byte is
+// read once. kSwiglu: a stacked gate|up of g.rows = 2 n_out rows; the warp computes gate row o
+// and up row n_out + o and writes y[r, o] = silu(gate) * up.
+template <bool kSwiglu>
+__global__ void gemv_fp8_kernel(float* y, const float* x, const uint8_t* w, const float* scales, Fp8Grid g, int R,
+                                int ld_x, bool acc) {
+    const int64_t n_out = kSwiglu ? g.rows / 2 : g.rows;
+    const int64_t o = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (o >= n_out) return;
+    const int in = int(g.cols);
+    const bool vec = (in % 16 == 0) && (ld_x % 4 == 0) && ((reinterpret_cast<uintptr_t>(w) & 15) == 0) &&
+                     ((reinterpret_cast<uintptr_t>(x) & 15) == 0);
+    float a[kGemvMaxRows] = {};
+    gemv_fp8_lane(a, w + o * in, scales + g.scale_row(o) * g.ld(), x, R, in, ld_x, vec);
+    if constexpr (kSwiglu) {
+        float u[kGemvMaxRows] = {};
+        gemv_fp8_lane(u, w + (n_out + o) * in, scales + g.scale_row(n_out + o) * g.ld(), x, R, in, ld_x, vec);
+        warp_store_swiglu(y, a, u, R, n_out, o);
+    } else {
+        warp_store_rows(y, a, R, g.rows, o, acc);
+    }
+}
+
+// Grid (ceil(n_out / 8), R): warp = output o of token row r, weights of expert[r], x row
+// rows.x_row(r). kSwiglu: stacked gate|up, n_out = g.rows / 2 outputs silu(gate) * up.
+template <bool kSwiglu>
 __global__ void grouped_gemv_fp8_kernel(float* y, const float* x, const void* const* weights, const int* expert,
-                                        Fp8Grid g) {
+                                        Fp8Grid g, GemvRows rows) {
     const int lane = threadIdx.x & 31;
+    const int64_t n_out = kSwiglu ? g.rows / 2 : g.rows;
     const int64_t o = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int r = blockIdx.y;
-    if (o >= g.rows) return;
+    if (o >= n_out) return;
     const int in = int(g.cols);
     const uint8_t* base = static_cast<const uint8_t*>(weights[expert[r]]);
-    const uint8_t* wr = base + o * in;
-    const float* srow = reinterpret_cast<const float*>(base + g.scale_offset()) + g.scale_row(o) * g.ld();
-    const float* xr = x + int64_t(r) * in;
-    float a = 0.0f;
-    if (in % 16 == 0 && ((reinterpret_cast<uintptr_t>(wr) & 15) == 0) && ((reinterpret_cast<uintptr_t>(xr) & 15) == 0)) {
-        for (int i = lane * 16; i < in; i += 32 * 16) {
-            float wv[16];
-            load16(wr + i, srow[i / kFp8Block], wv);
-#pragma unroll
-            for (int j = 0; j < 16; j += 4) {
-                const float4 xv = *reinterpret_cast<const float4*>(xr + i + j);
-                a += wv[j] * xv.x + wv[j + 1] * xv.y + wv[j + 2] * xv.z + wv[j + 3] * xv.w;
-            }
-        }
+    const float* scales = reinterpret_cast<const float*>(base + g.scale_offset());
+    const float* xr = x + int64_t(rows.x_row(r)) * in;
+    const bool vec = in % 16 == 0 && ((reinterpret_cast<uintptr_t>(base) & 15) == 0) &&
+                     ((reinterpret_cast<uintptr_t>(xr) & 15) == 0);
+    float a[kGemvMaxRows] = {};
+    gemv_fp8_lane(a, base + o * in, scales + g.scale_row(o) * g.ld(), xr, 1, in, in, vec);
+    if constexpr (kSwiglu) {
+        float u[kGemvMaxRows] = {};
+        gemv_fp8_lane(u, base + (n_out + o) * in, scales + g.scale_row(n_out + o) * g.ld(), xr, 1, in, in, vec);
+        const float gv = warp_sum(a[0]), uv = warp_sum(u[0]);
+        if (lane == 0) y[int64_t(r) * n_out + o] = silu_mul(gv, uv);
     } else {
-        for (int i = lane; i < in; i += 32) a += fp8_to_f32(wr[i]) * srow[i / kFp8Block] * xr[i];
+        const float v = warp_sum(a[0]);
+        if (lane == 0) y[int64_t(r) * g.rows + o] = v;
     }
-    a = warp_sum(a);
-    if (lane == 0) y[int64_t(r) * g.rows + o] = a;
 }
 
 // Block (t, b) of 128 threads: row t, columns [128 b, 128 b + 128).
@@ -145,17 +156,26 @@ __global__ void fill_fp8_kernel(uint8_t* q, float* scales, Fp8Grid g, float boun
 }  // namespace
 
 void gemv_fp8(float* y, const float* x, const uint8_t* w, const float* scales, const Fp8Grid& g, int R, int ld_x,
-              bool accumulate, cudaStream_t s) {
+              bool accumulate, cudaStream_t s, bool swiglu) {
     if (R <= 0 || g.rows <= 0) return;
-    gemv_fp8_kernel<<<blocks_for(g.rows, 8), 256, 0, s>>>(y, x, w, scales, g, R, ld_x, accumulate);
+    if (swiglu) {
+        if (g.rows % 2) throw DeviceError("gemv_fp8: a SwiGLU gate|up needs an even number of rows");
+        gemv_fp8_kernel<true><<<blocks_for(g.rows / 2, 8), 256, 0, s>>>(y, x, w, scales, g, R, ld_x, false);
+    } else {
+        gemv_fp8_kernel<false><<<blocks_for(g.rows, 8), 256, 0, s>>>(y, x, w, scales, g, R, ld_x, accumulate);
+    }
     check_launch("gemv_fp8_kernel");
 }
 
 void grouped_gemv_fp8(float* y, const float* x, const void* const* weights, const int* expert, int R, int out, int in,
-                      int64_t split, cudaStream_t s) {
+                      int64_t split, cudaStream_t s, const GemvRows& rows) {
     if (R <= 0) return;
-    dim3 grid(blocks_for(out, 8), unsigned(R));
-    grouped_gemv_fp8_kernel<<<grid, 256, 0, s>>>(y, x, weights, expert, Fp8Grid{out, in, split});
+    if (rows.swiglu && out % 2) throw DeviceError("grouped_gemv_fp8: a SwiGLU gate|up needs an even number of rows");
+    dim3 grid(blocks_for(rows.swiglu ? out / 2 : out, 8), unsigned(R));
+    if (rows.swiglu)
+        grouped_gemv_fp8_kernel<true><<<grid, 256, 0, s>>>(y, x, weights, expert, Fp8Grid{out, in, split}, rows);
+    else
+        grouped_gemv_fp8_kernel<false><<<grid, 256, 0, s>>>(y, x, weights, expert, Fp8Grid{out, in, split}, rows);
     check_launch("grouped_gemv_fp8_kernel");
 }
 

@@ -7,6 +7,7 @@
 
 #include "kernels/device_util.cuh"
 #include "kernels/gemm.h"
+#include "kernels/norm.h"
 
 namespace moescope::cuda {
 namespace {
@@ -16,20 +17,13 @@ void cublas_check(cublasStatus_t st, const char* what) {
         throw DeviceError(std::string(what) + ": cuBLAS status " + cublasGetStatusString(st));
 }
 
-// One warp per output row o (8 per block), all R <= 8 token rows at once, so each weight is
-// read exactly once. Lanes walk the row in 16-byte vectors when the row allows it.
+// This lane's share of the dot products of weight row wr with the R <= 8 rows of x (a[r] +=).
+// Lanes walk the row in 16-byte vectors when `vec` (the row and x allow it).
 template <class W>
-__global__ void gemv_kernel(float* y, const float* x, const W* w, int R, int out, int in, int ld_x, bool acc) {
+__device__ __forceinline__ void gemv_lane(float (&a)[kGemvMaxRows], const W* wr, const float* x, int R, int in,
+                                          int ld_x, bool vec) {
     const int lane = threadIdx.x & 31;
-    const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (o >= out) return;
-    const W* wr = w + int64_t(o) * in;
-    float a[kGemvMaxRows];
-#pragma unroll
-    for (int r = 0; r < kGemvMaxRows; ++r) a[r] = 0.0f;
     constexpr int VW = 16 / sizeof(W);  // elements per 16-byte vector
-    const bool vec = (in % VW == 0) && (ld_x % 4 == 0) && ((reinterpret_cast<uintptr_t>(w) & 15) == 0) &&
-                     ((reinterpret_cast<uintptr_t>(x) & 15) == 0);
     if (vec) {
         for (int i = lane * VW; i < in; i += 32 * VW) {
             W wv[VW];
@@ -55,43 +49,76 @@ __global__ void gemv_kernel(float* y, const float* x, const W* w, int R, int out
                 if (r < R) a[r] += wv * x[int64_t(r) * ld_x + i];
         }
     }
-    warp_store_rows(y, a, R, out, o, acc);
 }
 
-// Grid (ceil(out / 8), R): warp = output row o of token row r, weights of expert[r].
-template <class W>
+// One warp per output row o (8 per block), all R <= 8 token rows at once, so each weight is
+// read exactly once. kSwiglu: w is a stacked [2 out, in] gate|up and the warp computes gate
+// row o and up row out + o, writing y[r, o] = silu(gate) * up (the SwiGLU kernel's numbers,
+// without its launch or the [R, 2 out] buffer).
+template <class W, bool kSwiglu>
+__global__ void gemv_kernel(float* y, const float* x, const W* w, int R, int out, int in, int ld_x, bool acc) {
+    const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (o >= out) return;
+    constexpr int VW = 16 / sizeof(W);
+    const bool vec = (in % VW == 0) && (ld_x % 4 == 0) && ((reinterpret_cast<uintptr_t>(w) & 15) == 0) &&
+                     ((reinterpret_cast<uintptr_t>(x) & 15) == 0);
+    float a[kGemvMaxRows] = {};
+    gemv_lane(a, w + int64_t(o) * in, x, R, in, ld_x, vec);
+    if constexpr (kSwiglu) {
+        float u[kGemvMaxRows] = {};
+        gemv_lane(u, w + int64_t(out + o) * in, x, R, in, ld_x, vec);
+        warp_store_swiglu(y, a, u, R, out, o);
+    } else {
+        warp_store_rows(y, a, R, out, o, acc);
+    }
+}
+
+// Grid (ceil(n_out / 8), R): warp = output o of token row r, weights of expert[r], x row
+// rows.x_row(r). kSwiglu: stacked [out, in] gate|up, n_out = out / 2 outputs silu(gate) * up.
+template <class W, bool kSwiglu>
 __global__ void grouped_gemv_kernel(float* y, const float* x, const void* const* weights, const int* expert, int out,
-                                    int in) {
+                                    int in, GemvRows rows) {
     const int lane = threadIdx.x & 31;
+    const int n_out = kSwiglu ? out / 2 : out;
     const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int r = blockIdx.y;
-    if (o >= out) return;
-    const W* wr = static_cast<const W*>(weights[expert[r]]) + int64_t(o) * in;
-    const float* xr = x + int64_t(r) * in;
-    float a = 0.0f;
+    if (o >= n_out) return;
+    const W* w = static_cast<const W*>(weights[expert[r]]);
+    const float* xr = x + int64_t(rows.x_row(r)) * in;
     constexpr int VW = 16 / sizeof(W);
-    if (in % VW == 0 && ((reinterpret_cast<uintptr_t>(wr) & 15) == 0) && ((reinterpret_cast<uintptr_t>(xr) & 15) == 0)) {
-        for (int i = lane * VW; i < in; i += 32 * VW) {
-            W wv[VW];
-            *reinterpret_cast<int4*>(wv) = *reinterpret_cast<const int4*>(wr + i);
-#pragma unroll
-            for (int j = 0; j < VW; j += 4) {
-                const float4 xv = *reinterpret_cast<const float4*>(xr + i + j);
-                a += to_f32(wv[j]) * xv.x + to_f32(wv[j + 1]) * xv.y + to_f32(wv[j + 2]) * xv.z +
-                     to_f32(wv[j + 3]) * xv.w;
-            }
-        }
+    const bool vec = in % VW == 0 && ((reinterpret_cast<uintptr_t>(w) & 15) == 0) &&
+                     ((reinterpret_cast<uintptr_t>(xr) & 15) == 0);
+    float a[kGemvMaxRows] = {};
+    gemv_lane(a, w + int64_t(o) * in, xr, 1, in, in, vec);
+    if constexpr (kSwiglu) {
+        float u[kGemvMaxRows] = {};
+        gemv_lane(u, w + int64_t(n_out + o) * in, xr, 1, in, in, vec);
+        const float g = warp_sum(a[0]), v = warp_sum(u[0]);
+        if (lane == 0) y[int64_t(r) * n_out + o] = silu_mul(g, v);
     } else {
-        for (int i = lane; i < in; i += 32) a += to_f32(wr[i]) * xr[i];
+        const float v = warp_sum(a[0]);
+        if (lane == 0) y[int64_t(r) * out + o] = v;
     }
-    a = warp_sum(a);
-    if (lane == 0) y[int64_t(r) * out + o] = a;
 }
 
 __global__ void cast_bf16_kernel(__nv_bfloat16* out, const float* x, int T, int n, int ld_x) {
     int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= int64_t(T) * n) return;
     out[i] = __float2bfloat16_rn(x[(i / n) * ld_x + i % n]);
+}
+
+// Our GEMV over R <= kGemvMaxRows rows of x for a BF16 or F32 weight: y[R, n_out] with n_out =
+// W.rows, or W.rows / 2 SwiGLU outputs of a stacked gate|up.
+template <bool kSwiglu>
+void launch_gemv(float* y, const float* x, const WRef& W, int R, int n_out, int ld_x, bool acc, cudaStream_t s) {
+    const int in = int(W.cols);
+    if (W.bf16)
+        gemv_kernel<__nv_bfloat16, kSwiglu><<<blocks_for(n_out, 8), 256, 0, s>>>(
+            y, x, static_cast<const __nv_bfloat16*>(W.ptr), R, n_out, in, ld_x, acc);
+    else
+        gemv_kernel<float, kSwiglu><<<blocks_for(n_out, 8), 256, 0, s>>>(y, x, static_cast<const float*>(W.ptr), R,
+                                                                        n_out, in, ld_x, acc);
+    check_launch("gemv_kernel");
 }
 
 }  // namespace
@@ -117,6 +144,21 @@ void Gemm::linear(float* y, const float* x, const WRef& W, int T, bool accumulat
     linear_path(y, x, W, T, accumulate, ld_x, T <= kGemvMaxRows);
 }
 
+void Gemm::linear_swiglu(float* act, const float* x, const WRef& W, int T, float* gu) {
+    if (T <= 0) return;
+    if (W.rows % 2) throw DeviceError("linear_swiglu: a gate|up matrix of " + std::to_string(W.rows) + " rows");
+    const int I = int(W.rows / 2), in = int(W.cols);
+    if (T > kGemvMaxRows) {
+        linear(gu, x, W, T);
+        swiglu(act, gu, T, I, stream_);
+        return;
+    }
+    if (W.fp8())
+        gemv_fp8(act, x, static_cast<const uint8_t*>(W.ptr), W.scale, W.grid(), T, in, false, stream_, true);
+    else
+        launch_gemv<true>(act, x, W, T, I, in, false, stream_);
+}
+
 void Gemm::linear_path(float* y, const float* x, const WRef& W, int T, bool accumulate, int ld_x, bool gemv) {
     if (T <= 0) return;
     const int out = int(W.rows), in = int(W.cols);
@@ -138,18 +180,9 @@ void Gemm::linear_path(float* y, const float* x, const WRef& W, int T, bool accu
         return;
     }
     if (gemv) {
-        for (int r0 = 0; r0 < T; r0 += kGemvMaxRows) {
-            const int R = T - r0 < kGemvMaxRows ? T - r0 : kGemvMaxRows;
-            const float* xr = x + int64_t(r0) * ld_x;
-            float* yr = y + int64_t(r0) * out;
-            if (W.bf16)
-                gemv_kernel<<<blocks_for(out, 8), 256, 0, stream_>>>(
-                    yr, xr, static_cast<const __nv_bfloat16*>(W.ptr), R, out, in, ld_x, accumulate);
-            else
-                gemv_kernel<<<blocks_for(out, 8), 256, 0, stream_>>>(yr, xr, static_cast<const float*>(W.ptr), R, out,
-                                                                     in, ld_x, accumulate);
-            check_launch("gemv_kernel");
-        }
+        for (int r0 = 0; r0 < T; r0 += kGemvMaxRows)
+            launch_gemv<false>(y + int64_t(r0) * out, x + int64_t(r0) * ld_x, W, std::min(kGemvMaxRows, T - r0), out,
+                               ld_x, accumulate, stream_);
         return;
     }
     const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
@@ -342,13 +375,18 @@ void Gemm::batched_rowmajor(float* C, const float* A, const float* B, int M, int
 }
 
 void grouped_gemv(float* y, const float* x, const void* const* weights, bool bf16, const int* expert, int R, int out,
-                  int in, cudaStream_t s) {
+                  int in, cudaStream_t s, const GemvRows& rows) {
     if (R <= 0) return;
-    dim3 grid(blocks_for(out, 8), unsigned(R));
-    if (bf16)
-        grouped_gemv_kernel<__nv_bfloat16><<<grid, 256, 0, s>>>(y, x, weights, expert, out, in);
+    if (rows.swiglu && out % 2) throw DeviceError("grouped_gemv: a SwiGLU gate|up needs an even number of rows");
+    dim3 grid(blocks_for(rows.swiglu ? out / 2 : out, 8), unsigned(R));
+    if (bf16 && rows.swiglu)
+        grouped_gemv_kernel<__nv_bfloat16, true><<<grid, 256, 0, s>>>(y, x, weights, expert, out, in, rows);
+    else if (bf16)
+        grouped_gemv_kernel<__nv_bfloat16, false><<<grid, 256, 0, s>>>(y, x, weights, expert, out, in, rows);
+    else if (rows.swiglu)
+        grouped_gemv_kernel<float, true><<<grid, 256, 0, s>>>(y, x, weights, expert, out, in, rows);
     else
-        grouped_gemv_kernel<float><<<grid, 256, 0, s>>>(y, x, weights, expert, out, in);
+        grouped_gemv_kernel<float, false><<<grid, 256, 0, s>>>(y, x, weights, expert, out, in, rows);
     check_launch("grouped_gemv_kernel");
 }
 

@@ -23,6 +23,17 @@ namespace moescope::cuda {
 
 inline constexpr int kGemvMaxRows = 8;  // rows handled by the GEMV path in one pass
 
+// How the grouped GEMVs of decode read and write rows. x_rows: output row r reads x row
+// x_rows[r] / x_div (the MoE permutation: slot s belongs to token s / k), so the experts read the
+// normed hidden states without a gather; r when null. swiglu: the weights are stacked
+// [2I, in] gate|up matrices and y gets I columns, silu(gate) * up (no SwiGLU launch or buffer).
+struct GemvRows {
+    const int* x_rows = nullptr;
+    int x_div = 1;
+    bool swiglu = false;
+    MOESCOPE_HD int x_row(int r) const { return x_rows ? x_rows[r] / x_div : r; }
+};
+
 // Device scratch of the FP8 prefill paths, for calls of at most `rows` token rows (sizes from
 // fp8_scratch_sizes in kernels/memory_plan.h).
 struct Fp8Scratch {
@@ -48,6 +59,10 @@ public:
     void linear(float* y, const float* x, const WRef& W, int T, bool accumulate = false, int ld_x = 0);
     // Force a path (parity tests): gemv true -> our kernel, false -> cuBLAS.
     void linear_path(float* y, const float* x, const WRef& W, int T, bool accumulate, int ld_x, bool gemv);
+    // act[T, I] = silu(x W_g^T) * (x W_u^T) for a stacked W = [W_g; W_u] of 2I rows. Decode (T <=
+    // kGemvMaxRows): one GEMV computes both halves and the product. Otherwise the product goes
+    // through `gu` ([T, 2I] scratch) and the SwiGLU kernel.
+    void linear_swiglu(float* act, const float* x, const WRef& W, int T, float* gu);
 
     // Strided-batched f32 GEMM in row-major terms: C_b[M, N] = alpha A_b op B_b + beta C_b, with
     // B transposed (trans_b: B_b is [N, K]) or not ([K, N]); batch b offsets by stride_*.
@@ -97,9 +112,10 @@ private:
 };
 
 // Grouped GEMV over experts: y[r, 0:out] = x[r, 0:in] W_{expert[r]}^T for r < R, where
-// weights[e] points at expert e's [out, in] matrix (device array of device pointers).
+// weights[e] points at expert e's [out, in] matrix (device array of device pointers); rows:
+// the x row of each r and the SwiGLU epilogue (GemvRows).
 void grouped_gemv(float* y, const float* x, const void* const* weights, bool bf16, const int* expert, int R,
-                  int out, int in, cudaStream_t s);
+                  int out, int in, cudaStream_t s, const GemvRows& rows = {});
 
 // ---- Grouped GEMM over experts (prefill) ------------------------------------------------------
 // The rows of one MoE layer sorted by expert (expert e owns rows [offsets[e], offsets[e+1])),
@@ -145,13 +161,14 @@ void gemm_fp8_exact(float* y, const float* x, const WRef& W, int R, const OneGro
 // y[r, 0:out] (= or +=) x[r, 0:in] W^T for r < R <= kGemvMaxRows, W an FP8 matrix: each weight
 // is read once, dequantized as e4m3 * block scale in f32 (the CPU's value exactly) and
 // multiplied with the f32 activations, f32 accumulation.
+// swiglu: g is a stacked gate|up of 2I rows and y[r, 0:I] = silu(gate) * up (accumulate ignored).
 void gemv_fp8(float* y, const float* x, const uint8_t* w, const float* scales, const Fp8Grid& g, int R, int ld_x,
-              bool accumulate, cudaStream_t s);
+              bool accumulate, cudaStream_t s, bool swiglu = false);
 
 // Grouped GEMV over FP8 experts: y[r, 0:out] = x[r, 0:in] W_{expert[r]}^T; weights[e] is the
 // start of expert e's carve (its scales at Fp8Grid::scale_offset()).
 void grouped_gemv_fp8(float* y, const float* x, const void* const* weights, const int* expert, int R, int out, int in,
-                      int64_t split, cudaStream_t s);
+                      int64_t split, cudaStream_t s, const GemvRows& rows = {});
 
 // DeepSeek's act_quant: per row t < T and 128-column block b, s = amax / 448 (1 when the block is
 // zero), q = e4m3(x / s). q: [T_pad, K] (rows T..T_pad zeroed); scales: [ceil(K/128), T_pad]

@@ -9,8 +9,10 @@ namespace moescope::cuda {
 namespace {
 
 // One block per new token: RMSNorm of the latent (f64 sum like the CPU), then rope of k_pe.
+// norms (telemetry, when non-null): norms[t] = |cached latent| (f64 sum of squares).
 __global__ void latent_append_kernel(float* cache_c, float* cache_kpe, const float* kv, const float* w, int start,
-                                     int d_c, int d_rope, const float* inv_freq, float mscale, const int* d_start) {
+                                     int d_c, int d_rope, const float* inv_freq, float mscale, const int* d_start,
+                                     float* norms) {
     if (d_start) start = *d_start;
     const int t = blockIdx.x;
     const float* row = kv + int64_t(t) * (d_c + d_rope);
@@ -20,7 +22,16 @@ __global__ void latent_append_kernel(float* cache_c, float* cache_kpe, const flo
     // eps as the CPU passes it (the float 1e-6f widened to double), not the double 1e-6.
     const float r = float(1.0 / sqrt(ss / d_c + double(1e-6f)));
     float* c = cache_c + int64_t(start + t) * d_c;
-    for (int i = threadIdx.x; i < d_c; i += blockDim.x) c[i] = row[i] * r * w[i];
+    double cs2 = 0;
+    for (int i = threadIdx.x; i < d_c; i += blockDim.x) {
+        const float v = row[i] * r * w[i];
+        c[i] = v;
+        cs2 += double(v) * double(v);
+    }
+    if (norms) {  // the same for every thread of the block
+        cs2 = block_sum(cs2);
+        if (threadIdx.x == 0) norms[t] = float(sqrt(cs2));
+    }
     float* kp = cache_kpe + int64_t(start + t) * d_rope;
     for (int p = threadIdx.x; p < d_rope / 2; p += blockDim.x) {
         const float theta = float(start + t) * inv_freq[p];
@@ -262,10 +273,11 @@ __global__ void causal_softmax_kernel(float* scores, int T, int S, int start, fl
 }  // namespace
 
 void latent_append(float* cache_c, float* cache_kpe, const float* kv, const float* norm_w, int T, int start,
-                   const MlaShape& m, const float* inv_freq, float mscale, cudaStream_t s, const int* d_start) {
+                   const MlaShape& m, const float* inv_freq, float mscale, cudaStream_t s, const int* d_start,
+                   float* norms) {
     if (T <= 0) return;
     latent_append_kernel<<<T, 128, 0, s>>>(cache_c, cache_kpe, kv, norm_w, start, m.d_c, m.d_rope, inv_freq, mscale,
-                                           d_start);
+                                           d_start, norms);
     check_launch("latent_append_kernel");
 }
 

@@ -17,10 +17,11 @@ struct MlaShape {
 // For t < T: cache_c[start + t] = RMSNorm(kv[t, :d_c]) * norm_w (eps 1e-6);
 // cache_kpe[start + t] = rope(kv[t, d_c:], position start + t). kv: [T, d_c + d_rope].
 // d_start (here and below): when non-null, the device int used instead of `start`, so that one
-// captured CUDA graph serves every decode position.
+// captured CUDA graph serves every decode position. norms (telemetry): when non-null,
+// norms[t] = |cache_c[start + t]|.
 void latent_append(float* cache_c, float* cache_kpe, const float* kv, const float* norm_w, int T, int start,
                    const MlaShape& m, const float* inv_freq, float mscale, cudaStream_t s,
-                   const int* d_start = nullptr);
+                   const int* d_start = nullptr, float* norms = nullptr);
 
 // q_lat[T, H, d_c] = per head W_UK_h^T q_nope_h; q: [T, H, d_nope + d_rope]; kv_b: [H*(d_nope+d_v), d_c].
 void absorb_query(float* q_lat, const float* q, const WRef& kv_b, int T, const MlaShape& m, cudaStream_t s);

@@ -26,16 +26,7 @@ __global__ void swiglu_kernel(float* out, const float* gu, int R, int I) {
     int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= int64_t(R) * I) return;
     const int64_t r = i / I, c = i % I;
-    const float g = gu[r * 2 * I + c], u = gu[r * 2 * I + I + c];
-    out[i] = g / (1.0f + expf(-g)) * u;
-}
-
-__global__ void row_norms_kernel(float* norms, const float* c, int d, const int* d_row0) {
-    const float* row = c + (int64_t(blockIdx.x) + (d_row0 ? *d_row0 : 0)) * d;
-    double s = 0;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) s += double(row[i]) * double(row[i]);
-    s = block_sum(s);
-    if (threadIdx.x == 0) norms[blockIdx.x] = float(sqrt(s));
+    out[i] = silu_mul(gu[r * 2 * I + c], gu[r * 2 * I + I + c]);
 }
 
 }  // namespace
@@ -57,12 +48,6 @@ void swiglu(float* out, const float* gu, int R, int I, cudaStream_t s) {
     if (R <= 0) return;
     swiglu_kernel<<<blocks_for(int64_t(R) * I, 256), 256, 0, s>>>(out, gu, R, I);
     check_launch("swiglu_kernel");
-}
-
-void row_norms(float* norms, const float* c, int T, int d, cudaStream_t s, const int* d_row0) {
-    if (T <= 0) return;
-    row_norms_kernel<<<T, 128, 0, s>>>(norms, c, d, d_row0);
-    check_launch("row_norms_kernel");
 }
 
 }  // namespace moescope::cuda

@@ -1,4 +1,4 @@
-// RMSNorm and the small elementwise ops of a decoder layer (residual add, SwiGLU, latent norms).
+// RMSNorm and the small elementwise ops of a decoder layer (residual add, SwiGLU).
 #pragma once
 #include "kernels/common.h"
 
@@ -14,9 +14,5 @@ void add_inplace(float* h, const float* y, int64_t n, cudaStream_t s);
 
 // out[R, I] = silu(gu[:, :I]) * gu[:, I:]   (gu [R, 2I]: gate and up projections stacked)
 void swiglu(float* out, const float* gu, int R, int I, cudaStream_t s);
-
-// norms[T] = |c[t]| for the T rows c[T, d] (the telemetry of the cached latents).
-// d_row0: when non-null, rows start at c + (*d_row0) * d (CUDA graph replays).
-void row_norms(float* norms, const float* c, int T, int d, cudaStream_t s, const int* d_row0 = nullptr);
 
 }  // namespace moescope::cuda

@@ -161,6 +161,14 @@ std::vector<uint16_t> to_bf16(const std::vector<float>& v) {
     return b;
 }
 
+// silu(gate) * up of stacked rows y[T, 2I] on the host (the CPU's swiglu_forward).
+std::vector<float> host_swiglu(const std::vector<float>& y, int T, int I) {
+    std::vector<float> act(size_t(T) * I);
+    for (int t = 0; t < T; ++t)
+        swiglu_forward(act.data() + size_t(t) * I, y.data() + size_t(t) * 2 * I, y.data() + size_t(t) * 2 * I + I, I);
+    return act;
+}
+
 // ---- kernels ----------------------------------------------------------------------------
 
 void check_rmsnorm() {
@@ -231,6 +239,54 @@ void check_linear() {
                         if (!dy.pad_intact()) fail(op + " padding " + shp({T, out, in}), "written past the end");
                     }
                 }
+    // SwiGLU of a stacked [2I, in] gate|up (dense and shared MLPs): up to 8 rows, one GEMV computes
+    // gate, up and silu(gate) * up; against the plain product's gate and up rows (checked above)
+    // with the CPU's SwiGLU on the host: the same sums, so a few ulp apart (expf). More rows: the
+    // cuBLAS product into the scratch, then the SwiGLU kernel.
+    for (bool bf16 : {false, true})
+        for (int T : {1, 3, 8, 9})
+            for (auto [I, in] : {std::pair{1, 1}, {63, 63}, {704, 2048}, {65, 2051}}) {
+                auto w = randv(rng, size_t(2 * I) * in), x = randv(rng, size_t(T) * in);
+                if (bf16) w = round_bf16(w);
+                std::vector<uint16_t> wb = to_bf16(w);
+                DBuf<uint16_t> dwb(wb);
+                DBuf<float> dwf(w), dx(x), dgu(size_t(T) * 2 * I), dact(size_t(T) * I), dscratch(size_t(T) * 2 * I);
+                WRef W{bf16 ? static_cast<const void*>(dwb.p) : dwf.p, bf16, 2 * I, in};
+                g.linear(dgu.p, dx.p, W, T);
+                g.linear_swiglu(dact.p, dx.p, W, T, dscratch.p);
+                const std::string op =
+                    std::string("linear_swiglu ") + (bf16 ? "bf16 " : "f32 ") + (T <= kGemvMaxRows ? "gemv" : "cublas");
+                close(op, shp({T, I, in}), dact.down(), host_swiglu(dgu.down(), T, I), 1e-6, 1e-6);
+                if (!dact.pad_intact()) fail(op + " padding " + shp({T, I, in}), "written past the end");
+            }
+}
+
+// The grouped GEMV's decode options (GemvRows), on the experts of a check above: rows read
+// through a map (row r takes token perm[r] / k, as the MoE permutation), alone bit for bit the
+// plain GEMV on the gathered rows; and with the SwiGLU epilogue (an even `out`: a stacked
+// gate|up of out / 2 rows each) silu(gate) * up of those rows, a few ulp apart (expf).
+// run(y, x, rows) calls the grouped GEMV under test with the check's experts and R rows.
+void check_gemv_rows(std::mt19937& rng, const std::string& what, int R, int out, int in,
+                     const std::function<void(float*, const float*, const GemvRows&)>& run) {
+    const int k = 3, n = (R + k - 1) / k;
+    auto xt = randv(rng, size_t(n) * in);
+    std::vector<int> perm(static_cast<size_t>(R));
+    for (auto& p : perm) p = int(rng() % unsigned(n * k));
+    std::vector<float> xg(size_t(R) * in);
+    for (int r = 0; r < R; ++r)
+        std::copy_n(xt.begin() + ptrdiff_t(perm[size_t(r)] / k) * in, in, xg.begin() + ptrdiff_t(r) * in);
+    DBuf<float> dxt(xt), dxg(xg), dplain(size_t(R) * out), dmapped(size_t(R) * out);
+    DBuf<int> dperm(perm);
+    run(dplain.p, dxg.p, GemvRows{});
+    run(dmapped.p, dxt.p, GemvRows{dperm.p, k, false});
+    const std::string sh = shp({R, out, in});
+    const std::vector<float> plain = dplain.down();
+    close(what + " rows through the permutation", sh, dmapped.down(), plain, 0, 0);
+    if (out % 2) return;
+    DBuf<float> dact(size_t(R) * (out / 2));
+    run(dact.p, dxt.p, GemvRows{dperm.p, k, true});
+    close(what + " swiglu", sh, dact.down(), host_swiglu(plain, R, out / 2), 1e-6, 1e-6);
+    expect(dact.pad_intact(), what + " swiglu padding " + sh);
 }
 
 void check_grouped_gemv() {
@@ -265,6 +321,10 @@ void check_grouped_gemv() {
                 close(std::string("grouped_gemv ") + (bf16 ? "bf16" : "f32"), shp({R, out, in}), dy.down(), ref,
                       1e-4 * std::sqrt(double(in)), 1e-4);
                 expect(dy.pad_intact(), "grouped_gemv padding " + shp({R, out, in}));
+                check_gemv_rows(rng, std::string("grouped_gemv ") + (bf16 ? "bf16" : "f32"), R, out, in,
+                                [&](float* y, const float* xx, const GemvRows& rows) {
+                                    grouped_gemv(y, xx, dptr, bf16, dex.p, R, out, in, nullptr, rows);
+                                });
                 cudaFree(dptr);
             }
 }
@@ -438,6 +498,19 @@ void check_fp8_gemv() {
                 close(op, shp({T, sh.out, sh.in}), dy.down(), ref, 1e-4 * std::sqrt(double(sh.in)), 1e-4);
                 if (!dy.pad_intact()) fail(op + " padding " + shp({T, sh.out, sh.in}), "written past the end");
             }
+    // SwiGLU of a stacked FP8 gate|up (each half on its own block grid): one GEMV, against the
+    // plain GEMV's gate and up rows with the CPU's SwiGLU on the host.
+    for (auto [I, in] : {std::pair{1408, 2048}, {200, 256}, {3, 63}})
+        for (int T : {1, 3, 8}) {
+            HostFp8 m = host_fp8(rng, 2 * I, in, I);
+            DBuf<uint8_t> dw(m.carve);
+            DBuf<float> dx(randv(rng, size_t(T) * in)), dgu(size_t(T) * 2 * I), dact(size_t(T) * I);
+            const WRef W = fp8_ref(dw.p, 2 * I, in, I);
+            g.linear_path(dgu.p, dx.p, W, T, false, 0, true);
+            g.linear_swiglu(dact.p, dx.p, W, T, nullptr);
+            close("linear_swiglu fp8 gemv", shp({T, I, in}), dact.down(), host_swiglu(dgu.down(), T, I), 1e-6, 1e-6);
+            if (!dact.pad_intact()) fail("linear_swiglu fp8 gemv padding " + shp({T, I, in}), "written past the end");
+        }
 }
 
 void check_fp8_grouped_gemv() {
@@ -469,6 +542,9 @@ void check_fp8_grouped_gemv() {
             close("grouped_gemv fp8", shp({R, out, in}) + (split ? " split " + std::to_string(split) : ""), dy.down(),
                   ref, 1e-4 * std::sqrt(double(in)), 1e-4);
             expect(dy.pad_intact(), "grouped_gemv fp8 padding " + shp({R, out, in}));
+            check_gemv_rows(rng, "grouped_gemv fp8", R, out, in, [&](float* y, const float* xx, const GemvRows& rows) {
+                grouped_gemv_fp8(y, xx, dptr, dex.p, R, out, in, split, nullptr, rows);
+            });
             cudaFree(dptr);
         }
 }
@@ -770,10 +846,21 @@ void check_mla() {
                 DBuf<float> dC(size_t(S) * dc), dKP(size_t(S) * dr), dkv(kvin), dnw(nw);
                 CUDA_CHECK(cudaMemcpy(dC.p, c_old.data(), sizeof(float) * c_old.size(), cudaMemcpyHostToDevice));
                 CUDA_CHECK(cudaMemcpy(dKP.p, kp_old.data(), sizeof(float) * kp_old.size(), cudaMemcpyHostToDevice));
-                latent_append(dC.p, dKP.p, dkv.p, dnw.p, T, start, m, inv.p, rope.mscale, nullptr);
+                // The telemetry's latent norms come from the same launch.
+                DBuf<float> dnorms{size_t(T)};
+                latent_append(dC.p, dKP.p, dkv.p, dnw.p, T, start, m, inv.p, rope.mscale, nullptr, nullptr,
+                              dnorms.p);
                 const std::string sh = shp({T, H, dc}) + " start " + std::to_string(start);
                 close("latent_append c", sh, dC.down(), C, 1e-6, 1e-5);
                 close("latent_append k_pe", sh, dKP.down(), KP, 1e-5, 1e-5);
+                std::vector<float> norms_ref(static_cast<size_t>(T));
+                for (int t = 0; t < T; ++t) {
+                    double ss = 0;
+                    for (int c = 0; c < dc; ++c) ss += double(C[size_t(start + t) * dc + c]) * C[size_t(start + t) * dc + c];
+                    norms_ref[size_t(t)] = float(std::sqrt(ss));
+                }
+                close("latent_append norms", sh, dnorms.down(), norms_ref, 1e-6, 1e-6);
+                if (!dnorms.pad_intact()) fail("latent_append norms padding " + sh, "written past the end");
                 // Queries and kv_b; reference attention in latent space: q_lat = W_UK^T q_nope and
                 // o = W_UV o_lat per (row, head), for any kv_b W (f32 here, FP8 values below).
                 auto q = randv(rng, size_t(T) * H * dq);
