@@ -22,7 +22,6 @@
 #include "kernels/gemm.h"
 #include "kernels/mla.h"
 #include "kernels/norm.h"
-#include "kernels/rope.h"
 #include "kernels/router.h"
 
 namespace moescope::cuda {
@@ -531,11 +530,11 @@ struct CudaBackend::Impl {
         } else {
             gemm->linear(q, xn, L.q_proj, n);
         }
-        rope_apply_q(n, start);
         gemm->linear(kv, xn, L.kv_a, n);
         // Telemetry: the norms of the new cached latents, written by the append.
         float* norms = telemetry ? reinterpret_cast<float*>(tele + tl.norms) + int64_t(norm_slot) * n : nullptr;
-        latent_append(cache_c, cache_kpe, kv, L.kv_a_norm, n, start, mla, inv_freq, rope.mscale, s, dyn_start, norms);
+        latent_append(cache_c, cache_kpe, kv, L.kv_a_norm, n, start, mla, inv_freq, rope.mscale, s, dyn_start, norms,
+                      q);
         if (!dyn_start && !o.absorbed && S <= plan.dims.naive_positions) {
             const int dkvb = mla.d_nope + mla.d_v;
             // [S, H*(dn+dv)]. An FP8 kv_b goes through the grouped GEMM (verified on this device
@@ -586,12 +585,6 @@ struct CudaBackend::Impl {
         moe_forward(L, n, tl, moe_slot);
     }
 
-    void rope_apply_q(int n, int start) {
-        const int H = mla.H, dq = mla.d_nope + mla.d_rope;
-        rope_apply(q + mla.d_nope, n, H, int64_t(H) * dq, dq, start, inv_freq, rope.mscale, mla.d_rope, stream,
-                   dyn_start);
-    }
-
     void moe_forward(const DLayer& L, int n, const TeleLayout& tl, int slot) {
         const int D = cfg.hidden_size, E = router.E, k = router.k, I = cfg.moe_intermediate_size, R = n * k;
         const int G = router.method != 0 ? router.n_group : 1;
@@ -603,8 +596,13 @@ struct CudaBackend::Impl {
         float* sc_d = tl.scores >= 0 ? reinterpret_cast<float*>(tele + tl.scores) + int64_t(slot) * n * E
                                      : scores_scratch;
         int* counts_d = reinterpret_cast<int*>(tele + tl.counts) + int64_t(slot) * E;
-        route(ids_d, w_d, sc_d, kept_d, logits_r, L.bias, L.disabled, L.disabled + E, n, router, s);
-        dispatch(counts_d, offsets, perm, row_of_slot, row_expert, ids_d, n, k, E, s);
+        const DispatchOut d{counts_d, offsets, perm, row_of_slot, row_expert};
+        if (R <= 64 && route_dispatch_fits(n, router)) {  // decode: one launch
+            route_and_dispatch(ids_d, w_d, sc_d, kept_d, logits_r, L.bias, L.disabled, L.disabled + E, n, router, d, s);
+        } else {
+            route(ids_d, w_d, sc_d, kept_d, logits_r, L.bias, L.disabled, L.disabled + E, n, router, s);
+            dispatch(d, ids_d, n, k, E, s);
+        }
         const bool bf16 = opt.dtype == WeightDtype::BF16, fp8 = opt.dtype == WeightDtype::FP8;
         if (R <= 64) {
             // Decode: every row names its expert; no host round trip (capturable in a graph). The

@@ -102,6 +102,16 @@ __device__ __forceinline__ void warp_store_swiglu(float* y, const float (&g)[N],
     }
 }
 
+// YaRN rope of one interleaved pair (x[0], x[1]) at position pos and frequency inv_freq, as
+// engine/model/rope.cpp: the angle pos * inv_freq in f32, full-range cosf / sinf times mscale.
+__device__ __forceinline__ void rope_pair(float* x, int pos, float inv_freq, float mscale) {
+    const float theta = float(pos) * inv_freq;
+    const float c = cosf(theta) * mscale, s = sinf(theta) * mscale;
+    const float a = x[0], b = x[1];
+    x[0] = a * c - b * s;
+    x[1] = a * s + b * c;
+}
+
 inline unsigned blocks_for(long long n, int threads) { return unsigned((n + threads - 1) / threads); }
 
 }  // namespace moescope::cuda

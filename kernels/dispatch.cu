@@ -1,41 +1,11 @@
 // Dispatch / gather / combine kernels.
 #include "kernels/device_util.cuh"
-#include "kernels/dispatch.h"
+#include "kernels/dispatch.cuh"
 
 namespace moescope::cuda {
 namespace {
 
-// Thread e scans every slot in order: counts, then (after a serial scan of E <= 1024 counts)
-// its rows. O(E * T * k) work, microseconds at decode sizes, and deterministic.
-__global__ void dispatch_kernel(int* counts, int* offsets, int* perm, int* row_of_slot, int* row_expert,
-                                const int* ids, int slots, int E) {
-    const int e = threadIdx.x;
-    int n = 0;
-    if (e < E)
-        for (int s = 0; s < slots; ++s) n += ids[s] == e;
-    if (e < E) counts[e] = n;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int acc = 0;
-        for (int i = 0; i < E; ++i) {
-            offsets[i] = acc;
-            acc += counts[i];
-        }
-        offsets[E] = acc;
-    }
-    __syncthreads();
-    if (e < E) {
-        int row = offsets[e];
-        for (int s = 0; s < slots; ++s) {
-            if (ids[s] == e) {
-                perm[row] = s;
-                row_of_slot[s] = row;
-                row_expert[row] = e;
-                ++row;
-            }
-        }
-    }
-}
+__global__ void dispatch_kernel(DispatchOut d, const int* ids, int slots, int E) { dispatch_block(d, ids, slots, E); }
 
 __global__ void gather_kernel(float* xin, const float* x, const int* perm, int R, int k, int D) {
     int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -68,11 +38,10 @@ __global__ void combine_kernel(float* h, const float* shared, const float* y, co
 
 }  // namespace
 
-void dispatch(int* counts, int* offsets, int* perm, int* row_of_slot, int* row_expert, const int* ids, int T, int k,
-              int E, cudaStream_t s) {
+void dispatch(const DispatchOut& d, const int* ids, int T, int k, int E, cudaStream_t s) {
     if (E > 1024) throw DeviceError("dispatch: at most 1024 routed experts are supported on the device");
     const int threads = (E + 31) / 32 * 32;
-    dispatch_kernel<<<1, threads, 0, s>>>(counts, offsets, perm, row_of_slot, row_expert, ids, T * k, E);
+    dispatch_kernel<<<1, threads, 0, s>>>(d, ids, T * k, E);
     check_launch("dispatch_kernel");
 }
 

@@ -7,10 +7,14 @@
 
 namespace moescope::cuda {
 
-// From ids [T, k]: counts [E] (the load), offsets [E + 1], perm [T*k] (row -> slot),
-// row_of_slot [T*k], row_expert [T*k] (row -> expert). One block; E <= 1024.
-void dispatch(int* counts, int* offsets, int* perm, int* row_of_slot, int* row_expert, const int* ids, int T, int k,
-              int E, cudaStream_t s);
+// What the dispatch writes from ids [T, k]: counts [E] (the load), offsets [E + 1], perm [T*k]
+// (row -> slot), row_of_slot [T*k], row_expert [T*k] (row -> expert).
+struct DispatchOut {
+    int *counts, *offsets, *perm, *row_of_slot, *row_expert;
+};
+
+// One block; E <= 1024.
+void dispatch(const DispatchOut& d, const int* ids, int T, int k, int E, cudaStream_t s);
 
 // xin[row] = x[perm[row] / k] for rows < T*k; x [T, D], xin [T*k, D].
 void gather_rows(float* xin, const float* x, const int* perm, int R, int k, int D, cudaStream_t s);

@@ -8,20 +8,21 @@
 namespace moescope::cuda {
 namespace {
 
-// One block per new token: RMSNorm of the latent (f64 sum like the CPU), then rope of k_pe.
+// One block per new token: RMSNorm of the latent (f64 sum like the CPU), then rope of k_pe
+// and of the token's queries' q_pe (q, when non-null: [T, H, d_nope + d_rope]).
 // norms (telemetry, when non-null): norms[t] = |cached latent| (f64 sum of squares).
 __global__ void latent_append_kernel(float* cache_c, float* cache_kpe, const float* kv, const float* w, int start,
                                      int d_c, int d_rope, const float* inv_freq, float mscale, const int* d_start,
-                                     float* norms) {
+                                     float* norms, float* q, int H, int d_nope) {
     if (d_start) start = *d_start;
-    const int t = blockIdx.x;
+    const int t = blockIdx.x, pos = start + t, half = d_rope / 2;
     const float* row = kv + int64_t(t) * (d_c + d_rope);
     double ss = 0;
     for (int i = threadIdx.x; i < d_c; i += blockDim.x) ss += double(row[i]) * double(row[i]);
     ss = block_sum(ss);
     // eps as the CPU passes it (the float 1e-6f widened to double), not the double 1e-6.
     const float r = float(1.0 / sqrt(ss / d_c + double(1e-6f)));
-    float* c = cache_c + int64_t(start + t) * d_c;
+    float* c = cache_c + int64_t(pos) * d_c;
     double cs2 = 0;
     for (int i = threadIdx.x; i < d_c; i += blockDim.x) {
         const float v = row[i] * r * w[i];
@@ -32,13 +33,16 @@ __global__ void latent_append_kernel(float* cache_c, float* cache_kpe, const flo
         cs2 = block_sum(cs2);
         if (threadIdx.x == 0) norms[t] = float(sqrt(cs2));
     }
-    float* kp = cache_kpe + int64_t(start + t) * d_rope;
-    for (int p = threadIdx.x; p < d_rope / 2; p += blockDim.x) {
-        const float theta = float(start + t) * inv_freq[p];
-        const float cs = cosf(theta) * mscale, sn = sinf(theta) * mscale;
-        const float a = row[d_c + 2 * p], b = row[d_c + 2 * p + 1];
-        kp[2 * p] = a * cs - b * sn;
-        kp[2 * p + 1] = a * sn + b * cs;
+    float* kp = cache_kpe + int64_t(pos) * d_rope;
+    for (int p = threadIdx.x; p < half; p += blockDim.x) {
+        kp[2 * p] = row[d_c + 2 * p];
+        kp[2 * p + 1] = row[d_c + 2 * p + 1];
+        rope_pair(kp + 2 * p, pos, inv_freq[p], mscale);
+    }
+    if (q) {
+        float* qt = q + int64_t(t) * H * (d_nope + d_rope) + d_nope;
+        for (int j = threadIdx.x; j < H * half; j += blockDim.x)
+            rope_pair(qt + int64_t(j / half) * (d_nope + d_rope) + 2 * (j % half), pos, inv_freq[j % half], mscale);
     }
 }
 
@@ -274,10 +278,10 @@ __global__ void causal_softmax_kernel(float* scores, int T, int S, int start, fl
 
 void latent_append(float* cache_c, float* cache_kpe, const float* kv, const float* norm_w, int T, int start,
                    const MlaShape& m, const float* inv_freq, float mscale, cudaStream_t s, const int* d_start,
-                   float* norms) {
+                   float* norms, float* q) {
     if (T <= 0) return;
     latent_append_kernel<<<T, 128, 0, s>>>(cache_c, cache_kpe, kv, norm_w, start, m.d_c, m.d_rope, inv_freq, mscale,
-                                           d_start, norms);
+                                           d_start, norms, q, m.H, m.d_nope);
     check_launch("latent_append_kernel");
 }
 

@@ -15,13 +15,15 @@ struct MlaShape {
 };
 
 // For t < T: cache_c[start + t] = RMSNorm(kv[t, :d_c]) * norm_w (eps 1e-6);
-// cache_kpe[start + t] = rope(kv[t, d_c:], position start + t). kv: [T, d_c + d_rope].
-// d_start (here and below): when non-null, the device int used instead of `start`, so that one
-// captured CUDA graph serves every decode position. norms (telemetry): when non-null,
-// norms[t] = |cache_c[start + t]|.
+// cache_kpe[start + t] = rope(kv[t, d_c:], position start + t). kv: [T, d_c + d_rope]. The YaRN
+// rope (inv_freq: device [d_rope / 2], engine/model/rope.cpp's Rope::inv_freq and mscale) also
+// turns the q_pe of every head of q [T, H, d_nope + d_rope] when q is non-null, so a layer has
+// one launch for its positions. d_start (here and below): when non-null, the device int used
+// instead of `start`, so that one captured CUDA graph serves every decode position. norms
+// (telemetry): when non-null, norms[t] = |cache_c[start + t]|.
 void latent_append(float* cache_c, float* cache_kpe, const float* kv, const float* norm_w, int T, int start,
                    const MlaShape& m, const float* inv_freq, float mscale, cudaStream_t s,
-                   const int* d_start = nullptr, float* norms = nullptr);
+                   const int* d_start = nullptr, float* norms = nullptr, float* q = nullptr);
 
 // q_lat[T, H, d_c] = per head W_UK_h^T q_nope_h; q: [T, H, d_nope + d_rope]; kv_b: [H*(d_nope+d_v), d_c].
 void absorb_query(float* q_lat, const float* q, const WRef& kv_b, int T, const MlaShape& m, cudaStream_t s);

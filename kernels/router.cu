@@ -5,11 +5,13 @@
 // route() of engine/model/moe.cpp makes. (One thread per token, the first version, scanned
 // E experts k times with a k-long "already taken" check of global memory each: ~10^4 serial
 // L2 reads per token and MoE layer, milliseconds per decoded token.)
+#include <algorithm>
 #include <cfloat>
 #include <climits>
 #include <cmath>
 
 #include "kernels/device_util.cuh"
+#include "kernels/dispatch.cuh"
 #include "kernels/router.h"
 
 namespace moescope::cuda {
@@ -37,12 +39,11 @@ __device__ __forceinline__ void warp_best(float& v, int& i) {
     i = __shfl_sync(0xffffffffu, i, 0);
 }
 
-__global__ void route_kernel(int* ids_out, float* w_out, float* scores, uint8_t* kept_out, const float* logits,
-                             const float* bias, const uint8_t* disabled, const uint8_t* drop_top, int T,
-                             RouterParams p) {
+// Token t routed by the calling warp (all 32 lanes).
+__device__ void route_token(int64_t t, int* ids_out, float* w_out, float* scores, uint8_t* kept_out,
+                            const float* logits, const float* bias, const uint8_t* disabled, const uint8_t* drop_top,
+                            const RouterParams& p) {
     const int lane = threadIdx.x & 31;
-    const int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-    if (t >= T) return;  // whole warps: every shuffle below has all 32 lanes
     const int E = p.E, k = p.k;
     const bool grouped = p.method != 0;
     const int G = grouped ? p.n_group : 1, gs = E / G;
@@ -165,17 +166,54 @@ __global__ void route_kernel(int* ids_out, float* w_out, float* scores, uint8_t*
     for (int g = lane; g < G; g += 32) kept_out[t * G + g] = uint8_t((kept >> g) & 1);
 }
 
+__global__ void route_kernel(int* ids_out, float* w_out, float* scores, uint8_t* kept_out, const float* logits,
+                             const float* bias, const uint8_t* disabled, const uint8_t* drop_top, int T,
+                             RouterParams p) {
+    const int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+    if (t < T)  // whole warps: every shuffle has all 32 lanes
+        route_token(t, ids_out, w_out, scores, kept_out, logits, bias, disabled, drop_top, p);
+}
+
+// One block: warp t routes token t, then the block dispatches the T * k slots (dispatch.cuh).
+__global__ void route_dispatch_kernel(int* ids_out, float* w_out, float* scores, uint8_t* kept_out,
+                                      const float* logits, const float* bias, const uint8_t* disabled,
+                                      const uint8_t* drop_top, int T, RouterParams p, DispatchOut d) {
+    const int t = threadIdx.x >> 5;
+    if (t < T) route_token(t, ids_out, w_out, scores, kept_out, logits, bias, disabled, drop_top, p);
+    __syncthreads();  // the ids are written (global memory: visible to the block after the barrier)
+    dispatch_block(d, ids_out, T * p.k, p.E);
+}
+
+void check_params(const RouterParams& p) {
+    if (p.k > kRouterMaxK || (p.method != 0 && p.n_group > kRouterMaxGroups))
+        throw DeviceError("route: at most " + std::to_string(kRouterMaxK) + " experts per token and " +
+                          std::to_string(kRouterMaxGroups) + " groups are supported on the device");
+}
+
 }  // namespace
 
 void route(int* ids, float* weights, float* scores, uint8_t* kept, const float* logits, const float* bias,
            const uint8_t* disabled, const uint8_t* drop_top, int T, const RouterParams& p, cudaStream_t s) {
     if (T <= 0) return;
-    if (p.k > kRouterMaxK || (p.method != 0 && p.n_group > kRouterMaxGroups))
-        throw DeviceError("route: at most " + std::to_string(kRouterMaxK) + " experts per token and " +
-                          std::to_string(kRouterMaxGroups) + " groups are supported on the device");
+    check_params(p);
     route_kernel<<<blocks_for(int64_t(T) * 32, kRouterThreads), kRouterThreads, 0, s>>>(ids, weights, scores, kept,
                                                                                        logits, bias, disabled, drop_top, T, p);
     check_launch("route_kernel");
+}
+
+bool route_dispatch_fits(int T, const RouterParams& p) { return T > 0 && T <= 32 && p.E <= 1024; }
+
+void route_and_dispatch(int* ids, float* weights, float* scores, uint8_t* kept, const float* logits, const float* bias,
+                        const uint8_t* disabled, const uint8_t* drop_top, int T, const RouterParams& p,
+                        const DispatchOut& d, cudaStream_t s) {
+    if (T <= 0) return;
+    check_params(p);
+    if (!route_dispatch_fits(T, p))
+        throw DeviceError("route_and_dispatch: " + std::to_string(T) + " tokens over " + std::to_string(p.E) +
+                          " experts do not fit one block (at most 32 tokens and 1024 experts)");
+    const int threads = std::max(32 * T, (p.E + 31) / 32 * 32);
+    route_dispatch_kernel<<<1, threads, 0, s>>>(ids, weights, scores, kept, logits, bias, disabled, drop_top, T, p, d);
+    check_launch("route_dispatch_kernel");
 }
 
 }  // namespace moescope::cuda

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "kernels/common.h"
+#include "kernels/dispatch.h"
 
 namespace moescope::cuda {
 
@@ -27,5 +28,12 @@ inline constexpr int kRouterMaxK = 16, kRouterMaxGroups = 64;
 // captured graph sees a change).
 void route(int* ids, float* weights, float* scores, uint8_t* kept, const float* logits, const float* bias,
            const uint8_t* disabled, const uint8_t* drop_top, int T, const RouterParams& p, cudaStream_t s);
+
+// route() then dispatch() (dispatch.h) in one launch of one block, for decode: at most 32 tokens
+// and 1024 experts (route_dispatch_fits). The same outputs as the two calls.
+bool route_dispatch_fits(int T, const RouterParams& p);
+void route_and_dispatch(int* ids, float* weights, float* scores, uint8_t* kept, const float* logits, const float* bias,
+                        const uint8_t* disabled, const uint8_t* drop_top, int T, const RouterParams& p,
+                        const DispatchOut& d, cudaStream_t s);
 
 }  // namespace moescope::cuda

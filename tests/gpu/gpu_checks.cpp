@@ -42,7 +42,6 @@
 #include "kernels/gemm.h"
 #include "kernels/mla.h"
 #include "kernels/norm.h"
-#include "kernels/rope.h"
 #include "kernels/router.h"
 #include "kernels/sampling.h"
 
@@ -185,6 +184,9 @@ void check_rmsnorm() {
         }
 }
 
+// The YaRN rope of a layer's new positions, which the latent append applies to the cached
+// k_pe and to the q_pe of every head of the queries (q_nope untouched), against the CPU's
+// Rope::apply: tiny-v3 and DeepSeek-V3's YaRN config, far positions (cosf / sinf full range).
 void check_rope() {
     std::mt19937 rng(2);
     for (const char* cfgname : {"tiny-v3", "v3"}) {
@@ -192,18 +194,28 @@ void check_rope() {
                                                             : ModelConfig::load(kFixtures + "/configs/deepseek-v3.json");
         Rope rope(cfg);
         DBuf<float> inv(rope.inv_freq);
-        const int d = rope.dim;
+        const int d = rope.dim, dn = 5, dc = 8, dq = dn + d;
         for (int T : {1, 3, 63})
-            for (int nv : {1, 3})
+            for (int H : {1, 3})
                 for (int pos0 : {0, 4093, 150000}) {
-                    const int stride = d + 5;  // vectors inside wider rows, like q_pe inside q
-                    auto x = randv(rng, size_t(T) * nv * stride);
-                    auto ref = x;
-                    for (int t = 0; t < T; ++t) rope.apply(ref.data() + size_t(t) * nv * stride, nv, stride, pos0 + t);
-                    DBuf<float> dx(x);
-                    rope_apply(dx.p, T, nv, int64_t(nv) * stride, stride, pos0, inv.p, rope.mscale, d, nullptr);
-                    close(std::string("rope ") + cfgname, shp({T, nv, d}) + " pos " + std::to_string(pos0), dx.down(),
-                          ref, 2e-5, 2e-5);
+                    const MlaShape m{H, dn, d, 4, dc, 1.0f};
+                    auto q = randv(rng, size_t(T) * H * dq), kv = randv(rng, size_t(T) * (dc + d));
+                    auto q_ref = q;
+                    std::vector<float> kpe_ref(size_t(T) * d);
+                    for (int t = 0; t < T; ++t) {
+                        rope.apply(q_ref.data() + size_t(t) * H * dq + dn, H, dq, pos0 + t);
+                        std::copy_n(kv.begin() + ptrdiff_t(t) * (dc + d) + dc, d, kpe_ref.begin() + ptrdiff_t(t) * d);
+                        rope.apply(kpe_ref.data() + size_t(t) * d, 1, d, pos0 + t);
+                    }
+                    DBuf<float> dq_(q), dkv(kv), dnw(std::vector<float>(size_t(dc), 1.0f));
+                    DBuf<float> dC{size_t(pos0 + T) * dc}, dKP{size_t(pos0 + T) * d};
+                    latent_append(dC.p, dKP.p, dkv.p, dnw.p, T, pos0, m, inv.p, rope.mscale, nullptr, nullptr,
+                                  nullptr, dq_.p);
+                    const std::string sh = shp({T, H, d}) + " pos " + std::to_string(pos0);
+                    close(std::string("rope q ") + cfgname, sh, dq_.down(), q_ref, 2e-5, 2e-5);
+                    std::vector<float> kp = dKP.down();
+                    kp.erase(kp.begin(), kp.begin() + ptrdiff_t(pos0) * d);
+                    close(std::string("rope k_pe ") + cfgname, sh, kp, kpe_ref, 2e-5, 2e-5);
                 }
     }
 }
@@ -653,6 +665,56 @@ RouterParams params_of(const RouterDims& d) {
                         d.routed_scaling_factor};
 }
 
+// The CPU's dispatch of ids [T, k] (moe.cpp): rows per expert in slot order.
+struct HostDispatch {
+    std::vector<int> counts, offsets, perm, row_of_slot, row_expert;
+};
+HostDispatch host_dispatch(const std::vector<int>& ids, int E) {
+    HostDispatch h;
+    h.counts.assign(size_t(E), 0);
+    h.row_of_slot.assign(ids.size(), -1);
+    for (int e = 0; e < E; ++e) {
+        h.offsets.push_back(int(h.perm.size()));
+        for (size_t s = 0; s < ids.size(); ++s)
+            if (ids[s] == e) {
+                h.row_of_slot[s] = int(h.perm.size());
+                h.perm.push_back(int(s));
+                h.row_expert.push_back(e);
+                h.counts[size_t(e)]++;
+            }
+    }
+    h.offsets.push_back(int(h.perm.size()));
+    return h;
+}
+
+// The decode launch: route_and_dispatch gives route()'s outputs bit for bit (the same warp
+// code) and the CPU's dispatch of the ids.
+void check_route_and_dispatch(const std::string& what, const std::vector<float>& logits, const std::vector<float>& bias,
+                              const std::vector<uint8_t>* off, uint8_t dropped, int T, const RouterDims& d, int G,
+                              const std::vector<int>& ids, const std::vector<uint8_t>& kept,
+                              const std::vector<float>& weights, const std::vector<float>& scores) {
+    const RouterParams p = params_of(d);
+    if (!route_dispatch_fits(T, p)) return;
+    const int R = T * d.k;
+    DBuf<float> dl(logits), db(bias), dw{size_t(R)}, ds{size_t(T) * d.E};
+    DBuf<int> di{size_t(R)}, dcounts{size_t(d.E)}, doffsets{size_t(d.E) + 1}, dperm{size_t(R)}, drow{size_t(R)},
+        dre{size_t(R)};
+    DBuf<uint8_t> dk(size_t(T) * G), doff(off ? *off : std::vector<uint8_t>(size_t(d.E), 0)),
+        ddrop(std::vector<uint8_t>{dropped});
+    route_and_dispatch(di.p, dw.p, ds.p, dk.p, dl.p, db.p, off ? doff.p : nullptr, dropped ? ddrop.p : nullptr, T, p,
+                       DispatchOut{dcounts.p, doffsets.p, dperm.p, drow.p, dre.p}, nullptr);
+    const std::vector<int> got_ids = di.down();
+    expect(got_ids == ids && dk.down() == kept, "route_and_dispatch ids and groups " + what, "differ from route()");
+    close("route_and_dispatch weights", what, dw.down(), weights, 0, 0);
+    close("route_and_dispatch scores", what, ds.down(), scores, 0, 0);
+    const HostDispatch h = host_dispatch(got_ids, d.E);
+    expect(dcounts.down() == h.counts && doffsets.down() == h.offsets && dperm.down() == h.perm &&
+               drow.down() == h.row_of_slot && dre.down() == h.row_expert,
+           "route_and_dispatch dispatch " + what, "differs from the CPU's rows per expert");
+    expect(dperm.pad_intact() && drow.pad_intact() && dre.pad_intact() && doffsets.pad_intact(),
+           "route_and_dispatch padding " + what);
+}
+
 void check_router() {
     std::mt19937 rng(5);
     std::vector<std::pair<std::string, ModelConfig>> cfgs;
@@ -716,6 +778,8 @@ void check_router() {
                 close("router weights " + name, sh, dw.down(), r.weights, 1e-6, 1e-5);
                 close("router scores " + name, sh, ds.down(), r.scores, 1e-7, 1e-5);
                 expect(di.pad_intact() && dw.pad_intact() && ds.pad_intact(), "router padding " + name + " " + sh);
+                check_route_and_dispatch(name + " " + sh, logits, bias, masked ? &off : nullptr, dropped, T, d, G, ids,
+                                         kept, dw.down(), ds.down());
             }
     }
 }
@@ -750,6 +814,8 @@ void check_router_wide() {
             expect(dk.down() == r.kept_groups, "router kept groups " + sh);
             close("router weights", sh, dw.down(), r.weights, 1e-6, 1e-5);
             expect(di.pad_intact() && dw.pad_intact() && dk.pad_intact(), "router padding " + sh);
+            check_route_and_dispatch(sh, logits, bias, nullptr, drop, T, d, d.n_group, di.down(), dk.down(), dw.down(),
+                                     ds.down());
         }
 }
 
@@ -768,21 +834,15 @@ void check_dispatch_combine() {
         auto shared = randv(rng, size_t(T) * D);
         auto h0 = randv(rng, size_t(T) * D);
         // CPU: rows per expert in slot order (moe.cpp), Y[row] = f(x) (here a per-row scale).
-        std::vector<int> counts(static_cast<size_t>(E)), perm, rexp;
-        for (int e = 0; e < E; ++e)
-            for (int s = 0; s < T * k; ++s)
-                if (ids[size_t(s)] == e) {
-                    perm.push_back(s);
-                    rexp.push_back(e);
-                    counts[size_t(e)]++;
-                }
+        const HostDispatch hd = host_dispatch(ids, E);
+        const std::vector<int>& perm = hd.perm;
         DBuf<int> dids(ids), dcounts(static_cast<size_t>(E)), doff(static_cast<size_t>(E) + 1), dperm(size_t(T) * k), drow(size_t(T) * k),
             dre(size_t(T) * k);
-        dispatch(dcounts.p, doff.p, dperm.p, drow.p, dre.p, dids.p, T, k, E, nullptr);
+        dispatch(DispatchOut{dcounts.p, doff.p, dperm.p, drow.p, dre.p}, dids.p, T, k, E, nullptr);
         const std::string sh = shp({T, k, E, D});
-        expect(dcounts.down() == counts, "dispatch counts " + sh);
-        expect(dperm.down() == perm, "dispatch permutation " + sh);
-        expect(dre.down() == rexp, "dispatch row experts " + sh);
+        expect(dcounts.down() == hd.counts && doff.down() == hd.offsets, "dispatch counts " + sh);
+        expect(dperm.down() == perm && drow.down() == hd.row_of_slot, "dispatch permutation " + sh);
+        expect(dre.down() == hd.row_expert, "dispatch row experts " + sh);
         DBuf<float> dx(x), dxin(size_t(T) * k * D);
         gather_rows(dxin.p, dx.p, dperm.p, T * k, k, D, nullptr);
         std::vector<float> xin_ref(size_t(T) * k * D);

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Turns a CUDA source (kernels/*.cu, device_util.cuh) into C++ for the SIMT emulator (emu.h).
+"""Turns a CUDA source (kernels/*.cu, *.cuh) into C++ for the SIMT emulator (emu.h).
 
 Usage: cu_to_cpp.py IN.cu OUT.cpp
 
