@@ -193,9 +193,15 @@ json run_bench(const json& req) {
         return decode_loop(*cache, decode, telemetry);
     };
     const double launch_on = measure(false, true), launch_off = measure(false, false);
-    double graph_on = 0, graph_off = 0;
+    double graph_on = 0, graph_off = 0, graph_no_pdl = 0;
     bool graphs_ok = false;
+    const bool pdl = be.programmatic_launches();
     try {
+        if (pdl) {  // the graphs without programmatic launches, for comparison
+            be.set_programmatic_launches(false);
+            graph_no_pdl = measure(true, true);
+            be.set_programmatic_launches(true);
+        }
         graph_on = measure(true, true);
         graph_off = measure(true, false);
         graphs_ok = be.graphs();
@@ -203,6 +209,9 @@ json run_bench(const json& req) {
     } catch (const std::exception& e) {
         out["cuda_graph_error"] = e.what();
     }
+    out["programmatic_launches"] = graphs_ok && be.programmatic_launches();
+    out["programmatic_edges"] = be.programmatic_edges();
+    if (pdl && !be.programmatic_launches()) out["programmatic_launches_error"] = be.notice();
     be.set_graphs(graphs_ok);
     be.set_telemetry(true);
     cache->truncate(prompt);
@@ -212,6 +221,7 @@ json run_bench(const json& req) {
     out["decode_ms_per_token"] = step_on * 1e3;
     out["decode_tokens_per_s_launches"] = 1.0 / launch_on;
     out["decode_tokens_per_s_cuda_graph"] = graphs_ok ? 1.0 / graph_on : 0.0;
+    out["decode_tokens_per_s_cuda_graph_without_pdl"] = graphs_ok && pdl ? 1.0 / graph_no_pdl : 0.0;
     out["telemetry_overhead_percent"] = 100.0 * (step_on - step_off) / step_off;
     out["decode_ms_per_token_without_telemetry"] = step_off * 1e3;
     const int64_t bytes = decode_bytes(cfg, opt.dtype, prompt + decode / 2);

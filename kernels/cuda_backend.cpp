@@ -297,6 +297,11 @@ struct CudaBackend::Impl {
     static constexpr int kGraphRows = 4;
     bool use_graphs = true;
     std::string graph_notice;
+    // Programmatic dependent launch in those graphs (sm_90; make_programmatic): on unless the
+    // device is older, MOESCOPE_CUDA_PDL=0, or the graph API refused it (pdl_notice).
+    bool use_pdl = false;
+    int64_t pdl_edges = 0;  // programmatic edges made so far
+    std::string pdl_notice;
     struct GraphEntry {
         const float *c0, *kpe0;    // the cache's first buffers: same pointers = same layout
         int layers, cap, first, n, head_rows;
@@ -489,6 +494,9 @@ struct CudaBackend::Impl {
         d_start = act_arena.carve<int>(1);
         pin_start.reserve(sizeof(int));
         if (const char* g = std::getenv("MOESCOPE_CUDA_GRAPH")) use_graphs = std::string(g) != "0";
+        cudaDeviceProp prop{};
+        use_pdl = cudaGetDeviceProperties(&prop, 0) == cudaSuccess && prop.major >= 9;
+        if (const char* e = std::getenv("MOESCOPE_CUDA_PDL")) use_pdl = use_pdl && std::string(e) != "0";
         const int64_t cast_elems = std::max({T * 2 * D, T * std::max<int64_t>(1, cfg.q_lora_rank), T * H * dv,
                                              T * k * I, T * k * D, T * std::max(Is, Id), Sn * dc, T * D});
         cast = act_arena.carve<uint16_t>(cast_elems);
@@ -687,6 +695,12 @@ struct CudaBackend::Impl {
         }
         dyn_start = nullptr;
         check(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
+        try {
+            if (use_pdl) make_programmatic(graph);
+        } catch (...) {
+            cudaGraphDestroy(graph);
+            throw;
+        }
         cudaGraphExec_t exec = nullptr;
         const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
         cudaGraphDestroy(graph);
@@ -694,6 +708,65 @@ struct CudaBackend::Impl {
         graphs.push_back({cache.c_[0], cache.kpe_[0], int(cache.c_.size()), cache.cap_, first, n, head_rows, telemetry,
                           o.want_scores, host_logits, exec, false});
         return graphs.back();
+    }
+
+    // Programmatic dependent launch: in a captured step every edge from a kernel into one of
+    // our kernels (the kernels of kernels/*.cu, all in namespace moescope) becomes a programmatic
+    // edge from the launch-completion port of its source, so the next kernel's blocks are
+    // scheduled as soon as every block of the previous one has started, instead of after it has
+    // ended and the launch gap. Each of our kernels waits for its predecessor's completion in
+    // its first statement (pdl_wait, kernels/device_util.cuh), so the order of reads and writes
+    // is the stream's. A step is hundreds of short kernels (~460 for V2-Lite), most of them
+    // shorter than the gap. An error turns it off for later graphs (pdl_notice); an edge that
+    // was removed and cannot be put back throws (the graph would be unordered).
+    void make_programmatic(cudaGraph_t graph) {
+        auto api = [&](cudaError_t e, const char* what) {
+            if (e == cudaSuccess) return true;
+            use_pdl = false;
+            pdl_notice = std::string("programmatic launches off: ") + what + ": " + cudaGetErrorString(e);
+            cudaGetLastError();
+            return false;
+        };
+        // The kernel's name, or "" for another node (a copy) or a kernel the API cannot name.
+        auto kernel_name = [](cudaGraphNode_t node) -> std::string {
+            cudaGraphNodeType type;
+            cudaKernelNodeParams kp{};
+            const char* name = nullptr;
+            if (cudaGraphNodeGetType(node, &type) != cudaSuccess || type != cudaGraphNodeTypeKernel ||
+                cudaGraphKernelNodeGetParams(node, &kp) != cudaSuccess || !kp.func ||
+                cudaFuncGetName(&name, kp.func) != cudaSuccess || !name) {
+                cudaGetLastError();
+                return {};
+            }
+            return name;
+        };
+        size_t n = 0;
+        if (!api(cudaGraphGetNodes(graph, nullptr, &n), "cudaGraphGetNodes")) return;
+        std::vector<cudaGraphNode_t> nodes(n);
+        if (!api(cudaGraphGetNodes(graph, nodes.data(), &n), "cudaGraphGetNodes")) return;
+        for (cudaGraphNode_t to : nodes) {
+            if (kernel_name(to).find("moescope") == std::string::npos) continue;
+            size_t nd = 0;
+            if (!api(cudaGraphNodeGetDependencies(to, nullptr, nullptr, &nd), "cudaGraphNodeGetDependencies")) return;
+            std::vector<cudaGraphNode_t> deps(nd);
+            std::vector<cudaGraphEdgeData> edges(nd);
+            if (!api(cudaGraphNodeGetDependencies(to, deps.data(), edges.data(), &nd), "cudaGraphNodeGetDependencies"))
+                return;
+            for (size_t i = 0; i < nd; ++i) {
+                if (edges[i].type != cudaGraphDependencyTypeDefault || kernel_name(deps[i]).empty()) continue;
+                if (!api(cudaGraphRemoveDependencies(graph, &deps[i], &to, &edges[i], 1), "cudaGraphRemoveDependencies"))
+                    return;
+                cudaGraphEdgeData pe{};
+                pe.from_port = cudaGraphKernelNodePortLaunchCompletion;
+                pe.type = cudaGraphDependencyTypeProgrammatic;
+                if (!api(cudaGraphAddDependencies(graph, &deps[i], &to, &pe, 1), "cudaGraphAddDependencies")) {
+                    check(cudaGraphAddDependencies(graph, &deps[i], &to, &edges[i], 1),
+                          "cudaGraphAddDependencies (restoring an edge)");
+                    return;
+                }
+                ++pdl_edges;
+            }
+        }
     }
 
     // After the first replay of `g`: the same step launched kernel by kernel (the same kernels,
@@ -736,10 +809,23 @@ struct CudaBackend::Impl {
             g.verified = true;
             return;
         }
+        const std::string diff = std::string("the replay of a ") + std::to_string(n) +
+                                 "-token step differed from its launches (" +
+                                 (worst < size_t(2 * n) * D ? "hidden" : "logits") + " element " +
+                                 std::to_string(worst) + ", |diff| " + std::to_string(worst_err) + ")";
+        if (use_pdl) {  // first without the programmatic edges: graphs captured again
+            use_pdl = false;
+            pdl_notice = "programmatic launches off: " + diff;
+            drop_graphs();
+            return;
+        }
         use_graphs = false;
-        graph_notice = "CUDA graphs off: the replay of a " + std::to_string(n) + "-token step differed from its launches (" +
-                       (worst < size_t(2 * n) * D ? "hidden" : "logits") + " element " + std::to_string(worst) +
-                       ", |diff| " + std::to_string(worst_err) + "); steps run kernel by kernel";
+        graph_notice = "CUDA graphs off: " + diff + "; steps run kernel by kernel";
+    }
+
+    void drop_graphs() {
+        for (auto& gr : graphs) cudaGraphExecDestroy(gr.exec);
+        graphs.clear();
     }
 
     // upload(c0, n): host -> device inputs of a chunk (may wait); body(n): the device-only start
@@ -1266,10 +1352,18 @@ std::string CudaBackend::name() const {
 WeightDtype CudaBackend::weight_dtype() const { return impl_->opt.dtype; }
 std::string CudaBackend::notice() const {
     const Impl& I = *impl_;
-    if (I.opt.dtype != WeightDtype::FP8)
-        return I.graph_notice + (I.graph_notice.empty() || I.grouped_notice.empty() ? "" : "; ") + I.grouped_notice;
-    std::string n = (I.graph_notice.empty() ? "" : I.graph_notice + "; ") + "FP8 e4m3 weights with 128x128 block scales (decode: FP8 GEMV); " + I.fp8_prefill;
-    if (!I.grouped_notice.empty()) n += "; " + I.grouped_notice;
+    std::string n;
+    auto add = [&](const std::string& part) {
+        if (!part.empty()) n += (n.empty() ? "" : "; ") + part;
+    };
+    add(I.graph_notice);
+    add(I.pdl_notice);
+    if (I.opt.dtype != WeightDtype::FP8) {
+        add(I.grouped_notice);
+        return n;
+    }
+    add("FP8 e4m3 weights with 128x128 block scales (decode: FP8 GEMV); " + I.fp8_prefill);
+    add(I.grouped_notice);
     if (I.fp8_lossy > 0)
         n += "; " + std::to_string(I.fp8_lossy) +
              " weight matrices had no exact FP8 form (not from an FP8 checkpoint, or changed since loading) and "
@@ -1289,6 +1383,16 @@ void CudaBackend::set_graphs(bool on) {
     if (on) impl_->graph_notice.clear();
 }
 bool CudaBackend::graphs() const { return impl_->use_graphs; }
+void CudaBackend::set_programmatic_launches(bool on) {
+    Impl& I = *impl_;
+    cudaDeviceProp prop{};
+    const bool can = cudaGetDeviceProperties(&prop, 0) == cudaSuccess && prop.major >= 9;
+    if (I.use_pdl != (on && can)) I.drop_graphs();
+    I.use_pdl = on && can;
+    if (on) I.pdl_notice.clear();
+}
+bool CudaBackend::programmatic_launches() const { return impl_->use_pdl; }
+int64_t CudaBackend::programmatic_edges() const { return impl_->pdl_edges; }
 bool CudaBackend::grouped_experts() const { return impl_->grouped; }
 std::string CudaBackend::grouped_report() const {
     const Impl& I = *impl_;

@@ -84,6 +84,14 @@ public:
     // in the environment turns them off.
     void set_graphs(bool on);
     bool graphs() const;
+    // Programmatic dependent launch inside those graphs (sm_90): a kernel's blocks are scheduled
+    // while its predecessor finishes and wait for it in their first statement. On by default on
+    // sm_90; MOESCOPE_CUDA_PDL=0 turns it off, and so does an error of the graph API or a replay
+    // that differed from its launches (then the graphs are captured again without it; notice()
+    // says why). Changing it drops the captured graphs. programmatic_edges(): made so far.
+    void set_programmatic_launches(bool on);
+    bool programmatic_launches() const;
+    int64_t programmatic_edges() const;
     // Prefill of BF16 and FP8 experts: the grouped GEMM (one launch per layer and matrix, offsets
     // read on the device) once its self-check against the grouped GEMV passed on this device;
     // otherwise (or MOESCOPE_CUDA_GROUPED=0, or F32 experts) the per-expert loop, with the reason

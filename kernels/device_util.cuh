@@ -9,6 +9,19 @@
 
 namespace moescope::cuda {
 
+// The first statement of every kernel (tests/gpu/emu/cu_to_cpp.py refuses a kernel without it).
+// In a decode step's CUDA graph the edges between our kernels are programmatic (programmatic
+// dependent launch, sm_90; see step_graph in cuda_backend.cpp): a kernel's blocks may be
+// scheduled while its predecessor still runs, and wait here until that has completed and its
+// writes are visible. Waiting first, before any read or write or early return, keeps every
+// kernel exactly as ordered as on a plain stream, transitively: no block of a kernel ends
+// before its predecessor has. A no-op without a programmatic dependency and below sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 

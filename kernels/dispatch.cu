@@ -5,9 +5,11 @@
 namespace moescope::cuda {
 namespace {
 
-__global__ void dispatch_kernel(DispatchOut d, const int* ids, int slots, int E) { dispatch_block(d, ids, slots, E); }
+__global__ void dispatch_kernel(DispatchOut d, const int* ids, int slots, int E) {
+    pdl_wait(); dispatch_block(d, ids, slots, E); }
 
 __global__ void gather_kernel(float* xin, const float* x, const int* perm, int R, int k, int D) {
+    pdl_wait();
     int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= int64_t(R) * D) return;
     const int64_t row = i / D, c = i % D;
@@ -16,6 +18,7 @@ __global__ void gather_kernel(float* xin, const float* x, const int* perm, int R
 
 __global__ void combine_kernel(float* h, const float* shared, const float* y, const int* ids, const float* weights,
                                const int* row_of_slot, int k, int D) {
+    pdl_wait();
     const int t = blockIdx.y;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= D) return;

@@ -9,6 +9,7 @@ namespace {
 
 template <class W>
 __global__ void embed_kernel(float* out, const W* table, const int* ids, int D) {
+    pdl_wait();
     const int t = blockIdx.y;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c < D) out[int64_t(t) * D + c] = to_f32(table[int64_t(ids[t]) * D + c]);
@@ -23,6 +24,7 @@ __device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
 
 template <class W>
 __global__ void fill_uniform_kernel(W* data, int64_t n, float scale, uint64_t seed) {
+    pdl_wait();
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
         const float u = float(splitmix64(seed ^ (uint64_t(i) * 0x2545f4914f6cdd1dull)) >> 40) * (1.0f / 16777216.0f);
         const float v = (2.0f * u - 1.0f) * scale;
@@ -34,6 +36,7 @@ __global__ void fill_uniform_kernel(W* data, int64_t n, float scale, uint64_t se
 }
 
 __global__ void fill_constant_kernel(float* data, int64_t n, float value) {
+    pdl_wait();
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
         data[i] = value;
 }

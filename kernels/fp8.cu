@@ -61,6 +61,7 @@ __device__ __forceinline__ void gemv_fp8_lane(float (&a)[kGemvMaxRows], const ui
 template <bool kSwiglu>
 __global__ void gemv_fp8_kernel(float* y, const float* x, const uint8_t* w, const float* scales, Fp8Grid g, int R,
                                 int ld_x, bool acc) {
+    pdl_wait();
     const int64_t n_out = kSwiglu ? g.rows / 2 : g.rows;
     const int64_t o = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (o >= n_out) return;
@@ -83,6 +84,7 @@ __global__ void gemv_fp8_kernel(float* y, const float* x, const uint8_t* w, cons
 template <bool kSwiglu>
 __global__ void grouped_gemv_fp8_kernel(float* y, const float* x, const void* const* weights, const int* expert,
                                         Fp8Grid g, GemvRows rows) {
+    pdl_wait();
     const int lane = threadIdx.x & 31;
     const int64_t n_out = kSwiglu ? g.rows / 2 : g.rows;
     const int64_t o = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -109,6 +111,7 @@ __global__ void grouped_gemv_fp8_kernel(float* y, const float* x, const void* co
 
 // Block (t, b) of 128 threads: row t, columns [128 b, 128 b + 128).
 __global__ void quantize_act_kernel(uint8_t* q, float* scales, const float* x, int T, int T_pad, int K, int ld_x) {
+    pdl_wait();
     const int t = blockIdx.x, b = blockIdx.y, c = b * kFp8Block + threadIdx.x;
     const bool real = t < T && c < K;
     const float v = real ? x[int64_t(t) * ld_x + c] : 0.0f;
@@ -120,6 +123,7 @@ __global__ void quantize_act_kernel(uint8_t* q, float* scales, const float* x, i
 
 __global__ void dequantize_rows_kernel(__nv_bfloat16* out, const uint8_t* w, const float* scales, Fp8Grid g, int64_t r0,
                                        int64_t n) {
+    pdl_wait();
     const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= n * g.cols) return;
     const int64_t r = r0 + i / g.cols, c = i % g.cols;
@@ -127,6 +131,7 @@ __global__ void dequantize_rows_kernel(__nv_bfloat16* out, const uint8_t* w, con
 }
 
 __global__ void scatter_cols_kernel(float* y, int ld_y, int col0, const float* src, int T, int n, bool acc) {
+    pdl_wait();
     const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= int64_t(T) * n) return;
     float* d = y + (i / n) * ld_y + col0 + i % n;
@@ -141,6 +146,7 @@ __device__ __forceinline__ uint64_t mix64(uint64_t x) {
 }
 
 __global__ void fill_fp8_kernel(uint8_t* q, float* scales, Fp8Grid g, float bound, uint64_t seed) {
+    pdl_wait();
     const int64_t n = g.rows * g.cols, ns = g.scale_count();
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n + ns; i += int64_t(gridDim.x) * blockDim.x) {
         if (i < n) {

@@ -57,6 +57,7 @@ __device__ __forceinline__ void gemv_lane(float (&a)[kGemvMaxRows], const W* wr,
 // without its launch or the [R, 2 out] buffer).
 template <class W, bool kSwiglu>
 __global__ void gemv_kernel(float* y, const float* x, const W* w, int R, int out, int in, int ld_x, bool acc) {
+    pdl_wait();
     const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (o >= out) return;
     constexpr int VW = 16 / sizeof(W);
@@ -78,6 +79,7 @@ __global__ void gemv_kernel(float* y, const float* x, const W* w, int R, int out
 template <class W, bool kSwiglu>
 __global__ void grouped_gemv_kernel(float* y, const float* x, const void* const* weights, const int* expert, int out,
                                     int in, GemvRows rows) {
+    pdl_wait();
     const int lane = threadIdx.x & 31;
     const int n_out = kSwiglu ? out / 2 : out;
     const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -102,6 +104,7 @@ __global__ void grouped_gemv_kernel(float* y, const float* x, const void* const*
 }
 
 __global__ void cast_bf16_kernel(__nv_bfloat16* out, const float* x, int T, int n, int ld_x) {
+    pdl_wait();
     int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= int64_t(T) * n) return;
     out[i] = __float2bfloat16_rn(x[(i / n) * ld_x + i % n]);
@@ -399,6 +402,7 @@ constexpr int kGK = 32;          // k step
 constexpr int kGLd = kGK + 8;    // smem row of bf16: a multiple of 8 elements (WMMA), 80 bytes
 
 __global__ void expert_tiles_kernel(int2* map, const int* offsets, int E, int max_tiles) {
+    pdl_wait();
     __shared__ int scan[1024];
     __shared__ int base;
     const int tid = threadIdx.x;
@@ -504,6 +508,7 @@ struct Fp8Tiles {
 template <class Tiles>
 __global__ void __launch_bounds__(128) grouped_gemm_kernel(float* y, const float* x, Tiles wt, const int* offsets,
                                                            const int2* map, int out, int in) {
+    pdl_wait();
     using namespace nvcuda;
     constexpr int kLdC = kGN + 4;  // f32 row of a 64-wide tile: 272 bytes, a multiple of 16
     constexpr int kTileBytes = 3 * kGroupedRows * kGLd * 2, kPartBytes = kGroupedRows * kLdC * 4;
@@ -633,6 +638,7 @@ void grouped_gemm_fp8(float* y, const float* x, const void* const* weights, cons
 
 namespace {
 __global__ void one_group_kernel(const void** table, const void* w, int* offsets, int rows) {
+    pdl_wait();
     table[0] = w;
     offsets[0] = 0;
     offsets[1] = rows;

@@ -14,6 +14,7 @@ namespace {
 __global__ void latent_append_kernel(float* cache_c, float* cache_kpe, const float* kv, const float* w, int start,
                                      int d_c, int d_rope, const float* inv_freq, float mscale, const int* d_start,
                                      float* norms, float* q, int H, int d_nope) {
+    pdl_wait();
     if (d_start) start = *d_start;
     const int t = blockIdx.x, pos = start + t, half = d_rope / 2;
     const float* row = kv + int64_t(t) * (d_c + d_rope);
@@ -68,6 +69,7 @@ struct Fp8Rows {
 template <class W>
 __global__ void absorb_query_kernel(float* q_lat, const float* q, W kvb, int T, int H, int d_nope, int dq, int dkvb,
                                     int d_c) {
+    pdl_wait();
     int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (idx >= int64_t(T) * H * d_c) return;
     const int c = int(idx % d_c);
@@ -103,6 +105,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     attention_kernel(float* partial, const float* q_lat, const float* q, const float* cache_c, const float* cache_kpe,
                      int T, int H, int G, int start, int splits, int d_nope, int d_rope, int d_c, float scale,
                      const int* d_start) {
+    pdl_wait();
     constexpr int kMaxG = 32 / kMaxC;
     if (d_start) start = *d_start;
     extern __shared__ float smem[];
@@ -217,6 +220,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 // Block (t, h): merge the splits' (o, m, l) into the normalized o_lat.
 __global__ void combine_kernel(float* o_lat, const float* partial, int H, int splits, int d_c) {
+    pdl_wait();
     const int64_t row = blockIdx.x;  // t * H + h
     const float* p = partial + row * splits * (d_c + 2);
     float M = -FLT_MAX;
@@ -240,6 +244,7 @@ __global__ void combine_kernel(float* o_lat, const float* partial, int H, int sp
 template <class W>
 __global__ void project_values_kernel(float* o, const float* o_lat, W kvb, int T, int H, int d_nope, int d_v,
                                       int d_c) {
+    pdl_wait();
     const int lane = threadIdx.x & 31;
     const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
     if (wid >= int64_t(T) * H * d_v) return;
@@ -256,6 +261,7 @@ __global__ void project_values_kernel(float* o, const float* o_lat, W kvb, int T
 
 // Block per (h, t) row of scores[H, T, S]: scale, softmax over [0, start + t], zero the rest.
 __global__ void causal_softmax_kernel(float* scores, int T, int S, int start, float scale) {
+    pdl_wait();
     const int64_t row = blockIdx.x;  // h * T + t
     const int t = int(row % T);
     const int n = start + t + 1;

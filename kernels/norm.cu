@@ -7,6 +7,7 @@ namespace {
 
 // One block per row; the f64 sum of squares mirrors engine/model/ops.cpp rmsnorm_forward.
 __global__ void rmsnorm_kernel(float* out, const float* x, const float* w, int n, float eps, int ld_out, int ld_x) {
+    pdl_wait();
     const float* xr = x + int64_t(blockIdx.x) * ld_x;
     float* orow = out + int64_t(blockIdx.x) * ld_out;
     double ss = 0;
@@ -18,11 +19,13 @@ __global__ void rmsnorm_kernel(float* out, const float* x, const float* w, int n
 }
 
 __global__ void add_kernel(float* h, const float* y, int64_t n) {
+    pdl_wait();
     int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i < n) h[i] += y[i];
 }
 
 __global__ void swiglu_kernel(float* out, const float* gu, int R, int I) {
+    pdl_wait();
     int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i >= int64_t(R) * I) return;
     const int64_t r = i / I, c = i % I;

@@ -169,6 +169,7 @@ __device__ void route_token(int64_t t, int* ids_out, float* w_out, float* scores
 __global__ void route_kernel(int* ids_out, float* w_out, float* scores, uint8_t* kept_out, const float* logits,
                              const float* bias, const uint8_t* disabled, const uint8_t* drop_top, int T,
                              RouterParams p) {
+    pdl_wait();
     const int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
     if (t < T)  // whole warps: every shuffle has all 32 lanes
         route_token(t, ids_out, w_out, scores, kept_out, logits, bias, disabled, drop_top, p);
@@ -178,6 +179,7 @@ __global__ void route_kernel(int* ids_out, float* w_out, float* scores, uint8_t*
 __global__ void route_dispatch_kernel(int* ids_out, float* w_out, float* scores, uint8_t* kept_out,
                                       const float* logits, const float* bias, const uint8_t* disabled,
                                       const uint8_t* drop_top, int T, RouterParams p, DispatchOut d) {
+    pdl_wait();
     const int t = threadIdx.x >> 5;
     if (t < T) route_token(t, ids_out, w_out, scores, kept_out, logits, bias, disabled, drop_top, p);
     __syncthreads();  // the ids are written (global memory: visible to the block after the barrier)

@@ -34,6 +34,7 @@ __device__ float block_mass_ge(const float* lg, int V, uint32_t K, uint32_t Kk, 
 }
 
 __global__ void sample_kernel(int* ids, const float* logits, const float* u, int V, SampleParams p) {
+    pdl_wait();
     __shared__ float seg_mass[kThreads];
     __shared__ float best_v[kThreads];
     __shared__ int best_i[kThreads];
@@ -140,6 +141,7 @@ __global__ void sample_kernel(int* ids, const float* logits, const float* u, int
 // lp[r] = logits[r, ids[r]] - logsumexp(logits[r, :]): the chosen token's log-probability
 // under the unfiltered softmax (the surprisal telemetry reports).
 __global__ void logprob_kernel(float* lp, const float* logits, const int* ids, int V) {
+    pdl_wait();
     const float* lg = logits + int64_t(blockIdx.x) * V;
     float m = -FLT_MAX;
     for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, lg[i]);

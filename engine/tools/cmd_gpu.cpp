@@ -53,6 +53,12 @@ int cmd_gpu_bench(const std::vector<std::string>& argv) {
               << r.value("decode_path", "") << "), " << r.value("decode_bandwidth_GBps", 0.0) << " GB/s = "
               << 100.0 * r.value("decode_fraction_of_copy_bandwidth", 0.0) << "% of copy bandwidth\n"
               << "decode (launched) " << r.value("decode_tokens_per_s_launches", 0.0) << " tokens/s\n"
+              << "programmatic      "
+              << (r.value("programmatic_launches", false)
+                      ? "on (" + std::to_string(r.value("programmatic_edges", 0)) + " edges); graphs without it " +
+                            std::to_string(r.value("decode_tokens_per_s_cuda_graph_without_pdl", 0.0)) + " tokens/s"
+                      : std::string("off"))
+              << "\n"
               << "telemetry         " << r.value("telemetry_overhead_percent", 0.0) << "% of decode time\n";
     if (r.contains("cuda_graph_error")) std::cout << "cuda graphs       " << r["cuda_graph_error"].get<std::string>() << "\n";
     if (r.contains("mtp"))

@@ -111,8 +111,10 @@ r = json.load(open(sys.argv[1]))
 m = r.get("mtp", {})
 loop = r.get("prefill_tokens_per_s_per_expert_loop")
 experts = "%s%s" % (r.get("prefill_experts", "?"), "; per-expert loop %.0f" % loop if loop else "")
-print("prefill %.0f tok/s (%s), decode %.1f tok/s (%s; launched %.1f), %.0f GB/s = %.0f%% of copy bw %.0f GB/s, telemetry %+.1f%%, MTP x%.2f (projected)" % (
-    r["prefill_tokens_per_s"], experts, r["decode_tokens_per_s"], r.get("decode_path", "?"), r.get("decode_tokens_per_s_launches", 0),
+pdl = "PDL on, %d edges; graphs without PDL %.1f" % (r.get("programmatic_edges", 0), r.get("decode_tokens_per_s_cuda_graph_without_pdl", 0)) \
+    if r.get("programmatic_launches") else "PDL off%s" % (": " + r["programmatic_launches_error"] if "programmatic_launches_error" in r else "")
+print("prefill %.0f tok/s (%s), decode %.1f tok/s (%s, %s; launched %.1f), %.0f GB/s = %.0f%% of copy bw %.0f GB/s, telemetry %+.1f%%, MTP x%.2f (projected)" % (
+    r["prefill_tokens_per_s"], experts, r["decode_tokens_per_s"], r.get("decode_path", "?"), pdl, r.get("decode_tokens_per_s_launches", 0),
     r["decode_bandwidth_GBps"], 100 * r["decode_fraction_of_copy_bandwidth"], r["copy_bandwidth_GBps"],
     r["telemetry_overhead_percent"], m.get("projected_speedup", 0)))
 EOF

@@ -1453,6 +1453,21 @@ void check_fixture() {
         close("tiny-v3 f32 3-token absorbed step, CUDA graph vs launches", "", gr4.logits, nr4.logits, 1e-5, 1e-5);
         expect(gpu.notice().find("CUDA graphs off") == std::string::npos,
                "every CUDA graph agreed with its launches on its first replay", gpu.notice());
+        // Programmatic dependent launch (sm_90): the graphs above had programmatic edges and kept
+        // them (a replay that differed would have turned them off); without them, the same numbers.
+        cudaDeviceProp prop{};
+        CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+        if (prop.major >= 9) {
+            expect(gpu.programmatic_launches() && gpu.programmatic_edges() > 0,
+                   "decode graphs with programmatic edges (" + std::to_string(gpu.programmatic_edges()) + ")",
+                   gpu.notice());
+            gpu.set_graphs(true);
+            gpu.set_programmatic_launches(false);
+            Run pr = run_prompt(gpu, toks, ForwardOptions{}, true);
+            gpu.set_programmatic_launches(true);
+            compare_runs("tiny-v3 f32 CUDA-graph decode without programmatic launches", pr, gr, 0, true);
+            gpu.set_graphs(false);
+        }
     }
     // The bias: set on both, routing follows; reset restores the checkpoint's.
     const int l = model->config().first_k_dense_replace;

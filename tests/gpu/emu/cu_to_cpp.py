@@ -66,7 +66,33 @@ def rewrite_launches(src):
         i = e + 1
 
 
+def check_pdl_wait(src):
+    """Every kernel's body must begin with pdl_wait(); (kernels/device_util.cuh): the decode
+    graphs' programmatic edges are only safe when no kernel reads, writes or ends before its
+    predecessor has completed."""
+    for m in re.finditer(r'__global__', src):
+        depth, seen, j = 0, False, m.end()
+        while True:
+            c = src[j]
+            if c == '(':
+                depth, seen = depth + 1, True
+            elif c == ')':
+                depth -= 1
+            elif c == ';' and depth == 0:
+                j = None  # a declaration
+                break
+            elif c == '{' and seen and depth == 0:
+                break
+            j += 1
+        if j is None:
+            continue
+        if not src[j + 1:].lstrip().startswith('pdl_wait();'):
+            line = src.count('\n', 0, m.start()) + 1
+            sys.exit('%s:%d: a kernel whose first statement is not pdl_wait();' % (sys.argv[1], line))
+
+
 def convert(src):
+    check_pdl_wait(src)
     src = rewrite_launches(src)
     src = re.sub(r'cudaFuncSetAttribute\(\s*([\w:]+)(?:<[^;]*?>)?\s*,\s*cudaFuncAttributeMaxDynamicSharedMemorySize\s*,',
                  r'::emu::set_max_dynamic_smem("\1",', src)

@@ -17,8 +17,15 @@
 namespace emu {
 int last_error = 0;
 }
+// A captured graph: its operations in stream order, each depending on the one before (one
+// stream). For the node API: each operation's kernel name (empty: a copy or a library call)
+// and the type of its incoming edge (cudaGraphDependencyType; kNoEdge once removed).
 struct EmuGraph {
+    static constexpr unsigned char kNoEdge = 255;
     std::vector<std::function<void()>> ops;
+    std::vector<std::string> kernels;
+    std::vector<unsigned char> edge;
+    std::vector<EmuGraphNode> nodes;  // handles, made by cudaGraphGetNodes
 };
 struct EmuEvent {
     int unused;
@@ -39,8 +46,12 @@ void flush() {
     queue.clear();
     for (auto& f : q) f();
 }
-void submit(void* stream, std::function<void()> f) {
-    if (capture) return capture->push_back(std::move(f));
+void submit(void* stream, std::function<void()> f, const char* kernel = nullptr) {
+    if (capture) {
+        building->kernels.push_back(kernel ? std::string("moescope::cuda::") + kernel : std::string());
+        building->edge.push_back(0);
+        return capture->push_back(std::move(f));
+    }
     if (async_streams && stream) return queue.push_back(std::move(f));
     f();
 }
@@ -81,7 +92,7 @@ void launch_on(void* stream, const char* name, dim3 g, dim3 b, size_t smem, cons
         capture = nullptr;
         launch(name, g, b, smem, copy);
         capture = c;
-    });
+    }, name);
 }
 }  // namespace emu
 
@@ -193,7 +204,86 @@ cudaError_t cudaStreamBeginCapture(cudaStream_t, cudaStreamCaptureMode) {
     return 0;
 }
 cudaError_t cudaStreamEndCapture(cudaStream_t, cudaGraph_t* g) { *g = building; building = nullptr; capture = nullptr; return 0; }
-cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long) { *e = new EmuGraph(*g); return 0; }
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned long long) {
+    // The operations run in order (the emulator has one device queue): an operation whose edge
+    // was removed and not added back would run unordered on a device.
+    for (size_t i = 1; i < g->edge.size(); ++i)
+        if (g->edge[i] == EmuGraph::kNoEdge) {
+            emu::report(true, "cudaGraphInstantiate: operation " + std::to_string(i) + " lost its dependency");
+            return cudaErrorInvalidValue;
+        }
+    *e = new EmuGraph(*g);
+    return 0;
+}
+// The node API on a captured graph (a chain): node i depends on node i - 1.
+cudaError_t cudaGraphGetNodes(cudaGraph_t g, cudaGraphNode_t* nodes, size_t* n) {
+    if (g->nodes.size() != g->ops.size()) {
+        g->nodes.clear();
+        for (size_t i = 0; i < g->ops.size(); ++i) g->nodes.push_back({g, i});
+    }
+    if (nodes)
+        for (size_t i = 0; i < std::min(*n, g->nodes.size()); ++i) nodes[i] = &g->nodes[i];
+    *n = g->nodes.size();
+    return 0;
+}
+cudaError_t cudaGraphNodeGetType(cudaGraphNode_t node, cudaGraphNodeType* t) {
+    *t = node->g->kernels[node->i].empty() ? cudaGraphNodeTypeMemcpy : cudaGraphNodeTypeKernel;
+    return 0;
+}
+cudaError_t cudaGraphKernelNodeGetParams(cudaGraphNode_t node, cudaKernelNodeParams* p) {
+    if (node->g->kernels[node->i].empty()) return cudaErrorInvalidValue;
+    *p = cudaKernelNodeParams{};
+    p->func = const_cast<char*>(node->g->kernels[node->i].c_str());  // cudaFuncGetName reads it back
+    return 0;
+}
+cudaError_t cudaFuncGetName(const char** name, const void* func) {
+    *name = static_cast<const char*>(func);
+    return 0;
+}
+cudaError_t cudaGraphNodeGetDependencies(cudaGraphNode_t node, cudaGraphNode_t* deps, cudaGraphEdgeData* edges,
+                                         size_t* n) {
+    const bool has = node->i > 0 && node->g->edge[node->i] != EmuGraph::kNoEdge;
+    if (deps && has && *n >= 1) {
+        deps[0] = &node->g->nodes[node->i - 1];
+        if (edges) {
+            edges[0] = cudaGraphEdgeData{};
+            edges[0].type = node->g->edge[node->i];
+        }
+    }
+    *n = has ? 1 : 0;
+    return 0;
+}
+namespace {
+// The edges of a chain only: from must be the node before `to`.
+bool chain_edge(cudaGraph_t g, cudaGraphNode_t from, cudaGraphNode_t to) {
+    return from->g == g && to->g == g && to->i > 0 && from->i + 1 == to->i;
+}
+}  // namespace
+cudaError_t cudaGraphRemoveDependencies(cudaGraph_t g, const cudaGraphNode_t* from, const cudaGraphNode_t* to,
+                                        const cudaGraphEdgeData* edges, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+        if (!chain_edge(g, from[i], to[i]) || g->edge[to[i]->i] != (edges ? edges[i].type : 0))
+            return cudaErrorInvalidValue;
+        g->edge[to[i]->i] = EmuGraph::kNoEdge;
+    }
+    return 0;
+}
+// As on a device: a programmatic edge joins two kernel nodes and leaves from the programmatic
+// or the launch-completion port.
+cudaError_t cudaGraphAddDependencies(cudaGraph_t g, const cudaGraphNode_t* from, const cudaGraphNode_t* to,
+                                     const cudaGraphEdgeData* edges, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+        if (!chain_edge(g, from[i], to[i]) || g->edge[to[i]->i] != EmuGraph::kNoEdge) return cudaErrorInvalidValue;
+        const unsigned char type = edges ? edges[i].type : 0;
+        if (type == cudaGraphDependencyTypeProgrammatic &&
+            (g->kernels[from[i]->i].empty() || g->kernels[to[i]->i].empty() ||
+             (edges[i].from_port != cudaGraphKernelNodePortProgrammatic &&
+              edges[i].from_port != cudaGraphKernelNodePortLaunchCompletion)))
+            return cudaErrorInvalidValue;
+        g->edge[to[i]->i] = type;
+    }
+    return 0;
+}
 cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t st) { no_capture("cudaGraphLaunch"); for (auto& f : e->ops) submit(st, f); return 0; }
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) { delete e; return 0; }
 cudaError_t cudaGraphDestroy(cudaGraph_t g) { delete g; return 0; }

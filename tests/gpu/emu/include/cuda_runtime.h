@@ -4,11 +4,24 @@
 #include "emu.h"
 struct cudaDeviceProp { char name[256]; int major, minor; int multiProcessorCount; size_t totalGlobalMem; int sharedMemPerBlock; };
 enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
-constexpr int cudaErrorInsufficientDriver = 35, cudaErrorNoDevice = 100, cudaErrorMemoryAllocation = 2, cudaErrorIllegalState = 401;
+constexpr int cudaErrorInsufficientDriver = 35, cudaErrorNoDevice = 100, cudaErrorMemoryAllocation = 2, cudaErrorIllegalState = 401,
+              cudaErrorInvalidValue = 1;
 constexpr unsigned cudaStreamNonBlocking = 1;
 enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed };
 typedef struct EmuGraph* cudaGraph_t;
 typedef struct EmuGraph* cudaGraphExec_t;
+struct EmuGraphNode {
+    struct EmuGraph* g;
+    size_t i;
+};
+typedef EmuGraphNode* cudaGraphNode_t;
+enum cudaGraphNodeType { cudaGraphNodeTypeKernel = 0, cudaGraphNodeTypeMemcpy = 1 };
+struct cudaKernelNodeParams { void* func; unsigned sharedMemBytes; void** kernelParams; void** extra; };  // (no grid and block: emu.h names them)
+struct cudaGraphEdgeData { unsigned char from_port, to_port, type, reserved[5]; };
+enum cudaGraphDependencyType { cudaGraphDependencyTypeDefault = 0, cudaGraphDependencyTypeProgrammatic = 1 };
+#define cudaGraphKernelNodePortDefault 0
+#define cudaGraphKernelNodePortProgrammatic 1
+#define cudaGraphKernelNodePortLaunchCompletion 2
 typedef struct EmuEvent* cudaEvent_t;
 cudaError_t cudaMalloc(void** p, size_t n);
 template <class T> cudaError_t cudaMalloc(T** p, size_t n) { return cudaMalloc(reinterpret_cast<void**>(p), n); }
@@ -35,6 +48,15 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned lon
 cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t s);
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e);
 cudaError_t cudaGraphDestroy(cudaGraph_t g);
+cudaError_t cudaGraphGetNodes(cudaGraph_t g, cudaGraphNode_t* nodes, size_t* n);
+cudaError_t cudaGraphNodeGetType(cudaGraphNode_t node, cudaGraphNodeType* t);
+cudaError_t cudaGraphKernelNodeGetParams(cudaGraphNode_t node, cudaKernelNodeParams* p);
+cudaError_t cudaFuncGetName(const char** name, const void* func);
+cudaError_t cudaGraphNodeGetDependencies(cudaGraphNode_t node, cudaGraphNode_t* deps, cudaGraphEdgeData* edges, size_t* n);
+cudaError_t cudaGraphRemoveDependencies(cudaGraph_t g, const cudaGraphNode_t* from, const cudaGraphNode_t* to,
+                                        const cudaGraphEdgeData* edges, size_t n);
+cudaError_t cudaGraphAddDependencies(cudaGraph_t g, const cudaGraphNode_t* from, const cudaGraphNode_t* to,
+                                     const cudaGraphEdgeData* edges, size_t n);
 cudaError_t cudaEventCreate(cudaEvent_t* e);
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = nullptr);
 cudaError_t cudaEventSynchronize(cudaEvent_t e);
