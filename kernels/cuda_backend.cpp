@@ -1512,8 +1512,9 @@ std::vector<uint8_t> CudaBackend::disabled_experts(int layer) const {
 void CudaBackend::set_disabled_experts(int layer, const std::vector<uint8_t>& disabled) {
     Impl& I = *impl_;
     check_moe_layer(I.cfg, layer);
-    check_disabled_experts(RouterDims(I.cfg), disabled, layer, I.drop_top_host[size_t(layer)]);
     std::vector<uint8_t> off = disabled;
+    if (off.empty()) off.assign(size_t(I.cfg.n_routed_experts), 0);  // none off (Model's contract)
+    check_disabled_experts(RouterDims(I.cfg), off, layer, I.drop_top_host[size_t(layer)]);
     if (std::count(off.begin(), off.end(), uint8_t(0)) == std::ptrdiff_t(off.size())) off.clear();
     I.disabled_host[size_t(layer)] = std::move(off);
     I.upload_ablation(layer);

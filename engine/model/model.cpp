@@ -34,6 +34,7 @@ Model::Model(ModelConfig cfg, Weights w)
 
 void Model::set_disabled_experts(int layer, std::vector<uint8_t> disabled) {
     check_moe_layer(cfg_, layer);
+    if (disabled.empty()) disabled.assign(size_t(router_.E), 0);  // none off, as disabled_experts() says it
     check_disabled_experts(router_, disabled, layer, drop_top_[size_t(layer)]);
     if (std::count(disabled.begin(), disabled.end(), uint8_t(0)) == std::ptrdiff_t(disabled.size())) disabled.clear();
     disabled_[size_t(layer)] = std::move(disabled);

@@ -71,8 +71,9 @@ public:
 
     // Experts switched off for an ablation ([E], 1 = disabled; empty: none), per MoE layer
     // (MTP module k: num_hidden_layers + k - 1). Like the bias, a change applies to the
-    // positions computed after it. set_ throws (check_disabled_experts) for a mask that would
-    // leave a token fewer than k experts, or for a layer that does not route.
+    // positions computed after it. set_ takes an empty mask as none off (what the getter
+    // returns then), and throws (check_disabled_experts) for a mask that would leave a token
+    // fewer than k experts, or for a layer that does not route.
     const std::vector<uint8_t>& disabled_experts(int layer) const { return disabled_[size_t(layer)]; }
     void set_disabled_experts(int layer, std::vector<uint8_t> disabled);
     // How many of each token's highest-ranked experts are switched off for it (route()'s

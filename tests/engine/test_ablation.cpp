@@ -384,6 +384,15 @@ private slots:
         QVERIFY_THROWS_EXCEPTION(Error, s.set_disabled_experts(1, {16}));  // no such expert
         QVERIFY_THROWS_EXCEPTION(Error, s.set_disabled_experts(1, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}));
         QVERIFY(backend->disabled_experts(1).empty());  // a refused mask changes nothing
+        // What the getter returns can be set back: a mask, and the empty "none off".
+        backend->set_disabled_experts(1, expert_mask({3}, backend->config().n_routed_experts, 1));
+        const std::vector<uint8_t> one_off = backend->disabled_experts(1);
+        backend->set_disabled_experts(1, one_off);
+        QCOMPARE(backend->disabled_experts(1), one_off);
+        backend->set_disabled_experts(1, {});
+        QVERIFY(backend->disabled_experts(1).empty());
+        Session plain(backend, nullptr, 128);  // sets no mask: the backend's empty one is in force
+        QCOMPARE(plain.generate(prompt, p).tokens, base.tokens);
     }
 
     // A Session with each token's top expert dropped in every MoE layer: recorded, and in the
