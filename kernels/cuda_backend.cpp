@@ -681,30 +681,41 @@ struct CudaBackend::Impl {
             cudaGraphExecDestroy(graphs.front().exec);
             graphs.erase(graphs.begin());
         }
-        cudaGraph_t graph = nullptr;
-        check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
-        dyn_start = d_start;
-        try {
-            enqueue();
-        } catch (...) {
-            dyn_start = nullptr;
-            cudaStreamEndCapture(stream, &graph);
-            if (graph) cudaGraphDestroy(graph);
-            cudaGetLastError();
-            throw;
-        }
-        dyn_start = nullptr;
-        check(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
-        try {
-            if (use_pdl) make_programmatic(graph);
-        } catch (...) {
-            cudaGraphDestroy(graph);
-            throw;
-        }
         cudaGraphExec_t exec = nullptr;
-        const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
-        cudaGraphDestroy(graph);
-        check(e, "cudaGraphInstantiate");
+        for (;;) {
+            cudaGraph_t graph = nullptr;
+            check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+            dyn_start = d_start;
+            try {
+                enqueue();
+            } catch (...) {
+                dyn_start = nullptr;
+                cudaStreamEndCapture(stream, &graph);
+                if (graph) cudaGraphDestroy(graph);
+                cudaGetLastError();
+                throw;
+            }
+            dyn_start = nullptr;
+            check(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
+            const int64_t edges_before = pdl_edges;
+            try {
+                if (use_pdl) make_programmatic(graph);
+            } catch (...) {
+                cudaGraphDestroy(graph);
+                throw;
+            }
+            const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+            cudaGraphDestroy(graph);
+            if (e != cudaSuccess && pdl_edges > edges_before) {  // refused with programmatic edges: capture again
+                cudaGetLastError();
+                use_pdl = false;
+                pdl_edges = edges_before;
+                pdl_notice = std::string("programmatic launches off: cudaGraphInstantiate: ") + cudaGetErrorString(e);
+                continue;
+            }
+            check(e, "cudaGraphInstantiate");
+            break;
+        }
         graphs.push_back({cache.c_[0], cache.kpe_[0], int(cache.c_.size()), cache.cap_, first, n, head_rows, telemetry,
                           o.want_scores, host_logits, exec, false});
         return graphs.back();

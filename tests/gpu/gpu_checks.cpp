@@ -1328,6 +1328,17 @@ std::vector<int> greedy(Backend& be, const std::vector<int>& prompt, int n, bool
     return out;
 }
 
+// After graph replays on sm_90: programmatic edges in use, or turned off by a refusal of the graph
+// API (a driver without them: a notice, not a failure); never because a replay differed from its
+// launches (a kernel that reads before pdl_wait).
+void expect_programmatic(const CudaBackend& gpu, const std::string& what) {
+    const std::string nt = gpu.notice();
+    expect(nt.find("differed") == std::string::npos, what + ": no replay differed from its launches", nt);
+    const bool refused = nt.find("programmatic launches off: cuda") != std::string::npos;
+    expect(refused || (gpu.programmatic_launches() && gpu.programmatic_edges() > 0),
+           what + ": programmatic edges (" + std::to_string(gpu.programmatic_edges()) + ")", nt);
+}
+
 void check_fixture() {
     auto [model, ex, toks] = tiny_v3();
     auto cpu = make_cpu_backend(model);
@@ -1458,9 +1469,7 @@ void check_fixture() {
         cudaDeviceProp prop{};
         CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
         if (prop.major >= 9) {
-            expect(gpu.programmatic_launches() && gpu.programmatic_edges() > 0,
-                   "decode graphs with programmatic edges (" + std::to_string(gpu.programmatic_edges()) + ")",
-                   gpu.notice());
+            expect_programmatic(gpu, "tiny-v3 f32 decode graphs");
             gpu.set_graphs(true);
             gpu.set_programmatic_launches(false);
             Run pr = run_prompt(gpu, toks, ForwardOptions{}, true);
@@ -1715,6 +1724,49 @@ void check_session() {
 // buffer (H * max(64, chunk) rows), shrinks with the capacity. Steps of 2-4 tokens replayed from
 // graphs (main stack and MTP module) against the CPU backend, every output of each step. A graph
 // that gave each of 4 rows 64 splits wrote 4x that buffer, over d_start and the telemetry block.
+// Decode replayed from CUDA graphs with programmatic edges against the same steps launched one
+// by one. Under the emulator with EMU_REFUSE_PROGRAMMATIC=1 (a driver that refuses
+// programmatic edges when a graph is instantiated): the graphs are captured again without them,
+// stay on, and say why. With EMU_PDL_NO_WAIT=1 (the last kernel behind a programmatic edge of a
+// replay keeps its old output, as one that did not wait could): the first replay differs from
+// its launches, the programmatic edges go, the graphs stay, and the results are the launches'.
+void check_graph_pdl() {
+    auto [model, ex, toks] = tiny_v3();
+    CudaBackend gpu(model, 64, f32_weights());
+    const bool refuse = std::getenv("EMU_REFUSE_PROGRAMMATIC") != nullptr,
+               no_wait = std::getenv("EMU_PDL_NO_WAIT") != nullptr;
+    auto decode = [&](bool graphs) {
+        gpu.set_graphs(graphs);
+        auto cache = gpu.new_cache(0, 64);
+        ForwardOptions o;
+        Run r;
+        gpu.forward(toks.data(), 4, *cache, o, r.main);
+        for (int t = 4; t < 12; ++t) gpu.forward(toks.data() + t, 1, *cache, o, r.main);
+        return r;
+    };
+    const Run g = decode(true);
+    const std::string nt = gpu.notice();
+    const bool pdl = gpu.programmatic_launches();
+    const Run l = decode(false);
+    // (Launched outside a graph, the attention splits follow the sequence: other sums.)
+    compare_runs("decode steps from CUDA graphs vs launched", g, l, 1e-5, true);
+    cudaDeviceProp prop{};
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    if (no_wait) {
+        expect(!pdl && nt.find("programmatic launches off: the replay") != std::string::npos &&
+                   nt.find("CUDA graphs off") == std::string::npos,
+               "a replay that differed: graphs captured again without programmatic edges", nt);
+    } else if (refuse) {
+        expect(!pdl && nt.find("programmatic launches off: cudaGraphInstantiate") != std::string::npos &&
+                   nt.find("CUDA graphs off") == std::string::npos,
+               "instantiation refused with programmatic edges: graphs captured again without them", nt);
+    } else if (prop.major >= 9) {
+        expect_programmatic(gpu, "decode graphs");
+    } else {
+        expect(!pdl && gpu.programmatic_edges() == 0, "no programmatic launches below sm_90");
+    }
+}
+
 void check_graph_small_capacity() {
     auto [model, ex, toks] = tiny_v3();
     auto cpu = make_cpu_backend(model);
@@ -2012,6 +2064,7 @@ int main(int argc, char** argv) {
         {"fp8-checkpoint", [] { check_checkpoint(SaveFormat::FP8, "fp8"); }},
         {"session", check_session},
         {"graph-small-capacity", check_graph_small_capacity},
+        {"graph-pdl", check_graph_pdl},
         {"chunked-forward", check_chunked_forward},
         {"selection-and-refusal", check_selection_and_refusal},
     };

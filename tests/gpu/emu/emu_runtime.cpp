@@ -212,6 +212,10 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t* e, cudaGraph_t g, unsigned lon
             emu::report(true, "cudaGraphInstantiate: operation " + std::to_string(i) + " lost its dependency");
             return cudaErrorInvalidValue;
         }
+    // EMU_REFUSE_PROGRAMMATIC=1: a driver that refuses programmatic edges (the backend's fallback).
+    if (std::getenv("EMU_REFUSE_PROGRAMMATIC") &&
+        std::count(g->edge.begin(), g->edge.end(), cudaGraphDependencyTypeProgrammatic) > 0)
+        return emu::last_error = cudaErrorNotSupported;
     *e = new EmuGraph(*g);
     return 0;
 }
@@ -284,7 +288,21 @@ cudaError_t cudaGraphAddDependencies(cudaGraph_t g, const cudaGraphNode_t* from,
     }
     return 0;
 }
-cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t st) { no_capture("cudaGraphLaunch"); for (auto& f : e->ops) submit(st, f); return 0; }
+// EMU_PDL_NO_WAIT=1: the last kernel behind a programmatic edge leaves its output as it was, as
+// one that read its inputs before its predecessor wrote them (no pdl_wait) could on a device; the
+// backend must notice the replay differ from its launches and capture its graphs again without
+// programmatic edges. (Running such kernels before their predecessors would be closer, but reads
+// indices nobody wrote yet: the emulator would fault where a device reports an illegal address.)
+cudaError_t cudaGraphLaunch(cudaGraphExec_t e, cudaStream_t st) {
+    no_capture("cudaGraphLaunch");
+    size_t lost = e->ops.size();
+    if (std::getenv("EMU_PDL_NO_WAIT"))
+        for (size_t i = 0; i < e->ops.size(); ++i)
+            if (e->edge[i] == cudaGraphDependencyTypeProgrammatic) lost = i;
+    for (size_t i = 0; i < e->ops.size(); ++i)
+        if (i != lost) submit(st, e->ops[i]);
+    return 0;
+}
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t e) { delete e; return 0; }
 cudaError_t cudaGraphDestroy(cudaGraph_t g) { delete g; return 0; }
 cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = new EmuEvent{0}; return 0; }

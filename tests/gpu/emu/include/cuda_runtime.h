@@ -5,7 +5,7 @@
 struct cudaDeviceProp { char name[256]; int major, minor; int multiProcessorCount; size_t totalGlobalMem; int sharedMemPerBlock; };
 enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
 constexpr int cudaErrorInsufficientDriver = 35, cudaErrorNoDevice = 100, cudaErrorMemoryAllocation = 2, cudaErrorIllegalState = 401,
-              cudaErrorInvalidValue = 1;
+              cudaErrorInvalidValue = 1, cudaErrorNotSupported = 801;
 constexpr unsigned cudaStreamNonBlocking = 1;
 enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed };
 typedef struct EmuGraph* cudaGraph_t;
