@@ -113,7 +113,7 @@ void TelemetryStore::clear() {
     m_timing.clear();
     m_train.clear();
     m_eval.clear();
-    m_evaluation.reset();
+    m_evaluations.clear();
     m_generations.clear();
     m_loadStepId = -1;
     m_selected = -1;
@@ -248,7 +248,7 @@ void TelemetryStore::ingest(const Record& rec) {
             } else if constexpr (std::is_same_v<T, EvalRecord>) {
                 m_eval.push_back(r);
             } else if constexpr (std::is_same_v<T, EvaluationRecord>) {
-                m_evaluation = r;
+                m_evaluations.push_back(r);
             }
         },
         rec);

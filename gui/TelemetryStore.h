@@ -107,8 +107,12 @@ public:
     const std::vector<moescope::TimingRecord>& timing() const { return m_timing; }
     const std::vector<moescope::TrainRecord>& train() const { return m_train; }
     const std::vector<moescope::EvalRecord>& evals() const { return m_eval; }
-    // The latest held-out evaluation (the Evaluate view's), nullptr before the first.
-    const moescope::EvaluationRecord* evaluation() const { return m_evaluation ? &*m_evaluation : nullptr; }
+    // The held-out evaluations (the Evaluate view's, or a replayed trace's: the CLI writes one
+    // per ablation run), oldest first; evaluation(): the latest, nullptr before the first.
+    const std::vector<moescope::EvaluationRecord>& evaluations() const { return m_evaluations; }
+    const moescope::EvaluationRecord* evaluation() const {
+        return m_evaluations.empty() ? nullptr : &m_evaluations.back();
+    }
     const std::vector<GenerationSummary>& generations() const { return m_generations; }
     qint64 recordCount() const { return qint64(m_all.size()); }
 
@@ -139,7 +143,7 @@ private:
     std::vector<moescope::TimingRecord> m_timing;
     std::vector<moescope::TrainRecord> m_train;
     std::vector<moescope::EvalRecord> m_eval;
-    std::optional<moescope::EvaluationRecord> m_evaluation;
+    std::vector<moescope::EvaluationRecord> m_evaluations;
     std::vector<GenerationSummary> m_generations;
     int64_t m_loadStepId = -1;
     int m_selected = -1;

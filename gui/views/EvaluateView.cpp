@@ -8,6 +8,7 @@
 #include <QLabel>
 #include <QLineEdit>
 #include <QPushButton>
+#include <QSignalBlocker>
 #include <QSpinBox>
 #include <QTextStream>
 #include <QToolButton>
@@ -62,10 +63,19 @@ EvaluateView::EvaluateView(TelemetryStore* store, QWidget* parent)
     connect(m_sweep, &QComboBox::currentIndexChanged, this, [this] {
         m_expertLayer->setVisible(EvalSweep(m_sweep->currentData().toInt()) == EvalSweep::PerExpert);
     });
+    m_history = new QComboBox;
+    m_history->setObjectName(QStringLiteral("evalHistory"));
+    m_history->setToolTip(tr("The evaluations of this session, or of the replayed trace (the command line writes one "
+                             "per ablation run): choose one to show it"));
+    m_history->setSizeAdjustPolicy(QComboBox::AdjustToMinimumContentsLengthWithIcon);
+    m_history->setMinimumContentsLength(16);
+    m_history->setVisible(false);
+    connect(m_history, &QComboBox::currentIndexChanged, this, &EvaluateView::showHistory);
     m_run = new QPushButton(tr("Run"));
     m_run->setObjectName(QStringLiteral("evalRun"));
     m_run->setToolTip(tr("Score the text now (the conversation is kept)"));
     controls()->addWidget(m_run);
+    controls()->addWidget(m_history, 1);
     m_info = addInfoLabel();
 
     m_pplPlot = addPlot(0, 0);
@@ -235,8 +245,58 @@ QStringList EvaluateView::tokenBarLabels() const {
     return out;
 }
 
+QString evaluationLabel(const EvaluationRecord& e, int n) {
+    QString s = e.step > 0 ? EvaluateView::tr("#%1, step %2: ").arg(n).arg(e.step) : QStringLiteral("#%1: ").arg(n);
+    const double base = std::exp(e.baseline.cross_entropy);
+    if (e.ablated)
+        s += EvaluateView::tr("%1 off: perplexity %2 \u2192 %3")
+                 .arg(QString::fromStdString(e.ablation))
+                 .arg(base, 0, 'f', 2)
+                 .arg(std::exp(e.with_ablation.cross_entropy), 0, 'f', 2);
+    else
+        s += EvaluateView::tr("every expert on: perplexity %1").arg(base, 0, 'f', 2);
+    if (!e.sweep_experts.empty())
+        s += EvaluateView::tr(", each expert of layer %1 off").arg(e.sweep_expert_layer);
+    else if (!e.sweep_layers.empty())
+        s += EvaluateView::tr(", top expert off by layer");
+    else if (!e.sweep.empty())
+        s += EvaluateView::tr(", top 0..%1 off").arg(e.sweep.size() - 1);
+    return s;
+}
+
+QStringList EvaluateView::historyLabels() const {
+    QStringList out;
+    for (int i = 0; i < m_history->count(); ++i) out << m_history->itemText(i);
+    return out;
+}
+
+void EvaluateView::showHistory(int index) {
+    const auto& evals = m_store->evaluations();
+    if (index < 0 || index >= int(evals.size())) return;
+    if (m_history->currentIndex() != index) {
+        const QSignalBlocker block(m_history);
+        m_history->setCurrentIndex(index);
+    }
+    setTextPath(QString::fromStdString(evals[size_t(index)].corpus));
+    setReport(evaluationReport(evals[size_t(index)]));
+}
+
+// One entry per evaluation of the store; a new one (an evaluation finished, a trace replayed) is
+// chosen, as the view shows it.
+void EvaluateView::syncHistory() {
+    const auto& evals = m_store->evaluations();
+    if (m_history->count() != int(evals.size())) {
+        const QSignalBlocker block(m_history);
+        m_history->clear();
+        for (size_t i = 0; i < evals.size(); ++i) m_history->addItem(evaluationLabel(evals[i], int(i) + 1));
+        m_history->setCurrentIndex(m_history->count() - 1);
+    }
+    m_history->setVisible(evals.size() > 1);
+}
+
 void EvaluateView::refresh() {
     rebuildExpertLayers();
+    syncHistory();
     m_baseBars->data()->clear();
     m_ablBars->data()->clear();
     m_tokenBars->data()->clear();

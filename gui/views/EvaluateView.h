@@ -46,6 +46,10 @@ public:
     QStringList tokenBarLabels() const;      // the hurt tokens, most hurt first
     int sweepPoints() const;                 // points of the next-token curve of the sweep
     QString infoText() const;
+    // The store's evaluations (this session's, or a replayed trace's), one entry each, newest
+    // chosen when one arrives; choosing another shows it. Shown when there are two or more.
+    QStringList historyLabels() const;
+    void showHistory(int index);
 
 signals:
     void evaluationRequested(const QString& path, int maxWindows, EvalSweep sweep, int expertLayer);
@@ -60,6 +64,7 @@ private:
     QPushButton* m_run;
     QComboBox* m_sweep;
     QComboBox* m_expertLayer;                // the MoE layers, shown for the per-expert sweep
+    QComboBox* m_history;                    // the store's evaluations (historyLabels)
     int m_wantedLayer = -1;                  // setExpertLayer before the layers are known
     QLabel* m_info;
     QCustomPlot *m_pplPlot, *m_tokenPlot, *m_sweepPlot;
@@ -72,4 +77,8 @@ private:
     bool m_running = false;                  // Run reads "Stop" meanwhile
     void setRunning(bool on);
     void rebuildExpertLayers();
+    void syncHistory();
 };
+
+// An evaluation in a few words: "#n, step s: what was off: perplexity a -> b, the sweep".
+QString evaluationLabel(const moescope::EvaluationRecord& e, int n);

@@ -265,6 +265,35 @@ private slots:
         QVERIFY(w.store()->disabled(2).empty());
         ev->setSweep(EvalSweep::None);
         QVERIFY(!layerBox->isVisibleTo(ev));
+        // The four evaluations in the history box, the newest chosen; an older one chosen draws
+        // its record (the first: the ablation alone, no sweep), and back.
+        auto* history = ev->findChild<QComboBox*>(QStringLiteral("evalHistory"));
+        QVERIFY(history);
+        QTRY_COMPARE_WITH_TIMEOUT((w.store()->flush(), history->count()), 4, 10000);
+        QVERIFY(history->isVisibleTo(ev));
+        QCOMPARE(history->currentIndex(), 3);
+        const QStringList labels = ev->historyLabels();
+        QVERIFY2(labels[0].startsWith(QStringLiteral("#1")) && labels[0].contains(QStringLiteral("layer 1: 0,5 off")) &&
+                     labels[0].contains(QString::number(std::exp(base.cross_entropy), 'f', 2)),
+                 qPrintable(labels[0]));
+        QVERIFY2(labels[1].contains(QStringLiteral("top 0..%1 off").arg(k)), qPrintable(labels[1]));
+        QVERIFY2(labels[2].contains(QStringLiteral("top expert off by layer")), qPrintable(labels[2]));
+        QVERIFY2(labels[3].contains(QStringLiteral("each expert of layer 2 off")), qPrintable(labels[3]));
+        const QString perExpertCsv = ev->csv();
+        history->setCurrentIndex(0);
+        QVERIFY(ev->report().sweep.empty() && ev->report().ablated);
+        QCOMPARE(ev->report().withAblation.cross_entropy, abl.cross_entropy);
+        QCOMPARE(ev->sweepPoints(), 0);
+        QCOMPARE(ev->textPath(), text);
+        history->setCurrentIndex(3);
+        QCOMPARE(ev->csv(), perExpertCsv);
+        // Saved and replayed: the same four, the newest shown.
+        const QString saved = dir.filePath(QStringLiteral("session.jsonl"));
+        QString err;
+        QVERIFY2(w.saveTelemetry(saved, &err), qPrintable(err));
+        QVERIFY2(w.openTrace(saved, &err), qPrintable(err));
+        QTRY_COMPARE_WITH_TIMEOUT(ev->historyLabels(), labels, 10000);
+        QCOMPARE(ev->csv(), perExpertCsv);
         // Cancelled (Stop) before its first window ends: reported, Run again, nothing changed.
         QSignalSpy stopped(w.engine(), &EngineController::evaluationFailed);
         ev->run();
