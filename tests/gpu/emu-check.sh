@@ -2,7 +2,7 @@
 # emu-check.sh: every check group of tests/gpu/gpu_checks.cpp on the CPU through the SIMT
 # emulator (tests/gpu/emu), the slow whole-model groups included, one line per group with
 # its time. CTest runs only the fast groups (tests/gpu/emu/CMakeLists.txt); run this after
-# changing kernels/ or kernels/cuda_backend.cpp. About 3.5 minutes on 2 cores (210 s, all 20 groups).
+# changing kernels/ or kernels/cuda_backend.cpp. About 3.5 minutes on 2 cores (220 s, all 21 groups).
 # Usage: bash tests/gpu/emu-check.sh [BUILD_DIR] [GROUP...]
 #   BUILD_DIR defaults to build/ (configured here if needed); no GROUP: all that can run.
 #   EMU_ORDER_ALL=forward,reverse runs each group in each order (default: random, EMU_SEED).

@@ -1767,6 +1767,45 @@ void check_graph_pdl() {
     }
 }
 
+// gpu-bench's whole path (moescope_cuda_bench, what `moescope-cli gpu-bench` and device-check.sh
+// run on the V2-Lite-sized model) on tiny-v3's shapes: BF16 and FP8 random weights generated on
+// the device, prefill both ways, decode launched and from graphs (with and without programmatic
+// edges), telemetry on and off, the MTP draft and verification. Every rate a finite positive
+// number, the graphs in use, the report complete.
+void check_gpu_bench() {
+    cudaDeviceProp prop{};
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    for (const char* weights : {"bf16", "fp8"}) {
+        const nlohmann::json req = {{"config", kFixtures + "/tiny-v3/config.json"},
+                                    {"weights", weights},
+                                    {"prompt", 24},
+                                    {"decode", 6},
+                                    {"copy_mib", 4}};
+        std::vector<char> out(size_t(1) << 20), err(4096);
+        const int rc = moescope_cuda_bench(req.dump().c_str(), out.data(), out.size(), err.data(), err.size());
+        const std::string what = std::string("gpu-bench on tiny-v3, ") + weights;
+        expect(rc == 0, what + " runs", err.data());
+        if (rc != 0) continue;
+        const nlohmann::json r = nlohmann::json::parse(out.data());
+        for (const char* key : {"copy_bandwidth_GBps", "prefill_tokens_per_s", "decode_tokens_per_s",
+                                "decode_tokens_per_s_launches", "decode_tokens_per_s_cuda_graph",
+                                "decode_bandwidth_GBps", "decode_bytes_per_token"}) {
+            const double v = r.value(key, -1.0);
+            expect(std::isfinite(v) && v > 0, what + ": " + key + " > 0", r.dump());
+        }
+        expect(std::isfinite(r.value("telemetry_overhead_percent", NAN)), what + ": telemetry overhead", r.dump());
+        expect(r.value("decode_path", std::string()) == "cuda graphs", what + ": decode from CUDA graphs",
+               r.value("cuda_graph_error", std::string()));
+        if (prop.major >= 9)
+            expect(r.value("programmatic_launches", false) && r.value("programmatic_edges", 0) > 0 &&
+                       r.value("decode_tokens_per_s_cuda_graph_without_pdl", 0.0) > 0,
+                   what + ": programmatic launches measured with and without", r.dump());
+        expect(r.contains("mtp") && r["mtp"].value("draft_ms", 0.0) > 0 && r["mtp"].value("verify_2_tokens_ms", 0.0) > 0,
+               what + ": MTP draft and verification timed", r.dump());
+        expect(r.value("weights", std::string()) == weights, what + ": weights reported", r.dump());
+    }
+}
+
 void check_graph_small_capacity() {
     auto [model, ex, toks] = tiny_v3();
     auto cpu = make_cpu_backend(model);
@@ -2065,6 +2104,7 @@ int main(int argc, char** argv) {
         {"session", check_session},
         {"graph-small-capacity", check_graph_small_capacity},
         {"graph-pdl", check_graph_pdl},
+        {"gpu-bench", check_gpu_bench},
         {"chunked-forward", check_chunked_forward},
         {"selection-and-refusal", check_selection_and_refusal},
     };
