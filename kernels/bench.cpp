@@ -226,6 +226,28 @@ json run_bench(const json& req) {
     out["decode_tokens_per_s_cuda_graph_without_pdl"] = graphs_ok && pdl ? 1.0 / graph_no_pdl : 0.0;
     out["telemetry_overhead_percent"] = 100.0 * (step_on - step_off) / step_off;
     out["decode_ms_per_token_without_telemetry"] = step_off * 1e3;
+    {  // Where a decode step's device time goes: per op, summed over the layers, mean of 3 steps.
+        const int64_t busy = req.value("profile_busy_iters", int64_t(10000000));  // ~20 ms on an H100
+        std::vector<std::pair<std::string, double>> sum;
+        const int reps = 3;
+        for (int i = 0; i < reps; ++i) {
+            cache->truncate(prompt);
+            for (const auto& [op, us] : be.profile_step(&first_token, 1, *cache, fd, busy)) {
+                auto it = std::find_if(sum.begin(), sum.end(), [&](const auto& p) { return p.first == op; });
+                if (it == sum.end()) sum.push_back({op, us});
+                else it->second += us;
+            }
+        }
+        cache->truncate(prompt);
+        json prof = json::array();
+        double total = 0;
+        for (const auto& [op, us] : sum) {
+            prof.push_back({{"op", op}, {"us", us / reps}});
+            total += us / reps;
+        }
+        out["decode_profile_us"] = prof;  // the step launched op by op behind a busy wait (no graph)
+        out["decode_profile_total_us"] = total;
+    }
     const int64_t bytes = decode_bytes(cfg, opt.dtype, prompt + decode / 2);
     out["decode_bytes_per_token"] = bytes;
     out["decode_bandwidth_GBps"] = double(bytes) / step_on / 1e9;

@@ -302,6 +302,17 @@ struct CudaBackend::Impl {
     bool use_pdl = false;
     int64_t pdl_edges = 0;  // programmatic edges made so far
     std::string pdl_notice;
+    // The decode profile (profile_step): with `profile` set, mark(op) records an event after each
+    // op of a launched step, named after the op; null otherwise (a test of one pointer).
+    std::vector<std::pair<const char*, cudaEvent_t>>* profile = nullptr;
+    int64_t profile_busy = 0;  // iterations of the busy wait before each profiled chunk
+    void mark(const char* op) {
+        if (!profile) return;
+        cudaEvent_t e = nullptr;
+        check(cudaEventCreate(&e), "cudaEventCreate (profile)");
+        profile->push_back({op, e});
+        check(cudaEventRecord(e, stream), "cudaEventRecord (profile)");
+    }
     struct GraphEntry {
         const float *c0, *kpe0;    // the cache's first buffers: same pointers = same layout
         int layers, cap, first, n, head_rows;
@@ -531,6 +542,7 @@ struct CudaBackend::Impl {
         cudaStream_t s = stream;
         // h = x + Attn(RMSNorm_in(x))
         rmsnorm(xn, h, L.in_norm, n, D, eps, s);
+        mark("rmsnorm");
         if (cfg.q_lora_rank > 0) {
             gemm->linear(qa, xn, L.q_a, n);
             rmsnorm(qa, qa, L.q_a_norm, n, cfg.q_lora_rank, 1e-6f, s);
@@ -538,11 +550,14 @@ struct CudaBackend::Impl {
         } else {
             gemm->linear(q, xn, L.q_proj, n);
         }
+        mark("q projection");
         gemm->linear(kv, xn, L.kv_a, n);
+        mark("kv_a projection");
         // Telemetry: the norms of the new cached latents, written by the append.
         float* norms = telemetry ? reinterpret_cast<float*>(tele + tl.norms) + int64_t(norm_slot) * n : nullptr;
         latent_append(cache_c, cache_kpe, kv, L.kv_a_norm, n, start, mla, inv_freq, rope.mscale, s, dyn_start, norms,
                       q);
+        mark("latent append + rope");
         if (!dyn_start && !o.absorbed && S <= plan.dims.naive_positions) {
             const int dkvb = mla.d_nope + mla.d_v;
             // [S, H*(dn+dv)]. An FP8 kv_b goes through the grouped GEMM (verified on this device
@@ -566,8 +581,10 @@ struct CudaBackend::Impl {
             // o_h[n, d_v] = P_h[n, S] V_h[S, d_v]
             gemm->batched_rowmajor(attn_out, scores, kvb_full + mla.d_nope, n, mla.d_v, S, S, H * dkvb, H * mla.d_v,
                                    int64_t(n) * S, dkvb, mla.d_v, H, false, 1.0f, 0.0f);
+            mark("attention (naive)");
         } else {
             absorb_query(q_lat, q, L.kv_b, n, mla, s);
+            mark("absorb query");
             // A graph replays one launch for every length, so its split count cannot follow the
             // sequence: it takes the most that n rows may use (empty splits are skipped). Like
             // attention_splits, n * splits <= max_splits: the partial buffer holds
@@ -580,14 +597,19 @@ struct CudaBackend::Impl {
                                   " splits exceed the partial buffer of " +
                                   std::to_string(attention_partial_rows(cfg, plan.dims)) + " rows");
             attention_absorbed(o_lat, partial, q_lat, q, cache_c, cache_kpe, n, start, splits, mla, s, dyn_start);
+            mark("attention");
             project_values(attn_out, o_lat, L.kv_b, n, mla, s);
+            mark("project values");
         }
         gemm->linear(h, attn_out, L.o_proj, n, /*accumulate=*/true);
+        mark("o_proj");
         // out = h + FFN(RMSNorm_post(h))
         rmsnorm(xn, h, L.post_norm, n, D, eps, s);
+        mark("rmsnorm");
         if (!L.moe) {
             gemm->linear_swiglu(sh_act, xn, L.mlp_gu, n, sh_gu);
             gemm->linear(h, sh_act, L.mlp_down, n, true);
+            mark("dense MLP");
             return;
         }
         moe_forward(L, n, tl, moe_slot);
@@ -598,6 +620,7 @@ struct CudaBackend::Impl {
         const int G = router.method != 0 ? router.n_group : 1;
         cudaStream_t s = stream;
         gemm->linear(logits_r, xn, L.router, n);
+        mark("router logits");
         int* ids_d = reinterpret_cast<int*>(tele + tl.ids) + int64_t(slot) * n * k;
         float* w_d = reinterpret_cast<float*>(tele + tl.weights) + int64_t(slot) * n * k;
         uint8_t* kept_d = reinterpret_cast<uint8_t*>(tele + tl.kept) + int64_t(slot) * n * G;
@@ -611,6 +634,7 @@ struct CudaBackend::Impl {
             route(ids_d, w_d, sc_d, kept_d, logits_r, L.bias, L.disabled, L.disabled + E, n, router, s);
             dispatch(d, ids_d, n, k, E, s);
         }
+        mark("route + dispatch");
         const bool bf16 = opt.dtype == WeightDtype::BF16, fp8 = opt.dtype == WeightDtype::FP8;
         if (R <= 64) {
             // Decode: every row names its expert; no host round trip (capturable in a graph). The
@@ -619,8 +643,10 @@ struct CudaBackend::Impl {
             const GemvRows gate_up{perm, k, true};
             if (fp8) grouped_gemv_fp8(act, xn, L.exp_gu_dev, row_expert, R, 2 * I, D, I, s, gate_up);
             else grouped_gemv(act, xn, L.exp_gu_dev, bf16, row_expert, R, 2 * I, D, s, gate_up);
+            mark("experts gate|up");
             if (fp8) grouped_gemv_fp8(ye, act, L.exp_down_dev, row_expert, R, D, I, 0, s);
             else grouped_gemv(ye, act, L.exp_down_dev, bf16, row_expert, R, D, I, s);
+            mark("experts down");
         } else if (grouped) {
             // Prefill, BF16 / FP8 experts: two grouped GEMMs over the device offsets, no host wait.
             gather_rows(xin, xn, perm, R, k, D, s);
@@ -645,8 +671,10 @@ struct CudaBackend::Impl {
             gemm->linear_swiglu(sh_act, xn, L.shared_gu, n, sh_gu);
             gemm->linear(sh_out, sh_act, L.shared_down, n);
             shared = sh_out;
+            mark("shared experts");
         }
         combine(h, shared, ye, ids_d, w_d, row_of_slot, n, k, D, s);
+        mark("combine");
     }
 
     // The grouped expert GEMM over the offsets and tile map in place (split: FP8 gate rows).
@@ -878,9 +906,14 @@ struct CudaBackend::Impl {
             const bool last_chunk = c0 + n == T;
             const int head_rows = o.all_logits ? n : (last_chunk ? 1 : 0);
             float* po = static_cast<float*>(pin_out.p);
-            upload(c0, n);
+            upload(c0, n);  // may wait for the device: the profile's busy wait comes after it
+            if (profile) {
+                busy_wait(profile_busy, xn, stream);  // xn is rewritten before it is read
+                mark("start");
+            }
             auto enqueue = [&] {
                 body(n);
+                mark("embedding");
                 int mslot = 0;
                 for (int l = first; l < first + count; ++l) {
                     const int cl = l - first;
@@ -890,6 +923,7 @@ struct CudaBackend::Impl {
                 }
                 rmsnorm(hidden, h, out_norm, n, D, float(cfg.rms_norm_eps), stream);
                 if (head_rows) gemm->linear(logits, hidden + int64_t(n - head_rows) * D, out_head, head_rows);
+                mark("final norm + LM head");
                 // Results into pinned memory (async), one wait per chunk.
                 check(cudaMemcpyAsync(po, h, sizeof(float) * size_t(n) * D, cudaMemcpyDeviceToHost, stream),
                       "copy raw");
@@ -1461,6 +1495,39 @@ void CudaBackend::forward(const int* tokens, int T, BackendCache& cache, const F
     I.run_stack(T, c.length_, c, 0, I.cfg.num_hidden_layers, opt,
                 [&](int c0, int n) { I.upload_ids(tokens + c0, n); },
                 [&](int n) { embed(I.h, I.embed, I.ids, n, I.stream); }, I.final_norm, I.head, out);
+}
+
+std::vector<std::pair<std::string, double>> CudaBackend::profile_step(const int* tokens, int T, BackendCache& cache,
+                                                                     const ForwardOptions& opt, int64_t busy_iters) {
+    Impl& I = *impl_;
+    std::vector<std::pair<const char*, cudaEvent_t>> marks;
+    const bool graphs = I.use_graphs;
+    struct Restore {  // graphs, the profile pointer and the events, on every path
+        Impl& I;
+        bool graphs;
+        std::vector<std::pair<const char*, cudaEvent_t>>& marks;
+        ~Restore() {
+            I.use_graphs = graphs;
+            I.profile = nullptr;
+            for (auto& m : marks) cudaEventDestroy(m.second);
+        }
+    } restore{I, graphs, marks};
+    I.use_graphs = false;  // launched: an event after each op
+    I.profile = &marks;
+    I.profile_busy = busy_iters;
+    ForwardResult out;
+    forward(tokens, T, cache, opt, out);  // synchronizes at its end
+    I.profile = nullptr;
+    std::vector<std::pair<std::string, double>> us;
+    for (size_t i = 1; i < marks.size(); ++i) {
+        if (std::string(marks[i].first) == "start") continue;  // a chunk's busy wait
+        float ms = 0;
+        check(cudaEventElapsedTime(&ms, marks[i - 1].second, marks[i].second), "cudaEventElapsedTime (profile)");
+        auto it = std::find_if(us.begin(), us.end(), [&](const auto& p) { return p.first == marks[i].first; });
+        if (it == us.end()) us.push_back({marks[i].first, 1e3 * ms});
+        else it->second += 1e3 * ms;
+    }
+    return us;
 }
 
 void CudaBackend::forward_mtp(int k, const float* h_prev, const int* next_tokens, int T, BackendCache& cache,

@@ -103,6 +103,12 @@ public:
     void set_grouped_experts(bool on);
     // Waits for the device (benchmark timing).
     void synchronize();
+    // Where a step's device time goes (gpu-bench): the step launched kernel by kernel behind a
+    // busy wait of `busy_iters` iterations (long enough for the host to enqueue all of it, so the
+    // events time the device, not the launches), an event after each op, the microseconds between
+    // events summed per op over the layers, in order of first appearance. Graphs are off for it.
+    std::vector<std::pair<std::string, double>> profile_step(const int* tokens, int T, BackendCache& cache,
+                                                             const ForwardOptions& opt, int64_t busy_iters);
     struct Impl;
 
 private:

@@ -60,6 +60,13 @@ int cmd_gpu_bench(const std::vector<std::string>& argv) {
                       : std::string("off"))
               << "\n"
               << "telemetry         " << r.value("telemetry_overhead_percent", 0.0) << "% of decode time\n";
+    if (r.contains("decode_profile_us")) {
+        std::cout << "decode profile    ";
+        for (const auto& p : r["decode_profile_us"])
+            std::cout << p.value("op", std::string()) << " " << p.value("us", 0.0) << " us; ";
+        std::cout << "total " << r.value("decode_profile_total_us", 0.0)
+                  << " us (launched op by op behind a busy wait)\n";
+    }
     if (r.contains("cuda_graph_error")) std::cout << "cuda graphs       " << r["cuda_graph_error"].get<std::string>() << "\n";
     if (r.contains("mtp"))
         std::cout << "mtp               draft " << r["mtp"].value("draft_ms", 0.0) << " ms, projected speed-up "

@@ -31,7 +31,7 @@ step() { echo; echo "=== [$(elapsed) s] $*"; }
 
 declare -A RESULT
 RESULT[build]="not run"; RESULT[checks]="not run"; RESULT[bench]="not run"; RESULT[bench-fp8]="not run"
-RESULT[peer]="not run"; RESULT[bench-mtp]="not run"
+RESULT[peer]="not run"; RESULT[bench-mtp]="not run"; RESULT[profile]="not run"
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
@@ -117,6 +117,14 @@ print("prefill %.0f tok/s (%s), decode %.1f tok/s (%s, %s; launched %.1f), %.0f 
     r["prefill_tokens_per_s"], experts, r["decode_tokens_per_s"], r.get("decode_path", "?"), pdl, r.get("decode_tokens_per_s_launches", 0),
     r["decode_bandwidth_GBps"], 100 * r["decode_fraction_of_copy_bandwidth"], r["copy_bandwidth_GBps"],
     r["telemetry_overhead_percent"], m.get("projected_speedup", 0)))
+EOF
+)
+    RESULT[profile]=$(python3 - "$OUTDIR/gpu-bench.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+p = sorted(r.get("decode_profile_us", []), key=lambda x: -x["us"])
+print("decode step, us per op: %s (total %.0f us, launched behind a busy wait)" % (
+    ", ".join("%s %.0f" % (x["op"], x["us"]) for x in p[:7]), r.get("decode_profile_total_us", 0)))
 EOF
 )
   else
@@ -218,7 +226,7 @@ fi
 
 step "summary"
 printf '%-14s %s\n' "build" "${RESULT[build]}" "gpu-checks" "${RESULT[checks]}" "gpu-bench" "${RESULT[bench]}" \
-  "gpu-bench fp8" "${RESULT[bench-fp8]}" "default model" "${RESULT[bench-mtp]}" "hf peer" "${RESULT[peer]}" \
+  "profile" "${RESULT[profile]}" "gpu-bench fp8" "${RESULT[bench-fp8]}" "default model" "${RESULT[bench-mtp]}" "hf peer" "${RESULT[peer]}" \
   "memcheck" "${RESULT[memcheck]}" \
   "total" "$(elapsed) s"
 # Let tee write the whole log before the machine collects $OUT.

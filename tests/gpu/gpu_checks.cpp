@@ -1780,7 +1780,8 @@ void check_gpu_bench() {
                                     {"weights", weights},
                                     {"prompt", 24},
                                     {"decode", 6},
-                                    {"copy_mib", 4}};
+                                    {"copy_mib", 4},
+                                    {"profile_busy_iters", 1000}};
         std::vector<char> out(size_t(1) << 20), err(4096);
         const int rc = moescope_cuda_bench(req.dump().c_str(), out.data(), out.size(), err.data(), err.size());
         const std::string what = std::string("gpu-bench on tiny-v3, ") + weights;
@@ -1803,6 +1804,21 @@ void check_gpu_bench() {
         expect(r.contains("mtp") && r["mtp"].value("draft_ms", 0.0) > 0 && r["mtp"].value("verify_2_tokens_ms", 0.0) > 0,
                what + ": MTP draft and verification timed", r.dump());
         expect(r.value("weights", std::string()) == weights, what + ": weights reported", r.dump());
+        // The decode profile: every op of a layer, each timed, summing to the total.
+        std::set<std::string> ops;
+        double sum = 0;
+        for (const auto& p : r.value("decode_profile_us", nlohmann::json::array())) {
+            ops.insert(p.value("op", std::string()));
+            sum += p.value("us", -1.0);
+        }
+        bool all = true;
+        for (const char* op : {"embedding", "rmsnorm", "q projection", "kv_a projection", "latent append + rope",
+                               "absorb query", "attention", "project values", "o_proj", "dense MLP", "router logits",
+                               "route + dispatch", "experts gate|up", "experts down", "shared experts", "combine",
+                               "final norm + LM head"})
+            all = all && ops.count(op);
+        expect(all && sum > 0 && std::fabs(sum - r.value("decode_profile_total_us", 0.0)) <= 1e-6 * sum,
+               what + ": decode profile of every op", r.value("decode_profile_us", nlohmann::json()).dump());
     }
 }
 
