@@ -299,6 +299,7 @@ struct CudaBackend::Impl {
     std::string graph_notice;
     // Programmatic dependent launch in those graphs (sm_90; make_programmatic): on unless the
     // device is older, MOESCOPE_CUDA_PDL=0, or the graph API refused it (pdl_notice).
+    bool pdl_capable = false;  // sm_90 or newer
     bool use_pdl = false;
     int64_t pdl_edges = 0;  // programmatic edges made so far
     std::string pdl_notice;
@@ -506,7 +507,8 @@ struct CudaBackend::Impl {
         pin_start.reserve(sizeof(int));
         if (const char* g = std::getenv("MOESCOPE_CUDA_GRAPH")) use_graphs = std::string(g) != "0";
         cudaDeviceProp prop{};
-        use_pdl = cudaGetDeviceProperties(&prop, 0) == cudaSuccess && prop.major >= 9;
+        pdl_capable = cudaGetDeviceProperties(&prop, 0) == cudaSuccess && prop.major >= 9;
+        use_pdl = pdl_capable;
         if (const char* e = std::getenv("MOESCOPE_CUDA_PDL")) use_pdl = use_pdl && std::string(e) != "0";
         const int64_t cast_elems = std::max({T * 2 * D, T * std::max<int64_t>(1, cfg.q_lora_rank), T * H * dv,
                                              T * k * I, T * k * D, T * std::max(Is, Id), Sn * dc, T * D});
@@ -1430,10 +1432,8 @@ void CudaBackend::set_graphs(bool on) {
 bool CudaBackend::graphs() const { return impl_->use_graphs; }
 void CudaBackend::set_programmatic_launches(bool on) {
     Impl& I = *impl_;
-    cudaDeviceProp prop{};
-    const bool can = cudaGetDeviceProperties(&prop, 0) == cudaSuccess && prop.major >= 9;
-    if (I.use_pdl != (on && can)) I.drop_graphs();
-    I.use_pdl = on && can;
+    if (I.use_pdl != (on && I.pdl_capable)) I.drop_graphs();
+    I.use_pdl = on && I.pdl_capable;
     if (on) I.pdl_notice.clear();
 }
 bool CudaBackend::programmatic_launches() const { return impl_->use_pdl; }
