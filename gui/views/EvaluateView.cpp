@@ -245,6 +245,9 @@ QStringList EvaluateView::tokenBarLabels() const {
     return out;
 }
 
+namespace {
+
+// An evaluation in a few words: "#n, step s: what was off: perplexity a -> b, the sweep".
 QString evaluationLabel(const EvaluationRecord& e, int n) {
     QString s = e.step > 0 ? EvaluateView::tr("#%1, step %2: ").arg(n).arg(e.step) : QStringLiteral("#%1: ").arg(n);
     const double base = std::exp(e.baseline.cross_entropy);
@@ -264,6 +267,8 @@ QString evaluationLabel(const EvaluationRecord& e, int n) {
     return s;
 }
 
+}  // namespace
+
 QStringList EvaluateView::historyLabels() const {
     QStringList out;
     for (int i = 0; i < m_history->count(); ++i) out << m_history->itemText(i);
@@ -281,14 +286,17 @@ void EvaluateView::showHistory(int index) {
     setReport(evaluationReport(evals[size_t(index)]));
 }
 
-// One entry per evaluation of the store; a new one (an evaluation finished, a trace replayed) is
-// chosen, as the view shows it.
+// One entry per evaluation of the store; a new list (an evaluation finished, another trace
+// replayed, even one with as many evaluations) is rebuilt with its newest chosen, as the view
+// shows it.
 void EvaluateView::syncHistory() {
     const auto& evals = m_store->evaluations();
-    if (m_history->count() != int(evals.size())) {
+    QStringList labels;
+    for (size_t i = 0; i < evals.size(); ++i) labels << evaluationLabel(evals[i], int(i) + 1);
+    if (labels != historyLabels()) {
         const QSignalBlocker block(m_history);
         m_history->clear();
-        for (size_t i = 0; i < evals.size(); ++i) m_history->addItem(evaluationLabel(evals[i], int(i) + 1));
+        m_history->addItems(labels);
         m_history->setCurrentIndex(m_history->count() - 1);
     }
     m_history->setVisible(evals.size() > 1);

@@ -80,5 +80,3 @@ private:
     void syncHistory();
 };
 
-// An evaluation in a few words: "#n, step s: what was off: perplexity a -> b, the sweep".
-QString evaluationLabel(const moescope::EvaluationRecord& e, int n);
